@@ -1,0 +1,1 @@
+"""Benchmarks: side-by-side measurements, never assertions (see docs/performance.md)."""

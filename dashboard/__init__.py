@@ -1,0 +1,1 @@
+"""The Dash dashboard: fleet overview and the live Active Requests page."""

@@ -1,0 +1,76 @@
+"""The ``vdm-hub`` console script: one sub-command per service.
+
+Each sub-command lives in its own module exposing ``configure(parser)`` and
+``run(args, settings) -> int``; only the chosen one is imported, so ``vdm-hub worker`` does not
+pay for importing Dash. Settings are read once here: a bad value stops start-up with a message
+naming the variable (exit code 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from shared.serve import PortInUse, configure_logging
+from shared.settings import ConfigError, Settings
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("services.up", "the whole system on one machine (Redis, workers, stream, dashboard)"),
+    "redis": ("services.redis_server", "the embedded Redis server in the foreground"),
+    "worker": ("services.proxy.main", "one instrumented worker proxy in front of an upstream"),
+    "stream": ("services.stream.main", "one stream service (merged fleet state over SSE)"),
+    "dashboard": ("dashboard.main", "the Dash dashboard"),
+    "demo-upstream": ("services.demo.upstream", "a fake OpenAI/Anthropic-compatible LLM API"),
+    "load": ("services.demo.load", "a bounded traffic generator"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vdm-hub",
+        description="Redis-backed live metrics hub for fleets of HTTP/LLM proxy workers.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n"
+        + "\n".join(f"  {name:<14} {text}" for name, (_, text) in COMMANDS.items())
+        + "\n\nRun `vdm-hub COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not args_in or args_in[0] not in COMMANDS:
+        top.parse_args(args_in[:1] or ["--help"])
+        return 2
+    name, rest = args_in[0], args_in[1:]
+    module_name, text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"vdm-hub {name}", description=text)
+    parser.add_argument("--log-level", default="INFO", help="logging level [INFO]")
+    module.configure(parser)
+    args = parser.parse_args(rest)
+    configure_logging(args.log_level.upper())
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"vdm-hub {name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(module.run(args, settings))
+    except ConfigError as exc:
+        print(f"vdm-hub {name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except PortInUse as exc:
+        print(f"vdm-hub {name}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

