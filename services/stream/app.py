@@ -1,0 +1,175 @@
+"""The stream service's ASGI app: ``create_app(settings, redis=None)``.
+
+Lifetime (see ``docs/architecture.md``): the lifespan starts the hub (pub/sub reader and
+reaper), the completed-stream reader and the broadcaster's loops as sibling tasks; on the way
+out it closes every open stream first, then cancels those tasks **and awaits them**, then
+closes the Redis client if it created it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.stream.fanout import Broadcaster, build_snapshot
+from services.stream.hub import Hub
+from services.stream.metrics import StreamMetrics
+from services.stream.sse import SSEEndpoint
+from services.stream.stats import RollingStats
+from shared.keys import Keys
+from shared.settings import Settings
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+STREAM_PATH = "/metrics/active-requests/stream"
+
+
+class JSONBytes(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return content if isinstance(content, bytes) else orjson.dumps(content)
+
+
+def _in_flight(hub: Hub | None) -> dict[str, Any]:
+    by_worker: dict[str, int] = {}
+    by_model: dict[str, int] = {}
+    total = 0
+    if hub is not None:
+        for wid, view in hub.workers.items():
+            by_worker[wid] = len(view.rows)
+            total += len(view.rows)
+            for row in view.rows.values():
+                model = row["model"] or "unknown"
+                by_model[model] = by_model.get(model, 0) + 1
+    return {"fleet": total, "by_worker": by_worker, "by_model": by_model}
+
+
+def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastAPI:
+    owns_redis = redis is None
+    client = redis or aioredis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
+    keys = Keys(settings.key_prefix)
+    metrics = StreamMetrics()
+    # LOG_REQUEST_METRICS=false: no hub at all; every stream gets a `disabled` event.
+    hub = (
+        Hub(client, keys, heartbeat_interval=settings.worker_heartbeat_interval)
+        if settings.log_request_metrics
+        else None
+    )
+    stats = RollingStats(
+        client,
+        keys,
+        step=settings.sse_interval,
+        in_flight=lambda: _in_flight(hub),
+        on_entry=metrics.observe,
+        on_malformed=metrics.malformed_completed,
+    )
+    bc = Broadcaster(
+        hub,
+        interval=settings.sse_interval,
+        heartbeat=settings.sse_heartbeat,
+        throttle=settings.sse_throttle,
+        max_clients=settings.max_sse_clients,
+        stats_summary=stats.tick,
+    )
+    if hub is not None:
+        hub.on_change = bc.notify_change
+    metrics.attach(hub, bc)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bc.loop = asyncio.get_running_loop()
+        jobs: list[Coroutine[Any, Any, None]] = []
+        if hub is not None:
+            jobs += [hub.run(), hub.reap_loop(), stats.run()]
+            jobs += [bc.run_updates(), bc.run_stats(), bc.run_heartbeats()]
+        tasks = [asyncio.create_task(job) for job in jobs]
+        try:
+            yield
+        finally:
+            bc.close()
+            for task in tasks:
+                task.cancel()
+            # Await them, so nothing still uses the client we close next.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if owns_redis:
+                await client.aclose()
+
+    app = FastAPI(title="vdm-hub stream service", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.hub = hub
+    app.state.stats = stats
+    app.state.broadcaster = bc
+    app.state.metrics = metrics
+
+    # Seam for access control (VDM_AUTH_TOKEN, a later issue): a middleware added here, inside
+    # CORS so preflights stay unauthenticated, guards every route including the stream.
+    if settings.cors_origins:
+        origins = list(settings.cors_origins)
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET"],
+            allow_headers=["Authorization", "Last-Event-ID", "Cache-Control"],
+            # Credentials only with an explicit origin list (settings refuse '*' + token).
+            allow_credentials="*" not in origins,
+        )
+
+    app.router.routes.append(
+        Route(
+            STREAM_PATH,
+            endpoint=SSEEndpoint(
+                bc,
+                sse_enabled=settings.sse_enabled,
+                metrics_enabled=settings.log_request_metrics,
+                send_timeout=settings.sse_send_timeout,
+            ),
+            methods=["GET"],
+        )
+    )
+
+    @app.get("/metrics/active-requests")
+    async def active_requests() -> Response:
+        return JSONBytes(build_snapshot(hub))
+
+    @app.get("/metrics/summary")
+    async def summary() -> Response:
+        return JSONBytes(stats.summary(time.time()))
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return JSONBytes({"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        if hub is None:
+            return JSONBytes({"status": "ready", "metrics": "disabled"})
+        problem = None
+        if not hub.ready:
+            problem = "not in sync with Redis yet (starting, or resyncing after a lost link)"
+        else:
+            try:
+                async with asyncio.timeout(1.0):
+                    await client.ping()
+            except (RedisError, OSError, TimeoutError) as exc:
+                problem = f"Redis unreachable: {exc}"
+        if problem:
+            return JSONBytes({"status": "not_ready", "reason": problem}, status_code=503)
+        return JSONBytes({"status": "ready", "workers": len(hub.workers)})
+
+    return app

@@ -1,0 +1,324 @@
+"""The hub: one process's merged, in-memory view of every worker's requests in flight.
+
+It follows the reader rules of wire protocol v1 (``docs/protocol.md``):
+
+- subscribe to ``P:events`` FIRST and wait for the acknowledgement, then load every worker from
+  the hashes; a batch that arrives meanwhile is compared with the loaded (epoch, seq), so
+  nothing falls between the load and the subscription;
+- per worker: unknown worker, new epoch or ``worker_up`` -> resync that worker from its hash;
+  seq <= known -> duplicate; seq == known + 1 -> apply; seq > known + 1 -> gap -> resync;
+  ``worker_down`` -> drop;
+- a lost subscription -> reconnect with bounded backoff and resync everything. Nothing heals
+  on a timer: the only periodic work is the reaper, which judges heartbeat deadlines.
+
+Every change of the in-memory state bumps :attr:`Hub.version` and calls the change callback
+(the fan-out's leading-edge throttle decides when to encode). Anything read from Redis is
+untrusted: bad messages and rows are skipped, counted and logged at a bounded rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import schema
+from shared.keys import Keys
+from shared.store import WireScripts, list_worker_ids, now_ms, read_worker_state
+
+log = logging.getLogger("vdm.stream.hub")
+
+# Backoff while Redis is away: bounded, so the view heals within ~2 s of Redis's return.
+BACKOFF_START = 0.05
+BACKOFF_MAX = 2.0
+# Workers read concurrently during a full resync (each read is one MULTI round trip).
+RESYNC_CONCURRENCY = 32
+
+
+class Status:
+    UP = "up"
+    STALE = "stale"
+
+
+class RateLimitedLog:
+    """Log a repeated warning at most once per ``period`` seconds, with a suppressed count."""
+
+    def __init__(self, logger: logging.Logger, period: float = 10.0) -> None:
+        self._log = logger
+        self._period = period
+        self._next = 0.0
+        self._suppressed = 0
+
+    def warning(self, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._period
+        if self._suppressed:
+            msg += " (%d similar messages suppressed)"
+            args = (*args, self._suppressed)
+            self._suppressed = 0
+        self._log.warning(msg, *args)
+
+
+@dataclass
+class WorkerView:
+    """What the hub knows about one worker."""
+
+    worker_id: str
+    epoch: str
+    seq: int
+    record: schema.WorkerRecord | None
+    rows: dict[str, schema.Row] = field(default_factory=dict)
+    last_seen: float | None = None  # epoch s of the last heartbeat (deadline - ttl)
+    status: str = Status.UP
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return self.record["heartbeat_interval"] if self.record else 2.0
+
+    @property
+    def ttl(self) -> float:
+        return self.record["ttl"] if self.record else 10.0
+
+    def see_deadline(self, deadline_ms: float | None) -> None:
+        if deadline_ms is not None:
+            self.last_seen = deadline_ms / 1000.0 - self.ttl
+
+
+@dataclass
+class HubCounters:
+    """Plain counters, read by the Prometheus collector at scrape time (no per-event cost)."""
+
+    malformed: int = 0
+    resyncs: int = 0
+    full_resyncs: int = 0
+    reaped: int = 0
+    dropped_by_worker: dict[str, int] = field(default_factory=dict)
+    last_lag_s: float = 0.0
+
+
+class Hub:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        heartbeat_interval: float = 2.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.scripts = WireScripts(redis, keys)
+        self.workers: dict[str, WorkerView] = {}
+        self.version = 0
+        self.ready = False
+        self.counters = HubCounters()
+        self.reap_every = min(1.0, heartbeat_interval)
+        self.on_change: Callable[[], None] = on_change or (lambda: None)
+        self._bad = RateLimitedLog(log)
+        self._subscribed = asyncio.Event()
+
+    # ----------------------------------------------------------------- state changes
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.on_change()
+
+    def malformed(self, what: str, detail: object, n: int = 1) -> None:
+        self.counters.malformed += n
+        self._bad.warning("skipped malformed %s: %s", what, detail)
+
+    def row_count(self) -> int:
+        return sum(len(w.rows) for w in self.workers.values())
+
+    def rows(self) -> Iterable[schema.Row]:
+        for view in self.workers.values():
+            yield from view.rows.values()
+
+    # ----------------------------------------------------------------- loading
+
+    async def resync_worker(self, worker_id: str) -> None:
+        """Replace one worker's view with its state in Redis (a MULTI read)."""
+        self.counters.resyncs += 1
+        state = await read_worker_state(self.redis, self.keys, worker_id)
+        if state.malformed:
+            self.malformed(
+                "hash entry", f"{state.malformed} in worker {worker_id!r}", state.malformed
+            )
+        self._install(worker_id, state)
+        self._changed()
+
+    def _install(self, worker_id: str, state: Any) -> None:
+        if state.epoch is None:
+            # No seq marker: the worker is gone (removed, or never registered completely).
+            self.workers.pop(worker_id, None)
+            return
+        view = WorkerView(
+            worker_id=worker_id,
+            epoch=state.epoch,
+            seq=state.seq,
+            record=state.record,
+            rows=state.rows,
+        )
+        view.see_deadline(state.deadline_ms)
+        self.workers[worker_id] = view
+
+    async def full_resync(self) -> None:
+        self.counters.full_resyncs += 1
+        ids = sorted(await list_worker_ids(self.redis, self.keys))
+        sem = asyncio.Semaphore(RESYNC_CONCURRENCY)
+
+        async def read(wid: str) -> Any:
+            async with sem:
+                return await read_worker_state(self.redis, self.keys, wid)
+
+        states = await asyncio.gather(*(read(wid) for wid in ids))
+        bad = sum(s.malformed for s in states)
+        if bad:
+            self.malformed("hash entry", f"{bad} during full resync", bad)
+        self.workers = {}
+        for wid, state in zip(ids, states, strict=True):
+            self._install(wid, state)
+        self._changed()
+
+    # ----------------------------------------------------------------- batches
+
+    async def handle_message(self, data: bytes | str) -> None:
+        """Apply one raw ``P:events`` message by the reader rules."""
+        try:
+            batch = schema.decode_batch(data)
+        except schema.MalformedMessage as exc:
+            self.malformed("message", exc)
+            return
+        wid = batch["worker_id"]
+        view = self.workers.get(wid)
+        events = batch["events"]
+        if (
+            view is None
+            or view.epoch != batch["epoch"]
+            or any(e["type"] == schema.EventType.WORKER_UP for e in events)
+        ):
+            if view is None and any(e["type"] == schema.EventType.WORKER_DOWN for e in events):
+                return  # the end of a worker we do not know: nothing to do
+            await self.resync_worker(wid)
+            return
+        seq = batch["seq"]
+        if seq <= view.seq:
+            return  # duplicate (or already covered by a resync)
+        if seq > view.seq + 1:
+            dropped = self.counters.dropped_by_worker
+            dropped[wid] = dropped.get(wid, 0) + (seq - view.seq - 1)
+            await self.resync_worker(wid)
+            return
+        view.seq = seq
+        self._apply(view, events)
+        self._changed()
+
+    def _apply(self, view: WorkerView, events: list[dict[str, Any]]) -> None:
+        rows = view.rows
+        for event in events:
+            kind = event["type"]
+            if kind == schema.EventType.START:
+                row = event["row"]
+                if row["worker_id"] != view.worker_id:
+                    self.malformed("event", f"row of {row['worker_id']!r} in another's batch")
+                    continue
+                rows[row["request_id"]] = row
+                self.counters.last_lag_s = max(0.0, time.time() - row["start_time"])
+            elif kind == schema.EventType.PROGRESS:
+                current = rows.get(event["request_id"])
+                if current is not None:
+                    for name, value in event.items():
+                        if name != "type" and name != "request_id":
+                            current[name] = value  # type: ignore[literal-required]
+            elif kind == schema.EventType.END:
+                rows.pop(event["request_id"], None)
+            elif kind == schema.EventType.WORKER_DOWN:
+                self.workers.pop(view.worker_id, None)
+                return
+
+    # ----------------------------------------------------------------- loops
+
+    async def wait_subscribed(self) -> None:
+        await self._subscribed.wait()
+
+    async def run(self) -> None:
+        """Subscribe, load, apply; on a lost connection back off, reconnect and resync."""
+        backoff = BACKOFF_START
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(self.keys.events)
+                    await self._await_ack(pubsub)
+                    self._subscribed.set()
+                    await self.full_resync()
+                    if not self.ready:
+                        log.info(
+                            "in sync: %d workers, %d rows", len(self.workers), self.row_count()
+                        )
+                    self.ready = True
+                    backoff = BACKOFF_START
+                    while True:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if msg is not None and msg.get("type") == "message":
+                            await self.handle_message(msg["data"])
+            except (RedisError, OSError) as exc:
+                self.ready = False
+                self._subscribed.clear()
+                log.warning("lost Redis (%s); reconnecting in %.2fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+
+    @staticmethod
+    async def _await_ack(pubsub: aioredis.client.PubSub) -> None:
+        # broadcaster's trap: "subscribed" must mean SUBSCRIBE was acknowledged, or a batch
+        # published between the load and the subscription would be lost.
+        async with asyncio.timeout(10):
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+                if msg is not None and msg.get("type") == "subscribe":
+                    return
+
+    async def reap_once(self) -> None:
+        """Reap expired workers (idempotent across services) and refresh last_seen/status."""
+        now = now_ms()
+        deadlines: Any = await self.redis.zrange(self.keys.alive, 0, -1, withscores=True)
+        changed = False
+        for raw, deadline in deadlines:
+            wid = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            if deadline <= now:
+                if await self.scripts.remove(wid, reason="reaped", now_ms=now):
+                    self.counters.reaped += 1
+                    log.info("reaped worker %s (no heartbeat for its ttl)", wid)
+                # Do not wait for our own notice: the rows are gone from Redis already.
+                if self.workers.pop(wid, None) is not None:
+                    changed = True
+                continue
+            view = self.workers.get(wid)
+            if view is None:
+                continue
+            view.see_deadline(deadline)
+            stale = view.last_seen is not None and (
+                now / 1000.0 - view.last_seen > 2 * view.heartbeat_interval
+            )
+            status = Status.STALE if stale else Status.UP
+            if status != view.status:
+                view.status = status
+                changed = True
+        if changed:
+            self._changed()
+
+    async def reap_loop(self) -> None:
+        while True:
+            with contextlib.suppress(RedisError, OSError):
+                await self.reap_once()
+            await asyncio.sleep(self.reap_every)

@@ -1,0 +1,22 @@
+"""``vdm-hub stream [--host 127.0.0.1] [--port 8090]``: one stream service."""
+
+from __future__ import annotations
+
+import argparse
+
+from services.stream.app import create_app
+from shared.serve import serve
+from shared.settings import Settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    parser.add_argument("--port", type=int, default=8090, help="port (0: any free one) [8090]")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    app = create_app(settings)
+    bc = app.state.broadcaster
+    # on_exit runs first on SIGINT/SIGTERM: open streams end themselves, so Uvicorn's graceful
+    # shutdown does not wait on them (sse-starlette issues 124, 128).
+    return serve(app, args.host, args.port, "stream", on_exit=bc.close_threadsafe)

@@ -1,0 +1,262 @@
+"""Rolling statistics of finished requests, read from the capped ``P:completed`` stream.
+
+On start the recent past is rebuilt with XREVRANGE (so charts survive a restart of the stream
+service), then an XREAD BLOCK loop follows the stream from the newest id seen. Statistics are
+computed once per tick (``VDM_ACTIVE_REQUESTS_SSE_INTERVAL``), never per entry: ingest only
+appends to a window deque and a time bucket.
+
+Payload of :meth:`RollingStats.summary` (also the ``stats`` SSE event and ``/metrics/summary``)::
+
+    {"timestamp": epoch_s, "window_s": 60,
+     "fleet": {"requests_per_s", "error_rate", "p50_ms", "p95_ms", "p99_ms",
+               "completed", "in_flight"},
+     "by_worker": {worker_id: {same keys}}, "by_model": {model: {same keys}},
+     "series": [{"t", "in_flight", "requests_per_s", "error_rate",
+                 "p50_ms", "p95_ms", "p99_ms"}],   # oldest first, one per step, ~10 min
+     "recent": [CompletedEntry, ...]}              # newest first, at most 50
+
+``error_rate`` counts every outcome other than ``ok``. Percentiles are nearest-rank and null
+when there is no sample. A request without a model is grouped under ``"unknown"``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import schema
+from shared.keys import Keys
+
+log = logging.getLogger("vdm.stream.stats")
+
+WINDOW_S = 60.0
+HISTORY_S = 600.0
+RECENT = 50
+REBUILD_MAX = 20_000  # entries read back on start
+WINDOW_MAX = 200_000  # bound on the window deque whatever the rate
+BUCKET_SAMPLES = 2048  # durations kept per series bucket (reservoir)
+UNKNOWN_MODEL = "unknown"
+
+
+class Done(NamedTuple):
+    end: float
+    worker: str
+    model: str
+    duration_ms: float
+    error: bool
+
+
+@dataclass
+class Bucket:
+    count: int = 0
+    errors: int = 0
+    durations: list[float] = field(default_factory=list)
+    in_flight: int | None = None
+
+    def add(self, duration_ms: float, error: bool) -> None:
+        self.count += 1
+        self.errors += error
+        if len(self.durations) < BUCKET_SAMPLES:
+            self.durations.append(duration_ms)
+        else:
+            # Reservoir sampling keeps percentiles honest at any rate with bounded memory.
+            i = random.randrange(self.count)
+            if i < BUCKET_SAMPLES:
+                self.durations[i] = duration_ms
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return round(sorted_values[rank - 1], 3)
+
+
+def _group(
+    durations: list[float], errors: int, seconds: float, in_flight: int | None
+) -> dict[str, Any]:
+    durations.sort()
+    n = len(durations)
+    return {
+        "requests_per_s": round(n / seconds, 4),
+        "error_rate": round(errors / n, 4) if n else 0.0,
+        "p50_ms": percentile(durations, 0.50),
+        "p95_ms": percentile(durations, 0.95),
+        "p99_ms": percentile(durations, 0.99),
+        "completed": n,
+        "in_flight": in_flight,
+    }
+
+
+class RollingStats:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        *,
+        step: float = 2.0,
+        window_s: float = WINDOW_S,
+        in_flight: Callable[[], dict[str, Any]] | None = None,
+        on_entry: Callable[[schema.CompletedEntry], None] | None = None,
+        on_malformed: Callable[[object], None] | None = None,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.step = max(step, 0.05)
+        self.window_s = window_s
+        # () -> {"fleet": n, "by_worker": {wid: n}, "by_model": {model: n}}
+        self._in_flight = in_flight or (lambda: {"fleet": 0, "by_worker": {}, "by_model": {}})
+        self._on_entry = on_entry or (lambda e: None)
+        self._on_malformed = on_malformed or (lambda d: None)
+        self.window: deque[Done] = deque(maxlen=WINDOW_MAX)
+        self.buckets: dict[int, Bucket] = {}
+        self.recent: deque[schema.CompletedEntry] = deque(maxlen=RECENT)
+        self.last_id: str = "0-0"
+        self.rebuilt = False
+
+    # ----------------------------------------------------------------- ingest
+
+    def add(self, entry: schema.CompletedEntry, now: float) -> None:
+        end = min(now, entry["start_time"] + entry["duration_ms"] / 1000.0)
+        model = entry["model"] or UNKNOWN_MODEL
+        error = entry["outcome"] != schema.Outcome.OK
+        if end >= now - self.window_s:
+            self.window.append(Done(end, entry["worker_id"], model, entry["duration_ms"], error))
+        if end >= now - HISTORY_S:
+            index = int(end // self.step)
+            bucket = self.buckets.get(index)
+            if bucket is None:
+                bucket = self.buckets[index] = Bucket()
+            bucket.add(entry["duration_ms"], error)
+        self.recent.appendleft(entry)
+
+    def _decode(self, entry_id: Any, fields: dict[Any, Any]) -> schema.CompletedEntry | None:
+        try:
+            return schema.decode_completed(entry_id, fields)
+        except schema.MalformedMessage as exc:
+            self._on_malformed(exc)
+            return None
+
+    async def rebuild(self) -> None:
+        """Load the recent past newest-first, then add it oldest-first."""
+        raw: Any = await self.redis.xrevrange(self.keys.completed, count=REBUILD_MAX)
+        now = time.time()
+        entries = []
+        for entry_id, fields in raw:
+            entry = self._decode(entry_id, fields)
+            if entry is not None:
+                entries.append(entry)
+        if raw:
+            first = raw[0][0]
+            self.last_id = first.decode() if isinstance(first, bytes) else str(first)
+        for entry in reversed(entries):
+            self.add(entry, now)
+        self.rebuilt = True
+
+    async def run(self) -> None:
+        backoff = 0.05
+        while True:
+            try:
+                if not self.rebuilt:
+                    await self.rebuild()
+                while True:
+                    reply: Any = await self.redis.xread(
+                        {self.keys.completed: self.last_id}, block=1000, count=1000
+                    )
+                    backoff = 0.05
+                    now = time.time()
+                    for _stream, items in reply or ():
+                        for entry_id, fields in items:
+                            self.last_id = (
+                                entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                            )
+                            entry = self._decode(entry_id, fields)
+                            if entry is not None:
+                                self.add(entry, now)
+                                self._on_entry(entry)
+            except (RedisError, OSError) as exc:
+                log.warning("completed stream: lost Redis (%s); retrying in %.2fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(2.0, backoff * 2)
+
+    # ----------------------------------------------------------------- summary
+
+    def tick(self, now: float | None = None) -> dict[str, Any]:
+        """Expire old data, stamp the current bucket's in-flight count, return the summary."""
+        now = time.time() if now is None else now
+        window = self.window
+        horizon = now - self.window_s
+        while window and window[0].end < horizon:
+            window.popleft()
+        oldest = int((now - HISTORY_S) // self.step)
+        for index in [i for i in self.buckets if i < oldest]:
+            del self.buckets[index]
+        flight = self._in_flight()
+        current = int(now // self.step)
+        bucket = self.buckets.get(current)
+        if bucket is None:
+            bucket = self.buckets[current] = Bucket()
+        bucket.in_flight = flight["fleet"]
+        return self.summary(now, flight)
+
+    def summary(self, now: float, flight: dict[str, Any] | None = None) -> dict[str, Any]:
+        flight = flight or self._in_flight()
+        horizon = now - self.window_s
+        all_d: list[float] = []
+        errors = 0
+        by_worker: dict[str, tuple[list[float], list[int]]] = {}
+        by_model: dict[str, tuple[list[float], list[int]]] = {}
+        for done in self.window:
+            if done.end < horizon:
+                continue
+            all_d.append(done.duration_ms)
+            errors += done.error
+            for groups, key in ((by_worker, done.worker), (by_model, done.model)):
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = ([], [0])
+                group[0].append(done.duration_ms)
+                group[1][0] += done.error
+        seconds = self.window_s
+        worker_flight: dict[str, int] = flight["by_worker"]
+        model_flight: dict[str, int] = flight["by_model"]
+        for wid in worker_flight:
+            by_worker.setdefault(wid, ([], [0]))
+        for model in model_flight:
+            by_model.setdefault(model, ([], [0]))
+        current = int(now // self.step)
+        series = []
+        for index in sorted(self.buckets):
+            if index >= current:
+                continue  # the current bucket is still filling
+            b = self.buckets[index]
+            point = _group(list(b.durations), b.errors, self.step, b.in_flight)
+            point["requests_per_s"] = round(b.count / self.step, 4)
+            point["error_rate"] = round(b.errors / b.count, 4) if b.count else 0.0
+            del point["completed"]
+            series.append({"t": round((index + 1) * self.step, 3), **point})
+        return {
+            "timestamp": round(now, 3),
+            "window_s": int(seconds),
+            "fleet": _group(all_d, errors, seconds, flight["fleet"]),
+            "by_worker": {
+                k: _group(d, e[0], seconds, worker_flight.get(k, 0))
+                for k, (d, e) in sorted(by_worker.items())
+            },
+            "by_model": {
+                k: _group(d, e[0], seconds, model_flight.get(k, 0))
+                for k, (d, e) in sorted(by_model.items())
+            },
+            "series": series,
+            "recent": list(self.recent),
+        }
