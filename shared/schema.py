@@ -80,6 +80,8 @@ class WorkerRecord(TypedDict):
     epoch: str
     heartbeat_interval: float
     ttl: float
+    # Notices this worker could not publish (queue overflow, Redis away); see publisher.py.
+    events_dropped: NotRequired[int]
 
 
 class Batch(TypedDict):
@@ -251,7 +253,7 @@ def decode_worker_record(raw: bytes | str) -> WorkerRecord:
 
 def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
     pid = _count(obj, "pid")
-    return WorkerRecord(
+    record = WorkerRecord(
         worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
         host=_text(obj, "host", MAX_TEXT_CHARS),  # type: ignore[typeddict-item]
         pid=pid,  # type: ignore[typeddict-item]
@@ -264,6 +266,9 @@ def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
         else 2.0,
         ttl=_number(obj, "ttl") if "ttl" in obj else 10.0,
     )
+    if "events_dropped" in obj:
+        record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]
+    return record
 
 
 def _validate_event(obj: Any) -> dict[str, Any]:

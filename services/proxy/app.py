@@ -1,0 +1,123 @@
+"""The worker: the reverse proxy, wrapped in the instrumentation, with its own endpoints.
+
+Paths under ``/_vdm/`` belong to the worker (``/_vdm/healthz``, ``/_vdm/status``) and are
+never proxied or recorded; everything else goes to the upstream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import redis.asyncio as aioredis
+
+from services.proxy.forward import ReverseProxy, make_client
+from services.proxy.instrument import RequestMetricsMiddleware
+from services.proxy.publisher import Publisher
+from shared.settings import Settings
+
+OWN_PREFIX = "/_vdm/"
+
+
+class WorkerApp:
+    """ASGI app of one worker; ``publisher`` is None when LOG_REQUEST_METRICS is false."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        upstream: str,
+        redis: aioredis.Redis | None = None,
+        client: httpx.AsyncClient | None = None,
+        *,
+        instrument: bool | None = None,
+    ) -> None:
+        self.settings = settings
+        self.upstream = upstream
+        self._own_client = client is None
+        self.client = client or make_client()
+        proxy: Any = ReverseProxy(upstream, self.client)
+        enabled = settings.log_request_metrics if instrument is None else instrument
+        self.publisher = Publisher(settings, redis, upstream=upstream) if enabled else None
+        self.proxied = RequestMetricsMiddleware(proxy, self.publisher) if self.publisher else proxy
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self) -> AsyncIterator[None]:
+        if self.publisher is not None:
+            await self.publisher.start_background()
+        try:
+            yield
+        finally:
+            # Uvicorn has already drained in-flight requests (graceful timeout) by now.
+            if self.publisher is not None:
+                await self.publisher.close()
+            if self._own_client:
+                await self.client.aclose()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            if scope["path"].startswith(OWN_PREFIX):
+                await self._own(scope, send)
+            else:
+                await self.proxied(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        manager = self.lifespan()
+        try:
+            await manager.__aenter__()
+        except BaseException as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            raise
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        assert message["type"] == "lifespan.shutdown"
+        await manager.__aexit__(None, None, None)
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def _own(self, scope: dict[str, Any], send: Any) -> None:
+        path = scope["path"]
+        if path == "/_vdm/healthz":
+            status, body = 200, {"status": "ok"}
+        elif path == "/_vdm/status":
+            status = 200
+            body = (
+                self.publisher.status()
+                if self.publisher
+                else {"worker_id": self.settings.worker_id, "metrics": "disabled"}
+            )
+        else:
+            status, body = 404, {"error": "not_found", "message": f"no worker endpoint {path}"}
+        payload = orjson.dumps(body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def create_app(
+    settings: Settings,
+    redis: aioredis.Redis | None = None,
+    *,
+    upstream: str | None = None,
+    client: httpx.AsyncClient | None = None,
+) -> WorkerApp:
+    target = upstream or settings.upstream_url
+    if not target:
+        from shared.settings import ConfigError
+
+        raise ConfigError("VDM_UPSTREAM_URL: not set and no --upstream given")
+    return WorkerApp(settings, target, redis, client)

@@ -1,0 +1,37 @@
+"""``vdm-hub worker --upstream URL``: one instrumented worker proxy."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from services.proxy.app import create_app
+from shared.serve import serve
+from shared.settings import ConfigError, Settings, _http_url
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--upstream",
+        default=None,
+        help="base URL of the upstream, e.g. http://127.0.0.1:8001 (default: VDM_UPSTREAM_URL)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
+    parser.add_argument("--port", type=int, default=8080, help="port, 0 for a free one [8080]")
+    parser.add_argument(
+        "--graceful-timeout",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds to let in-flight requests finish [10]",
+    )
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    upstream = settings.upstream_url
+    if args.upstream:
+        upstream = _http_url("--upstream", args.upstream)
+    if not upstream:
+        raise ConfigError("VDM_UPSTREAM_URL: not set and no --upstream given")
+    settings = dataclasses.replace(settings, upstream_url=upstream)
+    app = create_app(settings, upstream=upstream)
+    return serve(app, args.host, args.port, "worker", graceful_timeout=args.graceful_timeout)

@@ -1,0 +1,120 @@
+"""Read what the hub needs out of request and response bodies, and nothing else.
+
+Only `model`, `stream` and token counts are taken; the bodies themselves never leave the
+process. Everything here is best effort on untrusted bytes: it never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from shared.schema import MAX_MODEL_CHARS, clamp
+
+# Request bodies larger than this are not parsed as JSON; a regex over the first part finds
+# the model instead (LLM requests put it near the top; huge bodies are mostly prompt).
+MAX_SNIFF_BYTES = 256 * 1024
+# Longest SSE line kept across chunk boundaries while looking for a usage chunk.
+MAX_LINE_BYTES = 64 * 1024
+
+_MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
+_STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+
+_PROVIDER_BY_PATH = (
+    ("/v1/messages", "anthropic"),
+    ("/v1/chat/completions", "openai"),
+    ("/v1/completions", "openai"),
+    ("/v1/responses", "openai"),
+    ("/v1/embeddings", "openai"),
+)
+
+
+def provider_for(path: str) -> str | None:
+    for suffix, provider in _PROVIDER_BY_PATH:
+        if path.endswith(suffix):
+            return provider
+    return None
+
+
+def request_fields(body: bytes, complete: bool) -> tuple[str | None, bool]:
+    """(model, is_streaming) from a JSON request body (OpenAI and Anthropic shapes)."""
+    if complete and len(body) <= MAX_SNIFF_BYTES:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict):
+            model = obj.get("model")
+            return (
+                clamp(model, MAX_MODEL_CHARS) if isinstance(model, str) and model else None,
+                obj.get("stream") is True,
+            )
+        return None, False
+    head = body[:MAX_SNIFF_BYTES]
+    match = _MODEL_RE.search(head)
+    model = match.group(1).decode(errors="replace") if match else None
+    return model, bool(_STREAM_RE.search(head))
+
+
+def _usage_of(obj: Any) -> dict[str, int]:
+    """Token counts from an OpenAI or Anthropic response object or stream chunk."""
+    if not isinstance(obj, dict):
+        return {}
+    usage = obj.get("usage")
+    if not isinstance(usage, dict):
+        message = obj.get("message")  # Anthropic's message_start event
+        usage = message.get("usage") if isinstance(message, dict) else None
+    if not isinstance(usage, dict):
+        return {}
+    out: dict[str, int] = {}
+    for name, target in (
+        ("prompt_tokens", "input_tokens"),
+        ("input_tokens", "input_tokens"),
+        ("completion_tokens", "output_tokens"),
+        ("output_tokens", "output_tokens"),
+    ):
+        value = usage.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 53:
+            out[target] = value
+    return out
+
+
+def usage_from_json(body: bytes) -> dict[str, int]:
+    try:
+        return _usage_of(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return {}
+
+
+class StreamUsageScanner:
+    """Finds token usage in an SSE response as it streams past, chunk by chunk.
+
+    OpenAI sends usage in a final chunk; Anthropic sends input tokens in `message_start` and
+    output tokens in `message_delta`. Later values win. Lines are only parsed when they
+    mention "usage", so ordinary content chunks cost a substring search.
+    """
+
+    __slots__ = ("_partial", "usage")
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self.usage: dict[str, int] = {}
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._partial + chunk if self._partial else chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._partial = data if len(data) <= MAX_LINE_BYTES else b""
+            return
+        self._partial = data[cut + 1 :] if len(data) - cut <= MAX_LINE_BYTES else b""
+        complete = data[:cut]
+        if b'"usage"' not in complete:
+            return
+        for line in complete.split(b"\n"):
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    self.usage.update(_usage_of(orjson.loads(line[5:])))
+                except orjson.JSONDecodeError:
+                    continue
