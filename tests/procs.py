@@ -71,6 +71,7 @@ class Proc:
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
                 self._cond.notify_all()
+        self.popen.stdout.close()
         with self._cond:
             self._cond.notify_all()
 
