@@ -59,7 +59,8 @@ async def client_frames(bc: Broadcaster, client: Client) -> AsyncIterator[bytes]
     Only generation numbers are compared; the bytes themselves are shared, never copied
     per client (``b"".join`` happens only when two frames are due at the same wake-up).
     """
-    yield b"retry: %d\n\n" % RETRY_MS + bc.update_frame + bc.stats_frame
+    # The retry hint rides in the first update frame: a block without data is never dispatched.
+    yield b"retry: %d\n" % RETRY_MS + bc.update_frame + bc.stats_frame
     seen_update, seen_stats, seen_beat = bc.update_gen, bc.stats_gen, bc.heartbeat_gen
     while not (bc.closed or client.gone):
         due: list[bytes] = []
