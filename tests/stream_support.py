@@ -14,6 +14,7 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent, aconnect_sse
+from redis.exceptions import RedisError
 
 from services.stream.app import create_app
 from shared import schema
@@ -31,7 +32,9 @@ FAST = {
 
 
 def settings_for(redis_url: str, key_prefix: str, **extra: str) -> Settings:
-    return Settings.from_env({"REDIS_URL": redis_url, "VDM_KEY_PREFIX": key_prefix, **FAST, **extra})
+    return Settings.from_env(
+        {"REDIS_URL": redis_url, "VDM_KEY_PREFIX": key_prefix, **FAST, **extra}
+    )
 
 
 def make_row(worker_id: str, request_id: str, model: str = "m", age: float = 0.0) -> schema.Row:
@@ -54,10 +57,19 @@ def make_row(worker_id: str, request_id: str, model: str = "m", age: float = 0.0
 class FakeWorker:
     """A worker reduced to its wire protocol: register, start/end requests, heartbeat."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, worker_id: str, ttl: float = 1.5) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        keys: Keys,
+        worker_id: str,
+        *,
+        ttl: float = 30.0,
+        heartbeat_interval: float = 5.0,
+    ) -> None:
         self.scripts = WireScripts(redis, keys)
         self.worker_id = worker_id
         self.ttl = ttl
+        self.heartbeat_interval = heartbeat_interval
         self.epoch = ""
         self.rows: dict[str, schema.Row] = {}
 
@@ -70,7 +82,7 @@ class FakeWorker:
             upstream="http://upstream",
             version="test",
             epoch=self.epoch,
-            heartbeat_interval=0.3,
+            heartbeat_interval=self.heartbeat_interval,
             ttl=self.ttl,
         )
 
@@ -79,8 +91,24 @@ class FakeWorker:
         rows = [(rid, schema.encode_row(row)) for rid, row in self.rows.items()]
         await self.scripts.register(self.record(), now_ms() + int(self.ttl * 1000), rows)
 
+    async def reregister_with(self, *request_ids: str, timeout: float = 10.0) -> None:
+        """What a worker does after losing Redis: a new epoch carrying its whole active set."""
+        for rid in request_ids:
+            self.rows[rid] = make_row(self.worker_id, rid)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await self.register()
+                return
+            except (RedisError, OSError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
     async def heartbeat(self) -> bool:
-        return await self.scripts.heartbeat(self.worker_id, self.epoch, now_ms() + int(self.ttl * 1000))
+        return await self.scripts.heartbeat(
+            self.worker_id, self.epoch, now_ms() + int(self.ttl * 1000)
+        )
 
     async def _apply(
         self,
@@ -91,7 +119,14 @@ class FakeWorker:
     ) -> int:
         prefix = schema.envelope_prefix(self.worker_id, self.epoch)
         return await self.scripts.apply(
-            self.worker_id, self.epoch, prefix, schema.encode(events), sets, deletes, completed, 1000
+            self.worker_id,
+            self.epoch,
+            prefix,
+            schema.encode(events),
+            sets,
+            deletes,
+            completed,
+            1000,
         )
 
     async def start(self, *request_ids: str, model: str = "m") -> int:
