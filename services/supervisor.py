@@ -81,9 +81,11 @@ class Child:
         env: Mapping[str, str],
         *,
         echo: TextIO | None = None,
+        mute: re.Pattern[str] | None = None,
         cwd: str | None = None,
     ) -> None:
         self.name = name
+        self._mute = mute
         self.argv = list(argv)
         self.url: str | None = None
         self._echo = echo
@@ -118,7 +120,7 @@ class Child:
                 if self.url is None:
                     self._lines.append(line)
                 self._cond.notify_all()
-            if self._echo is not None:
+            if self._echo is not None and not (self._mute and self._mute.search(line)):
                 with contextlib.suppress(OSError, ValueError):
                     self._echo.write(f"{self.name} | {line}\n")
                     self._echo.flush()
@@ -222,6 +224,7 @@ class Supervisor:
         self,
         *,
         echo: TextIO | None = sys.stderr,
+        mute: re.Pattern[str] | None = None,
         ready_timeout: float = 30.0,
         stop_timeout: float = 4.5,
         cwd: str | None = None,
@@ -229,6 +232,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.stop_event = threading.Event()
         self.echo = echo
+        self.mute = mute  # echoed lines matching it are only kept for failure reports
         self.ready_timeout = ready_timeout
         self.stop_timeout = stop_timeout
         self.cwd = cwd
@@ -244,12 +248,15 @@ class Supervisor:
         env: Mapping[str, str],
         *,
         wait_ready: bool = True,
+        echo: bool = True,
     ) -> Child:
         """Start a child; with ``wait_ready`` return once it logged its ready line."""
         if self.stop_event.is_set():
             raise Stopped
         full_env = {**env, "TMPDIR": self.tmpdir, "PYTHONUNBUFFERED": "1"}
-        child = Child(name, argv, full_env, echo=self.echo, cwd=self.cwd)
+        child = Child(
+            name, argv, full_env, echo=self.echo if echo else None, mute=self.mute, cwd=self.cwd
+        )
         self.children.append(child)
         if wait_ready:
             child.wait_ready(self.ready_timeout, self.stop_event)

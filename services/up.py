@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import signal
 import socket
 import sys
@@ -32,8 +33,10 @@ from shared.settings import Settings
 
 VDM_HUB = [sys.executable, "-m", "services.cli"]
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
-# Demo traffic runs until `up` stops it; the generator itself is bounded, so give it a year.
-DEMO_DURATION_S = 365 * 24 * 3600
+# Demo traffic: requests held open 1-5 s (x-demo-delay-ms) so rows stay long enough to watch.
+DEMO_HOLD_S = "1-5"
+# One line per proxied request (httpx logs at INFO) would bury everything else on the console.
+MUTED = re.compile(r" INFO httpx: HTTP Request: ")
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     base_env = dict(os.environ)
     supervisor = Supervisor(
-        echo=None if args.quiet else sys.stderr, ready_timeout=args.ready_timeout
+        echo=None if args.quiet else sys.stderr, mute=MUTED, ready_timeout=args.ready_timeout
     )
     _install_stop_handlers(supervisor)
     roles: dict[str, list[Child]] = {"load": [], "dashboard": [], "stream": [], "worker": []}
@@ -323,16 +326,19 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     "--concurrency",
                     "32",
                     "--duration",
-                    str(DEMO_DURATION_S),
+                    "0",  # until `up` stops it
                     "--stream-share",
                     "0.4",
                     "--hold",
-                    "3",
+                    DEMO_HOLD_S,
                     "--shape",
                     "mixed",
                 ],
                 env,
                 wait_ready=False,
+                # Its once-a-second progress line would push the URLs off the screen; its
+                # output is still kept for the report if it dies.
+                echo=False,
             )
             roles["load"].append(load)
 
@@ -347,7 +353,9 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             "  point an LLM client at a worker: "
             f"OPENAI_BASE_URL={worker_urls[0]}/v1 ANTHROPIC_BASE_URL={worker_urls[0]}",
         ]
-        if not args.demo_traffic:
+        if args.demo_traffic:
+            lines.append(f"  demo traffic: {args.demo_rate:g} requests/s over the workers")
+        else:
             lines.append("  demo traffic is off (--no-demo-traffic)")
         _say("\n".join(lines))
         supervisor.watch()
