@@ -1,0 +1,119 @@
+"""The dashboard's Dash app: ``create_app(settings) -> Dash``, served under ``/dashboard/``.
+
+Pages: ``/dashboard/`` (fleet overview) and ``/dashboard/metrics`` (Active Requests); ``/``
+redirects to ``/dashboard/``. The page learns the stream service's base URL from the server
+(``VDM_STREAM_PUBLIC_URL``, default same origin) through ``window.__vdmConfig``, rendered into
+the HTML before any asset runs; the browser client appends the endpoint paths. Live data never
+passes through this process or a Python callback: the browser talks to the stream service.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dash import ClientsideFunction, Dash, Input, Output
+from flask import Flask, Response, redirect
+
+from dashboard import layout
+from shared.settings import Settings
+
+PREFIX = "/dashboard/"
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+_INDEX = """<!DOCTYPE html>
+<html lang="en">
+  <head>
+    {%metas%}
+    <meta name="viewport" content="width=device-width, initial-scale=1">
+    <meta name="color-scheme" content="dark">
+    <title>{%title%}</title>
+    {%favicon%}
+    {%css%}
+    <script id="vdm-config">window.__vdmConfig = __CONFIG__;</script>
+  </head>
+  <body>
+    {%app_entry%}
+    <footer>
+      {%config%}
+      {%scripts%}
+      {%renderer%}
+    </footer>
+  </body>
+</html>
+"""
+
+# Shows the page the URL names; both are in the layout (see dashboard/layout.py).
+_ROUTE_JS = """
+function (pathname) {
+    const metrics = String(pathname || "").includes("/dashboard/metrics");
+    const on = "vdm-nav-link vdm-nav-active", off = "vdm-nav-link";
+    return [
+        {display: metrics ? "none" : "block"},
+        {display: metrics ? "block" : "none"},
+        metrics ? off : on,
+        metrics ? on : off,
+    ];
+}
+"""
+
+
+def client_config(settings: Settings) -> dict[str, Any]:
+    """What the browser client needs from the server, nothing secret."""
+    return {
+        "streamUrl": settings.stream_public_url or "",  # "" = same origin
+        "pollIntervalMs": round(settings.sse_interval * 1000),
+    }
+
+
+def _script_json(value: object) -> str:
+    # Safe inside <script>: no "</script>" or HTML comment can be formed by the data.
+    text = json.dumps(value, separators=(",", ":"))
+    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _add_routes(server: Flask) -> None:
+    def root() -> Any:
+        return redirect(PREFIX, code=302)
+
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    server.add_url_rule("/", "vdm_root", root)
+    server.add_url_rule("/dashboard", "vdm_dashboard_slash", root)
+    server.add_url_rule("/healthz", "vdm_healthz", healthz)
+
+
+def create_app(settings: Settings) -> Dash:
+    app = Dash(
+        __name__,
+        requests_pathname_prefix=PREFIX,
+        routes_pathname_prefix=PREFIX,
+        assets_folder=str(ASSETS),
+        title="vdm-hub · live fleet metrics",
+        update_title="",  # no "Updating..." flicker in the tab title
+        serve_locally=True,  # works offline and behind strict egress
+    )
+    app.index_string = _INDEX.replace("__CONFIG__", _script_json(client_config(settings)))
+    stream_label = f"stream: {settings.stream_public_url or 'same origin'}"
+    app.layout = layout.build(stream_label)
+
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        _ROUTE_JS,
+        Output("vdm-page-overview", "style"),
+        Output("vdm-page-metrics", "style"),
+        Output("vdm-nav-overview", "className"),
+        Output("vdm-nav-metrics", "className"),
+        Input("vdm-url", "pathname"),
+    )
+    # `● Live` / `○ Reconnecting...` and the header emoji, kept in sync with the client.
+    app.clientside_callback(  # type: ignore[no-untyped-call]
+        ClientsideFunction(namespace="vdm", function_name="syncIndicator"),
+        Output("vdm-sse-indicator", "children"),
+        Output("vdm-sse-indicator", "className"),
+        Output("vdm-header-emoji", "children"),
+        Input("vdm-indicator-tick", "n_intervals"),
+    )
+    _add_routes(app.server)
+    return app

@@ -1,0 +1,359 @@
+/*
+ * vdm-hub dashboard: the decision logic, as small pure functions.
+ *
+ * No DOM, no timers, no globals read: everything the browser client decides (when to connect,
+ * how long to wait before a retry, what grid transaction a snapshot means, how a number is
+ * shown) is a function of its arguments, so `node --test tests/js/` checks it directly.
+ * Loaded first by Dash (assets load in file-name order) and exposed as `window.VdmCore`; in
+ * Node it is a CommonJS module.
+ */
+(function (root, factory) {
+  "use strict";
+  const api = factory();
+  if (typeof module === "object" && module && module.exports) {
+    module.exports = api;
+  }
+  if (root && typeof root === "object") {
+    root.VdmCore = api;
+  }
+})(typeof globalThis !== "undefined" ? globalThis : this, function () {
+  "use strict";
+
+  const METRICS_PATH = "/dashboard/metrics";
+  const STREAM_PATH = "/metrics/active-requests/stream";
+  const SNAPSHOT_PATH = "/metrics/active-requests";
+  const SUMMARY_PATH = "/metrics/summary";
+
+  // Reconnect backoff, exactly as design.md section 6 states it.
+  const BACKOFF_FACTOR_MS = 750;
+  const BACKOFF_GROWTH = 1.6;
+  const BACKOFF_CAP_MS = 30000;
+  const BACKOFF_FLOOR_MS = 250;
+  const BACKOFF_JITTER = 0.25;
+
+  /** base = min(30000, 750 * 1.6^attempt) */
+  function backoffBase(attempt) {
+    const n = Math.max(0, Number(attempt) || 0);
+    return Math.min(BACKOFF_CAP_MS, BACKOFF_FACTOR_MS * Math.pow(BACKOFF_GROWTH, n));
+  }
+
+  /** jitter = base * 0.25 * (rand * 2 - 1); delay = max(250, base + jitter). rand in [0, 1). */
+  function backoffDelay(attempt, rand) {
+    const base = backoffBase(attempt);
+    const r = typeof rand === "number" ? rand : Math.random();
+    const jitter = base * BACKOFF_JITTER * (r * 2 - 1);
+    return Math.max(BACKOFF_FLOOR_MS, base + jitter);
+  }
+
+  /** Connect only when the tab is visible and the path is the metrics page. */
+  function shouldConnect(visibilityState, pathname) {
+    return visibilityState === "visible" && String(pathname || "").includes(METRICS_PATH);
+  }
+
+  /** The overview page polls the JSON endpoints instead: visible, under /dashboard, not metrics. */
+  function shouldPollOverview(visibilityState, pathname) {
+    const path = String(pathname || "");
+    return visibilityState === "visible" && !path.includes(METRICS_PATH);
+  }
+
+  /** Base URL from the server (may be "" = same origin) + an endpoint path. */
+  function joinUrl(base, path) {
+    const b = String(base || "").replace(/\/+$/, "");
+    return b + path;
+  }
+
+  // Fields that change on every snapshot without the request changing: the grid computes
+  // durations itself (they tick client-side), so these never cause an update transaction.
+  const VOLATILE_FIELDS = ["duration_ms"];
+
+  function sameValue(a, b) {
+    if (a === b) return true;
+    // null and undefined both mean "unknown" on the wire.
+    return a == null && b == null;
+  }
+
+  /** True when any field except the volatile ones differs between two rows. */
+  function rowChanged(before, after, ignore) {
+    const skip = new Set(ignore || VOLATILE_FIELDS);
+    const names = new Set([...Object.keys(before || {}), ...Object.keys(after || {})]);
+    for (const name of names) {
+      if (skip.has(name)) continue;
+      if (!sameValue(before ? before[name] : undefined, after ? after[name] : undefined)) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  /**
+   * The grid transaction that turns what the grid holds into the snapshot.
+   * `current`: Map (or plain object) id -> row as the grid holds it; `rows`: the snapshot.
+   * Rows without an id, and repeats of an id within the snapshot, are skipped (untrusted input).
+   * Never a reset: only the rows that came, changed, or went.
+   */
+  function diffRows(current, rows, key, ignore) {
+    const idKey = key || "request_id";
+    const have = current instanceof Map ? current : new Map(Object.entries(current || {}));
+    const seen = new Set();
+    const add = [];
+    const update = [];
+    for (const row of rows || []) {
+      if (!row || typeof row !== "object") continue;
+      const id = row[idKey];
+      if (id === undefined || id === null || id === "") continue;
+      const sid = String(id);
+      if (seen.has(sid)) continue;
+      seen.add(sid);
+      if (!have.has(sid)) {
+        add.push(row);
+      } else if (rowChanged(have.get(sid), row, ignore)) {
+        update.push(row);
+      }
+    }
+    const remove = [];
+    for (const id of have.keys()) {
+      if (!seen.has(String(id))) remove.push({ [idKey]: id });
+    }
+    return { add, update, remove };
+  }
+
+  function isEmptyTransaction(tx) {
+    return !tx || (tx.add.length === 0 && tx.update.length === 0 && tx.remove.length === 0);
+  }
+
+  /** Server clock minus browser clock, from a snapshot's `timestamp` (epoch seconds). */
+  function clockOffsetMs(serverTimestampS, localNowMs) {
+    const t = Number(serverTimestampS);
+    if (!Number.isFinite(t) || t <= 0) return 0;
+    return t * 1000 - localNowMs;
+  }
+
+  /** How long a request has run now, in server time, so a skewed browser clock does not lie. */
+  function liveDurationMs(startTimeS, localNowMs, offsetMs) {
+    const start = Number(startTimeS);
+    if (!Number.isFinite(start) || start <= 0) return null;
+    return Math.max(0, localNowMs + (offsetMs || 0) - start * 1000);
+  }
+
+  function ageSeconds(epochS, localNowMs, offsetMs) {
+    const ms = liveDurationMs(epochS, localNowMs, offsetMs);
+    return ms === null ? null : ms / 1000;
+  }
+
+  function pad2(n) {
+    return n < 10 ? "0" + n : String(n);
+  }
+
+  /** 850 ms · 12.3 s · 4m 05s · 1h 02m */
+  function formatDuration(ms) {
+    if (ms === null || ms === undefined || !Number.isFinite(Number(ms))) return "—";
+    const v = Math.max(0, Number(ms));
+    if (v < 1000) return Math.round(v) + " ms";
+    if (v < 60000) return (v / 1000).toFixed(1) + " s";
+    const totalS = Math.floor(v / 1000);
+    if (totalS < 3600) return Math.floor(totalS / 60) + "m " + pad2(totalS % 60) + "s";
+    const totalM = Math.floor(totalS / 60);
+    return Math.floor(totalM / 60) + "h " + pad2(totalM % 60) + "m";
+  }
+
+  /** 0 B · 512 B · 1.5 KB · 2.0 MB (1024-based) */
+  function formatBytes(n) {
+    if (n === null || n === undefined || !Number.isFinite(Number(n))) return "—";
+    let v = Math.max(0, Number(n));
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (v >= 1024 && i < units.length - 1) {
+      v /= 1024;
+      i += 1;
+    }
+    return i === 0 ? Math.round(v) + " B" : v.toFixed(1) + " " + units[i];
+  }
+
+  /** 1234567 -> "1,234,567"; null -> "—" (unknown, e.g. tokens before usage arrives). */
+  function formatCount(n) {
+    if (n === null || n === undefined || !Number.isFinite(Number(n))) return "—";
+    const s = String(Math.round(Number(n)));
+    return s.replace(/\B(?=(\d{3})+(?!\d))/g, ",");
+  }
+
+  function formatRate(perSecond) {
+    if (perSecond === null || perSecond === undefined || !Number.isFinite(Number(perSecond))) {
+      return "—";
+    }
+    const v = Number(perSecond);
+    return (v >= 100 ? v.toFixed(0) : v.toFixed(1)) + "/s";
+  }
+
+  /** error_rate is a fraction (0..1) */
+  function formatPercent(fraction) {
+    if (fraction === null || fraction === undefined || !Number.isFinite(Number(fraction))) {
+      return "—";
+    }
+    return (Number(fraction) * 100).toFixed(1) + "%";
+  }
+
+  /** Epoch seconds -> local HH:MM:SS. */
+  function formatClock(epochS) {
+    const t = Number(epochS);
+    if (!Number.isFinite(t) || t <= 0) return "—";
+    const d = new Date(t * 1000);
+    return pad2(d.getHours()) + ":" + pad2(d.getMinutes()) + ":" + pad2(d.getSeconds());
+  }
+
+  /** What the indicator and the header emoji show. */
+  function indicatorState(connected, disabled) {
+    if (connected) return { text: "● Live", className: "vdm-indicator vdm-live", emoji: "📡" };
+    if (disabled) {
+      return {
+        text: "◌ Metrics disabled (polling)",
+        className: "vdm-indicator vdm-polling",
+        emoji: "⚫",
+      };
+    }
+    return { text: "○ Reconnecting...", className: "vdm-indicator vdm-reconnecting", emoji: "⚫" };
+  }
+
+  // Chart figures from a `stats` event. Colours follow the CSS palette in vdm.css.
+  const CHART_COLORS = {
+    inflight: "#58a6ff",
+    rate: "#3fb950",
+    p50: "#8b949e",
+    p95: "#d29922",
+    p99: "#f85149",
+    errors: "#f85149",
+  };
+
+  function chartLayout(yTitle, yRange) {
+    return {
+      margin: { l: 48, r: 12, t: 8, b: 28 },
+      paper_bgcolor: "rgba(0,0,0,0)",
+      plot_bgcolor: "rgba(0,0,0,0)",
+      font: { color: "#9aa7b4", size: 12 },
+      showlegend: true,
+      legend: { orientation: "h", x: 0, y: 1.12, font: { size: 11 } },
+      xaxis: { type: "date", tickformat: "%H:%M:%S", gridcolor: "#212a35", zeroline: false, showline: false },
+      yaxis: {
+        title: { text: yTitle, font: { size: 11 } },
+        gridcolor: "#212a35",
+        zeroline: false,
+        rangemode: "tozero",
+        range: yRange,
+        fixedrange: true,
+      },
+      uirevision: "vdm", // keep the user's zoom across updates
+      height: 210,
+    };
+  }
+
+  function line(name, xs, ys, color, fill) {
+    return {
+      type: "scatter",
+      mode: "lines",
+      name: name,
+      x: xs,
+      y: ys,
+      line: { color: color, width: 2, shape: "linear" },
+      fill: fill ? "tozeroy" : "none",
+      fillcolor: fill ? color + "22" : undefined,
+      hovertemplate: "%{y}<extra>" + name + "</extra>",
+    };
+  }
+
+  function statsFigures(stats) {
+    const series = (stats && Array.isArray(stats.series) ? stats.series : []).filter(
+      (p) => p && Number.isFinite(Number(p.t)),
+    );
+    const xs = series.map((p) => new Date(Number(p.t) * 1000).toISOString());
+    const col = (name, scale) =>
+      series.map((p) => (p[name] === null || p[name] === undefined ? null : p[name] * (scale || 1)));
+    return {
+      inflight: {
+        data: [line("in flight", xs, col("in_flight"), CHART_COLORS.inflight, true)],
+        layout: chartLayout("requests"),
+      },
+      rate: {
+        data: [line("req/s", xs, col("requests_per_s"), CHART_COLORS.rate, true)],
+        layout: chartLayout("req/s"),
+      },
+      latency: {
+        data: [
+          line("p50", xs, col("p50_ms"), CHART_COLORS.p50, false),
+          line("p95", xs, col("p95_ms"), CHART_COLORS.p95, false),
+          line("p99", xs, col("p99_ms"), CHART_COLORS.p99, false),
+        ],
+        layout: chartLayout("ms"),
+      },
+      errors: {
+        data: [line("error %", xs, col("error_rate", 100), CHART_COLORS.errors, true)],
+        layout: chartLayout("%"),
+      },
+    };
+  }
+
+  /** Overview grid rows: the snapshot's workers joined with their per-worker stats. */
+  function workerRows(snapshot, stats) {
+    const workers = snapshot && Array.isArray(snapshot.workers) ? snapshot.workers : [];
+    const byWorker = (stats && stats.by_worker) || {};
+    return workers
+      .filter((w) => w && w.worker_id)
+      .map((w) => {
+        const s = byWorker[w.worker_id] || {};
+        return {
+          worker_id: w.worker_id,
+          host: w.host,
+          pid: w.pid,
+          status: w.status,
+          started_at: w.started_at,
+          last_seen: w.last_seen,
+          active: w.active,
+          requests_per_s: s.requests_per_s === undefined ? null : s.requests_per_s,
+          error_rate: s.error_rate === undefined ? null : s.error_rate,
+          p95_ms: s.p95_ms === undefined ? null : s.p95_ms,
+        };
+      });
+  }
+
+  /** Fleet totals for the KPI tiles. */
+  function fleetTotals(snapshot, stats) {
+    const workers = snapshot && Array.isArray(snapshot.workers) ? snapshot.workers : [];
+    const rows = snapshot && Array.isArray(snapshot.active_requests) ? snapshot.active_requests : [];
+    const fleet = (stats && stats.fleet) || {};
+    return {
+      workersUp: workers.filter((w) => w && w.status === "up").length,
+      workersStale: workers.filter((w) => w && w.status === "stale").length,
+      inFlight: rows.length,
+      requestsPerS: fleet.requests_per_s === undefined ? null : fleet.requests_per_s,
+      errorRate: fleet.error_rate === undefined ? null : fleet.error_rate,
+      p95Ms: fleet.p95_ms === undefined ? null : fleet.p95_ms,
+      completed: fleet.completed === undefined ? null : fleet.completed,
+    };
+  }
+
+  return {
+    METRICS_PATH,
+    STREAM_PATH,
+    SNAPSHOT_PATH,
+    SUMMARY_PATH,
+    backoffBase,
+    backoffDelay,
+    shouldConnect,
+    shouldPollOverview,
+    joinUrl,
+    rowChanged,
+    diffRows,
+    isEmptyTransaction,
+    clockOffsetMs,
+    liveDurationMs,
+    ageSeconds,
+    formatDuration,
+    formatBytes,
+    formatCount,
+    formatRate,
+    formatPercent,
+    formatClock,
+    indicatorState,
+    statsFigures,
+    workerRows,
+    fleetTotals,
+  };
+});

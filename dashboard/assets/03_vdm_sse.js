@@ -1,0 +1,324 @@
+/*
+ * vdm-hub dashboard: the Active Requests live client (design.md section 6).
+ *
+ * One EventSource to `<stream base>/metrics/active-requests/stream`, open only while the tab is
+ * visible and the path contains `/dashboard/metrics`. `update` snapshots become AG Grid
+ * transactions by `request_id`; `stats` feeds the charts; `disabled` switches to polling the
+ * JSON endpoint.
+ *
+ * Reconnects: a browser EventSource retries by itself after a network error (readyState
+ * CONNECTING) but gives up for good on a non-200 answer (readyState CLOSED). To have ONE retry
+ * policy for both, every error closes the source — readyState is then CLOSED — and the
+ * reconnect is scheduled here with base = min(30000, 750·1.6^attempt), jitter
+ * base·0.25·(rand·2−1), delay max(250, base+jitter); `attempt` resets on open.
+ *
+ * Public: window.__vdmActiveRequestsSSE = {enable, disable, isConnected}; the extra read-only
+ * `debug()` reports attempt/delays for tests and curious operators.
+ */
+(function () {
+  "use strict";
+  const core = window.VdmCore;
+  const dom = window.VdmDom;
+  const cfg = window.__vdmConfig || {};
+  const GRID_ID = "vdm-active-grid";
+  const RECENT_GRID_ID = "vdm-recent-grid";
+  const POLL_MS = Math.max(500, Number(cfg.pollIntervalMs) || 2000);
+
+  let source = null; // the EventSource, when one exists
+  let attempt = 0;
+  let reconnectTimer = null;
+  let enabled = true;
+  let disabledInfo = null; // set after a `disabled` event: {message, suggestion}
+  let pollTimer = null;
+  let latestSnapshot = null;
+  let applyPending = false;
+  const debug = { opens: 0, errors: 0, delays: [], polls: 0 };
+
+  function wanted() {
+    return enabled && core.shouldConnect(document.visibilityState, window.location.pathname);
+  }
+
+  function isConnected() {
+    return !!source && source.readyState === 1; // EventSource.OPEN
+  }
+
+  function streamUrl() {
+    return core.joinUrl(cfg.streamUrl, core.STREAM_PATH);
+  }
+
+  // ---- connection lifecycle -------------------------------------------------------------
+
+  function connect() {
+    if (source || reconnectTimer || disabledInfo) return;
+    let es;
+    try {
+      es = new EventSource(streamUrl());
+    } catch (err) {
+      console.error("[vdm][sse] Failed to create EventSource:", err);
+      scheduleReconnect();
+      return;
+    }
+    source = es;
+    es.onopen = function () {
+      if (source !== es) return;
+      attempt = 0;
+      debug.opens += 1;
+    };
+    es.addEventListener("update", function (ev) {
+      if (source === es) onUpdate(ev);
+    });
+    es.addEventListener("stats", function (ev) {
+      if (source === es) onStats(ev);
+    });
+    es.addEventListener("disabled", function (ev) {
+      if (source === es) onDisabled(ev);
+    });
+    es.onerror = function () {
+      if (source !== es) return;
+      debug.errors += 1;
+      console.warn("[vdm][sse] Connection error (will retry)");
+      // CLOSED: the browser gave up (non-200). CONNECTING: it would retry on its own
+      // schedule; close it so both cases follow the one backoff below.
+      es.close();
+      source = null;
+      scheduleReconnect();
+    };
+  }
+
+  function scheduleReconnect() {
+    if (reconnectTimer || !wanted()) return;
+    const delay = core.backoffDelay(attempt);
+    attempt += 1;
+    debug.delays.push(Math.round(delay));
+    if (debug.delays.length > 50) debug.delays.shift();
+    reconnectTimer = window.setTimeout(function () {
+      reconnectTimer = null;
+      evaluate();
+    }, delay);
+  }
+
+  function teardown() {
+    if (source) {
+      source.close();
+      source = null;
+    }
+    if (reconnectTimer) {
+      window.clearTimeout(reconnectTimer);
+      reconnectTimer = null;
+    }
+    stopPolling();
+  }
+
+  /** Bring the connection in line with visibility, path and enable/disable. */
+  function evaluate() {
+    if (!wanted()) {
+      teardown();
+      return;
+    }
+    if (disabledInfo) {
+      startPolling();
+      return;
+    }
+    connect();
+  }
+
+  // ---- data -------------------------------------------------------------------------------
+
+  function parse(ev) {
+    try {
+      return JSON.parse(ev.data);
+    } catch (_err) {
+      return null; // a malformed frame is skipped, never fatal
+    }
+  }
+
+  function onUpdate(ev) {
+    const snap = parse(ev);
+    if (!snap || typeof snap !== "object") return;
+    if (snap.disabled) {
+      onDisabled(ev);
+      return;
+    }
+    acceptSnapshot(snap);
+  }
+
+  function acceptSnapshot(snap) {
+    latestSnapshot = snap;
+    window.__vdmClock.offsetMs = core.clockOffsetMs(snap.timestamp, Date.now());
+    // Latest wins: a burst of updates between two frames becomes one transaction.
+    if (applyPending) return;
+    applyPending = true;
+    const run = function () {
+      applyPending = false;
+      applySnapshot(latestSnapshot);
+    };
+    if (document.visibilityState === "visible") window.requestAnimationFrame(run);
+    else window.setTimeout(run, 0);
+  }
+
+  function applySnapshot(snap) {
+    const rows = Array.isArray(snap.active_requests) ? snap.active_requests : [];
+    dom.applyRows(GRID_ID, rows, "request_id").catch(function (err) {
+      console.debug("[vdm] grid update skipped:", err);
+    });
+    dom.setProps("vdm-active-count", { children: String(rows.length) });
+    const workers = Array.isArray(snap.workers) ? snap.workers : [];
+    const up = workers.filter((w) => w && w.status === "up").length;
+    dom.setProps("vdm-m-kpi-inflight", { children: core.formatCount(rows.length) });
+    dom.setProps("vdm-m-kpi-workers", {
+      children: workers.length ? up + " / " + workers.length : "0",
+    });
+  }
+
+  function onStats(ev) {
+    const stats = parse(ev);
+    if (!stats || typeof stats !== "object") return;
+    if (window.VdmCharts) window.VdmCharts.render(stats);
+    if (Array.isArray(stats.recent)) {
+      dom.applyRows(RECENT_GRID_ID, stats.recent, "request_id", []).catch(function () {});
+    }
+  }
+
+  function onDisabled(ev) {
+    const info = parse(ev) || {};
+    disabledInfo = {
+      message: info.message || "Request metrics are disabled on the stream service.",
+      suggestion: info.suggestion || "Set LOG_REQUEST_METRICS=true and restart it.",
+    };
+    console.warn("[vdm][sse] Metrics disabled, falling back to polling");
+    if (source) {
+      source.close();
+      source = null;
+    }
+    showBanner();
+    evaluate();
+  }
+
+  function showBanner() {
+    if (disabledInfo) {
+      dom.setProps("vdm-sse-banner", {
+        children: disabledInfo.message + " " + disabledInfo.suggestion,
+        className: "vdm-banner vdm-banner-shown",
+      });
+    } else {
+      dom.setProps("vdm-sse-banner", { children: "", className: "vdm-banner" });
+    }
+  }
+
+  // ---- polling fallback (after `disabled`) ------------------------------------------------
+
+  function startPolling() {
+    if (pollTimer) return;
+    const tick = function () {
+      pollTimer = window.setTimeout(tick, POLL_MS);
+      pollOnce();
+    };
+    tick();
+  }
+
+  function stopPolling() {
+    if (pollTimer) {
+      window.clearTimeout(pollTimer);
+      pollTimer = null;
+    }
+  }
+
+  function pollOnce() {
+    debug.polls += 1;
+    fetch(core.joinUrl(cfg.streamUrl, core.SNAPSHOT_PATH), { cache: "no-store" })
+      .then((r) => (r.ok ? r.json() : null))
+      .then(function (snap) {
+        if (!snap || typeof snap !== "object") return;
+        if (snap.disabled) {
+          disabledInfo = {
+            message: snap.message || disabledInfo.message,
+            suggestion: snap.suggestion || disabledInfo.suggestion,
+          };
+          showBanner();
+          return;
+        }
+        // Metrics were switched back on: show the rows and return to the live stream.
+        acceptSnapshot(snap);
+        disabledInfo = null;
+        showBanner();
+        stopPolling();
+        evaluate();
+      })
+      .catch(function () {
+        /* the next poll retries */
+      });
+  }
+
+  // ---- triggers: visibility, SPA navigation, load -----------------------------------------
+
+  // Dash's dcc.Link navigates with history.pushState, which fires no event: wrap it (and
+  // replaceState) once, and announce every change as `vdm:locationchange`.
+  ["pushState", "replaceState"].forEach(function (name) {
+    const original = window.history[name];
+    if (typeof original !== "function" || original.__vdmWrapped) return;
+    const wrapped = function () {
+      const result = original.apply(this, arguments);
+      window.dispatchEvent(new Event("vdm:locationchange"));
+      return result;
+    };
+    wrapped.__vdmWrapped = true;
+    window.history[name] = wrapped;
+  });
+
+  document.addEventListener("visibilitychange", evaluate);
+  window.addEventListener("popstate", evaluate);
+  window.addEventListener("vdm:locationchange", evaluate);
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", evaluate);
+  } else {
+    evaluate();
+  }
+
+  // Durations tick client-side: redraw the duration cells once a second.
+  window.setInterval(function () {
+    if (document.visibilityState === "visible" && latestSnapshot) {
+      dom.refreshClockColumns(GRID_ID, ["duration"]);
+    }
+  }, 1000);
+
+  window.__vdmActiveRequestsSSE = {
+    enable: function () {
+      enabled = true;
+      evaluate();
+    },
+    disable: function () {
+      enabled = false;
+      evaluate();
+    },
+    isConnected: isConnected,
+    isDisabled: function () {
+      return !!disabledInfo;
+    },
+    debug: function () {
+      return {
+        attempt: attempt,
+        opens: debug.opens,
+        errors: debug.errors,
+        delays: debug.delays.slice(),
+        polls: debug.polls,
+        connecting: !!source && source.readyState === 0,
+        reconnectPending: !!reconnectTimer,
+        url: streamUrl(),
+      };
+    },
+  };
+
+  // The clientside callback behind the `● Live` / `○ Reconnecting...` indicator and the
+  // header emoji; it runs on a short dcc.Interval and only writes when something changed.
+  let lastIndicator = null;
+  window.dash_clientside = Object.assign({}, window.dash_clientside);
+  window.dash_clientside.vdm = Object.assign({}, window.dash_clientside.vdm, {
+    syncIndicator: function () {
+      const state = core.indicatorState(isConnected(), !!disabledInfo);
+      const key = state.text + "|" + state.className;
+      if (key === lastIndicator) return window.dash_clientside.no_update;
+      lastIndicator = key;
+      return [state.text, state.className, state.emoji];
+    },
+  });
+})();

@@ -1,0 +1,266 @@
+"""The dashboard's three AG Grids: column definitions and the shared dark theme.
+
+Grids start empty (no data at import or layout time); the browser client fills them with
+transactions keyed by ``getRowId``. Value getters and formatters are named functions from
+``window.dashAgGridFunctions`` (``dashboard/assets/02_vdm_dom.js``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dash_ag_grid as dag
+
+# AG Grid 33+ Theming API (dash-ag-grid passes `theme` through dashGridOptions). Palette
+# matches assets/vdm.css; large type because this is read from across a room.
+THEME = {
+    "function": (
+        "themeQuartz.withParams({"
+        "backgroundColor: '#0f141b', foregroundColor: '#d6dee8', "
+        "headerBackgroundColor: '#161d26', headerTextColor: '#9fb0c2', "
+        "borderColor: '#232d3a', rowHoverColor: '#1a2430', "
+        "selectedRowBackgroundColor: '#1f3a5c', accentColor: '#58a6ff', "
+        "oddRowBackgroundColor: '#111820', chromeBackgroundColor: '#161d26', "
+        "fontSize: 15, headerFontSize: 13, rowHeight: 38, headerHeight: 40, "
+        "browserColorScheme: 'dark', wrapperBorderRadius: 6, spacing: 6})"
+    )
+}
+
+
+def _fn(expr: str) -> dict[str, str]:
+    return {"function": expr}
+
+
+def _options(empty_text: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "theme": THEME,
+        "animateRows": False,  # rows sliding around on every update is noise on a wall screen
+        "localeText": {"noRowsToShow": empty_text},
+        "suppressCellFocus": True,
+        "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
+        **extra,
+    }
+
+
+ACTIVE_COLUMNS: list[dict[str, Any]] = [
+    {
+        "colId": "duration",
+        "headerName": "Duration",
+        "valueGetter": _fn("vdmLiveDuration(params)"),
+        "valueFormatter": _fn("vdmDuration(params.value)"),
+        "type": "rightAligned",
+        "filter": "agNumberColumnFilter",
+        "cellClass": "vdm-mono vdm-strong",
+        "width": 120,
+    },
+    {"field": "model", "headerName": "Model", "minWidth": 150, "flex": 2},
+    {"field": "worker_id", "headerName": "Worker", "minWidth": 100, "flex": 1},
+    {"field": "method", "headerName": "Method", "width": 95},
+    {"field": "path", "headerName": "Path", "minWidth": 170, "flex": 2, "cellClass": "vdm-mono"},
+    {
+        "field": "phase",
+        "headerName": "Phase",
+        "width": 115,
+        "cellClassRules": {
+            "vdm-phase-streaming": "params.value === 'streaming'",
+            "vdm-phase-upstream": "params.value === 'upstream'",
+        },
+    },
+    {
+        "field": "is_streaming",
+        "headerName": "Stream",
+        "width": 100,
+        "cellDataType": False,  # text, not AG Grid's checkbox renderer for booleans
+        "valueFormatter": _fn("params.value ? 'yes' : 'no'"),
+        "cellClassRules": {"vdm-phase-streaming": "params.value === true"},
+    },
+    {
+        "field": "bytes_out",
+        "headerName": "Bytes",
+        "type": "rightAligned",
+        "width": 105,
+        "valueFormatter": _fn("vdmBytes(params.value)"),
+        "filter": "agNumberColumnFilter",
+    },
+    {
+        "field": "input_tokens",
+        "headerName": "Tok in",
+        "type": "rightAligned",
+        "width": 95,
+        "valueFormatter": _fn("vdmCount(params.value)"),
+    },
+    {
+        "field": "output_tokens",
+        "headerName": "Tok out",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmCount(params.value)"),
+    },
+    {
+        "field": "start_time",
+        "headerName": "Started",
+        "width": 110,
+        "sort": "desc",  # newest first by default; any column the user picks replaces it
+        "valueFormatter": _fn("vdmClock(params.value)"),
+        "cellClass": "vdm-mono",
+    },
+    {
+        "field": "request_id",
+        "headerName": "Request ID",
+        "minWidth": 150,
+        "flex": 1,
+        "cellClass": "vdm-mono vdm-dim",
+    },
+]
+
+WORKER_COLUMNS: list[dict[str, Any]] = [
+    {"field": "worker_id", "headerName": "Worker", "minWidth": 130, "flex": 1, "sort": "asc"},
+    {"field": "host", "headerName": "Host", "minWidth": 120, "flex": 1},
+    {"field": "pid", "headerName": "PID", "width": 90, "type": "rightAligned"},
+    {
+        "field": "status",
+        "headerName": "Status",
+        "width": 105,
+        "cellClassRules": {
+            "vdm-status-up": "params.value === 'up'",
+            "vdm-status-stale": "params.value === 'stale'",
+        },
+    },
+    {
+        "colId": "age",
+        "headerName": "Heartbeat",
+        "valueGetter": _fn("vdmAge(params)"),
+        "valueFormatter": _fn("vdmAgeText(params.value) + ' ago'"),
+        "type": "rightAligned",
+        "width": 130,
+    },
+    {"field": "active", "headerName": "In flight", "type": "rightAligned", "width": 110},
+    {
+        "field": "requests_per_s",
+        "headerName": "Req/s",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmRate(params.value)"),
+    },
+    {
+        "field": "p95_ms",
+        "headerName": "p95",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmMs(params.value)"),
+    },
+    {
+        "field": "error_rate",
+        "headerName": "Errors",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmPercent(params.value)"),
+    },
+    {
+        "field": "started_at",
+        "headerName": "Started",
+        "width": 110,
+        "valueFormatter": _fn("vdmClock(params.value)"),
+    },
+]
+
+RECENT_COLUMNS: list[dict[str, Any]] = [
+    {
+        "field": "start_time",
+        "headerName": "Started",
+        "width": 110,
+        "sort": "desc",
+        "valueFormatter": _fn("vdmClock(params.value)"),
+        "cellClass": "vdm-mono",
+    },
+    {
+        "field": "status",
+        "headerName": "Status",
+        "width": 95,
+        "type": "rightAligned",
+        "cellClassRules": {
+            "vdm-status-up": "params.value >= 200 && params.value < 400",
+            "vdm-status-stale": "params.value >= 400 || params.value === 0",
+        },
+    },
+    {
+        "field": "outcome",
+        "headerName": "Outcome",
+        "width": 140,
+        "cellClassRules": {"vdm-status-stale": "params.value !== 'ok'"},
+    },
+    {
+        "field": "duration_ms",
+        "headerName": "Duration",
+        "type": "rightAligned",
+        "width": 115,
+        "valueFormatter": _fn("vdmDuration(params.value)"),
+        "filter": "agNumberColumnFilter",
+    },
+    {"field": "model", "headerName": "Model", "minWidth": 150, "flex": 2},
+    {"field": "worker_id", "headerName": "Worker", "minWidth": 100, "flex": 1},
+    {"field": "method", "headerName": "Method", "width": 95},
+    {"field": "path", "headerName": "Path", "minWidth": 160, "flex": 2, "cellClass": "vdm-mono"},
+    {
+        "field": "output_tokens",
+        "headerName": "Tok out",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmCount(params.value)"),
+    },
+    {
+        "field": "request_id",
+        "headerName": "Request ID",
+        "minWidth": 150,
+        "flex": 1,
+        "cellClass": "vdm-mono vdm-dim",
+    },
+]
+
+# Filters live in a row under the headers (floating filters) rather than behind an icon on
+# every header, which is clutter at wall-screen distance.
+_DEFAULT_COL = {
+    "sortable": True,
+    "filter": True,
+    "floatingFilter": True,
+    "suppressHeaderFilterButton": True,
+    "suppressHeaderMenuButton": True,
+    "resizable": True,
+}
+_DEFAULT_COL_NO_FILTER = {**_DEFAULT_COL, "filter": False, "floatingFilter": False}
+
+
+def _grid(
+    grid_id: str,
+    columns: list[dict[str, Any]],
+    key: str,
+    empty: str,
+    height: int,
+    *,
+    filters: bool = True,
+) -> Any:
+    return dag.AgGrid(
+        id=grid_id,
+        columnDefs=columns,
+        defaultColDef=_DEFAULT_COL if filters else _DEFAULT_COL_NO_FILTER,
+        rowData=[],
+        getRowId=f"params.data.{key}",
+        dashGridOptions=_options(empty),
+        # Fixed height: rows arriving never push the charts below around.
+        style={"height": f"{height}px", "width": "100%"},
+        className="vdm-grid",
+    )
+
+
+def active_grid() -> Any:
+    return _grid("vdm-active-grid", ACTIVE_COLUMNS, "request_id", "No requests in flight", 480)
+
+
+def workers_grid() -> Any:
+    return _grid(
+        "vdm-workers-grid", WORKER_COLUMNS, "worker_id", "No workers registered", 300, filters=False
+    )
+
+
+def recent_grid() -> Any:
+    return _grid("vdm-recent-grid", RECENT_COLUMNS, "request_id", "No finished requests yet", 330)

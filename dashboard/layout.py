@@ -1,0 +1,211 @@
+"""The page skeleton: header, fleet overview, and the Active Requests page.
+
+Both pages are in the layout at once and a clientside callback on the URL shows one, so moving
+between them costs no server round trip and the grids keep their state. Every value that
+changes is a placeholder here ("—", empty grids, empty charts) filled in the browser; sizes are
+fixed up front so nothing jumps when data arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dash import dcc, html
+
+from dashboard import grids
+
+CHART_HEIGHT = 210
+OVERVIEW_HREF = "/dashboard/"
+METRICS_HREF = "/dashboard/metrics"
+
+
+def _kpi(label: str, value_id: str, hint: str = "") -> Any:
+    return html.Div(
+        [
+            html.Div(label, className="vdm-kpi-label"),
+            html.Div("—", id=value_id, className="vdm-kpi-value"),
+            html.Div(hint, className="vdm-kpi-hint"),
+        ],
+        className="vdm-kpi",
+    )
+
+
+def _card(title: Any, *children: Any, extra: Any = None, class_name: str = "") -> Any:
+    head = [html.H2(title, className="vdm-card-title")]
+    if extra is not None:
+        head.extend(extra if isinstance(extra, list) else [extra])
+    return html.Section(
+        [html.Div(head, className="vdm-card-head"), *children],
+        className=f"vdm-card {class_name}".strip(),
+    )
+
+
+def _empty_figure() -> dict[str, Any]:
+    # Same size and colours as the figures the client draws (VdmCore.statsFigures).
+    axis = {"gridcolor": "#212a35", "zeroline": False, "showticklabels": False}
+    return {
+        "data": [],
+        "layout": {
+            "height": CHART_HEIGHT,
+            "margin": {"l": 48, "r": 12, "t": 8, "b": 28},
+            "paper_bgcolor": "rgba(0,0,0,0)",
+            "plot_bgcolor": "rgba(0,0,0,0)",
+            "font": {"color": "#9aa7b4"},
+            "xaxis": axis,
+            "yaxis": axis,
+            "annotations": [
+                {
+                    "text": "waiting for data",
+                    "showarrow": False,
+                    "xref": "paper",
+                    "yref": "paper",
+                    "x": 0.5,
+                    "y": 0.5,
+                    "font": {"color": "#5c6b7a", "size": 14},
+                }
+            ],
+        },
+    }
+
+
+def _chart(title: str, graph_id: str) -> Any:
+    return html.Div(
+        [
+            html.Div(title, className="vdm-chart-title"),
+            dcc.Graph(
+                id=graph_id,
+                figure=_empty_figure(),
+                config={"displayModeBar": False, "responsive": True},
+                style={"height": f"{CHART_HEIGHT}px"},
+            ),
+        ],
+        className="vdm-chart",
+    )
+
+
+def header(stream_label: str) -> Any:
+    return html.Header(
+        [
+            html.Span("⚫", id="vdm-header-emoji", className="vdm-header-emoji", title="live"),
+            html.Div(
+                [
+                    html.Span("vdm-hub", className="vdm-brand"),
+                    html.Span("fleet live metrics", className="vdm-tagline"),
+                ],
+                className="vdm-title",
+            ),
+            html.Nav(
+                [
+                    dcc.Link(
+                        "Fleet overview",
+                        href=OVERVIEW_HREF,
+                        id="vdm-nav-overview",
+                        className="vdm-nav-link",
+                    ),
+                    dcc.Link(
+                        "Active requests",
+                        href=METRICS_HREF,
+                        id="vdm-nav-metrics",
+                        className="vdm-nav-link",
+                    ),
+                ],
+                className="vdm-nav",
+            ),
+            html.Span(stream_label, className="vdm-stream-label", title="stream service"),
+        ],
+        className="vdm-header",
+    )
+
+
+def overview_page() -> Any:
+    return html.Div(
+        [
+            html.Div(
+                [
+                    _kpi("Workers up", "vdm-kpi-workers"),
+                    _kpi("Stale", "vdm-kpi-stale"),
+                    _kpi("In flight", "vdm-kpi-inflight"),
+                    _kpi("Requests / s", "vdm-kpi-rate"),
+                    _kpi("p95 latency", "vdm-kpi-p95"),
+                    _kpi("Error rate", "vdm-kpi-errors"),
+                ],
+                className="vdm-kpis",
+            ),
+            _card(
+                "Workers",
+                grids.workers_grid(),
+                extra=[
+                    html.Span("", className="vdm-spacer"),
+                    html.Span(
+                        "connecting…", id="vdm-overview-status", className="vdm-overview-status"
+                    ),
+                ],
+            ),
+            html.Div(
+                dcc.Link(
+                    "Open Active Requests →",
+                    href=METRICS_HREF,
+                    className="vdm-button",
+                ),
+                className="vdm-actions",
+            ),
+        ],
+        id="vdm-page-overview",
+        className="vdm-page",
+    )
+
+
+def metrics_page() -> Any:
+    indicator = html.Span(
+        "○ Reconnecting...", id="vdm-sse-indicator", className="vdm-indicator vdm-reconnecting"
+    )
+    return html.Div(
+        [
+            html.Div(
+                [
+                    _kpi("In flight", "vdm-m-kpi-inflight"),
+                    _kpi("Workers up", "vdm-m-kpi-workers"),
+                    _kpi("Requests / s", "vdm-m-kpi-rate"),
+                    _kpi("p95 latency", "vdm-m-kpi-p95"),
+                    _kpi("Error rate", "vdm-m-kpi-errors"),
+                ],
+                className="vdm-kpis",
+            ),
+            _card(
+                "Active Requests",
+                html.Div("", id="vdm-sse-banner", className="vdm-banner", role="status"),
+                grids.active_grid(),
+                extra=[
+                    html.Span("0", id="vdm-active-count", className="vdm-badge"),
+                    html.Span("", className="vdm-spacer"),
+                    indicator,
+                ],
+                class_name="vdm-card-active",
+            ),
+            html.Div(
+                [
+                    _chart("In flight", "vdm-chart-inflight"),
+                    _chart("Requests per second", "vdm-chart-rate"),
+                    _chart("Duration p50 / p95 / p99", "vdm-chart-latency"),
+                    _chart("Error rate", "vdm-chart-errors"),
+                ],
+                className="vdm-charts",
+            ),
+            _card("Recently finished", grids.recent_grid()),
+        ],
+        id="vdm-page-metrics",
+        className="vdm-page",
+    )
+
+
+def build(stream_label: str) -> Any:
+    return html.Div(
+        [
+            dcc.Location(id="vdm-url", refresh=False),
+            # Drives the indicator's clientside callback; never reaches the server.
+            dcc.Interval(id="vdm-indicator-tick", interval=500),
+            header(stream_label),
+            html.Main([overview_page(), metrics_page()], className="vdm-main"),
+        ],
+        className="vdm-app",
+    )

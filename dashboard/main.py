@@ -1,0 +1,33 @@
+"""``vdm-hub dashboard [--host 127.0.0.1] [--port 8050]``: the Dash app under Uvicorn.
+
+Dash is a WSGI (Flask) app; a2wsgi's WSGIMiddleware adapts it so the dashboard runs under the
+same ``shared.serve.serve`` as every other service (same ready line, same signal handling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from shared.serve import serve
+from shared.settings import Settings
+
+log = logging.getLogger("vdm.dashboard")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind [127.0.0.1]")
+    parser.add_argument("--port", type=int, default=8050, help="port, 0 for any free one [8050]")
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    from a2wsgi import WSGIMiddleware
+
+    from dashboard.app import create_app
+
+    app = create_app(settings)
+    log.info(
+        "dashboard pages: /dashboard/ and /dashboard/metrics; stream service at %s",
+        settings.stream_public_url or "the same origin",
+    )
+    return serve(WSGIMiddleware(app.server), args.host, args.port, "dashboard")

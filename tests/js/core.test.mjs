@@ -1,0 +1,236 @@
+// The dashboard client's decision logic (dashboard/assets/01_vdm_core.js), run by
+// `node --test tests/js/`.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { createRequire } from "node:module";
+
+const require = createRequire(import.meta.url);
+const core = require("../../dashboard/assets/01_vdm_core.js");
+
+test("backoff base follows min(30000, 750 * 1.6^attempt)", () => {
+  assert.equal(core.backoffBase(0), 750);
+  assert.equal(core.backoffBase(1), 1200);
+  assert.ok(Math.abs(core.backoffBase(2) - 1920) < 1e-9);
+  assert.ok(Math.abs(core.backoffBase(5) - 750 * 1.6 ** 5) < 1e-9);
+  assert.equal(core.backoffBase(9), 30000); // 750 * 1.6^9 = 51540 -> capped
+  assert.equal(core.backoffBase(100), 30000);
+});
+
+test("backoff jitter is base * 0.25 * (rand * 2 - 1)", () => {
+  assert.equal(core.backoffDelay(0, 0.5), 750); // rand 0.5 -> no jitter
+  assert.equal(core.backoffDelay(0, 0), 750 - 187.5); // lowest
+  assert.ok(Math.abs(core.backoffDelay(0, 0.999999) - 937.5) < 0.01); // highest
+  assert.equal(core.backoffDelay(1, 0.75), 1200 + 1200 * 0.25 * 0.5);
+  assert.equal(core.backoffDelay(20, 0), 30000 - 7500);
+});
+
+test("backoff delay never goes under 250 ms", () => {
+  // The formula's own lowest value is 562.5 ms, so the floor only guards odd inputs.
+  assert.equal(core.backoffDelay(-5, 0), 562.5);
+  for (let attempt = 0; attempt < 15; attempt++) {
+    for (const r of [0, 0.1, 0.5, 0.9, 0.99]) {
+      const d = core.backoffDelay(attempt, r);
+      assert.ok(d >= 250, `attempt ${attempt} rand ${r} -> ${d}`);
+      assert.ok(d <= 30000 * 1.25);
+    }
+  }
+});
+
+test("backoff delays grow with the attempt for the same rand", () => {
+  const delays = [0, 1, 2, 3, 4, 5, 6, 7, 8].map((a) => core.backoffDelay(a, 0.3));
+  for (let i = 1; i < delays.length; i++) assert.ok(delays[i] > delays[i - 1]);
+});
+
+test("shouldConnect needs a visible tab on the metrics path", () => {
+  assert.equal(core.shouldConnect("visible", "/dashboard/metrics"), true);
+  assert.equal(core.shouldConnect("visible", "/prefix/dashboard/metrics/"), true);
+  assert.equal(core.shouldConnect("hidden", "/dashboard/metrics"), false);
+  assert.equal(core.shouldConnect("prerender", "/dashboard/metrics"), false);
+  assert.equal(core.shouldConnect("visible", "/dashboard/"), false);
+  assert.equal(core.shouldConnect("visible", "/"), false);
+  assert.equal(core.shouldConnect("visible", undefined), false);
+});
+
+test("the overview polls only when visible and not on the metrics page", () => {
+  assert.equal(core.shouldPollOverview("visible", "/dashboard/"), true);
+  assert.equal(core.shouldPollOverview("hidden", "/dashboard/"), false);
+  assert.equal(core.shouldPollOverview("visible", "/dashboard/metrics"), false);
+});
+
+test("joinUrl appends endpoint paths to the server-given base", () => {
+  assert.equal(core.joinUrl("", core.STREAM_PATH), "/metrics/active-requests/stream");
+  assert.equal(
+    core.joinUrl("http://127.0.0.1:8090/", core.STREAM_PATH),
+    "http://127.0.0.1:8090/metrics/active-requests/stream",
+  );
+  assert.equal(core.joinUrl(null, core.SNAPSHOT_PATH), "/metrics/active-requests");
+});
+
+const row = (id, extra = {}) => ({
+  request_id: id,
+  worker_id: "w1",
+  model: "gpt-4o",
+  phase: "upstream",
+  bytes_out: 0,
+  input_tokens: null,
+  duration_ms: 10,
+  ...extra,
+});
+
+test("diffRows: a first snapshot is all adds", () => {
+  const tx = core.diffRows(new Map(), [row("a"), row("b")]);
+  assert.deepEqual(
+    tx.add.map((r) => r.request_id),
+    ["a", "b"],
+  );
+  assert.deepEqual(tx.update, []);
+  assert.deepEqual(tx.remove, []);
+});
+
+test("diffRows: gone rows are removed by id, changed rows updated, same rows untouched", () => {
+  const current = new Map([
+    ["a", row("a")],
+    ["b", row("b")],
+    ["c", row("c")],
+  ]);
+  const tx = core.diffRows(current, [
+    row("a", { duration_ms: 999 }), // only the ticking duration changed: no update
+    row("b", { phase: "streaming", bytes_out: 512 }),
+    row("d"),
+  ]);
+  assert.deepEqual(
+    tx.add.map((r) => r.request_id),
+    ["d"],
+  );
+  assert.deepEqual(
+    tx.update.map((r) => r.request_id),
+    ["b"],
+  );
+  assert.deepEqual(tx.remove, [{ request_id: "c" }]);
+});
+
+test("diffRows: an empty snapshot removes everything", () => {
+  const tx = core.diffRows({ a: row("a"), b: row("b") }, []);
+  assert.deepEqual(
+    tx.remove.map((r) => r.request_id).sort(),
+    ["a", "b"],
+  );
+  assert.equal(tx.add.length + tx.update.length, 0);
+});
+
+test("diffRows skips rows without an id and repeated ids", () => {
+  const tx = core.diffRows(new Map(), [row("a"), { model: "x" }, null, row("a"), row("")]);
+  assert.deepEqual(
+    tx.add.map((r) => r.request_id),
+    ["a"],
+  );
+});
+
+test("diffRows with another key (workers)", () => {
+  const tx = core.diffRows(new Map([["w1", { worker_id: "w1", active: 1 }]]), [
+    { worker_id: "w1", active: 2 },
+    { worker_id: "w2", active: 0 },
+  ], "worker_id", []);
+  assert.deepEqual(tx.update, [{ worker_id: "w1", active: 2 }]);
+  assert.deepEqual(tx.add, [{ worker_id: "w2", active: 0 }]);
+});
+
+test("rowChanged treats null and undefined alike, and ignores duration_ms", () => {
+  assert.equal(core.rowChanged({ a: null, duration_ms: 1 }, { duration_ms: 2 }), false);
+  assert.equal(core.rowChanged({ a: 1 }, { a: 2 }), true);
+  assert.equal(core.rowChanged({ a: 1 }, { a: 1, b: 0 }), true);
+});
+
+test("isEmptyTransaction", () => {
+  assert.equal(core.isEmptyTransaction({ add: [], update: [], remove: [] }), true);
+  assert.equal(core.isEmptyTransaction({ add: [1], update: [], remove: [] }), false);
+});
+
+test("durations tick in server time, corrected for browser clock skew", () => {
+  // Browser clock 5 s behind the server.
+  const offset = core.clockOffsetMs(1000, 995000);
+  assert.equal(offset, 5000);
+  assert.equal(core.liveDurationMs(999, 995000, offset), 1000);
+  assert.equal(core.liveDurationMs(999, 996500, offset), 2500);
+  assert.equal(core.liveDurationMs(2000, 995000, offset), 0); // never negative
+  assert.equal(core.liveDurationMs(null, 995000, offset), null);
+  assert.equal(core.clockOffsetMs(undefined, 5), 0);
+  assert.equal(core.ageSeconds(998, 995000, offset), 2);
+});
+
+test("formatDuration", () => {
+  assert.equal(core.formatDuration(0), "0 ms");
+  assert.equal(core.formatDuration(849.6), "850 ms");
+  assert.equal(core.formatDuration(12340), "12.3 s");
+  assert.equal(core.formatDuration(245000), "4m 05s");
+  assert.equal(core.formatDuration(3720000), "1h 02m");
+  assert.equal(core.formatDuration(null), "—");
+  assert.equal(core.formatDuration(-5), "0 ms");
+});
+
+test("formatBytes, formatCount, formatRate, formatPercent", () => {
+  assert.equal(core.formatBytes(512), "512 B");
+  assert.equal(core.formatBytes(1536), "1.5 KB");
+  assert.equal(core.formatBytes(2 * 1024 * 1024), "2.0 MB");
+  assert.equal(core.formatBytes(null), "—");
+  assert.equal(core.formatCount(1234567), "1,234,567");
+  assert.equal(core.formatCount(12), "12");
+  assert.equal(core.formatCount(undefined), "—");
+  assert.equal(core.formatRate(3.14159), "3.1/s");
+  assert.equal(core.formatRate(250.4), "250/s");
+  assert.equal(core.formatRate(null), "—");
+  assert.equal(core.formatPercent(0.0123), "1.2%");
+  assert.equal(core.formatPercent(0), "0.0%");
+  assert.equal(core.formatPercent(null), "—");
+});
+
+test("indicator texts and emoji", () => {
+  assert.deepEqual(
+    [core.indicatorState(true, false).text, core.indicatorState(true, false).emoji],
+    ["● Live", "📡"],
+  );
+  assert.deepEqual(
+    [core.indicatorState(false, false).text, core.indicatorState(false, false).emoji],
+    ["○ Reconnecting...", "⚫"],
+  );
+  assert.match(core.indicatorState(false, false).className, /vdm-reconnecting/);
+  assert.match(core.indicatorState(true, false).className, /vdm-live/);
+  assert.match(core.indicatorState(false, true).text, /disabled/);
+});
+
+test("statsFigures turns the series into four charts with aligned x values", () => {
+  const figs = core.statsFigures({
+    series: [
+      { t: 100, in_flight: 2, requests_per_s: 1.5, error_rate: 0.1, p50_ms: 5, p95_ms: 9, p99_ms: 12 },
+      { t: 101, in_flight: 3, requests_per_s: 2, error_rate: 0, p50_ms: null, p95_ms: 8, p99_ms: 10 },
+      { t: "bad" },
+    ],
+  });
+  assert.deepEqual(Object.keys(figs).sort(), ["errors", "inflight", "latency", "rate"]);
+  assert.deepEqual(figs.inflight.data[0].y, [2, 3]);
+  assert.equal(figs.inflight.data[0].x[0], new Date(100000).toISOString());
+  assert.deepEqual(figs.latency.data.map((t) => t.name), ["p50", "p95", "p99"]);
+  assert.deepEqual(figs.latency.data[0].y, [5, null]);
+  assert.deepEqual(figs.errors.data[0].y, [10, 0]); // percent
+  assert.deepEqual(core.statsFigures(undefined).rate.data[0].y, []);
+});
+
+test("workerRows joins workers with per-worker stats; fleetTotals counts", () => {
+  const snapshot = {
+    workers: [
+      { worker_id: "w1", host: "h", pid: 1, status: "up", last_seen: 10, active: 2 },
+      { worker_id: "w2", host: "h", pid: 2, status: "stale", last_seen: 5, active: 0 },
+    ],
+    active_requests: [row("a"), row("b")],
+  };
+  const stats = { fleet: { requests_per_s: 4, error_rate: 0.5, p95_ms: 20 }, by_worker: { w1: { requests_per_s: 4 } } };
+  const rows = core.workerRows(snapshot, stats);
+  assert.equal(rows[0].requests_per_s, 4);
+  assert.equal(rows[1].requests_per_s, null);
+  const totals = core.fleetTotals(snapshot, stats);
+  assert.equal(totals.workersUp, 1);
+  assert.equal(totals.workersStale, 1);
+  assert.equal(totals.inFlight, 2);
+  assert.equal(totals.p95Ms, 20);
+  assert.equal(core.fleetTotals(undefined, undefined).requestsPerS, null);
+});
