@@ -216,7 +216,8 @@ def _bool(obj: dict[str, Any], name: str) -> bool:
 
 def _phase(obj: dict[str, Any]) -> str:
     value = obj.get("phase")
-    if value not in _PHASES:
+    # isinstance first: `[] in frozenset` raises TypeError (unhashable), which must not escape.
+    if not isinstance(value, str) or value not in _PHASES:
         raise MalformedMessage(f"'phase' must be one of {sorted(_PHASES)}")
     return str(value)
 
@@ -296,7 +297,7 @@ def _validate_event(obj: Any) -> dict[str, Any]:
         return out
     if kind == EventType.END:
         outcome = obj.get("outcome")
-        if outcome not in _OUTCOMES:
+        if not isinstance(outcome, str) or outcome not in _OUTCOMES:
             raise MalformedMessage(f"'outcome' must be one of {sorted(_OUTCOMES)}")
         return {
             "type": kind,
@@ -344,9 +345,13 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
     """``P:seq`` value ``"epoch:seq"`` -> (epoch, seq); None when absent."""
     if raw is None:
         return None
-    text = raw.decode() if isinstance(raw, bytes) else raw
+    try:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError:
+        raise MalformedMessage("sequence marker is not UTF-8") from None
     epoch, sep, seq = text.rpartition(":")
-    if not sep or not epoch or not seq.isdigit():
+    # isascii: str.isdigit() also accepts digits int() refuses ("²").
+    if not sep or not epoch or not (seq.isascii() and seq.isdigit()):
         raise MalformedMessage(f"bad sequence marker {text[:64]!r}")
     return epoch, int(seq)
 
@@ -367,7 +372,7 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         text = get(name)
         if text == "":
             return None
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise MalformedMessage(f"completed entry field {name!r} is not a count")
         return int(text)
 
@@ -384,7 +389,7 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
     status = opt_int("status")
     model = get("model")
     return CompletedEntry(
-        id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id,
+        id=entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
         request_id=get("request_id"),
         worker_id=get("worker_id"),
         model=model or None,

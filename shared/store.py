@@ -160,7 +160,8 @@ async def read_worker_state(redis: aioredis.Redis, keys: Keys, worker_id: str) -
         except schema.MalformedMessage:
             state.malformed += 1
             continue
-        rid = request_id.decode() if isinstance(request_id, bytes) else request_id
+        # A field name that is not UTF-8 cannot match the row's request_id: counted below.
+        rid = request_id.decode(errors="replace") if isinstance(request_id, bytes) else request_id
         if row["request_id"] != rid or row["worker_id"] != worker_id:
             state.malformed += 1
             continue

@@ -1,0 +1,406 @@
+"""Property-based tests of the wire decoder (protocol invariant 5: anything read from Redis is
+untrusted). Any bytes or text in: a valid value out or :class:`MalformedMessage`, never another
+exception; and every valid batch a writer can produce decodes back to itself."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared import schema
+from shared.keys import Keys
+from shared.schema import MalformedMessage
+from shared.store import read_worker_state
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ROUND_TRIP = settings(max_examples=150, deadline=None)
+
+# --------------------------------------------------------------------------- strategies
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=25,
+)
+ids = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=24
+)
+counts = st.integers(min_value=0, max_value=(1 << 53) - 1)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+phases = st.sampled_from([p.value for p in schema.Phase])
+outcomes = st.sampled_from([o.value for o in schema.Outcome])
+
+
+@st.composite
+def rows(draw: st.DrawFn, worker_id: str | None = None) -> schema.Row:
+    return schema.Row(
+        request_id=draw(ids),
+        worker_id=worker_id if worker_id is not None else draw(ids),
+        method=draw(st.sampled_from(["GET", "POST", "PUT", "DELETE"])),
+        path=draw(st.text(min_size=1, max_size=60)),
+        model=draw(st.none() | st.text(min_size=1, max_size=30)),
+        provider=draw(st.none() | st.sampled_from(["openai", "anthropic"])),
+        is_streaming=draw(st.booleans()),
+        start_time=draw(finite),
+        phase=draw(phases),
+        bytes_out=draw(counts),
+        input_tokens=draw(st.none() | counts),
+        output_tokens=draw(st.none() | counts),
+    )
+
+
+@st.composite
+def records(draw: st.DrawFn, worker_id: str) -> schema.WorkerRecord:
+    record = schema.WorkerRecord(
+        worker_id=worker_id,
+        host=draw(st.text(min_size=1, max_size=30)),
+        pid=draw(counts),
+        started_at=draw(finite),
+        upstream=draw(st.text(max_size=30)),
+        version=draw(st.text(max_size=10)),
+        epoch=draw(ids),
+        heartbeat_interval=draw(finite),
+        ttl=draw(finite),
+    )
+    if draw(st.booleans()):
+        record["events_dropped"] = draw(counts)
+    return record
+
+
+@st.composite
+def events(draw: st.DrawFn, worker_id: str) -> dict[str, Any]:
+    kind = draw(st.sampled_from(list(schema.EventType)))
+    if kind is schema.EventType.START:
+        return {"type": "start", "row": draw(rows(worker_id))}
+    if kind is schema.EventType.PROGRESS:
+        fields = draw(
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "phase": phases,
+                    "bytes_out": counts,
+                    "input_tokens": st.none() | counts,
+                    "output_tokens": st.none() | counts,
+                    "model": st.none() | st.text(min_size=1, max_size=30),
+                    "is_streaming": st.booleans(),
+                },
+            )
+        )
+        return {"type": "progress", "request_id": draw(ids), **fields}
+    if kind is schema.EventType.END:
+        return {
+            "type": "end",
+            "request_id": draw(ids),
+            "status": draw(st.integers(0, 599)),
+            "outcome": draw(outcomes),
+            "duration_ms": draw(finite),
+            "input_tokens": draw(st.none() | counts),
+            "output_tokens": draw(st.none() | counts),
+        }
+    if kind is schema.EventType.WORKER_UP:
+        return {"type": "worker_up", "worker": draw(records(worker_id))}
+    return {
+        "type": "worker_down",
+        "worker_id": worker_id,
+        "reason": draw(st.none() | st.text(max_size=20)),
+    }
+
+
+@st.composite
+def batches(draw: st.DrawFn) -> schema.Batch:
+    wid = draw(ids)
+    return schema.Batch(
+        v=1,
+        worker_id=wid,
+        epoch=draw(ids),
+        seq=draw(st.integers(1, (1 << 53) - 1)),
+        events=draw(st.lists(events(wid), max_size=6)),
+    )
+
+
+def _set_path(obj: Any, path: list[Any], value: Any) -> Any:
+    """``obj`` with the item at ``path`` replaced by ``value`` (a deep copy along the path)."""
+    if not path:
+        return value
+    head, *rest = path
+    if isinstance(obj, dict):
+        return {**obj, head: _set_path(obj[head], rest, value)}
+    copy = list(obj)
+    copy[head] = _set_path(copy[head], rest, value)
+    return copy
+
+
+def _paths(obj: Any, prefix: list[Any] | None = None) -> list[list[Any]]:
+    prefix = prefix or []
+    out = [prefix]
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out += _paths(value, [*prefix, key])
+    elif isinstance(obj, list):
+        for index, value in enumerate(obj):
+            out += _paths(value, [*prefix, index])
+    return out
+
+
+@st.composite
+def mutated_batches(draw: st.DrawFn) -> bytes:
+    """A valid batch with one value anywhere in it replaced by arbitrary JSON: these get past
+    the JSON parser and probe every field check, which random bytes rarely reach."""
+    batch: Any = draw(batches())
+    path = draw(st.sampled_from(_paths(batch)))
+    return orjson.dumps(_set_path(batch, path, draw(json_values)))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_valid_row(row: Any) -> bool:
+    return (
+        isinstance(row, dict)
+        and set(row) == set(schema.ROW_FIELDS)
+        and isinstance(row["request_id"], str)
+        and 0 < len(row["request_id"]) <= schema.MAX_ID_CHARS
+        and len(row["path"]) <= schema.MAX_PATH_CHARS
+        and (row["model"] is None or len(row["model"]) <= schema.MAX_MODEL_CHARS)
+        and len(row["method"]) <= schema.MAX_METHOD_CHARS
+        and row["phase"] in {p.value for p in schema.Phase}
+        and math.isfinite(row["start_time"])
+        and isinstance(row["bytes_out"], int)
+        and row["bytes_out"] >= 0
+    )
+
+
+def _check_batch(batch: Any) -> None:
+    assert batch["v"] == 1
+    assert isinstance(batch["seq"], int) and batch["seq"] >= 0
+    assert len(batch["events"]) <= schema.MAX_EVENTS_PER_BATCH
+    for event in batch["events"]:
+        assert event["type"] in {t.value for t in schema.EventType}
+        if event["type"] == "start":
+            assert _is_valid_row(event["row"])
+
+
+def _decode_or_reject(decoder: Any, raw: Any) -> Any:
+    try:
+        return decoder(raw)
+    except MalformedMessage:
+        return None
+
+
+# --------------------------------------------------------------------------- any input
+
+
+@FUZZ
+@given(st.binary(max_size=300) | st.text(max_size=300))
+def test_any_bytes_are_a_batch_or_a_malformed_message(raw: bytes | str) -> None:
+    batch = _decode_or_reject(schema.decode_batch, raw)
+    if batch is not None:
+        _check_batch(batch)
+
+
+@FUZZ
+@given(json_values)
+def test_any_json_is_a_batch_row_or_record_or_a_malformed_message(value: Any) -> None:
+    raw = orjson.dumps(value)
+    batch = _decode_or_reject(schema.decode_batch, raw)
+    if batch is not None:
+        _check_batch(batch)
+    row = _decode_or_reject(schema.decode_row, raw)
+    if row is not None:
+        assert _is_valid_row(row)
+    record = _decode_or_reject(schema.decode_worker_record, raw)
+    if record is not None:
+        assert isinstance(record["pid"], int) and record["worker_id"]
+
+
+@FUZZ
+@given(mutated_batches())
+def test_a_batch_with_any_field_replaced_decodes_or_is_rejected(raw: bytes) -> None:
+    batch = _decode_or_reject(schema.decode_batch, raw)
+    if batch is not None:
+        _check_batch(batch)
+
+
+@FUZZ
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_any_bytes_are_a_row_or_a_malformed_message(raw: bytes | str) -> None:
+    row = _decode_or_reject(schema.decode_row, raw)
+    if row is not None:
+        assert _is_valid_row(row)
+
+
+@FUZZ
+@given(st.binary(max_size=200) | st.text(max_size=200))
+def test_any_bytes_are_a_worker_record_or_a_malformed_message(raw: bytes | str) -> None:
+    record = _decode_or_reject(schema.decode_worker_record, raw)
+    if record is not None:
+        assert isinstance(record["worker_id"], str) and record["worker_id"]
+
+
+@FUZZ
+@given(st.none() | st.binary(max_size=60) | st.text(max_size=60))
+def test_any_sequence_marker_parses_or_is_a_malformed_message(raw: bytes | str | None) -> None:
+    marker = _decode_or_reject(schema.parse_seq, raw)
+    if marker is not None:
+        epoch, seq = marker
+        assert epoch and isinstance(seq, int) and seq >= 0
+
+
+def test_sequence_markers_with_non_ascii_digits_or_bad_utf8_are_malformed() -> None:
+    # Found by the fuzzer: "²".isdigit() is true but int("²") raises ValueError, and bytes
+    # that are not UTF-8 raised UnicodeDecodeError; either one killed the hub's reader task.
+    for raw in (b"e:\xc2\xb2", "e:\u0663", b"\xff\xfe:1"):
+        with pytest.raises(MalformedMessage):
+            schema.parse_seq(raw)
+    assert schema.parse_seq(b"ep:och:12") == ("ep:och", 12)
+
+
+def test_unhashable_phase_or_outcome_is_malformed() -> None:
+    # Found by the fuzzer: `[] in frozenset(...)` raised TypeError out of decode_batch, and the
+    # stream service's reader task (which catches MalformedMessage) died on one bad message.
+    progress = {"type": "progress", "request_id": "r", "phase": []}
+    end = {"type": "end", "request_id": "r", "status": 200, "outcome": {}, "duration_ms": 1}
+    for event in (progress, end):
+        raw = orjson.dumps({"v": 1, "worker_id": "w", "epoch": "e", "seq": 1, "events": [event]})
+        with pytest.raises(MalformedMessage):
+            schema.decode_batch(raw)
+
+
+completed_field = st.binary(max_size=40) | st.text(max_size=40) | st.integers()
+
+
+@FUZZ
+@given(
+    st.binary(max_size=30) | st.text(max_size=30),
+    st.dictionaries(
+        st.sampled_from(schema.COMPLETED_FIELDS) | st.text(max_size=10), completed_field
+    ),
+    st.booleans(),
+)
+def test_any_completed_entry_decodes_or_is_a_malformed_message(
+    entry_id: bytes | str, fields: dict[Any, Any], as_bytes: bool
+) -> None:
+    if as_bytes:
+        fields = {k.encode() if isinstance(k, str) else k: v for k, v in fields.items()}
+    entry = _decode_or_reject(lambda f: schema.decode_completed(entry_id, f), fields)
+    if entry is not None:
+        assert entry["outcome"] in {o.value for o in schema.Outcome}
+        assert math.isfinite(entry["duration_ms"]) and entry["duration_ms"] >= 0
+        assert isinstance(entry["status"], int)
+
+
+def test_completed_entries_with_non_ascii_digits_are_malformed() -> None:
+    fields = dict.fromkeys(schema.COMPLETED_FIELDS, "1")
+    fields.update(outcome="ok", status="\u00b2")
+    with pytest.raises(MalformedMessage):
+        schema.decode_completed(b"1-0", fields)
+    fields["status"] = "200"
+    assert schema.decode_completed(b"\xff-0", fields)["status"] == 200
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@ROUND_TRIP
+@given(batches())
+def test_every_valid_batch_round_trips(batch: schema.Batch) -> None:
+    # The way the worker's Lua script builds it: envelope prefix, seq, then the events.
+    raw = (
+        schema.envelope_prefix(batch["worker_id"], batch["epoch"])
+        + str(batch["seq"]).encode()
+        + b',"events":'
+        + schema.encode(batch["events"])
+        + b"}"
+    )
+    assert schema.decode_batch(raw) == batch
+
+
+@ROUND_TRIP
+@given(rows())
+def test_every_valid_row_round_trips(row: schema.Row) -> None:
+    assert schema.decode_row(schema.encode_row(row)) == row
+
+
+@ROUND_TRIP
+@given(ids.flatmap(records))
+def test_every_valid_worker_record_round_trips(record: schema.WorkerRecord) -> None:
+    assert schema.decode_worker_record(schema.encode(record)) == record
+
+
+@ROUND_TRIP
+@given(rows(), st.integers(0, 599), outcomes, finite.map(abs), st.text(min_size=1, max_size=8))
+def test_every_completed_entry_round_trips(
+    row: schema.Row, status: int, outcome: str, duration: float, entry_id: str
+) -> None:
+    entry = schema.CompletedEntry(
+        request_id=row["request_id"],
+        worker_id=row["worker_id"],
+        model=row["model"],
+        method=row["method"],
+        path=row["path"],
+        status=status,
+        outcome=outcome,
+        start_time=row["start_time"],
+        duration_ms=duration,
+        input_tokens=row["input_tokens"],
+        output_tokens=row["output_tokens"],
+        bytes_out=row["bytes_out"],
+    )
+    # As Redis hands them back: field names and values as bytes.
+    fields = {
+        name.encode(): value.encode()
+        for name, value in zip(schema.COMPLETED_FIELDS, schema.completed_values(entry), strict=True)
+    }
+    assert schema.decode_completed(entry_id, fields) == {**entry, "id": entry_id}
+
+
+def test_oversized_messages_are_rejected_before_parsing() -> None:
+    with pytest.raises(MalformedMessage, match="limit"):
+        schema.decode_row(b" " * (schema.MAX_ROW_BYTES + 1))
+    with pytest.raises(MalformedMessage, match="limit"):
+        schema.decode_batch(b"[" * (schema.MAX_MESSAGE_BYTES + 1))
+
+
+# --------------------------------------------------------------------------- the reader
+
+
+async def test_garbage_in_a_workers_hashes_is_counted_not_fatal(
+    fake_redis: aioredis.Redis,
+) -> None:
+    keys = Keys("fuzz")
+    good = schema.Row(
+        request_id="r1",
+        worker_id="w1",
+        method="POST",
+        path="/v1/x",
+        model=None,
+        provider=None,
+        is_streaming=False,
+        start_time=1.0,
+        phase="upstream",
+        bytes_out=0,
+        input_tokens=None,
+        output_tokens=None,
+    )
+    await fake_redis.hset(keys.seq, "w1", b"e1:\xc2\xb2")  # "²": not a seq
+    await fake_redis.hset(
+        keys.active("w1"),
+        mapping={b"r1": schema.encode_row(good), b"\xff\xfe": b"{}", b"r2": b"\x00garbage"},
+    )
+    state = await read_worker_state(fake_redis, keys, "w1")
+    assert state.epoch is None
+    assert set(state.rows) == {"r1"}
+    assert state.malformed == 3
