@@ -60,8 +60,10 @@ async def client_frames(bc: Broadcaster, client: Client) -> AsyncIterator[bytes]
     per client (``b"".join`` happens only when two frames are due at the same wake-up).
     """
     # The retry hint rides in the first update frame: a block without data is never dispatched.
-    yield b"retry: %d\n" % RETRY_MS + bc.update_frame + bc.stats_frame
+    # Note what this first chunk holds *before* yielding: anything published while it is
+    # being sent must still go out afterwards.
     seen_update, seen_stats, seen_beat = bc.update_gen, bc.stats_gen, bc.heartbeat_gen
+    yield b"retry: %d\n" % RETRY_MS + bc.update_frame + bc.stats_frame
     while not (bc.closed or client.gone):
         due: list[bytes] = []
         if bc.update_gen != seen_update:

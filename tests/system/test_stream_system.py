@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import time
@@ -124,14 +125,12 @@ async def test_three_real_workers_union_and_a_killed_worker_vanishes(
 
         async def held(worker_url: str, rid: str) -> None:
             # Held open by the upstream; cut when the test ends or the worker dies.
-            try:
+            with contextlib.suppress(httpx.HTTPError):
                 await client.post(
                     worker_url + "/v1/chat/completions",
                     json={"model": "demo-model", "messages": [{"role": "user", "content": "hi"}]},
                     headers={"X-Request-Id": rid, "x-demo-delay-ms": "60000"},
                 )
-            except httpx.HTTPError:
-                pass
 
         tasks = [
             asyncio.create_task(held(worker_urls[i], rid))
