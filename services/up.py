@@ -111,6 +111,14 @@ def port_busy(host: str, port: int) -> bool:
 
 
 def busy_ports_message(host: str, specs: Sequence[PortSpec]) -> str | None:
+    owners: dict[int, PortSpec] = {}
+    for spec in specs:
+        other = owners.setdefault(spec.port, spec)
+        if other is not spec:
+            return (
+                f"port {spec.port} is wanted by both the {other.what} and the {spec.what}; "
+                f"move one with {spec.option} or {other.option} PORT"
+            )
     busy = [s for s in specs if port_busy(host, s.port)]
     if not busy:
         return None
