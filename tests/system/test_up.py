@@ -173,7 +173,8 @@ def sse_updates(url: str, deadline: float) -> Iterator[dict[str, object]]:
     ):
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        event, data = "message", []
+        event = "message"
+        data: list[str] = []
         for line in response.iter_lines():
             if time.monotonic() > deadline:
                 return
