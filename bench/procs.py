@@ -1,0 +1,219 @@
+"""Real processes for the benchmarks: start one, read its URL, pin it, read its CPU and memory.
+
+Every process is a child of the bench driver in its own session, stopped with SIGTERM (then
+SIGKILL) by the :class:`Fleet` that started it, so a failing scenario leaves nothing behind.
+CPU and memory come from ``/proc`` (Linux): ``utime + stime`` ticks of ``/proc/PID/stat`` and
+``VmRSS`` of ``/proc/PID/status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from shared.embedded_redis import EmbeddedRedis
+
+ROOT = Path(__file__).resolve().parents[1]
+READY = re.compile(r"(\S+) ready on (\S+)")
+TICKS = os.sysconf("SC_CLK_TCK")
+CPUS = os.cpu_count() or 1
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the ")" that closes comm: field 3 is index 0, so utime (14) and stime (15).
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def pin(pid: int, cpus: Sequence[int] | None) -> None:
+    """Pin to ``cpus`` (ignored where the machine has fewer; None leaves it free)."""
+    if cpus is None:
+        return
+    usable = {c for c in cpus if c < CPUS}
+    if usable:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, usable)
+
+
+class CpuMeter:
+    """CPU seconds used by a set of processes between ``start()`` and ``stop()``."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._before: dict[int, float] = {}
+        self._t0 = 0.0
+        self.cpu = 0.0
+        self.wall = 0.0
+
+    def start(self) -> CpuMeter:
+        self._before = {pid: cpu_seconds(pid) for pid in self.pids}
+        self._t0 = time.monotonic()
+        return self
+
+    def stop(self) -> CpuMeter:
+        self.wall = time.monotonic() - self._t0
+        self.cpu = sum(cpu_seconds(pid) - before for pid, before in self._before.items())
+        return self
+
+    @property
+    def share(self) -> float:
+        """Cores used on average (1.0 = one core busy all the time)."""
+        return self.cpu / self.wall if self.wall > 0 else 0.0
+
+
+class Service:
+    """One ``vdm-hub`` sub-command running as a child process."""
+
+    def __init__(
+        self,
+        command: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        cpus: Sequence[int] | None = None,
+    ) -> None:
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.name = command
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", command, *args],
+            env=full_env,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        pin(self.popen.pid, cpus)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.url = ""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._cond:
+                self.lines.append(line.rstrip("\n"))
+                del self.lines[:-200]  # keep the tail only: a chatty child must not grow us
+                self._cond.notify_all()
+        self.popen.stdout.close()
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines:
+                    match = READY.search(line)
+                    if match:
+                        self.url = match.group(2)
+                        return self.url
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.popen.poll() is not None:
+                    tail = "\n".join(self.lines[-20:])
+                    raise RuntimeError(f"{self.name} did not become ready:\n{tail}")
+                self._cond.wait(min(remaining, 0.2))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        self._reader.join(5)
+
+
+class Fleet:
+    """Everything one scenario starts; ``close()`` stops it in reverse order."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.redis: EmbeddedRedis | None = None
+        self.services: list[Service] = []
+
+    def start_redis(self, cpus: Sequence[int] | None = None) -> str:
+        self.redis = EmbeddedRedis().start()
+        assert self.redis.process is not None
+        pin(self.redis.process.pid, cpus)
+        return self.redis.url
+
+    @property
+    def redis_pid(self) -> int:
+        assert self.redis is not None and self.redis.process is not None
+        return self.redis.process.pid
+
+    def env(self, **extra: str) -> dict[str, str]:
+        assert self.redis is not None
+        return {"REDIS_URL": self.redis.url, "VDM_KEY_PREFIX": self.prefix, **extra}
+
+    def start(
+        self,
+        command: str,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        cpus: Sequence[int] | None = None,
+    ) -> Service:
+        service = Service(command, "--port", "0", *args, env=env, cpus=cpus)
+        self.services.append(service)
+        service.wait_ready()
+        return service
+
+    def start_many(
+        self,
+        specs: Sequence[tuple[str, Sequence[str], Mapping[str, str], Sequence[int] | None]],
+    ) -> list[Service]:
+        """Start several at once (they import in parallel), then wait for each."""
+        started = []
+        for command, args, env, cpus in specs:
+            service = Service(command, "--port", "0", *args, env=env, cpus=cpus)
+            self.services.append(service)
+            started.append(service)
+        for service in started:
+            service.wait_ready()
+        return started
+
+    def stop(self, service: Service) -> None:
+        service.stop()
+        self.services.remove(service)
+
+    def close(self) -> None:
+        for service in reversed(self.services):
+            service.stop()
+        self.services.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+@contextlib.contextmanager
+def fleet(prefix: str) -> Iterator[Fleet]:
+    f = Fleet(prefix)
+    try:
+        yield f
+    finally:
+        f.close()
