@@ -1,0 +1,324 @@
+"""Browser-test plumbing: a real system (demo upstream, two workers, stream service, dashboard)
+started from the real ``vdm-hub`` commands, headless Debian Chromium driven by Playwright, a
+small page object, and a helper that holds requests open through the workers.
+
+One system per test module (module-scoped), because starting it costs a few seconds on a
+shared 2-core machine; tests inside a module use unique request ids so they do not interfere.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared.embedded_redis import EmbeddedRedis, free_port
+from tests.procs import Proc, vdm_hub, wait_for
+
+CHROMIUM = os.environ.get("VDM_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+
+# Records every EventSource the page creates (when, which URL, whether it was closed), so a
+# test can see connection attempts and their spacing without trusting the client's own report.
+TRACK_EVENTSOURCE = """
+(() => {
+  const Native = window.EventSource;
+  window.__esLog = [];
+  function Tracked(url, init) {
+    const es = new Native(url, init);
+    const entry = { url: String(url), t: performance.now(), closed: false };
+    window.__esLog.push(entry);
+    const close = es.close.bind(es);
+    es.close = () => { entry.closed = true; close(); };
+    entry.state = () => es.readyState;
+    return es;
+  }
+  Tracked.prototype = Native.prototype;
+  Tracked.CONNECTING = 0; Tracked.OPEN = 1; Tracked.CLOSED = 2;
+  window.EventSource = Tracked;
+})();
+"""
+
+# Makes the tab look hidden until the test says otherwise (headless Chromium is always
+# "visible"); `__vdmSetVisibility(v)` flips it and fires visibilitychange like a real tab.
+EMULATE_HIDDEN = """
+(() => {
+  let state = "hidden";
+  Object.defineProperty(Document.prototype, "visibilityState", {
+    configurable: true, get() { return state; } });
+  Object.defineProperty(Document.prototype, "hidden", {
+    configurable: true, get() { return state !== "visible"; } });
+  window.__vdmSetVisibility = (v) => {
+    state = v; document.dispatchEvent(new Event("visibilitychange"));
+  };
+})();
+"""
+
+
+def _chromium_or_skip() -> str:
+    path = CHROMIUM if os.path.isabs(CHROMIUM) else shutil.which(CHROMIUM)
+    if not path or not os.access(path, os.X_OK):
+        pytest.skip(
+            f"no Chromium binary at {CHROMIUM!r}: install Debian's `chromium` package "
+            "or point VDM_CHROMIUM at one"
+        )
+    return path
+
+
+@dataclass
+class System:
+    """The running processes and their URLs; `restart_stream` reuses the stream's port."""
+
+    redis_url: str
+    prefix: str
+    dashboard_url: str
+    stream_url: str
+    stream_port: int
+    workers: dict[str, str]
+    stream_env: dict[str, str]
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    def kill_stream(self) -> None:
+        self.procs["stream"].kill()
+
+    def start_stream(self) -> None:
+        proc = vdm_hub("stream", "--port", str(self.stream_port), env=self.stream_env)
+        self.procs["stream"] = proc
+        proc.wait_ready()
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+
+
+def start_system(
+    redis_url: str,
+    *,
+    workers: tuple[str, ...] = ("w1", "w2"),
+    stream_extra_env: dict[str, str] | None = None,
+) -> System:
+    prefix = f"br{os.getpid()}x{uuid.uuid4().hex[:8]}"
+    dash_port, stream_port = free_port(), free_port()
+    dashboard_origin = f"http://127.0.0.1:{dash_port}"
+    stream_url = f"http://127.0.0.1:{stream_port}"
+    base = {"REDIS_URL": redis_url, "VDM_KEY_PREFIX": prefix}
+    stream_env = {
+        **base,
+        "VDM_CORS_ORIGINS": dashboard_origin,
+        "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5",
+        "VDM_ACTIVE_REQUESTS_SSE_HEARTBEAT": "1",
+        **(stream_extra_env or {}),
+    }
+    procs: dict[str, Proc] = {}
+    try:
+        procs["dashboard"] = vdm_hub(
+            "dashboard",
+            "--port",
+            str(dash_port),
+            env={"VDM_STREAM_PUBLIC_URL": stream_url, "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5"},
+        )
+        procs["stream"] = vdm_hub("stream", "--port", str(stream_port), env=stream_env)
+        worker_urls: dict[str, str] = {}
+        if workers:
+            procs["upstream"] = vdm_hub("demo-upstream", "--port", "0")
+            upstream = procs["upstream"].wait_ready()
+            for wid in workers:
+                procs[wid] = vdm_hub(
+                    "worker",
+                    "--upstream",
+                    upstream,
+                    "--port",
+                    "0",
+                    env={**base, "VDM_WORKER_ID": wid},
+                )
+            worker_urls = {wid: procs[wid].wait_ready() for wid in workers}
+        dashboard_url = procs["dashboard"].wait_ready(30)
+        procs["stream"].wait_ready()
+    except BaseException:
+        for proc in procs.values():
+            proc.stop()
+        raise
+    return System(
+        redis_url=redis_url,
+        prefix=prefix,
+        dashboard_url=dashboard_url,
+        stream_url=stream_url,
+        stream_port=stream_port,
+        workers=worker_urls,
+        stream_env=stream_env,
+        procs=procs,
+    )
+
+
+class Holder:
+    """Sends chat requests through the workers that the demo upstream holds open."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hold")
+        self._client = httpx.Client(timeout=30)
+
+    def hold(
+        self, worker_url: str, ms: int, model: str = "gpt-4o-mini", stream: bool = False
+    ) -> tuple[str, Future[int]]:
+        request_id = f"br-{uuid.uuid4().hex[:6]}-{next(self._ids)}"
+        body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+        headers = {"x-request-id": request_id, "x-demo-delay-ms": str(ms)}
+
+        def send() -> int:
+            response = self._client.post(
+                f"{worker_url}/v1/chat/completions", json=body, headers=headers
+            )
+            response.read()
+            return response.status_code
+
+        return request_id, self._pool.submit(send)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
+
+
+class DashboardPage:
+    """Page object for the dashboard: reads the grid and the indicators through the page."""
+
+    def __init__(self, page: Any, base_url: str) -> None:
+        self.page = page
+        self.base_url = base_url.rstrip("/")
+        self.console: list[str] = []
+        self.requests: list[str] = []
+        page.on("console", lambda msg: self.console.append(msg.text))
+        page.on("request", lambda req: self.requests.append(req.url))
+
+    def open(self, path: str = "/dashboard/metrics") -> DashboardPage:
+        self.page.goto(self.base_url + path)
+        self.page.wait_for_function("() => !!window.__vdmActiveRequestsSSE", timeout=15000)
+        return self
+
+    @property
+    def indicator(self) -> Any:
+        return self.page.locator("#vdm-sse-indicator")
+
+    @property
+    def header_emoji(self) -> Any:
+        return self.page.locator("#vdm-header-emoji")
+
+    def wait_live(self, timeout: float = 15000) -> None:
+        from playwright.sync_api import expect
+
+        expect(self.indicator).to_have_text("● Live", timeout=timeout)
+        expect(self.header_emoji).to_have_text("📡", timeout=timeout)
+
+    def is_connected(self) -> bool:
+        return bool(self.page.evaluate("() => window.__vdmActiveRequestsSSE.isConnected()"))
+
+    def debug(self) -> dict[str, Any]:
+        return dict(self.page.evaluate("() => window.__vdmActiveRequestsSSE.debug()"))
+
+    def eventsources(self) -> list[dict[str, Any]]:
+        return list(
+            self.page.evaluate(
+                "() => (window.__esLog || []).map(e => ({url: e.url, t: e.t, closed: e.closed,"
+                " state: e.state()}))"
+            )
+        )
+
+    def grid_rows(self, grid_id: str = "vdm-active-grid") -> list[dict[str, Any]]:
+        """Row data in displayed order (after the user's sort and filter)."""
+        script = """(id) => {
+            const api = window.dash_ag_grid.getApi(id);
+            const rows = [];
+            api.forEachNodeAfterFilterAndSort(n => rows.push(n.data));
+            return JSON.stringify(rows);
+        }"""
+        return list(json.loads(self.page.evaluate(script, grid_id)))
+
+    def row_ids(self, grid_id: str = "vdm-active-grid", key: str = "request_id") -> list[str]:
+        return [str(r[key]) for r in self.grid_rows(grid_id)]
+
+    def wait_rows(self, predicate: Any, timeout: float = 15.0, message: str = "rows") -> None:
+        wait_for(lambda: predicate(set(self.row_ids())), timeout, 0.1, message)
+
+    def sort_state(self, grid_id: str = "vdm-active-grid") -> list[tuple[str, str]]:
+        script = """(id) => window.dash_ag_grid.getApi(id).getColumnState()
+            .filter(c => c.sort).map(c => [c.colId, c.sort])"""
+        return [tuple(x) for x in self.page.evaluate(script, grid_id)]
+
+    def selected_ids(self, grid_id: str = "vdm-active-grid") -> list[str]:
+        script = """(id) => window.dash_ag_grid.getApi(id).getSelectedRows()
+            .map(r => r.request_id)"""
+        return list(self.page.evaluate(script, grid_id))
+
+    def screenshot(self, name: str) -> Path:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        path = SCREENSHOTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    executable = _chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            yield instance
+        finally:
+            instance.close()
+
+
+@pytest.fixture(scope="module")
+def holder() -> Iterator[Holder]:
+    h = Holder()
+    try:
+        yield h
+    finally:
+        h.close()
+
+
+@pytest.fixture
+def new_page(browser: Any) -> Iterator[Any]:
+    """A fresh browser context per test (own storage, own EventSource log)."""
+    contexts: list[Any] = []
+
+    def make(base_url: str, *, hidden: bool = False) -> DashboardPage:
+        context = browser.new_context(viewport={"width": 1600, "height": 1200})
+        contexts.append(context)
+        context.add_init_script(TRACK_EVENTSOURCE)
+        if hidden:
+            context.add_init_script(EMULATE_HIDDEN)
+        return DashboardPage(context.new_page(), base_url)
+
+    try:
+        yield make
+    finally:
+        for context in contexts:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def module_redis(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url

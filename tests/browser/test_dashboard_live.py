@@ -1,0 +1,222 @@
+"""The dashboard in headless Chromium against a real system: two workers in front of the demo
+upstream, the stream service, the dashboard. Requests are held open through the workers with
+``x-demo-delay-ms`` so the grid has something true to show."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from playwright.sync_api import expect
+
+from tests.browser.conftest import DashboardPage, Holder, System, start_system
+from tests.procs import wait_for
+
+pytestmark = [pytest.mark.browser, pytest.mark.system]
+
+
+@pytest.fixture(scope="module")
+def system(module_redis: str) -> Iterator[System]:
+    started = start_system(module_redis)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def _backoff_base(attempt: int) -> float:
+    return float(min(30000.0, 750 * 1.6**attempt))
+
+
+@pytest.mark.timeout(60)
+def test_rows_appear_when_requests_start_and_vanish_when_they_end(
+    system: System, holder: Holder, new_page: Any
+) -> None:
+    page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/metrics")
+    page.wait_live()
+    held = [
+        holder.hold(system.workers["w1"], 2500, model="gpt-4o"),
+        holder.hold(system.workers["w2"], 2500, model="claude-sonnet-4-0"),
+    ]
+    ids = {rid for rid, _ in held}
+
+    page.wait_rows(lambda shown: ids <= shown, message="held requests to appear")
+    rows = {r["request_id"]: r for r in page.grid_rows()}
+    assert rows[held[0][0]]["worker_id"] == "w1"
+    assert rows[held[1][0]]["worker_id"] == "w2"
+    assert rows[held[1][0]]["model"] == "claude-sonnet-4-0"
+    expect(page.page.locator("#vdm-active-count")).not_to_have_text("0")
+    # The duration cell ticks in the browser between snapshots.
+    cell = page.page.locator(f'.ag-row[row-id="{held[0][0]}"] [col-id="duration"]')
+    first = cell.inner_text()
+    expect(cell).not_to_have_text(first, timeout=5000)
+
+    for _, done in held:
+        assert done.result(timeout=20) == 200
+    page.wait_rows(lambda shown: not (ids & shown), message="finished requests to vanish")
+    # ...and they show up among the recently finished ones (fed by `stats` events).
+    wait_for(
+        lambda: ids <= set(page.row_ids("vdm-recent-grid")),
+        15,
+        0.1,
+        "finished requests in the recent grid",
+    )
+
+
+@pytest.mark.timeout(60)
+def test_user_sort_survives_updates(system: System, holder: Holder, new_page: Any) -> None:
+    page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/metrics")
+    page.wait_live()
+    assert page.sort_state() == [("start_time", "desc")]  # newest first by default
+
+    first = [
+        holder.hold(system.workers["w1"], 5000, model=m) for m in ("m-charlie", "m-alpha")
+    ]
+    page.wait_rows(lambda shown: {r for r, _ in first} <= shown, message="first rows")
+    grid = page.page.locator("#vdm-active-grid")
+    grid.locator('.ag-header-cell[col-id="model"] .ag-header-cell-text').click()
+    wait_for(lambda: page.sort_state() == [("model", "asc")], 5, 0.1, "sort by model")
+    charlie = first[0][0]
+    grid.locator(f'.ag-row[row-id="{charlie}"] [col-id="model"]').click()
+    wait_for(lambda: page.selected_ids() == [charlie], 5, 0.1, "row selection")
+
+    # More requests arrive (adds) and the first ones progress (updates): sort stays.
+    second = [
+        holder.hold(system.workers["w2"], 3000, model=m) for m in ("m-bravo", "m-delta")
+    ]
+    all_ids = {r for r, _ in first + second}
+    page.wait_rows(lambda shown: all_ids <= shown, message="second rows")
+    ours = [r["model"] for r in page.grid_rows() if r["request_id"] in all_ids]
+    assert ours == ["m-alpha", "m-bravo", "m-charlie", "m-delta"]
+    models = [r["model"] for r in page.grid_rows()]
+    assert models == sorted(models)
+    assert page.sort_state() == [("model", "asc")]
+    assert page.selected_ids() == [charlie]
+    for _, done in first + second:
+        done.result(timeout=20)
+    page.wait_rows(lambda shown: not (all_ids & shown), message="rows to end")
+    assert page.sort_state() == [("model", "asc")]
+
+
+@pytest.mark.timeout(60)
+def test_stream_killed_reconnects_with_backoff_and_recovers_rows(
+    system: System, holder: Holder, new_page: Any
+) -> None:
+    page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/metrics")
+    page.wait_live()
+    before = len(page.eventsources())
+
+    system.kill_stream()
+    expect(page.indicator).to_have_text("○ Reconnecting...", timeout=10000)
+    expect(page.header_emoji).to_have_text("⚫")
+    # Three failed retries, spaced by the contract's backoff.
+    wait_for(lambda: len(page.eventsources()) >= before + 3, 20, 0.1, "three retries")
+    created = [e["t"] for e in page.eventsources()[before - 1 :]]
+    gaps = [b - a for a, b in zip(created[1:], created[2:], strict=False)]
+    for attempt, gap in enumerate(gaps[:2], start=1):
+        # delay = base ± 25 %; the browser can only be late, never early.
+        assert gap >= 0.75 * _backoff_base(attempt) - 50, (attempt, gaps)
+    assert gaps[1] > gaps[0] * 1.1 or gaps[1] > 0.75 * _backoff_base(2), gaps
+    delays = page.debug()["delays"]
+    for attempt, delay in enumerate(delays[:3]):
+        base = _backoff_base(attempt)
+        assert 0.75 * base - 1 <= delay <= 1.25 * base + 1, (attempt, delays)
+    assert any("[vdm][sse] Connection error (will retry)" in line for line in page.console)
+
+    # Requests that start while the stream service is down are there once it is back.
+    # (Earlier tests wait for their requests to end, so these are the only ones in flight.)
+    held = [holder.hold(system.workers[w], 9000) for w in ("w1", "w2")]
+    system.start_stream()
+    page.wait_live(timeout=30000)
+    assert page.debug()["attempt"] == 0  # reset on open
+    ids = {rid for rid, _ in held}
+    page.wait_rows(lambda shown: shown == ids, message="exactly the held rows after restart")
+
+
+@pytest.mark.timeout(60)
+def test_navigation_away_closes_and_coming_back_reopens(system: System, new_page: Any) -> None:
+    page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/metrics")
+    page.wait_live()
+    opened = len(page.eventsources())
+
+    page.page.evaluate("() => history.pushState({}, '', '/dashboard/')")
+    wait_for(lambda: not page.is_connected(), 5, 0.05, "disconnect after pushState")
+    assert all(e["closed"] for e in page.eventsources())
+    expect(page.indicator).to_have_text("○ Reconnecting...")
+
+    page.page.evaluate("() => history.pushState({}, '', '/dashboard/metrics')")
+    page.wait_live()
+    assert len(page.eventsources()) == opened + 1
+
+    # The nav links (Dash's own pushState) and the back button (popstate) do the same.
+    page.page.locator("#vdm-nav-overview").click()
+    wait_for(lambda: not page.is_connected(), 5, 0.05, "disconnect after nav link")
+    expect(page.page.locator("#vdm-page-overview")).to_be_visible()
+    page.page.go_back()
+    page.wait_live()
+    expect(page.page.locator("#vdm-page-metrics")).to_be_visible()
+
+    # The public switch: window.__vdmActiveRequestsSSE.disable() / enable().
+    page.page.evaluate("() => window.__vdmActiveRequestsSSE.disable()")
+    wait_for(lambda: not page.is_connected(), 5, 0.05, "disable()")
+    page.page.evaluate("() => window.__vdmActiveRequestsSSE.enable()")
+    page.wait_live()
+
+
+@pytest.mark.timeout(60)
+def test_hidden_tab_does_not_connect_until_shown(system: System, new_page: Any) -> None:
+    page: DashboardPage = new_page(system.dashboard_url, hidden=True).open("/dashboard/metrics")
+    expect(page.page.locator("#vdm-active-grid .ag-header-cell").first).to_be_visible()
+    # A bounded look for something that must not happen: no connection while hidden.
+    with pytest.raises(TimeoutError):
+        wait_for(lambda: page.eventsources(), 1.5, 0.1, "an EventSource while hidden")
+    expect(page.indicator).to_have_text("○ Reconnecting...")
+
+    page.page.evaluate("() => window.__vdmSetVisibility('visible')")
+    page.wait_live()
+    page.page.evaluate("() => window.__vdmSetVisibility('hidden')")
+    wait_for(lambda: not page.is_connected(), 5, 0.05, "disconnect when hidden again")
+    assert all(e["closed"] for e in page.eventsources())
+
+
+@pytest.mark.timeout(60)
+def test_overview_and_screenshots_under_load(
+    system: System, holder: Holder, new_page: Any
+) -> None:
+    models = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-0", "claude-3-5-haiku-latest"]
+    held = [
+        holder.hold(system.workers[f"w{1 + i % 2}"], 2000 + 300 * i, model=models[i % 4])
+        for i in range(12)
+    ]
+    page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/")
+    expect(page.page.locator("#vdm-page-overview")).to_be_visible()
+    wait_for(lambda: set(page.row_ids("vdm-workers-grid", "worker_id")) == {"w1", "w2"}, 15)
+    workers = {r["worker_id"]: r for r in page.grid_rows("vdm-workers-grid")}
+    assert workers["w1"]["status"] == "up"
+    wait_for(
+        lambda: sum(r["active"] for r in page.grid_rows("vdm-workers-grid")) >= 6,
+        10,
+        0.1,
+        "in-flight counts on the overview",
+    )
+    assert not page.eventsources()  # the overview polls; only the metrics page streams
+    page.screenshot("overview.png")
+
+    page.page.locator("#vdm-nav-metrics").click()
+    page.wait_live()
+    wait_for(lambda: len(page.row_ids()) >= 6, 10, 0.1, "rows under load")
+    # The charts have data once a `stats` event or two arrived.
+    wait_for(
+        lambda: page.page.evaluate(
+            "() => { const g = document.querySelector('#vdm-chart-inflight .js-plotly-plot');"
+            " return !!g && !!g.data && g.data.length > 0 && g.data[0].x.length > 1; }"
+        ),
+        15,
+        0.2,
+        "chart data",
+    )
+    wait_for(lambda: len(page.row_ids("vdm-recent-grid")) >= 1, 15, 0.2, "finished rows")
+    page.screenshot("metrics.png")
+    for _, done in held:
+        done.result(timeout=30)
