@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 
 from services.proxy.app import create_app
 from shared.serve import serve
@@ -33,5 +34,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if not upstream:
         raise ConfigError("VDM_UPSTREAM_URL: not set and no --upstream given")
     settings = dataclasses.replace(settings, upstream_url=upstream)
+    # httpx logs every upstream request at INFO; a busy worker would flood its log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings, upstream=upstream)
     return serve(app, args.host, args.port, "worker", graceful_timeout=args.graceful_timeout)
