@@ -28,6 +28,7 @@ from services.stream.hub import Hub
 from services.stream.metrics import StreamMetrics
 from services.stream.sse import SSEEndpoint
 from services.stream.stats import RollingStats
+from shared.auth import DEFAULT_EXEMPT, RequireAuth
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -113,8 +114,12 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     app.state.broadcaster = bc
     app.state.metrics = metrics
 
-    # Seam for access control (VDM_AUTH_TOKEN, a later issue): a middleware added here, inside
-    # CORS so preflights stay unauthenticated, guards every route including the stream.
+    # Access control (docs/security.md). Starlette runs the middleware added LAST outermost,
+    # so this one sits inside CORS: preflights are answered by CORS before any auth check, and
+    # a 401 still goes out through CORS, carrying the headers the browser needs to read it.
+    # /healthz and /readyz stay open for orchestrators' and compose's health probes.
+    if settings.auth_token:
+        app.add_middleware(RequireAuth, token=settings.auth_token, exempt_paths=DEFAULT_EXEMPT)
     if settings.cors_origins:
         origins = list(settings.cors_origins)
         app.add_middleware(
