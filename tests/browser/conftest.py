@@ -180,11 +180,21 @@ class Holder:
         self._client = httpx.Client(timeout=30)
 
     def hold(
-        self, worker_url: str, ms: int, model: str = "gpt-4o-mini", stream: bool = False
+        self,
+        worker_url: str,
+        ms: int,
+        model: str = "gpt-4o-mini",
+        *,
+        chunk_delay_ms: int | None = None,
     ) -> tuple[str, Future[int]]:
+        """Hold ``ms`` before the first byte; with ``chunk_delay_ms``, stream the answer
+        slowly (16 chunks) so the row shows the streaming phase, bytes and tokens."""
         request_id = f"br-{uuid.uuid4().hex[:6]}-{next(self._ids)}"
+        stream = chunk_delay_ms is not None
         body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
         headers = {"x-request-id": request_id, "x-demo-delay-ms": str(ms)}
+        if stream:
+            headers["x-demo-chunk-delay-ms"] = str(chunk_delay_ms)
 
         def send() -> int:
             response = self._client.post(
@@ -196,6 +206,7 @@ class Holder:
         return request_id, self._pool.submit(send)
 
     def close(self) -> None:
+        # Any request still held fails fast once the system has stopped (see `system`).
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
 

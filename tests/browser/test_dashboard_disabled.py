@@ -40,9 +40,7 @@ def test_disabled_event_shows_the_reason_and_falls_back_to_polling(
     )
     # No further streaming attempts; the JSON endpoint is polled instead, repeatedly.
     snapshot_url = f"{system.stream_url}/metrics/active-requests"
-    wait_for(
-        lambda: page.requests.count(snapshot_url) >= 2, 10, 0.1, "two polls of the snapshot"
-    )
+    wait_for(lambda: page.requests.count(snapshot_url) >= 2, 10, 0.1, "two polls of the snapshot")
     assert len(page.eventsources()) == 1
     assert page.eventsources()[0]["closed"]
     assert not page.is_connected()

@@ -4,6 +4,7 @@ upstream, the stream service, the dashboard. Requests are held open through the 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.system]
 
 
 @pytest.fixture(scope="module")
-def system(module_redis: str) -> Iterator[System]:
+def system(module_redis: str, holder: Holder) -> Iterator[System]:
+    # Depends on `holder` so the system stops first and held requests end at once.
     started = start_system(module_redis)
     try:
         yield started
@@ -70,9 +72,7 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     page.wait_live()
     assert page.sort_state() == [("start_time", "desc")]  # newest first by default
 
-    first = [
-        holder.hold(system.workers["w1"], 5000, model=m) for m in ("m-charlie", "m-alpha")
-    ]
+    first = [holder.hold(system.workers["w1"], 5000, model=m) for m in ("m-charlie", "m-alpha")]
     page.wait_rows(lambda shown: {r for r, _ in first} <= shown, message="first rows")
     grid = page.page.locator("#vdm-active-grid")
     grid.locator('.ag-header-cell[col-id="model"] .ag-header-cell-text').click()
@@ -82,9 +82,7 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     wait_for(lambda: page.selected_ids() == [charlie], 5, 0.1, "row selection")
 
     # More requests arrive (adds) and the first ones progress (updates): sort stays.
-    second = [
-        holder.hold(system.workers["w2"], 3000, model=m) for m in ("m-bravo", "m-delta")
-    ]
+    second = [holder.hold(system.workers["w2"], 3000, model=m) for m in ("m-bravo", "m-delta")]
     all_ids = {r for r, _ in first + second}
     page.wait_rows(lambda shown: all_ids <= shown, message="second rows")
     ours = [r["model"] for r in page.grid_rows() if r["request_id"] in all_ids]
@@ -113,11 +111,10 @@ def test_stream_killed_reconnects_with_backoff_and_recovers_rows(
     # Three failed retries, spaced by the contract's backoff.
     wait_for(lambda: len(page.eventsources()) >= before + 3, 20, 0.1, "three retries")
     created = [e["t"] for e in page.eventsources()[before - 1 :]]
-    gaps = [b - a for a, b in zip(created[1:], created[2:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(created[1:])]  # after attempts 1, 2
     for attempt, gap in enumerate(gaps[:2], start=1):
         # delay = base ± 25 %; the browser can only be late, never early.
         assert gap >= 0.75 * _backoff_base(attempt) - 50, (attempt, gaps)
-    assert gaps[1] > gaps[0] * 1.1 or gaps[1] > 0.75 * _backoff_base(2), gaps
     delays = page.debug()["delays"]
     for attempt, delay in enumerate(delays[:3]):
         base = _backoff_base(attempt)
@@ -181,13 +178,15 @@ def test_hidden_tab_does_not_connect_until_shown(system: System, new_page: Any) 
 
 
 @pytest.mark.timeout(60)
-def test_overview_and_screenshots_under_load(
-    system: System, holder: Holder, new_page: Any
-) -> None:
+def test_overview_and_screenshots_under_load(system: System, holder: Holder, new_page: Any) -> None:
     models = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4-0", "claude-3-5-haiku-latest"]
+    # Plain requests held before the first byte, and streams trickling tokens out.
     held = [
-        holder.hold(system.workers[f"w{1 + i % 2}"], 2000 + 300 * i, model=models[i % 4])
-        for i in range(12)
+        holder.hold(system.workers[f"w{1 + i % 2}"], 6000 + 400 * i, model=models[i % 4])
+        for i in range(8)
+    ] + [
+        holder.hold(system.workers[f"w{1 + i % 2}"], 0, models[i % 4], chunk_delay_ms=700)
+        for i in range(6)
     ]
     page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/")
     expect(page.page.locator("#vdm-page-overview")).to_be_visible()
@@ -217,6 +216,13 @@ def test_overview_and_screenshots_under_load(
         "chart data",
     )
     wait_for(lambda: len(page.row_ids("vdm-recent-grid")) >= 1, 15, 0.2, "finished rows")
+    # Ops screen: nothing spills past the viewport (it would scroll sideways on a wall).
+    overflow = page.page.evaluate(
+        "() => [...document.querySelectorAll('body *')].filter(e => {"
+        " const r = e.getBoundingClientRect(); return r.width > 0 && r.right > 1601; })"
+        ".slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className)"
+    )
+    assert overflow == []
     page.screenshot("metrics.png")
-    for _, done in held:
-        done.result(timeout=30)
+    # The requests still held end when the module's system stops.
+    assert held
