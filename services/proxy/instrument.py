@@ -23,6 +23,8 @@ import time
 import uuid
 from typing import Any, Protocol
 
+import orjson
+
 from services.proxy import sniff
 from shared.schema import (
     MAX_METHOD_CHARS,
@@ -37,6 +39,10 @@ Scope = dict[str, Any]
 Message = dict[str, Any]
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+# JSON escapes a control character as six bytes (\u0001), so 512 characters of path can
+# take 3 KB: clamp its encoded size too, so that a row always fits the readers'
+# MAX_ROW_BYTES (with room for a 128-character model and ids), or every reader would skip it.
+MAX_PATH_JSON_BYTES = 1536
 # How often a long response may report its growing byte count (the final count is always
 # in the `end` event). Keeps event volume independent of chunk size.
 PROGRESS_INTERVAL = 0.5
@@ -69,6 +75,13 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
+
+
+def clamp_path(path: str) -> str:
+    path = clamp(path, MAX_PATH_CHARS)
+    while len(orjson.dumps(path)) > MAX_PATH_JSON_BYTES:
+        path = path[: len(path) * 3 // 4]
+    return path
 
 
 def request_id_for(scope: Scope) -> str:
@@ -121,7 +134,7 @@ class _Tracker:
             request_id=self.request_id,
             worker_id=recorder.worker_id,
             method=clamp(str(scope.get("method", "GET")), MAX_METHOD_CHARS),
-            path=clamp(path, MAX_PATH_CHARS),
+            path=clamp_path(path),
             model=None,
             provider=sniff.provider_for(path),
             is_streaming=False,
