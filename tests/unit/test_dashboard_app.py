@@ -1,0 +1,89 @@
+"""The dashboard's Flask side, in-process: routes, redirects, the config handed to the page."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from dashboard.app import client_config, create_app
+from shared.settings import Settings
+
+
+@pytest.fixture
+def client() -> Any:
+    app = create_app(Settings.from_env({"VDM_STREAM_PUBLIC_URL": "http://stream.example:8090"}))
+    return app.server.test_client()
+
+
+def _config_in(html: str) -> dict[str, Any]:
+    match = re.search(r"window\.__vdmConfig = (\{.*?\});</script>", html)
+    assert match, html[:2000]
+    return dict(json.loads(match.group(1)))
+
+
+def test_root_and_bare_prefix_redirect_to_the_dashboard(client: Any) -> None:
+    for path in ("/", "/dashboard"):
+        response = client.get(path)
+        assert response.status_code == 302
+        assert response.headers["Location"].endswith("/dashboard/")
+
+
+@pytest.mark.parametrize("path", ["/dashboard/", "/dashboard/metrics"])
+def test_pages_are_served_with_the_stream_url_from_settings(client: Any, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 200
+    html = response.get_data(as_text=True)
+    assert _config_in(html) == {"streamUrl": "http://stream.example:8090", "pollIntervalMs": 2000}
+    # The config script comes before the assets that read it.
+    assert html.index("window.__vdmConfig") < html.index("01_vdm_core.js")
+
+
+def test_assets_load_in_dependency_order(client: Any) -> None:
+    html = client.get("/dashboard/").get_data(as_text=True)
+    names = ["01_vdm_core.js", "02_vdm_dom.js", "03_vdm_sse.js", "04_vdm_charts.js"]
+    positions = [html.index(name) for name in names]
+    assert positions == sorted(positions)
+    response = client.get("/dashboard/assets/03_vdm_sse.js")
+    try:
+        assert response.status_code == 200
+    finally:
+        response.close()  # a file response: close it, or the open file warns
+
+
+def test_default_stream_url_is_same_origin() -> None:
+    assert client_config(Settings.from_env({}))["streamUrl"] == ""
+    interval = Settings.from_env({"VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5"})
+    assert client_config(interval)["pollIntervalMs"] == 500
+
+
+def test_config_cannot_break_out_of_its_script_tag() -> None:
+    # A URL is validated by Settings, but the page must stay safe whatever it holds.
+    settings = Settings.from_env({"VDM_STREAM_PUBLIC_URL": "http://x.example/</script><b>"})
+    html = create_app(settings).server.test_client().get("/dashboard/").get_data(as_text=True)
+    assert "</script><b>" not in html
+    assert _config_in(html)["streamUrl"] == "http://x.example/</script><b>"
+
+
+def test_layout_has_the_contract_elements(client: Any) -> None:
+    layout = json.dumps(client.get("/dashboard/_dash-layout").get_json())
+    for element_id in (
+        "vdm-active-grid",
+        "vdm-sse-indicator",
+        "vdm-header-emoji",
+        "vdm-workers-grid",
+        "vdm-recent-grid",
+        "vdm-chart-inflight",
+        "vdm-chart-latency",
+    ):
+        assert f'"{element_id}"' in layout
+    assert "No requests in flight" in layout
+    assert "No workers registered" in layout
+    assert "params.data.request_id" in layout  # getRowId
+    assert '"rowData": []' in layout  # no data at layout time: the browser fills the grids
+
+
+def test_healthz(client: Any) -> None:
+    assert client.get("/healthz").status_code == 200
