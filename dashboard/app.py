@@ -64,6 +64,10 @@ def client_config(settings: Settings) -> dict[str, Any]:
     return {
         "streamUrl": settings.stream_public_url or "",  # "" = same origin
         "pollIntervalMs": round(settings.sse_interval * 1000),
+        # With VDM_AUTH_TOKEN the stream service takes a session cookie (an EventSource cannot
+        # send headers); cross-origin, the browser sends it only on credentialed requests.
+        # Never with '*' CORS (Settings refuses '*' with a token; browsers refuse it too).
+        "withCredentials": settings.auth_token is not None,
     }
 
 

@@ -258,7 +258,7 @@ def active_grid() -> Any:
 
 def workers_grid() -> Any:
     return _grid(
-        "vdm-workers-grid", WORKER_COLUMNS, "worker_id", "No workers registered", 300, filters=False
+        "vdm-workers-grid", WORKER_COLUMNS, "worker_id", "No workers registered", 240, filters=False
     )
 
 

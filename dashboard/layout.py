@@ -142,6 +142,13 @@ def overview_page() -> Any:
                 ],
             ),
             html.Div(
+                [
+                    _chart("Fleet in flight", "vdm-ov-chart-inflight"),
+                    _chart("Fleet requests per second", "vdm-ov-chart-rate"),
+                ],
+                className="vdm-charts vdm-charts-pair",
+            ),
+            html.Div(
                 dcc.Link(
                     "Open Active Requests →",
                     href=METRICS_HREF,

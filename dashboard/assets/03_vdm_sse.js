@@ -52,7 +52,9 @@
     if (source || reconnectTimer || disabledInfo) return;
     let es;
     try {
-      es = new EventSource(streamUrl());
+      es = cfg.withCredentials
+        ? new EventSource(streamUrl(), { withCredentials: true })
+        : new EventSource(streamUrl());
     } catch (err) {
       console.error("[vdm][sse] Failed to create EventSource:", err);
       scheduleReconnect();
@@ -225,7 +227,10 @@
 
   function pollOnce() {
     debug.polls += 1;
-    fetch(core.joinUrl(cfg.streamUrl, core.SNAPSHOT_PATH), { cache: "no-store" })
+    fetch(core.joinUrl(cfg.streamUrl, core.SNAPSHOT_PATH), {
+      cache: "no-store",
+      credentials: cfg.withCredentials ? "include" : "same-origin",
+    })
       .then((r) => (r.ok ? r.json() : null))
       .then(function (snap) {
         if (!snap || typeof snap !== "object") return;

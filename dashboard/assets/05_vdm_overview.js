@@ -16,7 +16,11 @@
   let haveData = false;
 
   function getJson(path) {
-    return fetch(core.joinUrl(cfg.streamUrl, path), { cache: "no-store" }).then(function (r) {
+    const init = {
+      cache: "no-store",
+      credentials: cfg.withCredentials ? "include" : "same-origin",
+    };
+    return fetch(core.joinUrl(cfg.streamUrl, path), init).then(function (r) {
       if (!r.ok) throw new Error(path + ": HTTP " + r.status);
       return r.json();
     });
@@ -53,6 +57,11 @@
         dom.setProps("vdm-kpi-p95", {
           children: t.p95Ms === null ? "—" : core.formatDuration(t.p95Ms),
         });
+        if (stats) {
+          const figures = core.statsFigures(stats);
+          dom.setProps("vdm-ov-chart-inflight", { figure: figures.inflight });
+          dom.setProps("vdm-ov-chart-rate", { figure: figures.rate });
+        }
         status("Updated " + core.formatClock(snap.timestamp), true);
       })
       .catch(function (err) {

@@ -36,7 +36,11 @@ def test_pages_are_served_with_the_stream_url_from_settings(client: Any, path: s
     response = client.get(path)
     assert response.status_code == 200
     html = response.get_data(as_text=True)
-    assert _config_in(html) == {"streamUrl": "http://stream.example:8090", "pollIntervalMs": 2000}
+    assert _config_in(html) == {
+        "streamUrl": "http://stream.example:8090",
+        "pollIntervalMs": 2000,
+        "withCredentials": False,
+    }
     # The config script comes before the assets that read it.
     assert html.index("window.__vdmConfig") < html.index("01_vdm_core.js")
 
@@ -57,6 +61,8 @@ def test_default_stream_url_is_same_origin() -> None:
     assert client_config(Settings.from_env({}))["streamUrl"] == ""
     interval = Settings.from_env({"VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5"})
     assert client_config(interval)["pollIntervalMs"] == 500
+    token = Settings.from_env({"VDM_AUTH_TOKEN": "x" * 32})
+    assert client_config(token)["withCredentials"] is True
 
 
 def test_config_cannot_break_out_of_its_script_tag() -> None:
