@@ -137,6 +137,7 @@ def test_no_documented_endpoint_answers_5xx(stream_url: str, tmp_path: Path) -> 
         capture_output=True,
         text=True,
         timeout=100,
+        cwd=tmp_path,  # it keeps a .schemathesis/ cache in its working directory
         env={**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_HOOKS": ""},
         check=False,
     )
