@@ -128,3 +128,7 @@ def configure_logging(level: str = "INFO") -> None:
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO and httpcore logs response headers at DEBUG: a busy
+    # worker would flood its log, and headers have no business in logs (docs/security.md).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
