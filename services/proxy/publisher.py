@@ -15,7 +15,6 @@ Proxying never waits for any of this.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -83,6 +82,7 @@ class Publisher:
         self._progress: dict[str, dict[str, Any]] = {}  # request_id -> its pending progress
         self._completed: deque[schema.CompletedEntry] = deque(maxlen=MAX_COMPLETED_BACKLOG)
         self._needs_register = True
+        self._closing = False
         self._wakeup = asyncio.Event()
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -194,11 +194,17 @@ class Publisher:
 
     async def close(self, grace: float = 3.0) -> None:
         """Stop the tasks, flush what is pending, deregister (publishing `worker_down`)."""
+        # The loops also check ``_closing``: a cancellation that lands inside a Redis call
+        # can be swallowed there (seen under benchmark load: the flush task went back to
+        # waiting on ``_wakeup`` and ``close()`` hung for good). Waiting is bounded as well.
+        self._closing = True
+        self._wakeup.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=grace)
+            for task in stuck:
+                log.warning("shutdown: task %s ignored cancellation", task.get_name())
         try:
             async with asyncio.timeout(grace):
                 while self._has_pending():
@@ -319,8 +325,10 @@ class Publisher:
 
     async def _flush_loop(self) -> None:
         delay = RETRY_MIN
-        while True:
+        while not self._closing:
             await self._wakeup.wait()
+            if self._closing:
+                return
             self._wakeup.clear()
             try:
                 while self._has_pending():
@@ -347,7 +355,7 @@ class Publisher:
 
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.worker_heartbeat_interval
-        while True:
+        while not self._closing:
             await asyncio.sleep(interval)
             if self._needs_register or not self.epoch:
                 continue
