@@ -18,9 +18,10 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from bench.procs import CPUS, CpuMeter, fleet, pin, rss_kb
+from bench.procs import CPUS, CpuMeter, Profiler, fleet, pin, rss_kb
 from bench.report import percentile
 from bench.sseload import SSEPool
 from services.proxy.publisher import Publisher
@@ -46,6 +47,10 @@ class FanoutResult:
     stream_cores: float
     stream_us_per_client_update: float
     client_cores: float
+    stream_waited: float
+    wall: float
+    profile: list[tuple[str, float, float]] = field(default_factory=list)
+    profile_error: str = ""
 
 
 def make_row(request_id: str, worker_id: str) -> Row:
@@ -87,7 +92,14 @@ def end_request(pub: Publisher, rid: str) -> None:
     )
 
 
-async def fanout(*, clients: int, rate: float, changes: int, client_procs: int) -> FanoutResult:
+async def fanout(
+    *,
+    clients: int,
+    rate: float,
+    changes: int,
+    client_procs: int,
+    profile: Path | None = None,
+) -> FanoutResult:
     run = f"f{int(time.time() * 1000) % 10**8}"
     pinning = CPUS >= 2
     with fleet(f"bench-{run}") as f, pinned_self(LOAD_CORE if pinning else list(range(CPUS))):
@@ -109,6 +121,7 @@ async def fanout(*, clients: int, rate: float, changes: int, client_procs: int) 
                 procs=client_procs,
                 cpus=LOAD_CORE if pinning else None,
             )
+            profiler = Profiler(stream.pid, profile, nonblocking=True) if profile else None
             stream_meter = CpuMeter([stream.pid]).start()
             client_meter = CpuMeter(pool.pids).start()
             sent: dict[str, int] = {}
@@ -125,6 +138,8 @@ async def fanout(*, clients: int, rate: float, changes: int, client_procs: int) 
                 await asyncio.sleep(max(0.0, t_start + (i + 1) / rate - time.monotonic()))
             await asyncio.sleep(0.5)  # the last change's arrivals
             stream_meter.stop()
+            if profiler is not None:
+                await asyncio.to_thread(profiler.stop)
             client_meter.stop()
             rss_after = rss_kb(stream.pid)
             report = await pool.report()
@@ -155,4 +170,8 @@ async def fanout(*, clients: int, rate: float, changes: int, client_procs: int) 
         stream_cores=stream_meter.share,
         stream_us_per_client_update=stream_meter.cpu / updates * 1e6,
         client_cores=client_meter.share,
+        stream_waited=stream_meter.waited,
+        wall=stream_meter.wall,
+        profile=profiler.summary() if profiler else [],
+        profile_error=profiler.error if profiler else "",
     )

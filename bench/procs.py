@@ -34,6 +34,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def runqueue_wait(pid: int) -> float:
+    """Seconds the process's threads spent runnable but waiting for a core (schedstat)."""
+    total = 0
+    for stat in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += int(stat.read_text().split()[1])
+    return total / 1e9
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -57,18 +66,22 @@ class CpuMeter:
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
         self._before: dict[int, float] = {}
+        self._waited: dict[int, float] = {}
         self._t0 = 0.0
         self.cpu = 0.0
         self.wall = 0.0
+        self.waited = 0.0  # seconds runnable but not running: other processes had the core
 
     def start(self) -> CpuMeter:
         self._before = {pid: cpu_seconds(pid) for pid in self.pids}
+        self._waited = {pid: runqueue_wait(pid) for pid in self.pids}
         self._t0 = time.monotonic()
         return self
 
     def stop(self) -> CpuMeter:
         self.wall = time.monotonic() - self._t0
         self.cpu = sum(cpu_seconds(pid) - before for pid, before in self._before.items())
+        self.waited = sum(runqueue_wait(pid) - w for pid, w in self._waited.items())
         return self
 
     @property
@@ -217,3 +230,72 @@ def fleet(prefix: str) -> Iterator[Fleet]:
         yield f
     finally:
         f.close()
+
+
+class Profiler:
+    """``py-spy record`` attached to one process, summarised as self and total time per function.
+
+    py-spy is a dev dependency; without it (or without ptrace permission) ``summary()`` says so
+    instead of failing the run.
+    """
+
+    def __init__(self, pid: int, out: Path, rate: int = 250, nonblocking: bool = False) -> None:
+        self.out = out
+        self.error = ""
+        exe = Path(sys.executable).with_name("py-spy")
+        args = [str(exe), "record", "-p", str(pid), "-r", str(rate), "-f", "raw", "-o", str(out)]
+        if nonblocking:  # do not pause the target to sample it (less skew, rarer odd stacks)
+            args.append("--nonblocking")
+        try:
+            self.popen: subprocess.Popen[bytes] | None = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            self.popen = None
+            self.error = f"py-spy not available: {exc}"
+
+    def stop(self) -> None:
+        if self.popen is None:
+            return
+        self.popen.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+        try:
+            _, err = self.popen.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            _, err = self.popen.communicate()
+        if not self.out.exists():
+            self.error = err.decode(errors="replace").strip()[-300:] or "py-spy wrote nothing"
+
+    def summary(self, top: int = 12) -> list[tuple[str, float, float]]:
+        """(function, self %, total %) for the functions with the most self time."""
+        if self.error or not self.out.exists():
+            return []
+        own: dict[str, int] = {}
+        total: dict[str, int] = {}
+        samples = 0
+        for line in self.out.read_text().splitlines():
+            stack, _, count_text = line.rpartition(" ")
+            if not stack:
+                continue
+            count = int(count_text)
+            frames = stack.split(";")
+            samples += count
+            leaf = _frame_name(frames[-1])
+            own[leaf] = own.get(leaf, 0) + count
+            for name in {_frame_name(fr) for fr in frames}:
+                total[name] = total.get(name, 0) + count
+        if not samples:
+            return []
+        ranked = sorted(own.items(), key=lambda kv: kv[1], reverse=True)[:top]
+        return [(name, 100 * n / samples, 100 * total[name] / samples) for name, n in ranked]
+
+
+def _frame_name(frame: str) -> str:
+    # py-spy raw frames look like "function (path/to/file.py:123)": keep function and file.
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    short = "/".join(Path(path).parts[-2:]) if path else ""
+    return f"{name} ({short})" if short else name

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench.events import hub_ingest, single_publisher
 from bench.fanout import FanoutResult, fanout
 from bench.latency import E2EResult, e2e
+from bench.overhead import overhead
 from bench.report import Result, Table, Verdict
 
 
@@ -140,12 +146,155 @@ async def fan_out(quick: bool) -> Result:
 
 
 async def worker_overhead(quick: bool) -> Result:
-    raise NotImplementedError
+    result = Result("overhead", "3. Worker overhead: instrumented vs bare proxy, same upstream")
+    o = await overhead(
+        concurrency=16,
+        round_s=1.0 if quick else 3.0,
+        pairs=1 if quick else 2,
+        sse_clients=200 if quick else 1000,
+    )
+    t, lat, sse = o.throughput, o.latency, o.sse
+    table = Table(
+        f"interleaved rounds (A B B A), {o.round_s:g} s each; worker pinned to core 1",
+        ["load", "side", "rounds", "req/s (mean)", "p50 ms", "p99 ms"],
+    )
+    for label in ("instrumented", "bare"):
+        table.add(
+            f"{o.concurrency} connections",
+            label,
+            len(t.rps[label]),
+            t.mean("rps", label),
+            f"{t.mean('p50', label):.2f}",
+            f"{t.mean('p99', label):.2f}",
+        )
+    for label in ("instrumented", "bare"):
+        table.add(
+            "1 connection",
+            label,
+            len(lat.rps[label]),
+            lat.mean("rps", label),
+            f"{lat.mean('p50', label):.3f}",
+            f"{lat.mean('p99', label):.3f}",
+        )
+    for label in ("without", "with"):
+        table.add(
+            f"{o.concurrency} connections",
+            f"instrumented, {label} {o.sse_clients} SSE clients",
+            len(sse.rps[label]),
+            sse.mean("rps", label),
+            f"{sse.mean('p50', label):.2f}",
+            f"{sse.mean('p99', label):.2f}",
+        )
+    result.tables.append(table)
+    ratio = t.mean("rps", "instrumented") / t.mean("rps", "bare")
+    added = lat.mean("p50", "instrumented") - lat.mean("p50", "bare")
+    sse_ratio = sse.mean("rps", "with") / sse.mean("rps", "without")
+    result.verdicts += [
+        Verdict("throughput ratio instrumented/bare >= 0.97", f"{ratio:.3f}", ratio >= 0.97),
+        Verdict("added p50 latency <= 0.1 ms (1 connection)", f"{added:+.3f} ms", added <= 0.1),
+        Verdict(
+            f"throughput with/without {o.sse_clients} SSE clients unchanged (>= 0.97)",
+            f"{sse_ratio:.3f}",
+            sse_ratio >= 0.97,
+        ),
+        Verdict(
+            "load client is not the bottleneck",
+            f"{o.load_cores:.2f} cores used by the load client",
+            None,
+        ),
+    ]
+    if t.errors or lat.errors or sse.errors:
+        result.notes.append(f"{t.errors + lat.errors + sse.errors} non-200 responses")
+    return result
 
 
 async def event_throughput(quick: bool) -> Result:
-    raise NotImplementedError
+    result = Result("events", "4. Event throughput: publishers into Redis, one hub ingesting")
+    seconds = 2.0 if quick else 6.0
+    one = await single_publisher(seconds)
+    one_rate = one["sent"] / one["seconds"]
+    rate = 50_000.0
+    ingest = await hub_ingest(8, seconds, 10_000.0 if quick else rate)
+    table = Table(
+        "events/s (start + progress + end per request; publishers batch one Lua call per flush)",
+        ["setup", "events/s", "dropped", "publisher CPU", "hub cores", "redis cores"],
+    )
+    table.add(
+        "1 publisher, as fast as it goes (pinned core 0, Redis core 1)",
+        one_rate,
+        one["dropped"],
+        f"{one['cpu'] / one['seconds']:.2f} cores",
+        "—",
+        "—",
+    )
+    table.add(
+        f"8 publishers -> 1 hub (offered {ingest.offered:,.0f}/s)",
+        ingest.offered,
+        sum(p["dropped"] for p in ingest.publishers),
+        f"{sum(p['cpu'] for p in ingest.publishers) / seconds:.2f} cores",
+        f"{ingest.hub_cores:.2f}",
+        f"{ingest.redis_cores:.2f}",
+    )
+    result.tables.append(table)
+    lag = ingest.lag
+    third = max(1, len(lag) // 3)
+    early, late = statistics.fmean(lag[:third] or [0]), statistics.fmean(lag[-third:] or [0])
+    lag_table = Table(
+        "hub lag (vdm_hub_lag_seconds, sampled every 0.25 s) and catch-up",
+        ["samples", "first third mean ms", "last third mean ms", "max ms", "drain after stop s"],
+    )
+    lag_table.add(len(lag), early * 1000, late * 1000, max(lag or [0]) * 1000, ingest.drain)
+    result.tables.append(lag_table)
+    result.verdicts += [
+        Verdict("one publisher >= 20,000 events/s", f"{one_rate:,.0f}/s", one_rate >= 20_000),
+        Verdict(
+            "one hub ingests >= 50,000 events/s from 8 publishers",
+            f"{ingest.offered:,.0f}/s offered, drained {ingest.drain:.2f} s after stop",
+            ingest.offered >= 50_000 and ingest.drain < 1.0,
+        ),
+        Verdict(
+            "lag does not grow",
+            f"{early * 1000:.0f} ms -> {late * 1000:.0f} ms",
+            late <= max(2 * early, 0.1),
+        ),
+    ]
+    return result
 
 
 async def scaling(quick: bool) -> Result:
-    raise NotImplementedError
+    result = Result("scaling", "5. Scaling curve: clients and workers")
+    clients = Table("clients at 1 change/s (one stream service, pinned to core 1)", FANOUT_HEADERS)
+    runs = []
+    sweep = [50, 200] if quick else [100, 1000, 5000]
+    for n in sweep:
+        # The largest run is profiled (py-spy, sampling without pausing the process).
+        profile = Path(tempfile.gettempdir()) / "vdm-bench-stream.prof" if n == sweep[-1] else None
+        r = await fanout(
+            clients=n, rate=1, changes=3 if quick else 6, client_procs=2, profile=profile
+        )
+        _fanout_row(clients, r)
+        runs.append(r)
+    result.tables.append(clients)
+    last = runs[-1]
+    if last.profile:
+        prof = Table(
+            f"py-spy profile of the stream service, {last.clients} clients (% of samples)",
+            ["function", "self %", "total %"],
+        )
+        for name, own, total in last.profile:
+            prof.add(name, f"{own:.1f}", f"{total:.1f}")
+        result.tables.append(prof)
+    elif last.profile_error:
+        result.notes.append(f"no profile: {last.profile_error}")
+    workers = Table("workers, 100 clients, 50 held requests, probes at ~10/s", E2E_HEADERS)
+    for w in [1, 2] if quick else [1, 2, 4, 8]:
+        _e2e_row(
+            workers,
+            await e2e(workers=w, clients=100, held=50, probes=15 if quick else 40, spacing=0.1),
+        )
+    result.tables.append(workers)
+    costs = ", ".join(f"{r.clients}: {r.stream_us_per_client_update:.0f} µs" for r in runs)
+    result.verdicts.append(
+        Verdict("stream CPU per client per update (flat = linear total cost)", costs, None)
+    )
+    return result
