@@ -49,6 +49,10 @@ _ROUTE_JS = """
 function (pathname) {
     const metrics = String(pathname || "").includes("/dashboard/metrics");
     const on = "vdm-nav-link vdm-nav-active", off = "vdm-nav-link";
+    // Charts drawn while their page was hidden have no width to fit: re-measure once shown.
+    window.setTimeout(function () {
+        if (window.VdmCharts) window.VdmCharts.fitAll();
+    }, 50);
     return [
         {display: metrics ? "none" : "block"},
         {display: metrics ? "block" : "none"},

@@ -128,6 +128,21 @@
     return t * 1000 - localNowMs;
   }
 
+  /**
+   * Fold one clock sample into the running estimate. A snapshot's `timestamp` is when it was
+   * built, and a cached snapshot can be re-sent unchanged later, so one sample can understate
+   * the server clock by up to an interval; it never overstates it (bar network jitter). The
+   * estimate is therefore the largest of the last `keep` samples: stale re-sends cannot drag
+   * it back (durations would freeze), and a real clock change is followed within `keep`.
+   * Returns the new sample list (newest last) and the offset to use.
+   */
+  function foldClockSample(samples, sampleMs, keep) {
+    const limit = keep || 20;
+    const next = (samples || []).concat(Number.isFinite(sampleMs) ? [sampleMs] : []);
+    while (next.length > limit) next.shift();
+    return { samples: next, offsetMs: next.length ? Math.max.apply(null, next) : 0 };
+  }
+
   /** How long a request has run now, in server time, so a skewed browser clock does not lie. */
   function liveDurationMs(startTimeS, localNowMs, offsetMs) {
     const start = Number(startTimeS);
@@ -343,6 +358,7 @@
     diffRows,
     isEmptyTransaction,
     clockOffsetMs,
+    foldClockSample,
     liveDurationMs,
     ageSeconds,
     formatDuration,

@@ -10,8 +10,17 @@
   "use strict";
   const core = window.VdmCore;
 
-  // Server clock minus browser clock, refreshed from every snapshot's `timestamp`.
-  window.__vdmClock = window.__vdmClock || { offsetMs: 0 };
+  // Server clock minus browser clock, estimated from snapshots' `timestamp`s.
+  window.__vdmClock = window.__vdmClock || { offsetMs: 0, samples: [] };
+
+  /** Feed one snapshot timestamp (epoch s) into the clock estimate. */
+  function observeServerTime(timestampS) {
+    const t = Number(timestampS);
+    if (!Number.isFinite(t) || t <= 0) return;
+    const folded = core.foldClockSample(window.__vdmClock.samples, core.clockOffsetMs(t, now()));
+    window.__vdmClock.samples = folded.samples;
+    window.__vdmClock.offsetMs = folded.offsetMs;
+  }
 
   function now() {
     return Date.now();
@@ -83,5 +92,5 @@
     if (api && !api.isDestroyed()) api.refreshCells({ columns: columns, force: true });
   }
 
-  window.VdmDom = { setProps, applyRows, refreshClockColumns };
+  window.VdmDom = { setProps, applyRows, refreshClockColumns, observeServerTime };
 })();

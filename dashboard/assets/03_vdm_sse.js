@@ -146,7 +146,7 @@
 
   function acceptSnapshot(snap) {
     latestSnapshot = snap;
-    window.__vdmClock.offsetMs = core.clockOffsetMs(snap.timestamp, Date.now());
+    dom.observeServerTime(snap.timestamp);
     // Latest wins: a burst of updates between two frames becomes one transaction.
     if (applyPending) return;
     applyPending = true;

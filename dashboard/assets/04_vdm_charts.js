@@ -15,7 +15,7 @@
     errors: "vdm-chart-errors",
   };
 
-  function render(stats) {
+  function renderFigures(stats) {
     const figures = core.statsFigures(stats);
     for (const [name, id] of Object.entries(GRAPHS)) {
       dom.setProps(id, { figure: figures[name] });
@@ -29,5 +29,29 @@
     dom.setProps("vdm-m-kpi-errors", { children: core.formatPercent(fleet.error_rate) });
   }
 
-  window.VdmCharts = { render };
+  /**
+   * Make every visible chart as wide as its box. A chart first drawn while its page was hidden
+   * (display: none) falls back to Plotly's default 700 px and would spill out of its grid
+   * cell; `responsive` only re-measures on a window resize, so check after each change.
+   */
+  function fitAll() {
+    const Plotly = window.Plotly;
+    if (!Plotly || !Plotly.Plots) return;
+    document.querySelectorAll(".vdm-chart .js-plotly-plot").forEach(function (gd) {
+      const box = gd.parentElement;
+      const full = gd._fullLayout;
+      if (!box || !full || box.clientWidth === 0) return; // hidden: fit when shown
+      if (Math.abs(full.width - box.clientWidth) > 2) Plotly.Plots.resize(gd);
+    });
+  }
+
+  function render(stats) {
+    renderFigures(stats);
+    window.setTimeout(fitAll, 0);
+  }
+
+  window.addEventListener("vdm:locationchange", () => window.setTimeout(fitAll, 60));
+  window.addEventListener("popstate", () => window.setTimeout(fitAll, 60));
+
+  window.VdmCharts = { render, fitAll };
 })();

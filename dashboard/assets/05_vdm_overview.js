@@ -44,7 +44,7 @@
           status("Metrics disabled on the stream service: " + (snap.suggestion || ""), false);
           return;
         }
-        window.__vdmClock.offsetMs = core.clockOffsetMs(snap.timestamp, Date.now());
+        dom.observeServerTime(snap.timestamp);
         haveData = true;
         dom.applyRows(GRID_ID, core.workerRows(snap, stats), "worker_id", [])
           .catch(function () {});
@@ -61,6 +61,7 @@
           const figures = core.statsFigures(stats);
           dom.setProps("vdm-ov-chart-inflight", { figure: figures.inflight });
           dom.setProps("vdm-ov-chart-rate", { figure: figures.rate });
+          if (window.VdmCharts) window.setTimeout(window.VdmCharts.fitAll, 0);
         }
         status("Updated " + core.formatClock(snap.timestamp), true);
       })

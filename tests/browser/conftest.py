@@ -176,8 +176,9 @@ class Holder:
     _ids = itertools.count(1)
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hold")
-        self._client = httpx.Client(timeout=30)
+        self._pool = ThreadPoolExecutor(max_workers=24, thread_name_prefix="hold")
+        self._client = httpx.Client(timeout=30, limits=httpx.Limits(max_connections=48))
+        self._held: dict[str, Future[int]] = {}
 
     def hold(
         self,
@@ -203,7 +204,13 @@ class Holder:
             response.read()
             return response.status_code
 
-        return request_id, self._pool.submit(send)
+        future = self._pool.submit(send)
+        self._held[request_id] = future
+        return request_id, future
+
+    def in_flight(self) -> set[str]:
+        """Ids of the held requests that have not finished yet (any test's)."""
+        return {rid for rid, future in self._held.items() if not future.done()}
 
     def close(self) -> None:
         # Any request still held fails fast once the system has stopped (see `system`).
@@ -258,7 +265,8 @@ class DashboardPage:
     def grid_rows(self, grid_id: str = "vdm-active-grid") -> list[dict[str, Any]]:
         """Row data in displayed order (after the user's sort and filter)."""
         script = """(id) => {
-            const api = window.dash_ag_grid.getApi(id);
+            let api;
+            try { api = window.dash_ag_grid.getApi(id); } catch (e) { return "[]"; }  // not yet
             const rows = [];
             api.forEachNodeAfterFilterAndSort(n => rows.push(n.data));
             return JSON.stringify(rows);
@@ -271,12 +279,22 @@ class DashboardPage:
     def wait_rows(self, predicate: Any, timeout: float = 15.0, message: str = "rows") -> None:
         wait_for(lambda: predicate(set(self.row_ids())), timeout, 0.1, message)
 
+    def wait_grid(self, grid_id: str = "vdm-active-grid") -> None:
+        self.page.wait_for_function(
+            "(id) => { try { return !!window.dash_ag_grid.getApi(id); }"
+            " catch (e) { return false; } }",
+            arg=grid_id,
+            timeout=15000,
+        )
+
     def sort_state(self, grid_id: str = "vdm-active-grid") -> list[tuple[str, str]]:
+        self.wait_grid(grid_id)
         script = """(id) => window.dash_ag_grid.getApi(id).getColumnState()
             .filter(c => c.sort).map(c => [c.colId, c.sort])"""
         return [tuple(x) for x in self.page.evaluate(script, grid_id)]
 
     def selected_ids(self, grid_id: str = "vdm-active-grid") -> list[str]:
+        self.wait_grid(grid_id)
         script = """(id) => window.dash_ag_grid.getApi(id).getSelectedRows()
             .map(r => r.request_id)"""
         return list(self.page.evaluate(script, grid_id))

@@ -38,8 +38,8 @@ def test_rows_appear_when_requests_start_and_vanish_when_they_end(
     page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/metrics")
     page.wait_live()
     held = [
-        holder.hold(system.workers["w1"], 2500, model="gpt-4o"),
-        holder.hold(system.workers["w2"], 2500, model="claude-sonnet-4-0"),
+        holder.hold(system.workers["w1"], 4000, model="gpt-4o"),
+        holder.hold(system.workers["w2"], 4000, model="claude-sonnet-4-0"),
     ]
     ids = {rid for rid, _ in held}
 
@@ -72,7 +72,7 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     page.wait_live()
     assert page.sort_state() == [("start_time", "desc")]  # newest first by default
 
-    first = [holder.hold(system.workers["w1"], 5000, model=m) for m in ("m-charlie", "m-alpha")]
+    first = [holder.hold(system.workers["w1"], 8000, model=m) for m in ("m-charlie", "m-alpha")]
     page.wait_rows(lambda shown: {r for r, _ in first} <= shown, message="first rows")
     grid = page.page.locator("#vdm-active-grid")
     grid.locator('.ag-header-cell[col-id="model"] .ag-header-cell-text').click()
@@ -82,7 +82,7 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     wait_for(lambda: page.selected_ids() == [charlie], 5, 0.1, "row selection")
 
     # More requests arrive (adds) and the first ones progress (updates): sort stays.
-    second = [holder.hold(system.workers["w2"], 3000, model=m) for m in ("m-bravo", "m-delta")]
+    second = [holder.hold(system.workers["w2"], 3500, model=m) for m in ("m-bravo", "m-delta")]
     all_ids = {r for r, _ in first + second}
     page.wait_rows(lambda shown: all_ids <= shown, message="second rows")
     ours = [r["model"] for r in page.grid_rows() if r["request_id"] in all_ids]
@@ -91,10 +91,13 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     assert models == sorted(models)
     assert page.sort_state() == [("model", "asc")]
     assert page.selected_ids() == [charlie]
-    for _, done in first + second:
+    # The second pair ends (remove transactions): sort and selection are still the user's.
+    for _, done in second:
         done.result(timeout=20)
-    page.wait_rows(lambda shown: not (all_ids & shown), message="rows to end")
+    second_ids = {r for r, _ in second}
+    page.wait_rows(lambda shown: not (second_ids & shown), message="second rows to end")
     assert page.sort_state() == [("model", "asc")]
+    assert page.selected_ids() == [charlie]
 
 
 @pytest.mark.timeout(60)
@@ -122,13 +125,14 @@ def test_stream_killed_reconnects_with_backoff_and_recovers_rows(
     assert any("[vdm][sse] Connection error (will retry)" in line for line in page.console)
 
     # Requests that start while the stream service is down are there once it is back.
-    # (Earlier tests wait for their requests to end, so these are the only ones in flight.)
     held = [holder.hold(system.workers[w], 9000) for w in ("w1", "w2")]
     system.start_stream()
     page.wait_live(timeout=30000)
     assert page.debug()["attempt"] == 0  # reset on open
     ids = {rid for rid, _ in held}
-    page.wait_rows(lambda shown: shown == ids, message="exactly the held rows after restart")
+    page.wait_rows(lambda shown: ids <= shown, message="the held rows after the restart")
+    # Exactly the requests in flight, no ghosts (earlier tests' requests may still run).
+    page.wait_rows(lambda shown: shown == holder.in_flight(), message="rows == in flight")
 
 
 @pytest.mark.timeout(60)
@@ -220,7 +224,8 @@ def test_overview_and_screenshots_under_load(system: System, holder: Holder, new
     overflow = page.page.evaluate(
         "() => [...document.querySelectorAll('body *')].filter(e => {"
         " const r = e.getBoundingClientRect(); return r.width > 0 && r.right > 1601; })"
-        ".slice(0, 5).map(e => e.tagName + '#' + e.id + '.' + e.className)"
+        ".slice(0, 5).map(e => e.tagName + ' in #' + (e.closest('[id]') || {}).id"
+        " + ' right=' + Math.round(e.getBoundingClientRect().right))"
     )
     assert overflow == []
     page.screenshot("metrics.png")

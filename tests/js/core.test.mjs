@@ -158,6 +158,21 @@ test("durations tick in server time, corrected for browser clock skew", () => {
   assert.equal(core.ageSeconds(998, 995000, offset), 2);
 });
 
+test("the clock estimate ignores stale re-sent timestamps", () => {
+  let state = core.foldClockSample([], 5000, 3);
+  assert.equal(state.offsetMs, 5000);
+  // The same snapshot re-sent 2 s later reads as an offset 2 s lower: ignored.
+  state = core.foldClockSample(state.samples, 3000, 3);
+  assert.equal(state.offsetMs, 5000);
+  // A real clock change wins once the old samples have aged out of the window.
+  state = core.foldClockSample(state.samples, 1000, 3);
+  state = core.foldClockSample(state.samples, 1000, 3);
+  assert.equal(state.offsetMs, 3000);
+  state = core.foldClockSample(state.samples, 1000, 3);
+  assert.equal(state.offsetMs, 1000);
+  assert.deepEqual(core.foldClockSample(undefined, NaN).samples, []);
+});
+
 test("formatDuration", () => {
   assert.equal(core.formatDuration(0), "0 ms");
   assert.equal(core.formatDuration(849.6), "850 ms");
