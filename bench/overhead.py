@@ -1,13 +1,15 @@
 """Worker overhead: the instrumented worker against the same proxy with instrumentation off.
 
 Two worker processes run side by side in front of one demo upstream: ``instrumented``
-(LOG_REQUEST_METRICS=true, publishing into Redis, a stream service consuming it) and ``bare``
+(LOG_REQUEST_METRICS=true, publishing into Redis) and ``bare``
 (LOG_REQUEST_METRICS=false: the same ASGI proxy without the middleware and publisher). Rounds
 alternate A B B A so drift in the machine's background load falls on both equally. Each round
 is a closed loop of keep-alive connections from :mod:`bench.httpload` in its own process.
 
-Then the instrumented worker's throughput with and without 1,000 SSE clients connected to the
-stream service (rounds: without, with, with, without).
+Then a stream service starts, and the instrumented worker's throughput is taken with and
+without 1,000 SSE clients connected to it (rounds: without, with, with, without). The worker's
+own CPU per request is reported next to throughput: it shows whether the worker pays for the
+clients, apart from the cores the two share on this machine.
 
 Pinning (2 cores): the worker under test alone on core 1; upstream, Redis, stream service,
 SSE clients and the load client on core 0. The worker is what is compared, so it gets a core
@@ -35,17 +37,29 @@ class Rounds:
     rps: dict[str, list[float]] = field(default_factory=dict)
     p50: dict[str, list[float]] = field(default_factory=dict)
     p99: dict[str, list[float]] = field(default_factory=dict)
+    cpu_us: dict[str, list[float]] = field(default_factory=dict)  # worker CPU per request
     errors: int = 0
 
     def add(self, label: str, r: dict[str, Any]) -> None:
         self.rps.setdefault(label, []).append(r["rps"])
         self.p50.setdefault(label, []).append(r["p50"])
         self.p99.setdefault(label, []).append(r["p99"])
+        self.cpu_us.setdefault(label, []).append(r["cpu_us"])
         self.errors += r["errors"]
 
     def mean(self, which: str, label: str) -> float:
         values: list[float] = getattr(self, which)[label]
         return statistics.fmean(values)
+
+
+async def _round(
+    load: HTTPLoad, url: str, concurrency: int, seconds: float, worker_pid: int
+) -> dict[str, Any]:
+    meter = CpuMeter([worker_pid]).start()
+    result = await load.run(url, concurrency, seconds)
+    meter.stop()
+    result["cpu_us"] = meter.cpu / max(1, result["requests"]) * 1e6
+    return result
 
 
 @dataclass
@@ -70,7 +84,7 @@ async def overhead(
         f.start_redis(cpus=other)
         upstream = f.start("demo-upstream", "--latency", "0", cpus=other)
         args = ["--upstream", upstream.url, "--graceful-timeout", "1"]
-        inst, bare, stream = await asyncio.to_thread(
+        inst, bare = await asyncio.to_thread(
             f.start_many,
             [
                 ("worker", args, f.env(VDM_WORKER_ID=f"{run}-inst"), worker_cpus),
@@ -80,9 +94,9 @@ async def overhead(
                     f.env(VDM_WORKER_ID=f"{run}-bare", LOG_REQUEST_METRICS="false"),
                     worker_cpus,
                 ),
-                ("stream", [], f.env(), other),
             ],
         )
+        pids = {"instrumented": inst.pid, "bare": bare.pid}
         path = "/v1/chat/completions"
         urls = {"instrumented": inst.url + path, "bare": bare.url + path}
         load = await HTTPLoad().start(cpus=other)
@@ -95,20 +109,25 @@ async def overhead(
             meter = CpuMeter([load.pid]).start()
             for _ in range(pairs):
                 for label in ("instrumented", "bare", "bare", "instrumented"):
-                    throughput.add(label, await load.run(urls[label], concurrency, round_s))
+                    throughput.add(
+                        label, await _round(load, urls[label], concurrency, round_s, pids[label])
+                    )
             load_cores = meter.stop().share
             latency = Rounds()
             for _ in range(pairs):
                 for label in ("instrumented", "bare", "bare", "instrumented"):
-                    latency.add(label, await load.run(urls[label], 1, round_s))
+                    latency.add(label, await _round(load, urls[label], 1, round_s, pids[label]))
+            # Only now the stream service: during the A/B rounds its work (and the CPU it
+            # would take from the upstream on core 0) would be charged to the worker.
+            stream = await asyncio.to_thread(f.start, "stream", env=f.env(), cpus=other)
             sse = Rounds()
-            target = urls["instrumented"]
-            sse.add("without", await load.run(target, concurrency, round_s))
+            target, pid = urls["instrumented"], pids["instrumented"]
+            sse.add("without", await _round(load, target, concurrency, round_s, pid))
             await pool.start(stream.url + STREAM_PATH, sse_clients, procs=2, cpus=other)
             for _ in range(2):
-                sse.add("with", await load.run(target, concurrency, round_s))
+                sse.add("with", await _round(load, target, concurrency, round_s, pid))
             await pool.close()
-            sse.add("without", await load.run(target, concurrency, round_s))
+            sse.add("without", await _round(load, target, concurrency, round_s, pid))
         finally:
             await pool.close()
             await load.close()

@@ -156,7 +156,7 @@ async def worker_overhead(quick: bool) -> Result:
     t, lat, sse = o.throughput, o.latency, o.sse
     table = Table(
         f"interleaved rounds (A B B A), {o.round_s:g} s each; worker pinned to core 1",
-        ["load", "side", "rounds", "req/s (mean)", "p50 ms", "p99 ms"],
+        ["load", "side", "rounds", "req/s (mean)", "p50 ms", "p99 ms", "worker µs CPU/request"],
     )
     for label in ("instrumented", "bare"):
         table.add(
@@ -166,6 +166,7 @@ async def worker_overhead(quick: bool) -> Result:
             t.mean("rps", label),
             f"{t.mean('p50', label):.2f}",
             f"{t.mean('p99', label):.2f}",
+            t.mean("cpu_us", label),
         )
     for label in ("instrumented", "bare"):
         table.add(
@@ -175,6 +176,7 @@ async def worker_overhead(quick: bool) -> Result:
             lat.mean("rps", label),
             f"{lat.mean('p50', label):.3f}",
             f"{lat.mean('p99', label):.3f}",
+            lat.mean("cpu_us", label),
         )
     for label in ("without", "with"):
         table.add(
@@ -184,11 +186,14 @@ async def worker_overhead(quick: bool) -> Result:
             sse.mean("rps", label),
             f"{sse.mean('p50', label):.2f}",
             f"{sse.mean('p99', label):.2f}",
+            sse.mean("cpu_us", label),
         )
     result.tables.append(table)
     ratio = t.mean("rps", "instrumented") / t.mean("rps", "bare")
     added = lat.mean("p50", "instrumented") - lat.mean("p50", "bare")
     sse_ratio = sse.mean("rps", "with") / sse.mean("rps", "without")
+    cpu_ratio = t.mean("cpu_us", "instrumented") / t.mean("cpu_us", "bare")
+    sse_cpu = sse.mean("cpu_us", "with") / sse.mean("cpu_us", "without")
     result.verdicts += [
         Verdict("throughput ratio instrumented/bare >= 0.97", f"{ratio:.3f}", ratio >= 0.97),
         Verdict("added p50 latency <= 0.1 ms (1 connection)", f"{added:+.3f} ms", added <= 0.1),
@@ -196,6 +201,12 @@ async def worker_overhead(quick: bool) -> Result:
             f"throughput with/without {o.sse_clients} SSE clients unchanged (>= 0.97)",
             f"{sse_ratio:.3f}",
             sse_ratio >= 0.97,
+        ),
+        Verdict("worker CPU per request, instrumented/bare", f"{cpu_ratio:.3f}", None),
+        Verdict(
+            f"worker CPU per request with/without {o.sse_clients} SSE clients",
+            f"{sse_cpu:.3f}",
+            None,
         ),
         Verdict(
             "load client is not the bottleneck",
