@@ -48,6 +48,7 @@ class FanoutResult:
     stream_us_per_client_update: float
     client_cores: float
     stream_waited: float
+    per_token: list[tuple[int, float, float]]
     wall: float
     profile: list[tuple[str, float, float]] = field(default_factory=list)
     profile_error: str = ""
@@ -150,10 +151,15 @@ async def fanout(
             await pub.close(grace=2)
     latencies: list[float] = []
     missed = 0
+    per_token: list[tuple[int, float, float]] = []  # (clients that saw it, first ms, last ms)
     for tok, t0 in sent.items():
         arrivals = report["seen"].get(tok, [])
         missed += pool.ready - len(arrivals)
         latencies += [(t - t0) / 1e6 for t in arrivals]
+        if arrivals:
+            per_token.append(
+                (len(arrivals), (min(arrivals) - t0) / 1e6, (max(arrivals) - t0) / 1e6)
+            )
     latencies.sort()
     updates = changes * max(1, pool.ready)
     return FanoutResult(
@@ -171,6 +177,7 @@ async def fanout(
         stream_us_per_client_update=stream_meter.cpu / updates * 1e6,
         client_cores=client_meter.share,
         stream_waited=stream_meter.waited,
+        per_token=per_token,
         wall=stream_meter.wall,
         profile=profiler.summary() if profiler else [],
         profile_error=profiler.error if profiler else "",
