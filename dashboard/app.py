@@ -72,6 +72,9 @@ def client_config(settings: Settings) -> dict[str, Any]:
         # send headers); cross-origin, the browser sends it only on credentialed requests.
         # Never with '*' CORS (Settings refuses '*' with a token; browsers refuse it too).
         "withCredentials": settings.auth_token is not None,
+        # With a token, a stream error may mean the session ran out: the client probes and
+        # sends the browser here (shared/auth.py's login page) instead of retrying forever.
+        "loginUrl": "/dashboard/login" if settings.auth_token else "",
     }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import Any
 
 from shared.serve import serve
 from shared.settings import Settings
@@ -30,4 +31,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         "dashboard pages: /dashboard/ and /dashboard/metrics; stream service at %s",
         settings.stream_public_url or "the same origin",
     )
-    return serve(WSGIMiddleware(app.server), args.host, args.port, "dashboard")
+    asgi: Any = WSGIMiddleware(app.server)
+    if settings.auth_token:
+        from shared.auth import protect_dashboard
+
+        # Login/logout pages in front; every other route needs the session cookie.
+        asgi = protect_dashboard(asgi, settings.auth_token)
+    return serve(asgi, args.host, args.port, "dashboard")

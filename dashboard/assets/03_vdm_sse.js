@@ -84,7 +84,27 @@
       es.close();
       source = null;
       scheduleReconnect();
+      probeSession();
     };
+  }
+
+  // An EventSource cannot see status codes. With access control on, ask the JSON endpoint:
+  // a 401 means the session is gone, so go to the login page rather than retry forever.
+  function probeSession() {
+    if (!cfg.loginUrl) return;
+    fetch(core.joinUrl(cfg.streamUrl, core.SNAPSHOT_PATH), {
+      cache: "no-store",
+      credentials: "include",
+    })
+      .then(function (r) {
+        if (r.status === 401) {
+          const next = window.location.pathname + window.location.search;
+          window.location.assign(cfg.loginUrl + "?next=" + encodeURIComponent(next));
+        }
+      })
+      .catch(function () {
+        /* the stream service is down: the backoff above handles it */
+      });
   }
 
   function scheduleReconnect() {

@@ -116,6 +116,7 @@ def start_system(
     *,
     workers: tuple[str, ...] = ("w1", "w2"),
     stream_extra_env: dict[str, str] | None = None,
+    dashboard_extra_env: dict[str, str] | None = None,
 ) -> System:
     prefix = f"br{os.getpid()}x{uuid.uuid4().hex[:8]}"
     dash_port, stream_port = free_port(), free_port()
@@ -135,7 +136,11 @@ def start_system(
             "dashboard",
             "--port",
             str(dash_port),
-            env={"VDM_STREAM_PUBLIC_URL": stream_url, "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5"},
+            env={
+                "VDM_STREAM_PUBLIC_URL": stream_url,
+                "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5",
+                **(dashboard_extra_env or {}),
+            },
         )
         procs["stream"] = vdm_hub("stream", "--port", str(stream_port), env=stream_env)
         worker_urls: dict[str, str] = {}
