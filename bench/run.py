@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from bench import scenarios
 from bench.procs import CPUS
 from bench.report import Result, write_doc
+from bench.soak import soak
 
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "e2e": scenarios.end_to_end,
@@ -27,6 +28,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "overhead": scenarios.worker_overhead,
     "events": scenarios.event_throughput,
     "scaling": scenarios.scaling,
+    "soak": soak,
 }
 
 
