@@ -13,6 +13,7 @@ one encode per ``VDM_ACTIVE_REQUESTS_SSE_THROTTLE`` window; with no change at al
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import orjson
 
 from services.stream.hub import Hub
-from services.stream.sse import DISABLED_MESSAGE, DISABLED_SUGGESTION, encode_event
+from services.stream.sse import DISABLED_MESSAGE, DISABLED_SUGGESTION, HEARTBEAT, encode_event
 
 
 def build_snapshot(hub: Hub | None, now: float | None = None) -> dict[str, Any]:
@@ -65,20 +66,38 @@ def build_snapshot(hub: Hub | None, now: float | None = None) -> dict[str, Any]:
 
 
 class Client:
-    """One connected SSE client: whether it went away, and the future it is parked on."""
+    """One connected SSE client, as the broadcaster sees it.
 
-    __slots__ = ("gone", "waiter")
+    ``sending_since`` is the monotonic time the client's current ``send`` began (0.0 when it is
+    not inside one); the broadcaster's sweep cancels ``task`` when that is older than the send
+    timeout. That replaces an ``asyncio.timeout`` around every send, which cost a timer handle
+    and a ``current_task`` lookup per client per frame.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("counted", "gone", "sending_since", "task", "timed_out")
+
+    def __init__(self, task: asyncio.Task[Any] | None = None) -> None:
         self.gone = False
-        self.waiter: asyncio.Future[None] | None = None
-
-    def wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
+        self.sending_since = 0.0
+        self.task = task
+        self.timed_out = False
+        self.counted = False
 
 
 class Broadcaster:
+    """Holds the current frames and wakes every parked client when they change.
+
+    Every publish bumps ``gen`` and stores in ``delta`` exactly what a client that had seen the
+    previous publish must receive (one frame, or the frames of one wake-up joined once for
+    everybody). A client more than one publish behind rebuilds its chunk from the per-kind
+    generations instead, which only a slow client ever does.
+
+    All parked clients wait on ONE future per generation (not a future each): a publish is a
+    single ``set_result`` and no per-client bookkeeping. A client that disconnects while parked
+    is therefore not woken at once; it leaves at the next publish, and an ``update`` goes out
+    at least every interval.
+    """
+
     def __init__(
         self,
         hub: Hub | None,
@@ -100,11 +119,15 @@ class Broadcaster:
         self.stats_frame = b""
         self.stats_gen = 0
         self.heartbeat_gen = 0
+        self.gen = 0
+        self.delta = b""
         self.closed = False
         self.clients = 0
         self.dropped = 0
         self.encodes = 0
-        self._waiters: list[Client] = []
+        self.last_update = 0.0  # monotonic time of the last update publish
+        self._live: set[Client] = set()
+        self._next: asyncio.Future[None] | None = None
         self._dirty = asyncio.Event()
         # The serving loop, bound by the app's lifespan, for close_threadsafe.
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -116,41 +139,79 @@ class Broadcaster:
         """The hub's change callback: O(1), whatever the event rate."""
         self._dirty.set()
 
-    def encode_update(self) -> None:
-        snapshot = build_snapshot(self.hub)
-        data = orjson.dumps(snapshot)
-        self.update_frame = encode_event("update", data, event_id=snapshot["version"])
-        self.update_gen += 1
-        self.encodes += 1
+    def publish(self, *, update: bool = False, stats: bool = False, beat: bool = False) -> None:
+        """Encode the requested frames and wake every client ONCE for all of them."""
+        parts: list[bytes] = []
+        if update:
+            snapshot = build_snapshot(self.hub)
+            data = orjson.dumps(snapshot)
+            self.update_frame = encode_event("update", data, event_id=snapshot["version"])
+            self.update_gen += 1
+            self.encodes += 1
+            self.last_update = time.monotonic()
+            parts.append(self.update_frame)
+        if stats and self._stats_summary is not None:
+            self.stats_frame = encode_event("stats", orjson.dumps(self._stats_summary()))
+            self.stats_gen += 1
+            parts.append(self.stats_frame)
+        if beat:
+            self.heartbeat_gen += 1
+            parts.append(HEARTBEAT)
+        if not parts:
+            return
+        self.delta = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.gen += 1
         self._wake_all()
+
+    def encode_update(self) -> None:
+        self.publish(update=True)
 
     def encode_stats(self) -> None:
-        if self._stats_summary is None:
-            return
-        self.stats_frame = encode_event("stats", orjson.dumps(self._stats_summary()))
-        self.stats_gen += 1
-        self._wake_all()
+        self.publish(stats=True)
 
     def beat(self) -> None:
-        self.heartbeat_gen += 1
-        self._wake_all()
+        self.publish(beat=True)
 
     def _wake_all(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for client in waiters:
-            client.wake()
+        waiter, self._next = self._next, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def wait(self, client: Client) -> None:
-        """Park ``client`` until the next publish, close, or its own disconnect."""
+        """Park ``client`` until the next publish or close."""
         if client.gone or self.closed:
             return
-        loop = asyncio.get_running_loop()
-        client.waiter = loop.create_future()
-        self._waiters.append(client)
-        try:
-            await client.waiter
-        finally:
-            client.waiter = None
+        waiter = self._next
+        if waiter is None:
+            waiter = self._next = asyncio.get_running_loop().create_future()
+        await waiter
+
+    # ----------------------------------------------------------------- clients
+
+    def join(self, client: Client) -> None:
+        self._live.add(client)
+        client.counted = True
+        self.clients += 1
+
+    def leave(self, client: Client) -> None:
+        """Idempotent: called when the client disconnects and again when its stream ends."""
+        if client.counted:
+            client.counted = False
+            self.clients -= 1
+        self._live.discard(client)
+
+    def sweep(self, send_timeout: float, now: float | None = None) -> int:
+        """Cancel every client whose current send has waited longer than ``send_timeout``."""
+        now = time.monotonic() if now is None else now
+        limit = now - send_timeout
+        stuck = 0
+        for client in self._live:
+            since = client.sending_since
+            if since and since < limit and not client.timed_out and client.task is not None:
+                client.timed_out = True
+                client.task.cancel()
+                stuck += 1
+        return stuck
 
     def close(self) -> None:
         """Make every open stream finish (called on SIGTERM before Uvicorn's shutdown)."""
@@ -167,7 +228,21 @@ class Broadcaster:
     # ----------------------------------------------------------------- loops
 
     async def run_updates(self) -> None:
+        """Change-driven and periodic ``update``s, with ``stats`` riding on them.
+
+        An ``update`` goes out on a change (leading-edge throttle) or when none went out for an
+        interval, so a periodic one is skipped while changes keep coming. The ``stats`` frame
+        is due once per interval and joins whichever update goes out then: one fan-out per
+        wake-up instead of up to three, so a change never queues behind a stats fan-out.
+        """
         last = time.monotonic()
+        last_stats = -math.inf
+        # An update whose stats is due a little early still carries it, so stats keep to one
+        # per interval instead of slipping to every other update when the two beat.
+        slack = min(self.interval / 4, max(self.throttle, 0.05))
+        if self._stats_summary is not None:
+            self.publish(stats=True)  # so the first chunk of a new client already holds stats
+            last_stats = time.monotonic()
         while True:
             try:
                 async with asyncio.timeout(max(0.0, last + self.interval - time.monotonic())):
@@ -180,15 +255,21 @@ class Broadcaster:
             if rest > 0:
                 await asyncio.sleep(rest)
             self._dirty.clear()
-            self.encode_update()
+            now = time.monotonic()
+            stats_due = now - last_stats >= self.interval - slack
+            if stats_due:
+                last_stats = now
+            self.publish(update=True, stats=stats_due)
             last = time.monotonic()
-
-    async def run_stats(self) -> None:
-        while True:
-            self.encode_stats()
-            await asyncio.sleep(self.interval)
 
     async def run_heartbeats(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat)
             self.beat()
+
+    async def run_sweeps(self, send_timeout: float) -> None:
+        """Enforce ``VDM_SSE_SEND_TIMEOUT``: a stuck client is dropped within 1.25 times of it."""
+        period = max(0.05, min(1.0, send_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.sweep(send_timeout)

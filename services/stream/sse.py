@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -57,28 +58,37 @@ async def client_frames(bc: Broadcaster, client: Client) -> AsyncIterator[bytes]
     """Everything one client receives: the current frames at once, then each newer one.
 
     Only generation numbers are compared; the bytes themselves are shared, never copied
-    per client (``b"".join`` happens only when two frames are due at the same wake-up).
+    per client. A client that kept up takes ``bc.delta`` (built once per publish); one that
+    fell more than a publish behind joins the current frames of the kinds it missed.
     """
     # The retry hint rides in the first update frame: a block without data is never dispatched.
     # Note what this first chunk holds *before* yielding: anything published while it is
     # being sent must still go out afterwards.
-    seen_update, seen_stats, seen_beat = bc.update_gen, bc.stats_gen, bc.heartbeat_gen
+    seen, seen_update, seen_stats, seen_beat = bc.gen, bc.update_gen, bc.stats_gen, bc.heartbeat_gen
     yield b"retry: %d\n" % RETRY_MS + bc.update_frame + bc.stats_frame
     while not (bc.closed or client.gone):
-        due: list[bytes] = []
-        if bc.update_gen != seen_update:
-            seen_update = bc.update_gen
-            due.append(bc.update_frame)
-        if bc.stats_gen != seen_stats:
-            seen_stats = bc.stats_gen
-            due.append(bc.stats_frame)
-        if bc.heartbeat_gen != seen_beat:
-            seen_beat = bc.heartbeat_gen
-            due.append(HEARTBEAT)
-        if not due:
+        gen = bc.gen
+        if gen == seen:
             await bc.wait(client)
             continue
-        yield due[0] if len(due) == 1 else b"".join(due)
+        if gen == seen + 1:
+            chunk = bc.delta
+        else:
+            due: list[bytes] = []
+            if bc.update_gen != seen_update:
+                due.append(bc.update_frame)
+            if bc.stats_gen != seen_stats:
+                due.append(bc.stats_frame)
+            if bc.heartbeat_gen != seen_beat:
+                due.append(HEARTBEAT)
+            chunk = due[0] if len(due) == 1 else b"".join(due)
+        seen, seen_update, seen_stats, seen_beat = (
+            gen,
+            bc.update_gen,
+            bc.stats_gen,
+            bc.heartbeat_gen,
+        )
+        yield chunk
 
 
 def json_response_start(status: int, extra: list[tuple[bytes, bytes]] | None = None) -> Message:
@@ -133,31 +143,40 @@ class SSEEndpoint:
         from services.stream.fanout import Client
 
         bc = self.bc
-        client = Client()
-        bc.clients += 1
+        client = Client(asyncio.current_task())
+        bc.join(client)
 
         def gone(_: object) -> None:
+            # A parked client leaves at the next publish (see Broadcaster); it stops counting
+            # against the client cap now.
             client.gone = True
-            client.wake()
+            bc.leave(client)
 
         # The one extra task per client: Uvicorn's send() is silent after a disconnect, so
         # only receive() tells us the client left.
         listener = asyncio.ensure_future(_until_disconnect(receive))
         listener.add_done_callback(gone)
+        # VDM_SSE_SEND_TIMEOUT: each send stamps when it began; the broadcaster's sweep cancels
+        # this task if a send stays blocked (a paused transport) longer than the timeout.
         try:
-            async with asyncio.timeout(self.send_timeout):
-                await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
+            client.sending_since = time.monotonic()
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             async for chunk in client_frames(bc, client):
-                async with asyncio.timeout(self.send_timeout):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                client.sending_since = time.monotonic()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                client.sending_since = 0.0
             if not client.gone:
-                async with asyncio.timeout(self.send_timeout):
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except TimeoutError:
+                client.sending_since = time.monotonic()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            client.sending_since = 0.0
+        except asyncio.CancelledError:
+            task = client.task
+            if not client.timed_out or task is None or task.uncancel() > 0:
+                raise  # not (only) our sweep: somebody else wants this task gone
             bc.dropped += 1
             log.warning("dropped an SSE client that took no data for %.1fs", self.send_timeout)
         finally:
-            bc.clients -= 1
+            bc.leave(client)
             listener.remove_done_callback(gone)
             listener.cancel()
 
