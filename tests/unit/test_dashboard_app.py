@@ -40,6 +40,7 @@ def test_pages_are_served_with_the_stream_url_from_settings(client: Any, path: s
         "streamUrl": "http://stream.example:8090",
         "pollIntervalMs": 2000,
         "withCredentials": False,
+        "loginUrl": "",
     }
     # The config script comes before the assets that read it.
     assert html.index("window.__vdmConfig") < html.index("01_vdm_core.js")
