@@ -25,9 +25,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 import shared
+from services.proxy.resp import RawRedis, pack
 from shared import schema
 from shared.keys import Keys
 from shared.schema import Outcome, Row
@@ -79,6 +80,9 @@ class Publisher:
             health_check_interval=10,
         )
         self.scripts = WireScripts(self.redis, self.keys)
+        # The per-batch Lua call goes over a raw connection when it can (see resp.py).
+        self._raw = RawRedis.like(self.redis)
+        self._apply_head: list[bytes | str | int] = [b"EVALSHA", self.scripts._apply.sha, 4]
         self.upstream = _public_upstream(upstream or settings.upstream_url)
         self.epoch = ""
         self.active: dict[str, Row] = {}
@@ -220,6 +224,8 @@ class Publisher:
                     await self.scripts.remove(self.worker_id, reason="shutdown", epoch=self.epoch)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("shutdown: could not flush and deregister: %r", exc)
+        if self._raw is not None:
+            self._raw.close()
         if self._own_redis:
             await self.redis.aclose()
 
@@ -255,6 +261,10 @@ class Publisher:
         self._progress.clear()
         self._needs_register = False
         epoch = uuid.uuid4().hex[:16]
+        if self._raw is not None:
+            # A (re-)registration follows a fault or a reap: the raw connection may be stale
+            # (Redis restarted under it), so the next batch starts on a fresh one.
+            self._raw.close()
         rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
         previous, self.epoch = self.epoch, epoch
         try:
@@ -305,16 +315,7 @@ class Publisher:
             return
         events_json, sets, deletes, done = self._take_batch()
         try:
-            await self.scripts.apply(
-                self.worker_id,
-                self.epoch,
-                schema.envelope_prefix(self.worker_id, self.epoch),
-                events_json,
-                sets,
-                deletes,
-                done,
-                self.settings.completed_maxlen,
-            )
+            await self._apply(events_json, sets, deletes, done)
         except NotRegistered:
             log.warning(
                 "worker %s is no longer registered (reaped?); re-registering", self.worker_id
@@ -329,6 +330,65 @@ class Publisher:
             raise
         self.batches_sent += 1
         self.events_sent += events_json.count(b'"type":')
+
+    async def _apply(
+        self,
+        events_json: bytes,
+        sets: list[tuple[str, bytes]],
+        deletes: list[str],
+        done: list[schema.CompletedEntry],
+    ) -> None:
+        """``WireScripts.apply``, packed by hand over the raw connection when there is one."""
+        prefix = schema.envelope_prefix(self.worker_id, self.epoch)
+        maxlen = self.settings.completed_maxlen
+        if self._raw is None:
+            await self.scripts.apply(
+                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen
+            )
+            return
+        try:
+            seq = await self._raw.call(
+                pack(self._apply_command(prefix, events_json, sets, deletes, done))
+            )
+        except NoScriptError:  # not loaded yet (or Redis restarted): redis-py loads it
+            await self.scripts.apply(
+                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen
+            )
+            return
+        if not isinstance(seq, int) or seq < 0:
+            raise NotRegistered(self.worker_id)
+
+    def _apply_command(
+        self,
+        prefix: bytes,
+        events_json: bytes,
+        sets: list[tuple[str, bytes]],
+        deletes: list[str],
+        done: list[schema.CompletedEntry],
+    ) -> list[bytes | str | int]:
+        """EVALSHA with exactly the KEYS and ARGV that ``WireScripts.apply`` sends."""
+        k = self.keys
+        args: list[bytes | str | int] = [
+            *self._apply_head,
+            k.seq,
+            k.active(self.worker_id),
+            k.completed,
+            k.events,
+            self.worker_id,
+            self.epoch,
+            prefix,
+            events_json,
+            self.settings.completed_maxlen,
+            len(sets),
+        ]
+        for request_id, row in sets:
+            args += (request_id, row)
+        args.append(len(deletes))
+        args += deletes
+        args.append(len(done))
+        for entry in done:
+            args += schema.completed_values(entry)
+        return args
 
     async def _flush_loop(self) -> None:
         delay = RETRY_MIN

@@ -1,0 +1,69 @@
+"""The publisher's raw apply call sends exactly what ``WireScripts.apply`` would."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from redis.asyncio.connection import Connection
+
+from services.proxy.publisher import Publisher
+from services.proxy.resp import RawRedis, pack
+from shared import schema
+from shared.settings import Settings
+
+
+def test_pack_matches_redis_py() -> None:
+    args: list[bytes | str | int] = [
+        "EVALSHA",
+        "ab" * 20,
+        4,
+        "p:seq",
+        b'{"x":"\xc3\xa9"}',
+        0,
+        12,
+        "é",
+    ]
+    assert pack(args) == b"".join(Connection().pack_command(*args))
+
+
+async def test_apply_command_matches_wire_scripts(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings.from_env({"VDM_KEY_PREFIX": "t", "VDM_WORKER_ID": "w1"})
+    pub = Publisher(settings)
+    assert pub._raw is not None  # a plain redis:// client gets the raw path
+    pub.epoch = "e1"
+    done = [
+        schema.CompletedEntry(
+            request_id="r1",
+            worker_id="w1",
+            model=None,
+            method="POST",
+            path="/v1/x",
+            status=200,
+            outcome="ok",
+            start_time=1.5,
+            duration_ms=2.25,
+            input_tokens=3,
+            output_tokens=None,
+            bytes_out=10,
+        )
+    ]
+    sets = [("r2", b'{"request_id":"r2"}')]
+    captured: dict[str, Any] = {}
+    sha = pub.scripts._apply.sha
+
+    async def fake_apply(*, keys: list[Any], args: list[Any]) -> int:
+        captured["cmd"] = ["EVALSHA", sha, len(keys), *keys, *args]
+        return 1
+
+    monkeypatch.setattr(pub.scripts, "_apply", fake_apply)
+    prefix = schema.envelope_prefix("w1", "e1")
+    maxlen = settings.completed_maxlen
+    await pub.scripts.apply("w1", "e1", prefix, b"[]", sets, ["r3"], done, maxlen)
+    ours = pub._apply_command(prefix, b"[]", sets, ["r3"], done)
+    assert pack(ours) == pack(captured["cmd"])
+    await pub.redis.aclose()
+
+
+def test_test_doubles_keep_redis_py(fake_redis: Any) -> None:
+    assert RawRedis.like(fake_redis) is None
