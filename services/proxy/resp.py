@@ -88,9 +88,10 @@ class RawRedis:
             except TimeoutError as exc:
                 self.close()
                 raise RedisTimeoutError("timed out talking to Redis") from exc
-            except OSError as exc:
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                # IncompleteReadError: Redis closed the connection mid-reply (a restart).
                 self.close()
-                raise RedisConnectionError(f"Redis connection failed: {exc}") from exc
+                raise RedisConnectionError(f"Redis connection failed: {exc!r}") from exc
             except ResponseError:
                 raise  # a reply; the connection is fine
             except BaseException:

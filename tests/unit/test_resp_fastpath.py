@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from services.proxy.publisher import Publisher
 from services.proxy.resp import RawRedis, pack
@@ -67,3 +69,24 @@ async def test_apply_command_matches_wire_scripts(monkeypatch: pytest.MonkeyPatc
 
 def test_test_doubles_keep_redis_py(fake_redis: Any) -> None:
     assert RawRedis.like(fake_redis) is None
+
+
+async def test_a_connection_closed_mid_reply_raises_a_redis_connection_error() -> None:
+    """A Redis that hangs up (restart) must look like any lost connection to the flush loop,
+    not escape as asyncio.IncompleteReadError and end it."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.write(b":1")  # half a reply, then EOF
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    raw = RawRedis("127.0.0.1", port, timeout=2.0)
+    try:
+        with pytest.raises(RedisConnectionError):
+            await raw.call(pack(["PING"]))
+    finally:
+        raw.close()
+        server.close()
+        await server.wait_closed()
