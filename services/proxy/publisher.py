@@ -408,9 +408,13 @@ class Publisher:
                         log.info("connected to Redis")
                     self.connected = True
                     delay = RETRY_MIN
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:
+                # Redis errors are expected; anything else is a bug, but it must not end the
+                # flush task (publishing would stop for good while proxying went on).
                 self.flush_failures += 1
-                if self.connected:
+                if not isinstance(exc, RedisError | OSError | TimeoutError):
+                    log.exception("unexpected error while flushing; rewriting state")
+                elif self.connected:
                     log.warning("Redis unavailable, proxying goes on unrecorded: %s", exc)
                 self.connected = False
                 self._needs_register = True
