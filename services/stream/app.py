@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Coroutine
 from typing import Any
@@ -31,6 +32,8 @@ from services.stream.stats import RollingStats
 from shared.auth import DEFAULT_EXEMPT, ASGIApp, Receive, RequireAuth, Scope, Send
 from shared.keys import Keys
 from shared.settings import Settings
+
+log = logging.getLogger("vdm.stream")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STREAM_PATH = "/metrics/active-requests/stream"
@@ -152,17 +155,23 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
             jobs += [hub.run(), hub.reap_loop(), stats.run()]
             jobs += [bc.run_updates(), bc.run_heartbeats()]
             jobs += [bc.run_sweeps(settings.sse_send_timeout)]
-        tasks = [asyncio.create_task(job) for job in jobs]
+        tasks = [asyncio.create_task(job, name=getattr(job, "__qualname__", "job")) for job in jobs]
         try:
             yield
         finally:
             bc.close()
             for task in tasks:
                 task.cancel()
-            # Await them, so nothing still uses the client we close next.
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # Await them, so nothing still uses the client we close next -- but bounded: a
+            # task that does not unwind promptly must not hold shutdown past 2 s (issue 3).
+            if tasks:
+                _done, pending = await asyncio.wait(tasks, timeout=1.0)
+                for task in pending:
+                    log.warning("shutdown: task %s did not stop within 1 s", task.get_name())
             if owns_redis:
-                await client.aclose()
+                with contextlib.suppress(TimeoutError, RedisError, OSError):
+                    async with asyncio.timeout(0.5):
+                        await client.aclose()
 
     sse = SSEEndpoint(
         bc,
