@@ -50,6 +50,19 @@
     window.setTimeout(fitAll, 0);
   }
 
+  // A chart's box changes size when its page is shown or the window resizes: re-measure then,
+  // whatever caused it (navigation, the page toggle callback, a wall screen's resolution).
+  if (window.ResizeObserver) {
+    const observer = new ResizeObserver(() => fitAll());
+    const watch = () =>
+      document.querySelectorAll(".vdm-chart").forEach((box) => observer.observe(box));
+    if (document.readyState === "loading") {
+      document.addEventListener("DOMContentLoaded", () => window.setTimeout(watch, 0));
+    }
+    window.setTimeout(watch, 0);
+    window.addEventListener("vdm:locationchange", () => window.setTimeout(watch, 0));
+  }
+
   window.addEventListener("vdm:locationchange", () => window.setTimeout(fitAll, 60));
   window.addEventListener("popstate", () => window.setTimeout(fitAll, 60));
 
