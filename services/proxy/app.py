@@ -11,10 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import orjson
 import redis.asyncio as aioredis
 
-from services.proxy.forward import ReverseProxy, make_client
+from services.proxy.forward import ReverseProxy, make_client, send_json
 from services.proxy.instrument import RequestMetricsMiddleware
 from services.proxy.publisher import Publisher
 from shared.settings import Settings
@@ -94,18 +93,7 @@ class WorkerApp:
             )
         else:
             status, body = 404, {"error": "not_found", "message": f"no worker endpoint {path}"}
-        payload = orjson.dumps(body)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(payload)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": payload})
+        await send_json(send, status, body)
 
 
 def create_app(

@@ -57,8 +57,9 @@ def _filtered(headers: Any, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]
     ]
 
 
-async def _json_error(send: Any, status: int, error: str, message: str) -> None:
-    body = orjson.dumps({"error": error, "message": message})
+async def send_json(send: Any, status: int, payload: Any) -> None:
+    """A complete JSON response on a raw ASGI ``send``."""
+    body = orjson.dumps(payload)
     await send(
         {
             "type": "http.response.start",
@@ -154,11 +155,11 @@ class ReverseProxy:
                 raise ClientDisconnected from exc
             scope.setdefault("vdm", {})["upstream_error"] = True
             log.info("upstream %s unreachable: %s", self.upstream, exc)
-            await _json_error(
+            message = f"the worker could not reach its upstream {self.upstream}: "
+            await send_json(
                 send,
                 502,
-                "upstream_unreachable",
-                f"the worker could not reach its upstream {self.upstream}: {type(exc).__name__}",
+                {"error": "upstream_unreachable", "message": message + type(exc).__name__},
             )
             return
         try:
