@@ -19,9 +19,9 @@ from redis.exceptions import RedisError
 from services.stream.app import create_app
 from shared import schema
 from shared.keys import Keys
-from shared.serve import bind_socket, make_server, url_for
 from shared.settings import Settings
 from shared.store import WireScripts, now_ms
+from tests.worker_harness import running
 
 FAST = {
     "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.3",
@@ -184,22 +184,12 @@ async def running_stream(
 ) -> AsyncIterator[tuple[str, Any]]:
     """A real Uvicorn server with the stream app on a free port in this loop: (url, app)."""
     app = create_app(settings, redis)
-    sock = bind_socket("127.0.0.1", 0)
-    server = make_server(app, sock, "stream", graceful_timeout=1.0)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield url_for(sock), app
-    finally:
-        app.state.broadcaster.close()
-        server.should_exit = True
-        async with asyncio.timeout(10):
-            await task
-        sock.close()
+    async with running(app, "stream") as (url, _server):
+        try:
+            yield url, app
+        finally:
+            # What the stream command's on_exit does: open streams end before Uvicorn waits.
+            app.state.broadcaster.close()
 
 
 async def wait_until(

@@ -109,10 +109,12 @@ async def running(app: Any, name: str) -> AsyncIterator[tuple[str, uvicorn.Serve
         yield url_for(sock), server
     finally:
         server.should_exit = True
-        with contextlib.suppress(Exception):
+        try:
+            # A shutdown that hangs is a failure worth seeing, not something to swallow.
             async with asyncio.timeout(10):
                 await task
-        sock.close()
+        finally:
+            sock.close()
 
 
 def worker_settings(redis_url: str, key_prefix: str, **extra: str) -> Settings:
