@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +37,13 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# The README's screenshots are refreshed only on request (VDM_UPDATE_SCREENSHOTS=1), so an
+# ordinary test run leaves the checkout clean; otherwise they go to a scratch directory.
+SCREENSHOTS = (
+    Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+    if os.environ.get("VDM_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "vdm-screenshots"
+)
 
 # Records every EventSource the page creates (when, which URL, whether it was closed), so a
 # test can see connection attempts and their spacing without trusting the client's own report.
@@ -229,10 +236,28 @@ class DashboardPage:
     def __init__(self, page: Any, base_url: str) -> None:
         self.page = page
         self.base_url = base_url.rstrip("/")
-        self.console: list[str] = []
-        self.requests: list[str] = []
-        page.on("console", lambda msg: self.console.append(msg.text))
-        page.on("request", lambda req: self.requests.append(req.url))
+        self._console: list[str] = []
+        self._requests: list[str] = []
+        page.on("console", lambda msg: self._console.append(msg.text))
+        page.on("request", lambda req: self._requests.append(req.url))
+
+    # Playwright's sync API delivers events only while Python is inside one of its calls, so
+    # a list filled by a handler stays frozen across `time.sleep` in a polling loop. A trivial
+    # round trip to the page first lets every event received so far reach the handlers.
+    def _deliver_events(self) -> None:
+        self.page.evaluate("0")
+
+    @property
+    def console(self) -> list[str]:
+        """Console lines so far (a copy, with every pending event delivered)."""
+        self._deliver_events()
+        return list(self._console)
+
+    @property
+    def requests(self) -> list[str]:
+        """URLs of the requests the page has made so far (pending events delivered)."""
+        self._deliver_events()
+        return list(self._requests)
 
     def open(self, path: str = "/dashboard/metrics") -> DashboardPage:
         self.page.goto(self.base_url + path)
