@@ -18,9 +18,9 @@ sets ``scope["vdm"]["upstream_error"] = True``.
 
 from __future__ import annotations
 
+import os
 import re
 import time
-import uuid
 from typing import Any, Protocol
 
 import orjson
@@ -91,7 +91,7 @@ def request_id_for(scope: Scope) -> str:
         text = raw.decode("latin-1")
         if _VALID_REQUEST_ID.fullmatch(text):
             return text
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # like uuid4().hex, without building a UUID (~4x cheaper)
 
 
 class _Tracker:
@@ -259,16 +259,16 @@ class RequestMetricsMiddleware:
         async def send_wrapper(message: Message) -> None:
             nonlocal response_complete
             kind = message["type"]
-            if kind == "http.response.start":
+            if kind == "http.response.body":  # first: it is by far the most frequent
+                tracker.on_response_body(message)
+                if not message.get("more_body", False):
+                    response_complete = True
+            elif kind == "http.response.start":
                 tracker.on_response_start(message)
                 if self.request_id_header:
                     headers = list(message.get("headers", ()))
                     headers.append((b"x-request-id", tracker.request_id.encode()))
                     message = {**message, "headers": headers}
-            elif kind == "http.response.body":
-                tracker.on_response_body(message)
-                if not message.get("more_body", False):
-                    response_complete = True
             try:
                 await send(message)
             except OSError:

@@ -67,10 +67,13 @@ async def test_request_start_and_end_write_hash_batches_and_completed_entry(
             )
             await asyncio.wait_for(up.arrival("a").wait(), 5)
 
-            async def row_visible() -> bool:
-                return "req-1" in (await read_worker_state(redis, keys, "w1")).rows
+            # The start can go out before the proxy has read the body; the model follows in a
+            # progress event at most one flush window later.
+            async def row_visible_with_model() -> bool:
+                rows = (await read_worker_state(redis, keys, "w1")).rows
+                return "req-1" in rows and rows["req-1"]["model"] is not None
 
-            await _until(row_visible)
+            await _until(row_visible_with_model)
             row = (await read_worker_state(redis, keys, "w1")).rows["req-1"]
             assert row["model"] == "gpt-test"
             assert row["path"] == "/v1/chat/completions"  # no query string

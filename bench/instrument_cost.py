@@ -1,0 +1,192 @@
+"""The instrumentation's own CPU cost per request, measured in one process without HTTP.
+
+The side-by-side worker comparison (:mod:`bench.overhead`) is the real thing, but on this
+machine a 2-second round of the *same* proxy varies by ±20% in CPU per request (httpx's
+connection pool grows and shrinks between rounds; the other core's load moves), which buries a
+few per cent. Here the noise is gone: one process runs a stand-in for the proxy — an ASGI app
+that reads the request, waits as long as the upstream would, and answers with the same
+messages the proxy sends (``http.response.start``, the JSON body, the empty last chunk) — with
+and without :class:`RequestMetricsMiddleware` + :class:`Publisher` (flushing into a real Redis
+on loopback), interleaved A B B A, and reads ``time.process_time()`` around each round. The
+difference is what instrumentation adds per request: the middleware, the publisher's
+bookkeeping, and its share of the Lua calls (whose batching depends on the request rate, so
+the stand-in is paced to the rate the real worker reached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from bench.overhead import OTHER_CORE, WORKER_CORE
+from bench.procs import pin
+from services.proxy.instrument import RequestMetricsMiddleware
+from services.proxy.publisher import Publisher
+from shared.embedded_redis import EmbeddedRedis
+from shared.settings import Settings
+
+ASGI = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+
+REQUEST_BODY = orjson.dumps(
+    {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+)
+RESPONSE_BODY = orjson.dumps(
+    {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x " * 8}}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11},
+    }
+)
+HEADERS = [
+    (b"host", b"127.0.0.1"),
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(REQUEST_BODY)).encode()),
+]
+
+
+def stand_in(upstream_s: float) -> ASGI:
+    """The proxy's ASGI conversation, with the upstream replaced by a wait."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await asyncio.sleep(upstream_s)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": RESPONSE_BODY, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+async def _request(app: ASGI) -> None:
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "headers": HEADERS,
+    }
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": REQUEST_BODY, "more_body": False}
+        await asyncio.Event().wait()  # a client that stays connected
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    await app(scope, receive, send)
+
+
+async def _round(app: ASGI, concurrency: int, requests: int) -> float:
+    """CPU µs per request for ``requests`` requests over ``concurrency`` closed loops."""
+
+    async def loop(n: int) -> None:
+        for _ in range(n):
+            await _request(app)
+
+    per_loop = max(1, requests // concurrency)
+    t0 = time.process_time()
+    await asyncio.gather(*(loop(per_loop) for _ in range(concurrency)))
+    return (time.process_time() - t0) / (per_loop * concurrency) * 1e6
+
+
+@dataclass
+class CostResult:
+    concurrency: int
+    rate: float  # requests/s the stand-in was paced to
+    bare_us: float
+    instrumented_us: float
+    added_us: list[float]  # per A B B A block
+    lua_calls_per_request: float
+
+    @property
+    def added(self) -> float:
+        return statistics.median(self.added_us)
+
+
+def instrumentation_cost(
+    loads: list[tuple[int, float]], requests: int, blocks: int
+) -> list[CostResult]:
+    """For each (concurrency, request rate): bare and instrumented CPU per request.
+
+    Blocking; call it in a thread of its own. It runs on uvloop, as the worker does, pinned
+    (like the worker in :mod:`bench.overhead`) to core 1 with Redis on core 0.
+    """
+    import uvloop
+
+    pin(threading.get_native_id(), WORKER_CORE)
+    redis = EmbeddedRedis()
+    redis.start()
+    try:
+        if redis.process is not None:
+            pin(redis.process.pid, OTHER_CORE)
+        return uvloop.run(_measure(redis.url, loads, requests, blocks))
+    finally:
+        redis.stop()
+
+
+async def _measure(
+    redis_url: str, loads: list[tuple[int, float]], requests: int, blocks: int
+) -> list[CostResult]:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": redis_url,
+            "VDM_WORKER_ID": "bench-cost",
+            "VDM_KEY_PREFIX": f"cost{int(time.time() * 1000) % 10**8}",
+        }
+    )
+    publisher = Publisher(settings)
+    await publisher.start_background()
+    async with asyncio.timeout(10):
+        await publisher.wait_registered()
+    results = []
+    for concurrency, rate in loads:
+        app = stand_in(concurrency / rate)
+        instrumented = RequestMetricsMiddleware(app, publisher)
+        sides: dict[str, ASGI] = {"instrumented": instrumented, "bare": app}
+        for side in sides.values():  # warm up
+            await _round(side, concurrency, max(concurrency, requests // 10))
+        cpu: dict[str, list[float]] = {"instrumented": [], "bare": []}
+        calls = 0
+        for _ in range(blocks):
+            for label in ("instrumented", "bare", "bare", "instrumented"):
+                before = publisher.batches_sent
+                cpu[label].append(await _round(sides[label], concurrency, requests))
+                calls += publisher.batches_sent - before
+        added = [
+            statistics.fmean(cpu["instrumented"][i : i + 2])
+            - statistics.fmean(cpu["bare"][i : i + 2])
+            for i in range(0, 2 * blocks, 2)
+        ]
+        results.append(
+            CostResult(
+                concurrency=concurrency,
+                rate=rate,
+                bare_us=statistics.median(cpu["bare"]),
+                instrumented_us=statistics.median(cpu["instrumented"]),
+                added_us=added,
+                lua_calls_per_request=calls / (2 * blocks * requests),
+            )
+        )
+    await publisher.close()
+    return results
