@@ -11,6 +11,7 @@ queue) and prints one JSON line: events queued and sent, dropped, seconds, CPU s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import httpx
 import orjson
+import redis.asyncio as aioredis
 
 from bench.fanout import make_row, pinned_self
 from bench.procs import CPUS, ROOT, CpuMeter, cpu_seconds, fleet
@@ -45,7 +47,9 @@ async def publish(redis_url: str, prefix: str, worker_id: str, seconds: float, r
     t0 = time.monotonic()
     cpu0 = cpu_seconds(os.getpid())
     end_at = t0 + seconds
+    max_queued = 0
     while (now := time.monotonic()) < end_at:
+        max_queued = max(max_queued, len(pub._events))
         if len(pub._events) > HIGH_WATER:  # back-pressure, as a real source cannot overflow it
             await asyncio.sleep(0.0005)
             continue
@@ -88,6 +92,7 @@ async def publish(redis_url: str, prefix: str, worker_id: str, seconds: float, r
         "seconds": elapsed,
         "cpu": cpu,
         "rows_left": len(live),
+        "max_queued": max_queued,
     }
 
 
@@ -131,6 +136,10 @@ class IngestResult:
     publishers: list[dict[str, Any]]
     offered: float  # events/s all publishers got into Redis together
     lag: list[float]  # vdm_hub_lag_seconds samples during the run
+    # Bytes published but not yet read by the hub (Redis's output buffer for it plus its socket
+    # receive queues), sampled with the lag: near zero means any lag was made before Redis, in
+    # the publishers' queues; growing means the hub is behind.
+    backlog: list[int]
     drain: float  # seconds after the publishers exited until the hub had applied everything
     hub_cores: float
     redis_cores: float
@@ -151,15 +160,18 @@ async def hub_ingest(publishers: int, seconds: float, rate: float) -> IngestResu
         stream = f.start("stream", env=f.env())
         meters = CpuMeter([stream.pid]).start(), CpuMeter([f.redis_pid]).start()
         lag: list[float] = []
+        backlog: list[int] = []
         task = asyncio.create_task(
             run_publishers(f.env()["REDIS_URL"], f.prefix, publishers, seconds, rate / publishers)
         )
-        async with httpx.AsyncClient(base_url=stream.url, timeout=5) as http:
+        redis = aioredis.Redis.from_url(f.env()["REDIS_URL"])
+        async with httpx.AsyncClient(base_url=stream.url, timeout=5) as http, redis:
             while not task.done():
                 response = await http.get("/metrics")
                 for line in response.text.splitlines():
                     if line.startswith("vdm_hub_lag_seconds "):
                         lag.append(float(line.split()[1]))
+                backlog.append(await _hub_backlog(redis, stream.pid))
                 await asyncio.sleep(0.25)
             results = await task
             t_stop = time.monotonic()
@@ -172,9 +184,36 @@ async def hub_ingest(publishers: int, seconds: float, rate: float) -> IngestResu
                     drain = time.monotonic() - t_stop
                     break
                 await asyncio.sleep(0.05)
-        hub, redis = (m.stop() for m in meters)
+        hub, redis_cpu = (m.stop() for m in meters)
     offered = sum(r["sent"] / r["seconds"] for r in results)
-    return IngestResult(results, offered, lag, drain, hub.share, redis.share)
+    return IngestResult(results, offered, lag, backlog, drain, hub.share, redis_cpu.share)
+
+
+async def _hub_backlog(redis: aioredis.Redis, hub_pid: int) -> int:
+    """Bytes published to the hub that it has not read yet: what Redis still holds for its
+    pub/sub connection (CLIENT LIST omem) plus what waits in the hub's socket receive queues."""
+    clients: Any = await redis.client_list(_type="pubsub")
+    return sum(int(c.get("omem", 0)) for c in clients) + receive_queued(hub_pid)
+
+
+def receive_queued(pid: int) -> int:
+    """Sum of the receive queues of ``pid``'s TCP sockets (/proc/net/tcp rx_queue, by inode)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines, None)  # header
+            for line in lines:
+                parts = line.split()
+                if len(parts) > 9 and parts[9] in inodes:
+                    total += int(parts[4].split(":")[1], 16)
+    return total
 
 
 if __name__ == "__main__":

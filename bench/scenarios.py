@@ -307,9 +307,27 @@ async def event_throughput(quick: bool) -> Result:
     early, late = statistics.fmean(lag[:third] or [0]), statistics.fmean(lag[-third:] or [0])
     lag_table = Table(
         "hub lag (vdm_hub_lag_seconds, sampled every 0.25 s) and catch-up",
-        ["samples", "first third mean ms", "last third mean ms", "max ms", "drain after stop s"],
+        [
+            "samples",
+            "first third mean ms",
+            "last third mean ms",
+            "max ms",
+            "drain after stop s",
+            "hub backlog in Redis, max KB",
+            "publisher queue, max events",
+        ],
     )
-    lag_table.add(len(lag), early * 1000, late * 1000, max(lag or [0]) * 1000, ingest.drain)
+    backlog_kb = max(ingest.backlog or [0]) / 1024
+    queued = max(p.get("max_queued", 0) for p in ingest.publishers)
+    lag_table.add(
+        len(lag),
+        early * 1000,
+        late * 1000,
+        max(lag or [0]) * 1000,
+        ingest.drain,
+        f"{backlog_kb:,.0f}",
+        queued,
+    )
     result.tables.append(lag_table)
     result.verdicts += [
         Verdict("one publisher >= 20,000 events/s", f"{one_rate:,.0f}/s", one_rate >= 20_000),

@@ -130,20 +130,21 @@ class _Tracker:
         self.scanner: sniff.StreamUsageScanner | None = None
         self.json_response = False
         self.response_body: list[bytes] | None = None
-        self.row = Row(
-            request_id=self.request_id,
-            worker_id=recorder.worker_id,
-            method=clamp(str(scope.get("method", "GET")), MAX_METHOD_CHARS),
-            path=clamp_path(path),
-            model=None,
-            provider=sniff.provider_for(path),
-            is_streaming=False,
-            start_time=time.time(),
-            phase=Phase.UPSTREAM,
-            bytes_out=0,
-            input_tokens=None,
-            output_tokens=None,
-        )
+        # A dict literal, not Row(...): the TypedDict class call costs ~1.5 us more per request.
+        self.row: Row = {
+            "request_id": self.request_id,
+            "worker_id": recorder.worker_id,
+            "method": clamp(str(scope.get("method", "GET")), MAX_METHOD_CHARS),
+            "path": clamp_path(path),
+            "model": None,
+            "provider": sniff.provider_for(path),
+            "is_streaming": False,
+            "start_time": time.time(),
+            "phase": Phase.UPSTREAM,
+            "bytes_out": 0,
+            "input_tokens": None,
+            "output_tokens": None,
+        }
         recorder.start(self.row)
 
     # -- request side

@@ -147,22 +147,23 @@ class Publisher:
         row = self.active.pop(request_id, None)
         if row is None:
             return
-        self._completed.append(
-            schema.CompletedEntry(
-                request_id=request_id,
-                worker_id=self.worker_id,
-                model=row["model"],
-                method=row["method"],
-                path=row["path"],
-                status=status,
-                outcome=outcome.value,
-                start_time=row["start_time"],
-                duration_ms=round(duration_ms, 3),
-                input_tokens=input_tokens,
-                output_tokens=output_tokens,
-                bytes_out=bytes_out,
-            )
-        )
+        # Dict literals, not TypedDict(...) calls: a class call with keywords costs ~1.5 us
+        # more per request, on the request's own core.
+        entry: schema.CompletedEntry = {
+            "request_id": request_id,
+            "worker_id": self.worker_id,
+            "model": row["model"],
+            "method": row["method"],
+            "path": row["path"],
+            "status": status,
+            "outcome": outcome.value,
+            "start_time": row["start_time"],
+            "duration_ms": round(duration_ms, 3),
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "bytes_out": bytes_out,
+        }
+        self._completed.append(entry)
         self._progress.pop(request_id, None)
         if self._admit():
             self._events.append(
@@ -402,7 +403,7 @@ class Publisher:
             try:
                 while self._has_pending():
                     rest = self._last_flush + FLUSH_INTERVAL - time.monotonic()
-                    if rest > 0:
+                    if rest > 0 and len(self._events) < MAX_BATCH_EVENTS:
                         await asyncio.sleep(rest)  # gather what else arrives meanwhile
                     self._last_flush = time.monotonic()
                     await self._flush_once()

@@ -26,14 +26,19 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 def pack(args: Sequence[bytes | str | int]) -> bytes:
     """One RESP command (an array of bulk strings), byte-identical to redis-py's packing."""
     out = [b"*%d\r\n" % len(args)]
+    append = out.append
     for arg in args:
-        if isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, bytes):
+        if isinstance(arg, bytes):
             data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
         else:
             data = str(arg).encode()
-        out.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        # Three parts, not one formatted string: a batch's events JSON can be 100 KB, and
+        # formatting would copy it once more before the join.
+        append(b"$%d\r\n" % len(data))
+        append(data)
+        append(b"\r\n")
     return b"".join(out)
 
 

@@ -13,7 +13,7 @@ duration histogram are updated as entries arrive (once per finished request).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -101,6 +101,7 @@ class StreamMetrics:
         # Malformed completed-stream entries (the hub counts its own).
         self.completed_malformed = [0]
         self._label_sets: set[tuple[str, str]] = set()
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     def attach(self, hub: Hub | None, bc: Broadcaster) -> None:
         self.registry.register(HubCollector(hub, bc, self.completed_malformed))
@@ -112,8 +113,17 @@ class StreamMetrics:
                 worker, model = OTHER, OTHER
             else:
                 self._label_sets.add((worker, model))
-        self.requests.labels(worker, model, entry["outcome"]).inc()
-        self.duration.labels(worker, model).observe(entry["duration_ms"] / 1000.0)
+        # `labels()` validates and looks up its arguments on every call; the hub observes every
+        # finished request, so the children are kept (bounded like the label sets themselves).
+        key = (worker, model, entry["outcome"])
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(worker, model, entry["outcome"]),
+                self.duration.labels(worker, model),
+            )
+        children[0].inc()
+        children[1].observe(entry["duration_ms"] / 1000.0)
 
     def malformed_completed(self, _detail: object) -> None:
         self.completed_malformed[0] += 1

@@ -404,3 +404,82 @@ async def test_garbage_in_a_workers_hashes_is_counted_not_fatal(
     assert state.epoch is None
     assert set(state.rows) == {"r1"}
     assert state.malformed == 3
+
+
+# --------------------------------------------------------------------------- fast paths
+
+ROW_FIELDS = sorted(schema.Row.__annotations__)
+END_FIELDS = ["request_id", "status", "outcome", "duration_ms", "input_tokens", "output_tokens"]
+
+
+def _checked(check: Any, obj: dict[str, Any]) -> Any:
+    try:
+        return check(obj)
+    except MalformedMessage:
+        return MalformedMessage
+
+
+@st.composite
+def mangled(draw: st.DrawFn, base: dict[str, Any], fields: list[str]) -> dict[str, Any]:
+    """``base`` with some fields replaced by any JSON value, dropped, or joined by extras."""
+    obj = dict(base)
+    for name in draw(st.lists(st.sampled_from(fields), max_size=3)):
+        if draw(st.booleans()):
+            obj[name] = draw(json_scalars)
+        else:
+            obj.pop(name, None)
+    if draw(st.booleans()):
+        obj[draw(st.text(max_size=8))] = draw(json_scalars)
+    return obj
+
+
+@FUZZ
+@given(st.data())
+def test_the_fast_row_check_declines_or_agrees_with_the_field_by_field_one(
+    data: st.DataObject,
+) -> None:
+    obj = data.draw(mangled(dict(data.draw(rows())), ROW_FIELDS))
+    fast = schema._fast_row(obj)
+    if fast is not None:
+        assert fast == _checked(schema._checked_row, obj)
+        assert set(fast) == set(ROW_FIELDS)
+
+
+@FUZZ
+@given(st.data())
+def test_the_fast_end_check_declines_or_agrees_with_the_field_by_field_one(
+    data: st.DataObject,
+) -> None:
+    end = {
+        "request_id": data.draw(ids),
+        "status": data.draw(counts),
+        "outcome": data.draw(outcomes),
+        "duration_ms": data.draw(finite),
+        "input_tokens": data.draw(st.none() | counts),
+        "output_tokens": data.draw(st.none() | counts),
+        "bytes_out": data.draw(counts),
+    }
+    obj = data.draw(mangled(end, END_FIELDS))
+    fast = schema._fast_end(obj)
+    if fast is not None:
+        assert fast == _checked(schema._checked_end, obj)
+
+
+def test_the_fast_paths_take_what_a_worker_sends() -> None:
+    row = schema.Row(
+        request_id="r1",
+        worker_id="w1",
+        method="POST",
+        path="/v1/chat/completions",
+        model="gpt-4o-mini",
+        provider="openai",
+        is_streaming=True,
+        start_time=1.5,
+        phase="upstream",
+        bytes_out=0,
+        input_tokens=None,
+        output_tokens=None,
+    )
+    assert schema._fast_row(orjson.loads(schema.encode_row(row))) == row
+    end = {"request_id": "r1", "status": 200, "outcome": "ok", "duration_ms": 5.0}
+    assert schema._fast_end({**end, "input_tokens": 3, "output_tokens": None}) is not None
