@@ -56,6 +56,11 @@ class WireScripts:
         self._heartbeat = redis.register_script(_lua("heartbeat"))
         self._remove = redis.register_script(_lua("remove"))
 
+    @property
+    def apply_sha(self) -> str:
+        """SHA1 of ``apply.lua``, for a caller that sends the EVALSHA itself (the publisher)."""
+        return str(self._apply.sha)
+
     async def register(
         self,
         record: schema.WorkerRecord,

@@ -84,7 +84,7 @@ class Publisher:
         self.scripts = WireScripts(self.redis, self.keys)
         # The per-batch Lua call goes over a raw connection when it can (see resp.py).
         self._raw = RawRedis.like(self.redis)
-        self._apply_head: list[bytes | str | int] = [b"EVALSHA", self.scripts._apply.sha, 4]
+        self._apply_head: list[bytes | str | int] = [b"EVALSHA", self.scripts.apply_sha, 4]
         self.upstream = _public_upstream(upstream or settings.upstream_url)
         self.epoch = ""
         self.active: dict[str, Row] = {}

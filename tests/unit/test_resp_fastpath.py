@@ -52,7 +52,7 @@ async def test_apply_command_matches_wire_scripts(monkeypatch: pytest.MonkeyPatc
     ]
     sets = [("r2", b'{"request_id":"r2"}')]
     captured: dict[str, Any] = {}
-    sha = pub.scripts._apply.sha
+    sha = pub.scripts.apply_sha
 
     async def fake_apply(*, keys: list[Any], args: list[Any]) -> int:
         captured["cmd"] = ["EVALSHA", sha, len(keys), *keys, *args]
