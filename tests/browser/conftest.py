@@ -309,6 +309,21 @@ class DashboardPage:
     def wait_rows(self, predicate: Any, timeout: float = 15.0, message: str = "rows") -> None:
         wait_for(lambda: predicate(set(self.row_ids())), timeout, 0.1, message)
 
+    def wait_rows_with_models(
+        self, ids: set[str], timeout: float = 15.0, message: str = "rows with their models"
+    ) -> dict[str, dict[str, Any]]:
+        """Until every id in ``ids`` shows, each with its model; returns all rows by id.
+
+        A row can show before its model: the worker may publish the start before it has read
+        the request body, and the model follows in a progress event a flush window later."""
+
+        def shown() -> dict[str, dict[str, Any]] | None:
+            rows = {str(r["request_id"]): r for r in self.grid_rows()}
+            return rows if ids <= set(rows) and all(rows[i]["model"] for i in ids) else None
+
+        result: dict[str, dict[str, Any]] = wait_for(shown, timeout, 0.1, message)
+        return result
+
     def wait_grid(self, grid_id: str = "vdm-active-grid") -> None:
         self.page.wait_for_function(
             "(id) => { try { return !!window.dash_ag_grid.getApi(id); }"

@@ -37,14 +37,15 @@ def test_rows_appear_when_requests_start_and_vanish_when_they_end(
 ) -> None:
     page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/metrics")
     page.wait_live()
+    # Held long enough that the rows are still there for the duration check below even on a
+    # loaded machine (a 4 s hold could end before it under a CPU hog).
     held = [
-        holder.hold(system.workers["w1"], 4000, model="gpt-4o"),
-        holder.hold(system.workers["w2"], 4000, model="claude-sonnet-4-0"),
+        holder.hold(system.workers["w1"], 8000, model="gpt-4o"),
+        holder.hold(system.workers["w2"], 8000, model="claude-sonnet-4-0"),
     ]
     ids = {rid for rid, _ in held}
 
-    page.wait_rows(lambda shown: ids <= shown, message="held requests to appear")
-    rows = {r["request_id"]: r for r in page.grid_rows()}
+    rows = page.wait_rows_with_models(ids, message="held requests to appear with their models")
     assert rows[held[0][0]]["worker_id"] == "w1"
     assert rows[held[1][0]]["worker_id"] == "w2"
     assert rows[held[1][0]]["model"] == "claude-sonnet-4-0"
@@ -73,7 +74,7 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     assert page.sort_state() == [("start_time", "desc")]  # newest first by default
 
     first = [holder.hold(system.workers["w1"], 8000, model=m) for m in ("m-charlie", "m-alpha")]
-    page.wait_rows(lambda shown: {r for r, _ in first} <= shown, message="first rows")
+    page.wait_rows_with_models({r for r, _ in first}, message="first rows")
     grid = page.page.locator("#vdm-active-grid")
     grid.locator('.ag-header-cell[col-id="model"] .ag-header-cell-text').click()
     wait_for(lambda: page.sort_state() == [("model", "asc")], 5, 0.1, "sort by model")
@@ -84,7 +85,7 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     # More requests arrive (adds) and the first ones progress (updates): sort stays.
     second = [holder.hold(system.workers["w2"], 3500, model=m) for m in ("m-bravo", "m-delta")]
     all_ids = {r for r, _ in first + second}
-    page.wait_rows(lambda shown: all_ids <= shown, message="second rows")
+    page.wait_rows_with_models(all_ids, message="second rows")
     ours = [r["model"] for r in page.grid_rows() if r["request_id"] in all_ids]
     assert ours == ["m-alpha", "m-bravo", "m-charlie", "m-delta"]
     models = [r["model"] for r in page.grid_rows()]

@@ -345,7 +345,8 @@ def test_compose_services_run_as_local_processes_form_a_working_hub(
 
             def in_flight() -> dict[str, Any] | None:
                 rows = httpx.get(snapshot_url, timeout=5).json()["active_requests"]
-                return next((r for r in rows if r["request_id"] == request_id), None)
+                # The model may follow the start in a progress event a flush window later.
+                return next((r for r in rows if r["request_id"] == request_id and r["model"]), None)
 
             row = wait_for(in_flight, timeout=15, interval=0.1, message="the row on the stream")
         finally:
