@@ -16,6 +16,7 @@ the stand-in is paced to the rate the real worker reached).
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import threading
 import time
@@ -134,14 +135,19 @@ def instrumentation_cost(
     """
     import uvloop
 
-    pin(threading.get_native_id(), WORKER_CORE)
+    thread = threading.get_native_id()
+    allowed = os.sched_getaffinity(thread)
     redis = EmbeddedRedis()
-    redis.start()
+    redis.start()  # before pinning this thread: a child inherits its parent thread's affinity
+    pin(thread, WORKER_CORE)
     try:
         if redis.process is not None:
             pin(redis.process.pid, OTHER_CORE)
         return uvloop.run(_measure(redis.url, loads, requests, blocks))
     finally:
+        # This is a pooled thread (asyncio.to_thread): later scenarios start processes from it,
+        # and those would inherit the pinning.
+        os.sched_setaffinity(thread, allowed)
         redis.stop()
 
 
