@@ -51,23 +51,22 @@ class Rounds:
         values: list[float] = getattr(self, which)[label]
         return statistics.fmean(values)
 
-    def block_ratios(self, which: str, a: str, b: str) -> list[float]:
-        """``a``/``b`` within each A B B A block (rounds 2k, 2k+1 of each side): drift in the
-        machine's background load cancels inside a block, so these are the comparable units."""
+    def _block_means(self, which: str, a: str, b: str) -> list[tuple[float, float]]:
+        """(mean of ``a``, mean of ``b``) within each A B B A block (rounds 2k, 2k+1 of each
+        side): drift in the machine's background load cancels inside a block, so these are the
+        comparable units."""
         xs: list[float] = getattr(self, which)[a]
         ys: list[float] = getattr(self, which)[b]
         return [
-            statistics.fmean(xs[i : i + 2]) / statistics.fmean(ys[i : i + 2])
+            (statistics.fmean(xs[i : i + 2]), statistics.fmean(ys[i : i + 2]))
             for i in range(0, min(len(xs), len(ys)) - 1, 2)
         ]
 
+    def block_ratios(self, which: str, a: str, b: str) -> list[float]:
+        return [x / y for x, y in self._block_means(which, a, b)]
+
     def block_differences(self, which: str, a: str, b: str) -> list[float]:
-        xs: list[float] = getattr(self, which)[a]
-        ys: list[float] = getattr(self, which)[b]
-        return [
-            statistics.fmean(xs[i : i + 2]) - statistics.fmean(ys[i : i + 2])
-            for i in range(0, min(len(xs), len(ys)) - 1, 2)
-        ]
+        return [x - y for x, y in self._block_means(which, a, b)]
 
 
 async def _round(
