@@ -40,6 +40,10 @@ class Keys:
         """Capped STREAM of finished requests."""
         return f"{self.prefix}:completed"
 
+    def cancel(self, worker_id: str) -> str:
+        """Pub/sub channel on which stream services ask ``worker_id`` to cancel a request."""
+        return f"{self.prefix}:cancel:{worker_id}"
+
     def active(self, worker_id: str) -> str:
         """HASH request_id -> JSON row of a request in flight on ``worker_id``. The truth."""
         return f"{self.prefix}:active:{worker_id}"

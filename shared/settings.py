@@ -102,6 +102,37 @@ def _text(name: str, raw: str) -> str:
     return raw
 
 
+REDIS_MODES = ("standalone", "cluster", "sentinel")
+
+
+def _redis_mode(name: str, raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in REDIS_MODES:
+        raise ConfigError(f"{name}={raw!r}: expected one of {', '.join(REDIS_MODES)}")
+    return value
+
+
+def _host_ports(name: str, raw: str) -> tuple[tuple[str, int], ...]:
+    found: list[tuple[str, int]] = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{name}: {item!r} is not host:port")
+        found.append((host.strip("[]"), int(port)))
+    if not found:
+        raise ConfigError(f"{name}={raw!r}: expected a comma-separated list of host:port")
+    return tuple(found)
+
+
+def _name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(f"{name}={raw!r}: expected a name without spaces")
+    return value
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
@@ -130,6 +161,15 @@ class Settings:
     sse_throttle: float = 0.025
     sse_send_timeout: float = 10.0
     completed_maxlen: int = 10_000
+    # Fleet scale: a stream without delta=1 gets snapshot frames paced to this many bytes/s.
+    sse_snapshot_max_bps: int = 1_000_000
+    # Operator features.
+    cancel_enabled: bool = False
+    stuck_after: float = 300.0
+    # Managed and highly available Redis.
+    redis_mode: str = "standalone"
+    redis_sentinels: tuple[tuple[str, int], ...] = ()
+    redis_sentinel_master: str = "mymaster"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -156,6 +196,11 @@ class Settings:
                 f"VDM_WORKER_TTL={self.worker_ttl}: must be longer than "
                 f"VDM_WORKER_HEARTBEAT_INTERVAL={self.worker_heartbeat_interval}, or live "
                 "workers would be reaped between two heartbeats"
+            )
+        if self.redis_mode == "sentinel" and not self.redis_sentinels:
+            raise ConfigError(
+                "VDM_REDIS_SENTINELS: required when VDM_REDIS_MODE=sentinel "
+                "(a comma-separated list of sentinel host:port)"
             )
         if self.auth_token is not None and "*" in self.cors_origins:
             raise ConfigError(
@@ -185,6 +230,12 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_ACTIVE_REQUESTS_SSE_THROTTLE": ("sse_throttle", _seconds),
     "VDM_SSE_SEND_TIMEOUT": ("sse_send_timeout", _seconds),
     "VDM_COMPLETED_MAXLEN": ("completed_maxlen", _positive_int),
+    "VDM_SSE_SNAPSHOT_MAX_BPS": ("sse_snapshot_max_bps", _positive_int),
+    "VDM_CANCEL_ENABLED": ("cancel_enabled", _bool),
+    "VDM_STUCK_AFTER": ("stuck_after", _seconds),
+    "VDM_REDIS_MODE": ("redis_mode", _redis_mode),
+    "VDM_REDIS_SENTINELS": ("redis_sentinels", _host_ports),
+    "VDM_REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _name),
 }
 _EMPTY_IS_VALUE: set[str] = set()
 
