@@ -22,7 +22,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
@@ -37,13 +37,6 @@ WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 DEMO_HOLD_S = "1-5"
 # One line per proxied request (httpx logs at INFO) would bury everything else on the console.
 MUTED = re.compile(r" INFO httpx: HTTP Request: ")
-
-
-@dataclass(frozen=True)
-class PortSpec:
-    what: str  # the part, as named in messages
-    port: int
-    option: str  # the option that changes it
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,22 +73,161 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="do not echo the parts' log lines")
 
 
+# -- the parts ---------------------------------------------------------------------------
+
+
+Urls = Mapping[str, str]  # part name -> the reachable URL from its ready line
+
+
+@dataclass(frozen=True)
+class Part:
+    """One process of the system; a list of these drives start, print and stop.
+
+    Parts start in list order, each waiting for the ready lines of the parts it needs (every
+    part before the first one it reads a URL of), and stop in reverse role order.
+    """
+
+    name: str  # the child's name, prefixing its log lines ("worker-1")
+    label: str  # as printed and named in messages ("worker 1")
+    role: str  # parts of one role stop together
+    port: int  # the fixed port, or the one picked up front in auto mode
+    option: str  # the option that moves its port ("" when it has none)
+    argv: Callable[[Urls], list[str]]
+    env: Callable[[Urls], dict[str, str]]
+    needs: tuple[str, ...] = ()  # parts whose URLs argv/env read: they must be ready first
+    echo: bool = True
+    auto_port: bool = True  # in auto mode the part binds port 0 (a free port)
+
+    def port_arg(self, auto: bool) -> str:
+        return "0" if auto and self.auto_port else str(self.port)
+
+
+def plan(
+    args: argparse.Namespace, settings: Settings, env: Mapping[str, str], dashboard_port: int
+) -> list[Part]:
+    """The table of parts for this run, in start order."""
+    host = args.host
+
+    def service(command: str, *extra: str) -> Callable[[Urls], list[str]]:
+        return lambda urls: [*VDM_HUB, command, *extra, "--host", host]
+
+    def with_redis(extra: Mapping[str, str] | None = None) -> Callable[[Urls], dict[str, str]]:
+        def build(urls: Urls) -> dict[str, str]:
+            return {**env, "REDIS_URL": urls["redis"], **(extra or {})}
+
+        return build
+
+    parts: list[Part] = []
+    if settings.redis_url is None:
+        parts.append(
+            Part(
+                "redis",
+                "redis",
+                "redis",
+                args.redis_port,
+                "--redis-port",
+                service("redis"),
+                lambda urls: dict(env),
+            )
+        )
+    parts.append(
+        Part(
+            "upstream",
+            "demo upstream",
+            "upstream",
+            args.upstream_port,
+            "--upstream-port",
+            service("demo-upstream"),
+            lambda urls: dict(env),
+        )
+    )
+    worker_names = [f"worker-{i}" for i in range(1, args.workers + 1)]
+    for i, name in enumerate(worker_names, 1):
+        parts.append(
+            Part(
+                name,
+                f"worker {i}",
+                "worker",
+                args.worker_base_port + i - 1,
+                "--worker-base-port",
+                lambda urls: [*VDM_HUB, "worker", "--upstream", urls["upstream"], "--host", host],
+                with_redis({"VDM_WORKER_ID": name}),
+                needs=("redis", "upstream"),
+            )
+        )
+    cors = [*settings.cors_origins, *dashboard_origins(host, dashboard_port)]
+    stream_env = {
+        "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors)),
+        # A local demo: operators may try the cancel action on their own traffic.
+        "VDM_CANCEL_ENABLED": env.get("VDM_CANCEL_ENABLED", "true"),
+    }
+    parts.append(
+        Part(
+            "stream",
+            "stream service",
+            "stream",
+            args.stream_port,
+            "--stream-port",
+            service("stream"),
+            with_redis(stream_env),
+            needs=("redis",),
+        )
+    )
+    # The browser reaches the stream service directly (CORS above); the dashboard's port is
+    # known up front, because the stream service needs the dashboard's origin.
+    parts.append(
+        Part(
+            "dashboard",
+            "dashboard",
+            "dashboard",
+            dashboard_port,
+            "--dashboard-port",
+            service("dashboard"),
+            lambda urls: {
+                **env,
+                "REDIS_URL": urls["redis"],
+                "VDM_STREAM_PUBLIC_URL": urls["stream"],
+            },
+            needs=("redis", "stream", *worker_names),
+            auto_port=False,
+        )
+    )
+    if args.demo_traffic:
+        parts.append(
+            Part(
+                "load",
+                "demo traffic",
+                "load",
+                0,
+                "",
+                lambda urls: [
+                    *VDM_HUB,
+                    "load",
+                    *(a for name in worker_names for a in ("--target", urls[name])),
+                    "--rate",
+                    f"{args.demo_rate:g}",
+                    "--concurrency",
+                    "32",
+                    "--duration",
+                    "0",  # until `up` stops it
+                    "--stream-share",
+                    "0.4",
+                    "--hold",
+                    DEMO_HOLD_S,
+                    "--shape",
+                    "mixed",
+                ],
+                with_redis(),
+                needs=("redis", "dashboard", *worker_names),
+                # Its once-a-second progress line would push the URLs off the screen; its
+                # output is still kept for the report if it dies.
+                echo=False,
+            )
+        )
+    return parts
+
+
 # -- ports -------------------------------------------------------------------------------
-
-
-def port_specs(args: argparse.Namespace, embedded_redis: bool) -> list[PortSpec]:
-    specs = [
-        PortSpec("dashboard", args.dashboard_port, "--dashboard-port"),
-        PortSpec("stream service", args.stream_port, "--stream-port"),
-        PortSpec("demo upstream", args.upstream_port, "--upstream-port"),
-    ]
-    specs += [
-        PortSpec(f"worker {i}", args.worker_base_port + i - 1, "--worker-base-port")
-        for i in range(1, args.workers + 1)
-    ]
-    if embedded_redis:
-        specs.append(PortSpec("redis", args.redis_port, "--redis-port"))
-    return specs
 
 
 def port_busy(host: str, port: int) -> bool:
@@ -110,26 +242,27 @@ def port_busy(host: str, port: int) -> bool:
     return False
 
 
-def busy_ports_message(host: str, specs: Sequence[PortSpec]) -> str | None:
-    owners: dict[int, PortSpec] = {}
-    for spec in specs:
-        other = owners.setdefault(spec.port, spec)
-        if other is not spec:
+def busy_ports_message(host: str, parts: Sequence[Part]) -> str | None:
+    owners: dict[int, Part] = {}
+    listening = [p for p in parts if p.option]
+    for part in listening:
+        other = owners.setdefault(part.port, part)
+        if other is not part:
             return (
-                f"port {spec.port} is wanted by both the {other.what} and the {spec.what}; "
-                f"move one with {spec.option} or {other.option} PORT"
+                f"port {part.port} is wanted by both the {other.label} and the {part.label}; "
+                f"move one with {part.option} or {other.option} PORT"
             )
-    busy = [s for s in specs if port_busy(host, s.port)]
+    busy = [p for p in listening if port_busy(host, p.port)]
     if not busy:
         return None
     lines = [
-        f"port {s.port} on {host} is in use (wanted by the {s.what}); "
-        f"choose another with {s.option} PORT"
-        for s in busy
+        f"port {p.port} on {host} is in use (wanted by the {p.label}); "
+        f"choose another with {p.option} PORT"
+        for p in busy
     ]
-    for s in busy:
-        if s.what == "redis":
-            url = f"redis://{reachable_host(host)}:{s.port}/0"
+    for p in busy:
+        if p.name == "redis":
+            url = f"redis://{reachable_host(host)}:{p.port}/0"
             lines.append(f"if that is a Redis you want to use, set REDIS_URL={url}")
     lines.append("or run with --ports auto to give every part a free port")
     return "\n".join(lines)
@@ -201,16 +334,69 @@ def _err(text: str) -> None:
     print(f"vdm-hub up: {text}", file=sys.stderr, flush=True)
 
 
-def _port_hint(child: Child, specs: Mapping[str, PortSpec]) -> str:
+def _port_hint(child: Child, parts: Sequence[Part]) -> str:
     """If the child failed to bind, the option that moves it."""
     if not any(
         "cannot listen on" in line or "Address already in use" in line for line in child.tail()
     ):
         return ""
-    spec = specs.get(child.name)
-    if spec is None:
+    part = next((p for p in parts if p.name == child.name and p.option), None)
+    if part is None:
         return ""
-    return f"\nits port is taken: choose another with {spec.option} PORT, or use --ports auto"
+    return f"\nits port is taken: choose another with {part.option} PORT, or use --ports auto"
+
+
+def _banner(parts: Sequence[Part], urls: Urls, demo_traffic: bool, demo_rate: float) -> str:
+    workers = [(p.label, urls[p.name]) for p in parts if p.role == "worker"]
+    first = workers[0][1]
+    lines = [
+        "vdm-hub is up (Ctrl-C stops everything):",
+        f"  dashboard: {urls['dashboard']}/dashboard/metrics",
+        f"  stream: {urls['stream']}/metrics/active-requests/stream",
+        f"  prometheus: {urls['stream']}/metrics",
+        *(f"  {label}: {url}" for label, url in workers),
+        f"  redis: {masked(urls['redis'])}",
+        f"  upstream: {urls['upstream']} (demo LLM API)",
+        f"  point an LLM client at a worker: OPENAI_BASE_URL={first}/v1 ANTHROPIC_BASE_URL={first}",
+    ]
+    if demo_traffic:
+        lines.append(f"  demo traffic: {demo_rate:g} requests/s over the workers")
+    else:
+        lines.append("  demo traffic is off (--no-demo-traffic)")
+    return "\n".join(lines)
+
+
+def start_parts(
+    supervisor: Supervisor, parts: Sequence[Part], urls: dict[str, str], auto: bool, timeout: float
+) -> None:
+    """Start every part, each once the parts it needs are ready; fill ``urls`` as they are."""
+    started: dict[str, Child] = {}
+
+    def ready(name: str) -> None:
+        child = started.get(name)
+        if name not in urls and child is not None:
+            urls[name] = reachable(child.wait_ready(timeout, supervisor.stop_event))
+
+    for part in parts:
+        for name in part.needs:
+            ready(name)
+        argv = [*part.argv(urls), "--port", part.port_arg(auto)] if part.option else part.argv(urls)
+        started[part.name] = supervisor.start(
+            part.name, argv, part.env(urls), wait_ready=False, echo=part.echo
+        )
+    for part in parts:
+        if part.option:  # a part without a port logs no ready line (the demo traffic)
+            ready(part.name)
+
+
+def stop_stages(supervisor: Supervisor, parts: Sequence[Part]) -> list[list[Child]]:
+    """Children grouped by role, the roles in reverse start order."""
+    by_name = {c.name: c for c in supervisor.children}
+    roles = list(dict.fromkeys(p.role for p in parts))
+    return [
+        [by_name[p.name] for p in parts if p.role == role and p.name in by_name]
+        for role in reversed(roles)
+    ]
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -218,166 +404,39 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         _err("--workers must be at least 1")
         return 2
     auto = args.ports == "auto"
-    embedded_redis = settings.redis_url is None
-    specs = port_specs(args, embedded_redis)
-    if not auto:
-        message = busy_ports_message(args.host, specs)
-        if message is not None:
-            _err(message)
-            return 1
-    by_child = {
-        "dashboard": specs[0],
-        "stream": specs[1],
-        "upstream": specs[2],
-        **{f"worker-{i}": specs[2 + i] for i in range(1, args.workers + 1)},
-    }
-    if embedded_redis:
-        by_child["redis"] = specs[-1]
-
-    def port(spec: PortSpec) -> str:
-        return "0" if auto else str(spec.port)
-
     host = args.host
     dashboard_port = (
         free_port(host if host not in WILDCARD_HOSTS else "127.0.0.1")
         if auto
-        else (args.dashboard_port)
+        else args.dashboard_port
     )
-    base_env = dict(os.environ)
+    parts = plan(args, settings, dict(os.environ), dashboard_port)
+    if not auto:
+        message = busy_ports_message(host, parts)
+        if message is not None:
+            _err(message)
+            return 1
     supervisor = Supervisor(
         echo=None if args.quiet else sys.stderr, mute=MUTED, ready_timeout=args.ready_timeout
     )
     _install_stop_handlers(supervisor)
-    roles: dict[str, list[Child]] = {"load": [], "dashboard": [], "stream": [], "worker": []}
-    roles.update(upstream=[], redis=[])
+    urls: dict[str, str] = {}
+    if settings.redis_url is not None:
+        urls["redis"] = settings.redis_url
     code = 0
     try:
-        # 1. Redis and the demo upstream: they depend on nothing.
-        redis_child = None
-        if embedded_redis:
-            redis_child = supervisor.start(
-                "redis",
-                [*VDM_HUB, "redis", "--host", host, "--port", port(by_child["redis"])],
-                base_env,
-                wait_ready=False,
-            )
-            roles["redis"].append(redis_child)
-        upstream = supervisor.start(
-            "upstream",
-            [*VDM_HUB, "demo-upstream", "--host", host, "--port", port(by_child["upstream"])],
-            base_env,
-            wait_ready=False,
-        )
-        roles["upstream"].append(upstream)
-        if redis_child is not None:
-            redis_url = reachable(redis_child.wait_ready(args.ready_timeout, supervisor.stop_event))
-        else:
-            assert settings.redis_url is not None
-            redis_url = settings.redis_url
-        upstream_url = reachable(upstream.wait_ready(args.ready_timeout, supervisor.stop_event))
-        env = {**base_env, "REDIS_URL": redis_url}
-
-        # 2. Workers and the stream service: they need Redis (and the upstream).
-        workers = []
-        for i in range(1, args.workers + 1):
-            name = f"worker-{i}"
-            worker = supervisor.start(
-                name,
-                [
-                    *VDM_HUB,
-                    "worker",
-                    "--upstream",
-                    upstream_url,
-                    "--host",
-                    host,
-                    "--port",
-                    port(by_child[name]),
-                ],
-                {**env, "VDM_WORKER_ID": name},
-                wait_ready=False,
-            )
-            workers.append(worker)
-        roles["worker"] = workers
-        cors = [*settings.cors_origins, *dashboard_origins(host, dashboard_port)]
-        stream = supervisor.start(
-            "stream",
-            [*VDM_HUB, "stream", "--host", host, "--port", port(by_child["stream"])],
-            {**env, "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors))},
-            wait_ready=False,
-        )
-        roles["stream"].append(stream)
-        worker_urls = [
-            reachable(w.wait_ready(args.ready_timeout, supervisor.stop_event)) for w in workers
-        ]
-        stream_url = reachable(stream.wait_ready(args.ready_timeout, supervisor.stop_event))
-
-        # 3. The dashboard: the browser reaches the stream service directly (CORS above).
-        dashboard = supervisor.start(
-            "dashboard",
-            [*VDM_HUB, "dashboard", "--host", host, "--port", str(dashboard_port)],
-            {**env, "VDM_STREAM_PUBLIC_URL": stream_url},
-        )
-        roles["dashboard"].append(dashboard)
-        dashboard_url = reachable(dashboard.url or "")
-
-        # 4. Demo traffic, so a newcomer sees rows at once.
-        if args.demo_traffic:
-            targets = [a for url in worker_urls for a in ("--target", url)]
-            load = supervisor.start(
-                "load",
-                [
-                    *VDM_HUB,
-                    "load",
-                    *targets,
-                    "--rate",
-                    f"{args.demo_rate:g}",
-                    "--concurrency",
-                    "32",
-                    "--duration",
-                    "0",  # until `up` stops it
-                    "--stream-share",
-                    "0.4",
-                    "--hold",
-                    DEMO_HOLD_S,
-                    "--shape",
-                    "mixed",
-                ],
-                env,
-                wait_ready=False,
-                # Its once-a-second progress line would push the URLs off the screen; its
-                # output is still kept for the report if it dies.
-                echo=False,
-            )
-            roles["load"].append(load)
-
-        lines = [
-            "vdm-hub is up (Ctrl-C stops everything):",
-            f"  dashboard: {dashboard_url}/dashboard/metrics",
-            f"  stream: {stream_url}/metrics/active-requests/stream",
-            f"  prometheus: {stream_url}/metrics",
-            *(f"  worker {i}: {url}" for i, url in enumerate(worker_urls, 1)),
-            f"  redis: {masked(redis_url)}",
-            f"  upstream: {upstream_url} (demo LLM API)",
-            "  point an LLM client at a worker: "
-            f"OPENAI_BASE_URL={worker_urls[0]}/v1 ANTHROPIC_BASE_URL={worker_urls[0]}",
-        ]
-        if args.demo_traffic:
-            lines.append(f"  demo traffic: {args.demo_rate:g} requests/s over the workers")
-        else:
-            lines.append("  demo traffic is off (--no-demo-traffic)")
-        _say("\n".join(lines))
+        start_parts(supervisor, parts, urls, auto, args.ready_timeout)
+        _say(_banner(parts, urls, args.demo_traffic, args.demo_rate))
         supervisor.watch()
     except Stopped:
         pass
     except ChildFailed as failure:
-        _err(failure.report() + _port_hint(failure.child, by_child))
+        _err(failure.report() + _port_hint(failure.child, parts))
         _err("stopping everything")
         code = 1
     finally:
         with contextlib.suppress(KeyboardInterrupt):
-            supervisor.stop(
-                [roles[r] for r in ("load", "dashboard", "stream", "worker", "upstream", "redis")]
-            )
+            supervisor.stop(stop_stages(supervisor, parts))
     if code == 0:
         _say("vdm-hub up: stopped")
     return code
