@@ -36,7 +36,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
-READY = re.compile(r"(\S+) ready on (\S+)")
+from shared.serve import READY_LINE
+
 TAIL_LINES = 40
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -142,7 +143,7 @@ class Child:
         while True:
             with self._cond:
                 for line in self._lines[seen:]:
-                    match = READY.search(line)
+                    match = READY_LINE.search(line)
                     if match:
                         self.url = match.group(2)
                         self._lines.clear()

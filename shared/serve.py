@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import re
 import signal
 import socket
 from collections.abc import Callable, Generator
@@ -20,9 +22,13 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from uvicorn._compat import asyncio_run
 
 log = logging.getLogger("vdm.serve")
+
+# The one line every service logs once it accepts connections, and the pattern everything that
+# starts a service (``vdm-hub up``, tests, benchmarks) waits for: group 1 the name, 2 the URL.
+READY_FORMAT = "%s ready on %s"
+READY_LINE = re.compile(r"(\S+) ready on (\S+)")
 
 
 class PortInUse(OSError):
@@ -61,7 +67,7 @@ class _Server(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
-            log.info("%s ready on %s", self._name, self._url)
+            log.info(READY_FORMAT, self._name, self._url)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._on_exit is not None and not self.should_exit:
@@ -117,7 +123,8 @@ def serve(
     )
     try:
         # uvloop when installed, as `uvicorn.run` would pick.
-        asyncio_run(server.serve(sockets=[sock]), loop_factory=server.config.get_loop_factory())
+        with asyncio.Runner(loop_factory=server.config.get_loop_factory()) as runner:
+            runner.run(server.serve(sockets=[sock]))
     finally:
         sock.close()
     return 0 if server.started else 1
