@@ -276,6 +276,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             redis_url = settings.redis_url
         upstream_url = reachable(upstream.wait_ready(args.ready_timeout, supervisor.stop_event))
         env = {**base_env, "REDIS_URL": redis_url}
+        # A local demo is for trying things: the dashboard's cancel action is on unless the
+        # caller says otherwise (a deployment leaves it off by default; docs/security.md).
+        cancel_by_default = "VDM_CANCEL_ENABLED" not in env
+        env.setdefault("VDM_CANCEL_ENABLED", "true")
 
         # 2. Workers and the stream service: they need Redis (and the upstream).
         workers = []
@@ -361,6 +365,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             "  point an LLM client at a worker: "
             f"OPENAI_BASE_URL={worker_urls[0]}/v1 ANTHROPIC_BASE_URL={worker_urls[0]}",
         ]
+        if cancel_by_default:
+            lines.append("  cancel: on for this demo (VDM_CANCEL_ENABLED=false turns it off)")
         if args.demo_traffic:
             lines.append(f"  demo traffic: {args.demo_rate:g} requests/s over the workers")
         else:
