@@ -115,7 +115,7 @@ def _access_control(settings: Settings) -> list[tuple[Any, dict[str, Any]]]:
         cors = {
             "allow_origins": origins,
             "allow_methods": ["GET", "POST"],  # POST: the cancel action
-            "allow_headers": ["Authorization", "Last-Event-ID", "Cache-Control"],
+            "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Cache-Control"],
             # Credentials only with an explicit origin list (settings refuse '*' + token).
             "allow_credentials": "*" not in origins,
         }
