@@ -105,6 +105,11 @@ async def test_cancel_reaches_the_owning_worker_and_answers_404_400_503_honestly
             await wait_until(lambda: received, 5, "the cancel message")
             assert received == [{"request_id": "r1", "by": "anonymous"}]
 
+            # Without a token, a page on another origin cannot drive it through a browser.
+            r = await c.post(cancel_path("r1"), headers={"origin": "https://evil.example"})
+            assert r.status_code == 403 and r.json()["error"] == "cross_origin"
+            assert len(received) == 1
+
         r = await c.post(cancel_path("nope"))
         assert r.status_code == 404 and r.json()["error"] == "unknown_request"
         for garbage in ("a%20b", "x" * 129, "%00", "tab%09"):

@@ -298,3 +298,34 @@ async def test_30000_model_names_make_a_bounded_stats_frame(fake_redis: aioredis
     assert total == s["fleet"]["completed"] == 30_005
     assert sum(g["in_flight"] for g in s["by_model"].values()) == 2
     assert s["by_model"][OTHER]["completed"] > 29_000
+
+
+# ----------------------------------------------------------------- cancel's origin check
+
+
+def _request(headers: dict[str, str], scheme: str = "http") -> Any:
+    from starlette.requests import Request
+
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "scheme": scheme, "headers": raw, "method": "POST"})
+
+
+def test_origin_check_allows_own_and_listed_origins_only() -> None:
+    from services.stream.cancel import origin_allowed, valid_request_id
+
+    cors = ("http://localhost:8050",)
+    cookie = {"cookie": "vdm_session=v1.1.x", "host": "stream.example:8090"}
+    assert origin_allowed(_request({**cookie, "origin": "http://LOCALHOST:8050"}), cors)
+    assert origin_allowed(_request({**cookie, "origin": "http://stream.example:8090"}), cors)
+    assert origin_allowed(_request({**cookie, "referer": "http://localhost:8050/dashboard/"}), cors)
+    assert not origin_allowed(_request({**cookie, "origin": "http://localhost:8051"}), cors)
+    assert not origin_allowed(_request({**cookie, "origin": "null"}), cors)
+    assert not origin_allowed(_request({**cookie, "referer": "garbage"}), cors)
+    assert not origin_allowed(_request(cookie), cors)  # a cookie without any origin
+    # Behind a TLS-terminating proxy the service's own origin is https.
+    tls = {**cookie, "x-forwarded-proto": "https", "origin": "https://stream.example:8090"}
+    assert origin_allowed(_request(tls), cors)
+    assert origin_allowed(_request({"host": "s"}), cors)  # a command-line client, no cookie
+    assert not origin_allowed(_request({"host": "s", "origin": "http://evil"}), ("*",))
+    assert valid_request_id("req-1:a.b_c") and not valid_request_id("")
+    assert not valid_request_id("a b") and not valid_request_id("x" * 129)
