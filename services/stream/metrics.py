@@ -7,7 +7,8 @@ duration histogram are updated as entries arrive (once per finished request).
 - ``vdm_hub_lag_seconds``: how far behind the hub is, measured as now minus the ``start_time``
   of the newest ``start`` event applied (it includes the worker's batching delay).
 - ``vdm_worker_events_dropped_total{worker}``: notices the worker itself could not publish
-  (its own ``events_dropped`` count, from its worker record).
+  (its own ``events_dropped`` count, as of the worker record it last wrote: a worker rewrites
+  its record whenever it re-registers, which is what follows dropped events).
 - ``vdm_batches_missed_total{worker}``: batches a worker published that this hub never saw
   (sequence gaps; each gap was healed by a resync of that worker).
 - ``vdm_oldest_request_age_seconds{worker}`` and ``vdm_requests_stuck{worker}`` (requests in
