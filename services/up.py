@@ -158,7 +158,8 @@ def plan(
     cors = [*settings.cors_origins, *dashboard_origins(host, dashboard_port)]
     stream_env = {
         "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors)),
-        # A local demo: operators may try the cancel action on their own traffic.
+        # A local demo is for trying things: the dashboard's cancel action is on unless the
+        # caller says otherwise (a deployment leaves it off by default; docs/security.md).
         "VDM_CANCEL_ENABLED": env.get("VDM_CANCEL_ENABLED", "true"),
     }
     parts.append(
@@ -346,7 +347,9 @@ def _port_hint(child: Child, parts: Sequence[Part]) -> str:
     return f"\nits port is taken: choose another with {part.option} PORT, or use --ports auto"
 
 
-def _banner(parts: Sequence[Part], urls: Urls, demo_traffic: bool, demo_rate: float) -> str:
+def _banner(
+    parts: Sequence[Part], urls: Urls, args: argparse.Namespace, cancel_by_default: bool
+) -> str:
     workers = [(p.label, urls[p.name]) for p in parts if p.role == "worker"]
     first = workers[0][1]
     lines = [
@@ -359,8 +362,10 @@ def _banner(parts: Sequence[Part], urls: Urls, demo_traffic: bool, demo_rate: fl
         f"  upstream: {urls['upstream']} (demo LLM API)",
         f"  point an LLM client at a worker: OPENAI_BASE_URL={first}/v1 ANTHROPIC_BASE_URL={first}",
     ]
-    if demo_traffic:
-        lines.append(f"  demo traffic: {demo_rate:g} requests/s over the workers")
+    if cancel_by_default:
+        lines.append("  cancel: on for this demo (VDM_CANCEL_ENABLED=false turns it off)")
+    if args.demo_traffic:
+        lines.append(f"  demo traffic: {args.demo_rate:g} requests/s over the workers")
     else:
         lines.append("  demo traffic is off (--no-demo-traffic)")
     return "\n".join(lines)
@@ -426,7 +431,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     code = 0
     try:
         start_parts(supervisor, parts, urls, auto, args.ready_timeout)
-        _say(_banner(parts, urls, args.demo_traffic, args.demo_rate))
+        _say(_banner(parts, urls, args, "VDM_CANCEL_ENABLED" not in os.environ))
         supervisor.watch()
     except Stopped:
         pass

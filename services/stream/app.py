@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -24,11 +25,13 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
 
+from services.stream.cancel import cancel_router
 from services.stream.fanout import Broadcaster, build_snapshot
 from services.stream.hub import Hub
 from services.stream.metrics import StreamMetrics
 from services.stream.sse import SSEEndpoint
 from services.stream.stats import RollingStats
+from services.stream.supervise import Supervisor
 from shared.auth import DEFAULT_EXEMPT, ASGIApp, Receive, RequireAuth, Scope, Send
 from shared.keys import Keys
 from shared.settings import Settings
@@ -58,6 +61,18 @@ def _in_flight(hub: Hub | None) -> dict[str, Any]:
                 model = row["model"] or "unknown"
                 by_model[model] = by_model.get(model, 0) + 1
     return {"fleet": total, "by_worker": by_worker, "by_model": by_model}
+
+
+def _unsync(hub: Hub) -> Callable[[], None]:
+    def unsync() -> None:
+        hub.ready = False
+
+    return unsync
+
+
+def _job_name(job: Callable[[], Awaitable[None]]) -> str:
+    target = job.func if isinstance(job, functools.partial) else job
+    return str(getattr(target, "__qualname__", "job"))
 
 
 class StreamApp(FastAPI):
@@ -99,8 +114,8 @@ def _access_control(settings: Settings) -> list[tuple[Any, dict[str, Any]]]:
         origins = list(settings.cors_origins)
         cors = {
             "allow_origins": origins,
-            "allow_methods": ["GET"],
-            "allow_headers": ["Authorization", "Last-Event-ID", "Cache-Control"],
+            "allow_methods": ["GET", "POST"],  # POST: the cancel action
+            "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Cache-Control"],
             # Credentials only with an explicit origin list (settings refuse '*' + token).
             "allow_credentials": "*" not in origins,
         }
@@ -145,29 +160,31 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     )
     if hub is not None:
         hub.on_change = bc.notify_change
-    metrics.attach(hub, bc)
+    metrics.attach(hub, bc, stuck_after=settings.stuck_after)
+    supervisor = Supervisor()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bc.loop = asyncio.get_running_loop()
-        jobs: list[Coroutine[Any, Any, None]] = []
+        jobs: list[Callable[[], Awaitable[None]]] = []
         if hub is not None:
-            jobs += [hub.run(), hub.reap_loop(), stats.run()]
-            jobs += [bc.run_updates(), bc.run_heartbeats()]
-            jobs += [bc.run_sweeps(settings.sse_send_timeout)]
-        tasks = [asyncio.create_task(job, name=getattr(job, "__qualname__", "job")) for job in jobs]
+            jobs += [hub.run, hub.reap_loop, stats.run]
+            jobs += [bc.run_updates, bc.run_heartbeats]
+            jobs += [functools.partial(bc.run_sweeps, settings.sse_send_timeout)]
+        # Supervised (services/stream/supervise.py): a crash is logged, /readyz says not ready
+        # and the loop restarts with backoff, instead of a silent death.
+        for job in jobs:
+            # A crashed reader leaves its view unsynced until its restart has resynced it.
+            crash = _unsync(hub) if hub is not None and job == hub.run else None
+            supervisor.add(_job_name(job), job, crash)
+        supervisor.start()
         try:
             yield
         finally:
             bc.close()
-            for task in tasks:
-                task.cancel()
             # Await them, so nothing still uses the client we close next -- but bounded: a
-            # task that does not unwind promptly must not hold shutdown past 2 s (issue 3).
-            if tasks:
-                _done, pending = await asyncio.wait(tasks, timeout=1.0)
-                for task in pending:
-                    log.warning("shutdown: task %s did not stop within 1 s", task.get_name())
+            # task that does not unwind promptly must not hold shutdown past 2 s.
+            await supervisor.stop(timeout=1.0)
             if owns_redis:
                 with contextlib.suppress(TimeoutError, RedisError, OSError):
                     async with asyncio.timeout(0.5):
@@ -186,6 +203,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     app.state.stats = stats
     app.state.broadcaster = bc
     app.state.metrics = metrics
+    app.state.supervisor = supervisor
 
     # Access control: the same layers around the whole app (Starlette runs the middleware
     # added LAST outermost, hence innermost first) and around the SSE fast path.
@@ -194,6 +212,8 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
 
     # Every method but GET (HEAD, a CORS preflight, a 405) still takes the FastAPI path.
     app.router.routes.append(Route(STREAM_PATH, endpoint=sse, methods=["GET"]))
+
+    app.include_router(cancel_router(settings, hub, client, keys))
 
     @app.get("/metrics/active-requests")
     async def active_requests() -> Response:
@@ -216,7 +236,10 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
         if hub is None:
             return JSONBytes({"status": "ready", "metrics": "disabled"})
         problem = None
-        if not hub.ready:
+        if not supervisor.healthy:
+            failing = ", ".join(sorted(supervisor.failing))
+            problem = f"background task failed, restarting: {failing} (see the log)"
+        elif not hub.ready:
             problem = "not in sync with Redis yet (starting, or resyncing after a lost link)"
         else:
             try:

@@ -299,9 +299,14 @@ class Hub:
                 if await self.scripts.remove(wid, reason="reaped", now_ms=now):
                     self.counters.reaped += 1
                     log.info("reaped worker %s (no heartbeat for its ttl)", wid)
-                # Do not wait for our own notice: the rows are gone from Redis already.
-                if self.workers.pop(wid, None) is not None:
-                    changed = True
+                    # Do not wait for our own notice: the rows are gone from Redis already.
+                    if self.workers.pop(wid, None) is not None:
+                        changed = True
+                elif wid in self.workers:
+                    # Nothing removed: a heartbeat came in between (the worker lives on) or
+                    # another reaper won (its notice follows). Redis knows which: ask it
+                    # rather than drop a live worker until its next batch.
+                    await self.resync_worker(wid)
                 continue
             view = self.workers.get(wid)
             if view is None:

@@ -6,19 +6,31 @@ duration histogram are updated as entries arrive (once per finished request).
 
 - ``vdm_hub_lag_seconds``: how far behind the hub is, measured as now minus the ``start_time``
   of the newest ``start`` event applied (it includes the worker's batching delay).
-- ``vdm_worker_events_dropped_total{worker}``: batches a worker published that this hub never
-  saw (sequence gaps; each gap was healed by a resync of that worker).
+- ``vdm_worker_events_dropped_total{worker}``: notices the worker itself could not publish
+  (its own ``events_dropped`` count, as of the worker record it last wrote: a worker rewrites
+  its record whenever it re-registers, which is what follows dropped events).
+- ``vdm_batches_missed_total{worker}``: batches a worker published that this hub never saw
+  (sequence gaps; each gap was healed by a resync of that worker).
+- ``vdm_oldest_request_age_seconds{worker}`` and ``vdm_requests_stuck{worker}`` (requests in
+  flight for longer than ``VDM_STUCK_AFTER``): judged on this host's clock at scrape time.
+
+Series of a worker that left the view are dropped ``PRUNE_AFTER`` seconds after its last
+sign of life (gauges at once: they describe the present), so a fleet whose worker ids change on
+every restart does not grow the exposition forever.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from services.stream.stats import ttft_of
 from shared import schema
 
 if TYPE_CHECKING:
@@ -26,16 +38,18 @@ if TYPE_CHECKING:
     from services.stream.hub import Hub
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+PRUNE_AFTER = 600.0  # seconds a departed worker's counters stay exported
 # Label values come from untrusted input; cap how many distinct series a bad actor can create.
 MAX_LABEL_SETS = 5000
 OTHER = "other"
 
 
 class HubCollector(Collector):
-    def __init__(self, hub: Hub | None, bc: Broadcaster, extra_malformed: list[int]) -> None:
+    def __init__(self, hub: Hub | None, bc: Broadcaster, owner: StreamMetrics) -> None:
         self.hub = hub
         self.bc = bc
-        self.extra_malformed = extra_malformed
+        self.owner = owner
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         in_flight = GaugeMetricFamily(
@@ -44,7 +58,22 @@ class HubCollector(Collector):
         workers = GaugeMetricFamily("vdm_workers", "Known workers by status", labels=["status"])
         dropped = CounterMetricFamily(
             "vdm_worker_events_dropped",
-            "Batches a worker published that this hub missed (sequence gaps)",
+            "Notices a worker could not publish (its own count, from its worker record)",
+            labels=["worker"],
+        )
+        missed = CounterMetricFamily(
+            "vdm_batches_missed",
+            "Batches a worker published that this hub missed (sequence gaps, healed by resync)",
+            labels=["worker"],
+        )
+        oldest = GaugeMetricFamily(
+            "vdm_oldest_request_age_seconds",
+            "Age of the oldest request in flight (0 when none)",
+            labels=["worker"],
+        )
+        stuck = GaugeMetricFamily(
+            "vdm_requests_stuck",
+            "Requests in flight for longer than VDM_STUCK_AFTER",
             labels=["worker"],
         )
         lag = GaugeMetricFamily("vdm_hub_lag_seconds", "Now minus the newest applied start")
@@ -54,21 +83,41 @@ class HubCollector(Collector):
         clients = GaugeMetricFamily("vdm_sse_clients", "Open SSE streams")
         clients.add_metric([], self.bc.clients)
         hub = self.hub
-        bad = sum(self.extra_malformed)
+        bad = self.owner.completed_malformed[0]
         if hub is not None:
+            now = time.time()
+            stuck_before = now - self.owner.stuck_after
             by_status = {"up": 0, "stale": 0}
+            label_sets = 0
+            counts: dict[tuple[str, str], int] = {}
             for wid, view in hub.workers.items():
                 by_status[view.status] = by_status.get(view.status, 0) + 1
-                counts: dict[str, int] = {}
+                first = now
+                n_stuck = 0
                 for row in view.rows.values():
-                    model = row["model"] or "unknown"
-                    counts[model] = counts.get(model, 0) + 1
-                for model, n in counts.items():
-                    in_flight.add_metric([wid, model], n)
+                    start = row["start_time"]
+                    first = min(first, start)
+                    n_stuck += start < stuck_before
+                    key = (wid, row["model"] or "unknown")
+                    if key not in counts:
+                        # Models are client-chosen: cap the series like the counters' labels.
+                        label_sets += 1
+                        if label_sets > MAX_LABEL_SETS:
+                            key = (OTHER, OTHER)
+                    counts[key] = counts.get(key, 0) + 1
+                oldest.add_metric([wid], max(0.0, now - first))
+                stuck.add_metric([wid], n_stuck)
+                record: Mapping[str, Any] = view.record or {}
+                dropped.add_metric([wid], int(record.get("events_dropped", 0)))
+            for (wid, model), n in counts.items():
+                in_flight.add_metric([wid, model], n)
             for status, n in by_status.items():
                 workers.add_metric([status], n)
-            for wid, n in hub.counters.dropped_by_worker.items():
-                dropped.add_metric([wid], n)
+            gaps = hub.counters.dropped_by_worker
+            for wid in [w for w in gaps if w not in hub.workers]:
+                del gaps[wid]  # a departed worker's gaps: its next epoch starts from zero
+            for wid, n in gaps.items():
+                missed.add_metric([wid], n)
             lag.add_metric([], hub.counters.last_lag_s)
             bad += hub.counters.malformed
         malformed.add_metric([], bad)
@@ -78,6 +127,22 @@ class HubCollector(Collector):
         yield lag
         yield malformed
         yield dropped
+        yield missed
+        yield oldest
+        yield stuck
+
+
+class _Pruner(Collector):
+    """Registered first, so a scrape prunes departed workers before any series is read."""
+
+    def __init__(self, owner: StreamMetrics) -> None:
+        self.owner = owner
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        hub = self.owner.hub
+        if hub is not None:
+            self.owner.prune(set(hub.workers))
+        yield from ()
 
 
 class StreamMetrics:
@@ -85,6 +150,8 @@ class StreamMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.hub: Hub | None = None
+        self.registry.register(_Pruner(self))
         self.requests = Counter(
             "vdm_requests",
             "Finished requests",
@@ -98,13 +165,30 @@ class StreamMetrics:
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self.ttfb = Histogram(
+            "vdm_time_to_first_byte_seconds",
+            "Start of a finished request to the first response byte from the upstream",
+            ["worker", "model"],
+            buckets=TTFB_BUCKETS,
+            registry=self.registry,
+        )
+        self.cancelled = Counter(
+            "vdm_requests_cancelled",
+            "Requests cancelled by an operator (outcome cancelled)",
+            ["worker"],
+            registry=self.registry,
+        )
         # Malformed completed-stream entries (the hub counts its own).
         self.completed_malformed = [0]
+        self.stuck_after = 300.0
         self._label_sets: set[tuple[str, str]] = set()
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._last_seen: dict[str, float] = {}  # worker label -> monotonic time of life
 
-    def attach(self, hub: Hub | None, bc: Broadcaster) -> None:
-        self.registry.register(HubCollector(hub, bc, self.completed_malformed))
+    def attach(self, hub: Hub | None, bc: Broadcaster, *, stuck_after: float = 300.0) -> None:
+        self.stuck_after = stuck_after
+        self.hub = hub
+        self.registry.register(HubCollector(hub, bc, self))
 
     def observe(self, entry: schema.CompletedEntry) -> None:
         worker, model = entry["worker_id"], entry["model"] or "unknown"
@@ -113,17 +197,49 @@ class StreamMetrics:
                 worker, model = OTHER, OTHER
             else:
                 self._label_sets.add((worker, model))
+        self._last_seen[worker] = time.monotonic()
         # `labels()` validates and looks up its arguments on every call; the hub observes every
         # finished request, so the children are kept (bounded like the label sets themselves).
-        key = (worker, model, entry["outcome"])
+        outcome = entry["outcome"]
+        key = (worker, model, outcome)
         children = self._children.get(key)
         if children is None:
             children = self._children[key] = (
-                self.requests.labels(worker, model, entry["outcome"]),
+                self.requests.labels(worker, model, outcome),
                 self.duration.labels(worker, model),
+                self.ttfb.labels(worker, model),
             )
         children[0].inc()
         children[1].observe(entry["duration_ms"] / 1000.0)
+        # Entries of workers older than the first-byte timing carry no ttft_ms.
+        ttft = ttft_of(entry)
+        if ttft is not None:
+            children[2].observe(ttft / 1000.0)
+        if outcome == "cancelled":
+            self.cancelled.labels(worker).inc()
+
+    def prune(self, present: set[str], now: float | None = None) -> None:
+        """Forget the series of workers absent from the view for ``PRUNE_AFTER`` seconds."""
+        now = time.monotonic() if now is None else now
+        for wid in present:
+            self._last_seen[wid] = now
+        gone = {w for w, t in self._last_seen.items() if now - t > PRUNE_AFTER}
+        if not gone:
+            return
+        for wid in gone:
+            del self._last_seen[wid]
+        for key in [k for k in self._children if k[0] in gone]:
+            worker, model, outcome = key
+            del self._children[key]
+            with contextlib.suppress(KeyError):
+                self.requests.remove(worker, model, outcome)
+            for metric in (self.duration, self.ttfb):
+                with contextlib.suppress(KeyError):
+                    metric.remove(worker, model)
+        for wid in gone:
+            with contextlib.suppress(KeyError):
+                self.cancelled.remove(wid)
+        self._label_sets = {k for k in self._label_sets if k[0] not in gone}
 
     def malformed_completed(self, _detail: object) -> None:
         self.completed_malformed[0] += 1

@@ -9,14 +9,20 @@ Payload of :meth:`RollingStats.summary` (also the ``stats`` SSE event and ``/met
 
     {"timestamp": epoch_s, "window_s": 60,
      "fleet": {"requests_per_s", "error_rate", "p50_ms", "p95_ms", "p99_ms",
-               "completed", "in_flight"},
+               "ttft_p50_ms", "ttft_p95_ms", "completed", "in_flight"},
      "by_worker": {worker_id: {same keys}}, "by_model": {model: {same keys}},
      "series": [{"t", "in_flight", "requests_per_s", "error_rate",
-                 "p50_ms", "p95_ms", "p99_ms"}],   # oldest first, one per step, ~10 min
+                 "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms"}],
+                                                   # oldest first, one per step, ~10 min
      "recent": [CompletedEntry, ...]}              # newest first, at most 50
 
 ``error_rate`` counts every outcome other than ``ok``. Percentiles are nearest-rank and null
-when there is no sample. A request without a model is grouped under ``"unknown"``.
+when there is no sample; ``ttft_*`` (start to the first response byte) come from the entries
+that carry ``ttft_ms``. A request without a model is grouped under ``"unknown"``.
+
+Model names are chosen by clients, so ``by_model`` (and ``by_worker``) keep at most
+``MAX_GROUPS`` groups, the busiest (completed plus in flight); the rest are folded into
+``"other"``, which keeps the frame small and its cost per tick bounded whatever clients send.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -46,6 +52,8 @@ REBUILD_MAX = 20_000  # entries read back on start
 WINDOW_MAX = 200_000  # bound on the window deque whatever the rate
 BUCKET_SAMPLES = 2048  # durations kept per series bucket (reservoir)
 UNKNOWN_MODEL = "unknown"
+MAX_GROUPS = 100  # groups per by_worker / by_model; the rest fold into OTHER
+OTHER = "other"
 
 
 class Done(NamedTuple):
@@ -54,6 +62,7 @@ class Done(NamedTuple):
     model: str
     duration_ms: float
     error: bool
+    ttft_ms: float | None = None
 
 
 @dataclass
@@ -62,17 +71,34 @@ class Bucket:
     errors: int = 0
     durations: list[float] = field(default_factory=list)
     in_flight: int | None = None
+    ttft_count: int = 0
+    ttfts: list[float] = field(default_factory=list)
 
-    def add(self, duration_ms: float, error: bool) -> None:
+    def add(self, duration_ms: float, error: bool, ttft_ms: float | None = None) -> None:
         self.count += 1
         self.errors += error
-        if len(self.durations) < BUCKET_SAMPLES:
-            self.durations.append(duration_ms)
-        else:
-            # Reservoir sampling keeps percentiles honest at any rate with bounded memory.
-            i = random.randrange(self.count)
-            if i < BUCKET_SAMPLES:
-                self.durations[i] = duration_ms
+        _sample(self.durations, self.count, duration_ms)
+        if ttft_ms is not None:
+            self.ttft_count += 1
+            _sample(self.ttfts, self.ttft_count, ttft_ms)
+
+
+def _sample(samples: list[float], seen: int, value: float) -> None:
+    """Reservoir sampling: percentiles stay honest at any rate with bounded memory."""
+    if len(samples) < BUCKET_SAMPLES:
+        samples.append(value)
+    else:
+        i = random.randrange(seen)
+        if i < BUCKET_SAMPLES:
+            samples[i] = value
+
+
+def ttft_of(entry: Mapping[str, Any]) -> float | None:
+    """``ttft_ms`` of an entry or row: None when absent (older workers) or not a sane number."""
+    value = entry.get("ttft_ms")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -83,9 +109,14 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 
 def _group(
-    durations: list[float], errors: int, seconds: float, in_flight: int | None
+    durations: list[float],
+    errors: int,
+    seconds: float,
+    in_flight: int | None,
+    ttfts: list[float] | None = None,
 ) -> dict[str, Any]:
     durations.sort()
+    ttfts = sorted(ttfts or ())
     n = len(durations)
     return {
         "requests_per_s": round(n / seconds, 4),
@@ -93,8 +124,60 @@ def _group(
         "p50_ms": percentile(durations, 0.50),
         "p95_ms": percentile(durations, 0.95),
         "p99_ms": percentile(durations, 0.99),
+        "ttft_p50_ms": percentile(ttfts, 0.50),
+        "ttft_p95_ms": percentile(ttfts, 0.95),
         "completed": n,
         "in_flight": in_flight,
+    }
+
+
+@dataclass
+class _Acc:
+    durations: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+    in_flight: int = 0
+
+    def add(self, done: Done) -> None:
+        self.durations.append(done.duration_ms)
+        self.errors += done.error
+        if done.ttft_ms is not None:
+            self.ttfts.append(done.ttft_ms)
+
+
+def _capped(
+    window: list[Done], attr: str, flight: dict[str, int], seconds: float
+) -> dict[str, dict[str, Any]]:
+    """Groups by ``attr`` of the window plus the in-flight counts, at most MAX_GROUPS + other.
+
+    Counting first and grouping only the kept keys bounds the work as well as the frame.
+    """
+    weight: dict[str, int] = dict(flight)
+    for done in window:
+        key = getattr(done, attr)
+        weight[key] = weight.get(key, 0) + 1
+    if len(weight) > MAX_GROUPS:
+        busiest = sorted(weight, key=lambda k: (-weight[k], k))[:MAX_GROUPS]
+        kept = set(busiest)
+    else:
+        kept = set(weight)
+    groups: dict[str, _Acc] = {}
+    for done in window:
+        key = getattr(done, attr)
+        key = key if key in kept else OTHER
+        acc = groups.get(key)
+        if acc is None:
+            acc = groups[key] = _Acc()
+        acc.add(done)
+    for key, n in flight.items():
+        key = key if key in kept else OTHER
+        acc = groups.get(key)
+        if acc is None:
+            acc = groups[key] = _Acc()
+        acc.in_flight += n
+    return {
+        k: _group(a.durations, a.errors, seconds, a.in_flight, a.ttfts)
+        for k, a in sorted(groups.items())
     }
 
 
@@ -130,14 +213,17 @@ class RollingStats:
         end = min(now, entry["start_time"] + entry["duration_ms"] / 1000.0)
         model = entry["model"] or UNKNOWN_MODEL
         error = entry["outcome"] != schema.Outcome.OK
+        ttft = ttft_of(entry)
         if end >= now - self.window_s:
-            self.window.append(Done(end, entry["worker_id"], model, entry["duration_ms"], error))
+            self.window.append(
+                Done(end, entry["worker_id"], model, entry["duration_ms"], error, ttft)
+            )
         if end >= now - HISTORY_S:
             index = int(end // self.step)
             bucket = self.buckets.get(index)
             if bucket is None:
                 bucket = self.buckets[index] = Bucket()
-            bucket.add(entry["duration_ms"], error)
+            bucket.add(entry["duration_ms"], error, ttft)
         self.recent.appendleft(entry)
 
     def _decode(self, entry_id: Any, fields: dict[Any, Any]) -> schema.CompletedEntry | None:
@@ -212,35 +298,18 @@ class RollingStats:
     def summary(self, now: float, flight: dict[str, Any] | None = None) -> dict[str, Any]:
         flight = flight or self._in_flight()
         horizon = now - self.window_s
-        all_d: list[float] = []
-        errors = 0
-        by_worker: dict[str, tuple[list[float], list[int]]] = {}
-        by_model: dict[str, tuple[list[float], list[int]]] = {}
-        for done in self.window:
-            if done.end < horizon:
-                continue
-            all_d.append(done.duration_ms)
-            errors += done.error
-            for groups, key in ((by_worker, done.worker), (by_model, done.model)):
-                group = groups.get(key)
-                if group is None:
-                    group = groups[key] = ([], [0])
-                group[0].append(done.duration_ms)
-                group[1][0] += done.error
+        window = [done for done in self.window if done.end >= horizon]
+        fleet = _Acc()
+        for done in window:
+            fleet.add(done)
         seconds = self.window_s
-        worker_flight: dict[str, int] = flight["by_worker"]
-        model_flight: dict[str, int] = flight["by_model"]
-        for wid in worker_flight:
-            by_worker.setdefault(wid, ([], [0]))
-        for model in model_flight:
-            by_model.setdefault(model, ([], [0]))
         current = int(now // self.step)
         series = []
         for index in sorted(self.buckets):
             if index >= current:
                 continue  # the current bucket is still filling
             b = self.buckets[index]
-            point = _group(list(b.durations), b.errors, self.step, b.in_flight)
+            point = _group(list(b.durations), b.errors, self.step, b.in_flight, list(b.ttfts))
             point["requests_per_s"] = round(b.count / self.step, 4)
             point["error_rate"] = round(b.errors / b.count, 4) if b.count else 0.0
             del point["completed"]
@@ -248,15 +317,9 @@ class RollingStats:
         return {
             "timestamp": round(now, 3),
             "window_s": int(seconds),
-            "fleet": _group(all_d, errors, seconds, flight["fleet"]),
-            "by_worker": {
-                k: _group(d, e[0], seconds, worker_flight.get(k, 0))
-                for k, (d, e) in sorted(by_worker.items())
-            },
-            "by_model": {
-                k: _group(d, e[0], seconds, model_flight.get(k, 0))
-                for k, (d, e) in sorted(by_model.items())
-            },
+            "fleet": _group(fleet.durations, fleet.errors, seconds, flight["fleet"], fleet.ttfts),
+            "by_worker": _capped(window, "worker", flight["by_worker"], seconds),
+            "by_model": _capped(window, "model", flight["by_model"], seconds),
             "series": series,
             "recent": list(self.recent),
         }

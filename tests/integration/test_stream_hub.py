@@ -80,7 +80,9 @@ async def test_a_lost_batch_heals_at_once_and_a_duplicate_changes_nothing(
             lambda: set(hub.workers["w1"].rows) == {"r1", "r2", "lost"}, 5, "gap healed"
         )
         text = (await client.get("/metrics")).text
-        assert 'vdm_worker_events_dropped_total{worker="w1"} 1.0' in text
+        # a hub-side gap is a missed batch; the worker itself dropped nothing
+        assert 'vdm_batches_missed_total{worker="w1"} 1.0' in text
+        assert 'vdm_worker_events_dropped_total{worker="w1"} 0.0' in text
 
         # A duplicate of an applied batch is ignored.
         version = hub.version

@@ -40,61 +40,68 @@ async def test_redis_stopped_mid_load_every_request_succeeds_and_state_heals(
     settings = worker_settings(own_redis.url, key_prefix)
     redis = aioredis.Redis.from_url(own_redis.url, socket_timeout=2)
     held: dict[str, asyncio.Task[httpx.Response]] = {}
-    async with (
-        running_worker(settings, up_url) as (url, app),
-        httpx.AsyncClient(timeout=30) as client,
-    ):
-        assert app.publisher is not None
+    # Closed in `finally`: a failing assertion must not leave this client's socket to the
+    # garbage collector, which turns it into a ResourceWarning inside a later test.
+    try:
+        async with (
+            running_worker(settings, up_url) as (url, app),
+            httpx.AsyncClient(timeout=30) as client,
+        ):
+            assert app.publisher is not None
 
-        def hold(name: str) -> None:
-            held[name] = asyncio.create_task(
-                client.post(
-                    f"{url}/v1/messages",
-                    json={"model": "m"},
-                    headers={"x-gate": name, "x-request-id": name},
+            def hold(name: str) -> None:
+                held[name] = asyncio.create_task(
+                    client.post(
+                        f"{url}/v1/messages",
+                        json={"model": "m"},
+                        headers={"x-gate": name, "x-request-id": name},
+                    )
                 )
+
+            for name in ("a", "b", "c"):
+                hold(name)
+            for name in ("a", "b", "c"):
+                await asyncio.wait_for(up.arrival(name).wait(), 5)
+
+            own_redis.kill()
+            quick = await asyncio.gather(
+                *(client.post(f"{url}/v1/messages", json={"model": "q"}) for _ in range(30))
             )
+            assert [r.status_code for r in quick] == [200] * 30
+            for name in ("d", "e"):
+                hold(name)
+                await asyncio.wait_for(up.arrival(name).wait(), 5)
+            up.gate("a").set()
+            assert (await held["a"]).status_code == 200
+            assert set(app.publisher.active) == {"b", "c", "d", "e"}
 
-        for name in ("a", "b", "c"):
-            hold(name)
-        for name in ("a", "b", "c"):
-            await asyncio.wait_for(up.arrival(name).wait(), 5)
+            own_redis.start()  # same port, empty: nothing survived the outage
 
-        own_redis.kill()
-        quick = await asyncio.gather(
-            *(client.post(f"{url}/v1/messages", json={"model": "q"}) for _ in range(30))
-        )
-        assert [r.status_code for r in quick] == [200] * 30
-        for name in ("d", "e"):
-            hold(name)
-            await asyncio.wait_for(up.arrival(name).wait(), 5)
-        up.gate("a").set()
-        assert (await held["a"]).status_code == 200
-        assert set(app.publisher.active) == {"b", "c", "d", "e"}
+            async def healed() -> bool:
+                try:
+                    state = await read_worker_state(redis, keys, "w1")
+                except (OSError, aioredis.ConnectionError):
+                    return False
+                return set(state.rows) == {"b", "c", "d", "e"}
 
-        own_redis.start()  # same port, empty: nothing survived the outage
+            async with asyncio.timeout(15):
+                while not await healed():
+                    await asyncio.sleep(0.05)
+            assert app.publisher.connected
+            assert app.publisher.events_dropped > 0
 
-        async def healed() -> bool:
-            try:
-                state = await read_worker_state(redis, keys, "w1")
-            except (OSError, aioredis.ConnectionError):
-                return False
-            return set(state.rows) == {"b", "c", "d", "e"}
+            for name in ("b", "c", "d", "e"):
+                up.gate(name).set()
+            assert [(await held[n]).status_code for n in "bcde"] == [200] * 4
 
-        async with asyncio.timeout(15):
-            while not await healed():
-                await asyncio.sleep(0.05)
-        assert app.publisher.connected
-        assert app.publisher.events_dropped > 0
+            async def empty() -> bool:
+                return (await read_worker_state(redis, keys, "w1")).rows == {}
 
-        for name in ("b", "c", "d", "e"):
-            up.gate(name).set()
-        assert [(await held[n]).status_code for n in "bcde"] == [200] * 4
-
-        async def empty() -> bool:
-            return (await read_worker_state(redis, keys, "w1")).rows == {}
-
-        async with asyncio.timeout(10):
-            while not await empty():
-                await asyncio.sleep(0.05)
-    await redis.aclose()
+            async with asyncio.timeout(10):
+                while not await empty():
+                    await asyncio.sleep(0.05)
+    finally:
+        for task in held.values():
+            task.cancel()
+        await asyncio.gather(*held.values(), return_exceptions=True)
+        await redis.aclose()

@@ -54,6 +54,11 @@ CONTRACT_METRICS = {
     "vdm_hub_lag_seconds",
     "vdm_messages_malformed_total",
     "vdm_worker_events_dropped_total",
+    "vdm_batches_missed_total",
+    "vdm_time_to_first_byte_seconds",
+    "vdm_oldest_request_age_seconds",
+    "vdm_requests_stuck",
+    "vdm_requests_cancelled_total",
 }
 PROFILES = ["--profile", "monitoring", "--profile", "demo"]
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
@@ -193,6 +198,13 @@ def test_monitoring_config_matches_the_services_and_the_metric_names() -> None:
     ]
     stream_port = int(_flag([str(p) for p in services["stream"]["command"]], "--port"))
     assert targets == [f"stream:{stream_port}"]
+    # The alert rules Prometheus loads are the repository's, mounted where it looks.
+    mounts = {
+        (v.split(":")[1], v.split(":")[0]) if isinstance(v, str) else (v["target"], v["source"])
+        for v in services["prometheus"]["volumes"]
+    }
+    for rule_file in prometheus["rule_files"]:
+        assert any(t == rule_file and s.endswith("alerts.yml") for t, s in mounts), mounts
 
     datasource = yaml.safe_load(
         (ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text()

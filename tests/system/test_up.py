@@ -219,6 +219,10 @@ def test_up_serves_live_demo_rows_and_ctrl_c_stops_everything(
     for url in workers:
         assert httpx.get(f"{url}/_vdm/healthz", timeout=5).status_code == 200
     assert "vdm_requests_in_flight" in httpx.get(prometheus, timeout=5).text
+    # The local demo turns the dashboard's cancel action on.
+    capabilities = httpx.get(prometheus + "/capabilities", timeout=5).json()
+    assert capabilities["cancel_enabled"] is True
+    assert "cancel: on for this demo" in up.proc.output
     page = httpx.get(dashboard, timeout=10)
     assert page.status_code == 200
 

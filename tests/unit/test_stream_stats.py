@@ -51,7 +51,8 @@ async def test_summary_groups_by_worker_and_model(fake_redis: aioredis.Redis) ->
     assert points[now - 4]["requests_per_s"] == 1.0  # bucket [now-5, now-4)
     assert points[now - 3]["error_rate"] == 1.0
     assert set(s["series"][0]) == {
-        "t", "in_flight", "requests_per_s", "error_rate", "p50_ms", "p95_ms", "p99_ms"
+        "t", "in_flight", "requests_per_s", "error_rate", "p50_ms", "p95_ms", "p99_ms",
+        "ttft_p50_ms", "ttft_p95_ms",
     }  # fmt: skip
 
 

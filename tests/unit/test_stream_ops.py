@@ -1,0 +1,331 @@
+"""The operator side of the stream service on fakeredis: the reaper racing a heartbeat, the
+supervisor of background loops, the Prometheus series for TTFT, stuck and cancelled requests,
+and the capped, TTFT-aware stats payload."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from prometheus_client import generate_latest
+
+from services.stream import metrics as metrics_mod
+from services.stream.fanout import Broadcaster
+from services.stream.hub import Hub, WorkerView
+from services.stream.metrics import StreamMetrics
+from services.stream.stats import MAX_GROUPS, OTHER, RollingStats
+from services.stream.supervise import Supervisor
+from shared import schema
+from shared.keys import Keys
+from shared.store import WireScripts, now_ms
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _record(wid: str, epoch: str, **extra: Any) -> schema.WorkerRecord:
+    record = schema.WorkerRecord(
+        worker_id=wid, host="h", pid=1, started_at=time.time(), upstream="", version="",
+        epoch=epoch, heartbeat_interval=2.0, ttl=10.0,
+    )  # fmt: skip
+    record.update(extra)  # type: ignore[typeddict-item]
+    return record
+
+
+def _row(wid: str, rid: str, model: str | None = "m", age: float = 0.0) -> schema.Row:
+    return schema.Row(
+        request_id=rid, worker_id=wid, method="POST", path="/v1/x", model=model,
+        provider=None, is_streaming=False, start_time=time.time() - age, phase="upstream",
+        bytes_out=0, input_tokens=None, output_tokens=None,
+    )  # fmt: skip
+
+
+def _entry(
+    wid: str, model: str | None, ms: float, outcome: str = "ok", ttft: float | None = None
+) -> schema.CompletedEntry:
+    entry = schema.CompletedEntry(
+        request_id="r", worker_id=wid, model=model, method="POST", path="/v1/x",
+        status=200, outcome=outcome, start_time=time.time() - ms / 1000, duration_ms=ms,
+        input_tokens=None, output_tokens=None, bytes_out=0,
+    )  # fmt: skip
+    if ttft is not None:
+        entry["ttft_ms"] = ttft  # type: ignore[typeddict-unknown-key]
+    return entry
+
+
+# ----------------------------------------------------------------- reaper
+
+
+async def test_reap_once_keeps_a_worker_whose_heartbeat_beat_the_reaper(
+    fake_redis: aioredis.Redis,
+) -> None:
+    keys = Keys("reap")
+    hub = Hub(fake_redis, keys)
+    scripts = WireScripts(fake_redis, keys)
+    # Registered with a deadline already past: the reaper's ZRANGE sees it expired.
+    await scripts.register(
+        _record("w", "e1"), now_ms() - 1, [("r1", schema.encode_row(_row("w", "r1")))]
+    )
+    await hub.full_resync()
+    assert set(hub.workers["w"].rows) == {"r1"}
+
+    real_remove = hub.scripts.remove
+
+    async def heartbeat_first(worker_id: str, **kwargs: Any) -> int:
+        # The heartbeat lands between the reaper's read of the deadlines and its remove.
+        assert await scripts.heartbeat(worker_id, "e1", now_ms() + 10_000)
+        return await real_remove(worker_id, **kwargs)
+
+    hub.scripts.remove = heartbeat_first  # type: ignore[method-assign]
+    await hub.reap_once()
+    assert hub.counters.reaped == 0
+    assert "w" in hub.workers, "a live worker was dropped from the view"
+    assert set(hub.workers["w"].rows) == {"r1"}
+
+
+async def test_reap_once_drops_a_worker_another_reaper_removed(fake_redis: aioredis.Redis) -> None:
+    keys = Keys("reap2")
+    hub = Hub(fake_redis, keys)
+    scripts = WireScripts(fake_redis, keys)
+    await scripts.register(_record("w", "e1"), now_ms() - 1, [])
+    await hub.full_resync()
+    real_remove = hub.scripts.remove
+
+    async def other_reaper_first(worker_id: str, **kwargs: Any) -> int:
+        assert await real_remove(worker_id, **kwargs)  # the other service's reaper
+        return await real_remove(worker_id, **kwargs)  # ours finds nothing left
+
+    hub.scripts.remove = other_reaper_first  # type: ignore[method-assign]
+    await hub.reap_once()
+    assert "w" not in hub.workers
+
+
+# ----------------------------------------------------------------- supervisor
+
+
+async def test_supervisor_logs_marks_failing_restarts_and_recovers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs: list[int] = []
+    crashed: list[int] = []
+    forever = asyncio.Event()
+
+    async def job() -> None:
+        runs.append(1)
+        if len(runs) <= 2:
+            raise KeyError("injected")
+        await forever.wait()
+
+    sup = Supervisor(settle=0.2)
+    sup.add("job", job, on_crash=lambda: crashed.append(1))
+    sup.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (len(runs) >= 3 and sup.healthy):
+            assert time.monotonic() < deadline, (runs, sup.failing)
+            if len(runs) < 3:
+                await asyncio.sleep(0.01)
+                continue
+            await asyncio.sleep(0.02)
+        assert sup.jobs[0].restarts == 2 and len(crashed) == 2
+        assert "background task job crashed" in caplog.text and "KeyError" in caplog.text
+    finally:
+        await sup.stop()
+    assert all(t.done() for t in sup.tasks)
+
+
+async def test_supervisor_is_failing_between_crash_and_settled_restart() -> None:
+    gate = asyncio.Event()
+
+    async def job() -> None:
+        if not gate.is_set():
+            gate.set()
+            raise RuntimeError("injected")
+        await asyncio.Event().wait()
+
+    sup = Supervisor(settle=30.0)  # the restarted run does not settle within the test
+    sup.add("job", job)
+    sup.start()
+    try:
+        await asyncio.wait_for(gate.wait(), 5)
+        deadline = time.monotonic() + 5
+        while sup.jobs[0].restarts == 0:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert not sup.healthy and sup.failing == {"job"}
+    finally:
+        await sup.stop()
+
+
+async def test_a_loop_that_returns_counts_as_a_failure() -> None:
+    calls: list[int] = []
+
+    async def job() -> None:
+        calls.append(1)
+
+    sup = Supervisor(settle=10.0, backoff_max=0.1)
+    sup.add("quitter", job)
+    sup.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(calls) < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert sup.failing == {"quitter"}
+    finally:
+        await sup.stop()
+
+
+# ----------------------------------------------------------------- Prometheus
+
+
+def _metrics_with(hub: Hub, stuck_after: float = 60.0) -> StreamMetrics:
+    m = StreamMetrics()
+    bc = Broadcaster(hub, interval=30, heartbeat=30, throttle=0.1, max_clients=1)
+    m.attach(hub, bc, stuck_after=stuck_after)
+    return m
+
+
+def _samples(m: StreamMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in m.registry.collect():
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_ttfb_cancelled_stuck_oldest_dropped_and_missed(fake_redis: aioredis.Redis) -> None:
+    hub = Hub(fake_redis, Keys("m"))
+    view = WorkerView("w1", "e", 1, _record("w1", "e", events_dropped=187))
+    view.rows = {
+        "old": _row("w1", "old", age=120.0),
+        "new": _row("w1", "new", age=1.0),
+    }
+    hub.workers["w1"] = view
+    hub.workers["w2"] = WorkerView("w2", "e", 1, _record("w2", "e"))
+    hub.counters.dropped_by_worker.update({"w1": 3, "gone": 9})
+    m = _metrics_with(hub, stuck_after=60.0)
+    m.observe(_entry("w1", "gpt", 500.0, ttft=250.0))
+    m.observe(_entry("w1", "gpt", 800.0))  # an older worker: no ttft_ms
+    m.observe(_entry("w1", "gpt", 900.0, outcome="cancelled", ttft=100.0))
+    s = _samples(m)
+    labels = (("model", "gpt"), ("worker", "w1"))
+    assert s[("vdm_time_to_first_byte_seconds_count", labels)] == 2
+    assert s[("vdm_time_to_first_byte_seconds_sum", labels)] == pytest.approx(0.35)
+    assert s[("vdm_request_duration_seconds_count", labels)] == 3
+    assert s[("vdm_requests_cancelled_total", (("worker", "w1"),))] == 1
+    assert s[("vdm_requests_stuck", (("worker", "w1"),))] == 1
+    assert s[("vdm_requests_stuck", (("worker", "w2"),))] == 0
+    assert 119 < s[("vdm_oldest_request_age_seconds", (("worker", "w1"),))] < 200
+    assert s[("vdm_oldest_request_age_seconds", (("worker", "w2"),))] == 0
+    # The worker's own count of what it could not publish, and the hub's gaps, apart.
+    assert s[("vdm_worker_events_dropped_total", (("worker", "w1"),))] == 187
+    assert s[("vdm_worker_events_dropped_total", (("worker", "w2"),))] == 0
+    assert s[("vdm_batches_missed_total", (("worker", "w1"),))] == 3
+    assert ("vdm_batches_missed_total", (("worker", "gone"),)) not in s
+    assert b"vdm_requests_cancelled_total" in generate_latest(m.registry)
+
+
+async def test_series_of_departed_workers_are_pruned(
+    fake_redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = Hub(fake_redis, Keys("p"))
+    hub.workers["w1"] = WorkerView("w1", "e", 1, _record("w1", "e"))
+    m = _metrics_with(hub)
+    m.observe(_entry("w1", "gpt", 10.0, outcome="cancelled", ttft=1.0))
+    m.observe(_entry("w9", "gpt", 10.0))  # a worker the view no longer holds
+    text = generate_latest(m.registry).decode()
+    assert 'worker="w9"' in text
+    later = time.monotonic() + metrics_mod.PRUNE_AFTER + 1
+    monkeypatch.setattr(metrics_mod.time, "monotonic", lambda: later)
+    del hub.workers["w1"]
+    hub.workers["w2"] = WorkerView("w2", "e", 1, _record("w2", "e"))
+    text = generate_latest(m.registry).decode()
+    assert 'worker="w9"' not in text and 'worker="w1"' not in text
+    assert 'worker="w2"' in text
+
+
+async def test_in_flight_series_are_capped(fake_redis: aioredis.Redis) -> None:
+    hub = Hub(fake_redis, Keys("c"))
+    view = WorkerView("w1", "e", 1, _record("w1", "e"))
+    n = metrics_mod.MAX_LABEL_SETS + 50
+    view.rows = {f"r{i}": _row("w1", f"r{i}", model=f"m{i}") for i in range(n)}
+    hub.workers["w1"] = view
+    s = _samples(_metrics_with(hub))
+    in_flight = {k: v for k, v in s.items() if k[0] == "vdm_requests_in_flight"}
+    assert len(in_flight) == metrics_mod.MAX_LABEL_SETS + 1
+    assert sum(in_flight.values()) == n
+    assert in_flight[("vdm_requests_in_flight", (("model", "other"), ("worker", "other")))] == 50
+
+
+# ----------------------------------------------------------------- stats payload
+
+
+async def test_stats_carry_ttft_percentiles(fake_redis: aioredis.Redis) -> None:
+    stats = RollingStats(fake_redis, Keys("s"), step=1.0)
+    now = time.time()
+    for i, ttft in enumerate([100.0, 200.0, 300.0, None]):
+        entry = _entry("w1", "m1", 1000.0, ttft=ttft)
+        entry["start_time"] = now - 5 - i
+        stats.add(entry, now)
+    s = stats.tick(now)
+    assert (s["fleet"]["ttft_p50_ms"], s["fleet"]["ttft_p95_ms"]) == (200.0, 300.0)
+    assert s["fleet"]["completed"] == 4
+    assert s["by_model"]["m1"]["ttft_p50_ms"] == 200.0
+    assert s["by_worker"]["w1"]["ttft_p95_ms"] == 300.0
+    with_ttft = [p for p in s["series"] if p["ttft_p50_ms"] is not None]
+    assert len(with_ttft) == 3
+    assert {"ttft_p50_ms", "ttft_p95_ms"} <= set(s["series"][0])
+
+
+async def test_30000_model_names_make_a_bounded_stats_frame(fake_redis: aioredis.Redis) -> None:
+    flight = {"fleet": 2, "by_worker": {"w1": 2}, "by_model": {"busy": 1, "inflight-only": 1}}
+    stats = RollingStats(fake_redis, Keys("s2"), step=1.0, in_flight=lambda: flight)
+    now = time.time()
+    for i in range(30_000):
+        stats.add(_entry("w1", f"model-{i:05d}", 10.0), now)
+    for _ in range(5):
+        stats.add(_entry("w1", "busy", 10.0), now)
+    s = stats.tick(now)
+    frame = orjson.dumps(s)
+    assert len(frame) < 64 * 1024, len(frame)
+    assert len(s["by_model"]) == MAX_GROUPS + 1
+    assert s["by_model"]["busy"]["completed"] == 5 and s["by_model"]["busy"]["in_flight"] == 1
+    total = sum(g["completed"] for g in s["by_model"].values())
+    assert total == s["fleet"]["completed"] == 30_005
+    assert sum(g["in_flight"] for g in s["by_model"].values()) == 2
+    assert s["by_model"][OTHER]["completed"] > 29_000
+
+
+# ----------------------------------------------------------------- cancel's origin check
+
+
+def _request(headers: dict[str, str], scheme: str = "http") -> Any:
+    from starlette.requests import Request
+
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "scheme": scheme, "headers": raw, "method": "POST"})
+
+
+def test_origin_check_allows_own_and_listed_origins_only() -> None:
+    from services.stream.cancel import origin_allowed, valid_request_id
+
+    cors = ("http://localhost:8050",)
+    cookie = {"cookie": "vdm_session=v1.1.x", "host": "stream.example:8090"}
+    assert origin_allowed(_request({**cookie, "origin": "http://LOCALHOST:8050"}), cors)
+    assert origin_allowed(_request({**cookie, "origin": "http://stream.example:8090"}), cors)
+    assert origin_allowed(_request({**cookie, "referer": "http://localhost:8050/dashboard/"}), cors)
+    assert not origin_allowed(_request({**cookie, "origin": "http://localhost:8051"}), cors)
+    assert not origin_allowed(_request({**cookie, "origin": "null"}), cors)
+    assert not origin_allowed(_request({**cookie, "referer": "garbage"}), cors)
+    assert not origin_allowed(_request(cookie), cors)  # a cookie without any origin
+    # Behind a TLS-terminating proxy the service's own origin is https.
+    tls = {**cookie, "x-forwarded-proto": "https", "origin": "https://stream.example:8090"}
+    assert origin_allowed(_request(tls), cors)
+    assert origin_allowed(_request({"host": "s"}), cors)  # a command-line client, no cookie
+    assert not origin_allowed(_request({"host": "s", "origin": "http://evil"}), ("*",))
+    assert valid_request_id("req-1:a.b_c") and not valid_request_id("")
+    assert not valid_request_id("a b") and not valid_request_id("x" * 129)
