@@ -5,7 +5,8 @@
   load generator's targets and the SSE clients' URL stay valid.
 - :func:`wait_views_match`: the stream's rows equal the load generator's in-flight set.
 - :class:`RedisLink`: a TCP proxy between one worker and Redis that can cut the network
-  (existing connections closed, new ones black-holed) and restore it.
+  (existing connections closed, new ones black-holed) and restore it, or freeze the open
+  connections (a half-open link: nothing gets through, nothing is closed).
 - :class:`SSEWatcher`: an SSE client that reconnects, like the browser client does.
 
 Blocking waits (process start-up) run in a thread, so the load generator sharing the test's
@@ -248,6 +249,7 @@ class RedisLink:
     def __init__(self, redis_host: str, redis_port: int) -> None:
         self.target = (redis_host, redis_port)
         self.is_cut = False
+        self._frozen: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -272,10 +274,16 @@ class RedisLink:
         for writer in list(self._conns):
             writer.close()
         self._conns.clear()
+        self._frozen.clear()
 
     def cut(self) -> None:
         self.is_cut = True
         self._close_all()
+
+    def freeze(self) -> None:
+        """The open connections go silent both ways but stay open, as when the peer vanished
+        without a FIN or RST; connections opened later work normally."""
+        self._frozen |= self._conns
 
     def restore(self) -> None:
         self._close_all()  # black-holed connections are dead: clients reconnect
@@ -305,7 +313,7 @@ class RedisLink:
     ) -> None:
         try:
             while chunk := await reader.read(65536):
-                if writer is None or self.is_cut:
+                if writer is None or self.is_cut or writer in self._frozen:
                     continue
                 writer.write(chunk)
                 await writer.drain()
