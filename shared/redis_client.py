@@ -146,6 +146,14 @@ def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)
 
 
+async def ensure_topology(client: aioredis.Redis) -> None:
+    """Load a cluster client's slot map if it has none yet. Its pub/sub picks the node by
+    slot without loading the map itself (redis-py 8), so a subscription made before any other
+    command would find no node. A no-op for the other modes and once loaded."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+
+
 async def drop_connections(client: aioredis.Redis) -> None:
     """Close every idle pooled connection of ``client`` (they may be stale after a fault), so
     the next command opens a fresh one instead of failing on a dead socket first."""

@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared import schema
 from shared.keys import Keys
-from shared.redis_client import drop_connections
+from shared.redis_client import drop_connections, ensure_topology
 from shared.store import WireScripts, list_worker_ids, read_worker_state
 
 log = logging.getLogger("vdm.stream.hub")
@@ -268,6 +268,7 @@ class Hub:
         backoff = 0.0
         while True:
             try:
+                await ensure_topology(self.redis)
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.keys.events)
                     await self._await_ack(pubsub)
@@ -280,7 +281,9 @@ class Hub:
                     self.ready = True
                     backoff = 0.0
                     await self._follow(pubsub)
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+                # RedisClusterException is not a RedisError: a cluster whose slot map is
+                # being rebuilt (a failover) raises it, and it must not end the subscription.
                 self.ready = False
                 self._subscribed.clear()
                 log.warning("lost Redis (%s); reconnecting in %.2fs", exc, backoff)

@@ -63,9 +63,11 @@ class Fleet:
     stream: Proc | None = None
     stream_url: str = ""
     ttl: float = TTL_S
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. VDM_REDIS_MODE
 
     def env(self, redis_url: str | None = None, **extra: str) -> dict[str, str]:
         return {
+            **self.extra_env,
             "REDIS_URL": redis_url or self.redis.url,
             "VDM_KEY_PREFIX": self.prefix,
             "VDM_WORKER_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
@@ -88,7 +90,9 @@ class Fleet:
         """Start ``n_workers`` workers and the stream, all at once, and wait for them."""
         for i in range(n_workers):
             url = (redis_urls or {}).get(i, self.redis.url)
-            worker = Worker(worker_id=f"{self.prefix}-w{i}", redis_url=url)
+            # A hash-tagged prefix ({fleet}) keeps its name, not its braces, in worker ids.
+            base = self.prefix.replace("{", "").replace("}", "")
+            worker = Worker(worker_id=f"{base}-w{i}", redis_url=url)
             self._spawn_worker(worker)
             self.workers.append(worker)
         self.stream = vdm_hub("stream", "--port", "0", env=self.env())
@@ -129,10 +133,11 @@ async def fleet(
     redis_urls: dict[int, str] | None = None,
     redis: EmbeddedRedis | None = None,
     ttl: float = TTL_S,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Fleet]:
     own = redis is None
     server = redis or EmbeddedRedis().start()
-    f = Fleet(redis=server, prefix=prefix, upstream_url=upstream_url, ttl=ttl)
+    f = Fleet(redis=server, prefix=prefix, upstream_url=upstream_url, ttl=ttl, extra_env=env or {})
     try:
         await f.start(n_workers, redis_urls)
         yield f
