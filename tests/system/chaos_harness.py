@@ -164,8 +164,7 @@ def load(targets: list[str], *, concurrency: int = 12, rate: float = 15.0) -> Lo
 
 def target_of(gen: LoadGenerator, request_id: str) -> str:
     """The target a request went to: the generator picks targets round robin by number."""
-    n = int(request_id.rsplit("-", 1)[1])
-    return gen.targets[(n - 1) % len(gen.targets)]
+    return gen.targets[(request_number(request_id) - 1) % len(gen.targets)]
 
 
 async def finish_load(gen: LoadGenerator, timeout: float = 15.0) -> None:
@@ -190,15 +189,26 @@ async def stream_rows(client: httpx.AsyncClient, stream_url: str) -> list[dict[s
     return rows
 
 
-async def views_match_once(gen: LoadGenerator, client: httpx.AsyncClient, stream_url: str) -> bool:
+def request_number(request_id: str) -> int:
+    return int(request_id.rsplit("-", 1)[1])
+
+
+async def views_match_once(
+    gen: LoadGenerator, client: httpx.AsyncClient, stream_url: str, newer_than: int = 0
+) -> bool:
     """True when the generator's in-flight set, read before and after the snapshot, equals
-    the snapshot's request ids: then the three were equal at one moment (the snapshot's)."""
+    the snapshot's request ids: then the three were equal at one moment (the snapshot's).
+    With ``newer_than``, the snapshot must also hold a request sent after that number: a
+    view frozen before a fault can equal the truth for a moment, a live one shows new rows."""
     before = set(gen.in_flight)
     rows = await stream_rows(client, stream_url)
     after = set(gen.in_flight)
     if rows is None:
         return False
-    return before == after == {r["request_id"] for r in rows}
+    ids = {r["request_id"] for r in rows}
+    if newer_than and not any(request_number(rid) > newer_than for rid in ids):
+        return False
+    return before == after == ids
 
 
 async def wait_views_match(
@@ -209,12 +219,15 @@ async def wait_views_match(
     since: float,
     timeout: float = 20.0,
     what: str = "",
+    fresh: bool = False,
 ) -> float:
-    """Poll until the views match; returns seconds from ``since`` (monotonic) to the match."""
+    """Poll until the views match; returns seconds from ``since`` (monotonic) to the match.
+    ``fresh``: only a match that shows a request sent after this call counts (see above)."""
     deadline = time.monotonic() + timeout
+    newer_than = gen.stats.sent if fresh else 0
     last: tuple[set[str], set[str]] = (set(), set())
     while True:
-        if await views_match_once(gen, client, stream_url):
+        if await views_match_once(gen, client, stream_url, newer_than):
             return time.monotonic() - since
         if time.monotonic() >= deadline:
             rows = await stream_rows(client, stream_url) or []
