@@ -34,7 +34,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, RedisClusterException
 
 from shared.settings import Settings, redacted_url
 
@@ -79,6 +79,31 @@ class FailoverAwareRedis(aioredis.Redis):
                 await client.aclose()
 
 
+class ClusterClient(RedisCluster):
+    """``RedisCluster`` whose topology errors are ``ConnectionError``s.
+
+    redis-py raises ``RedisClusterException`` (not a ``RedisError``) when no node answers or a
+    slot has no owner, e.g. during a failover: every loop of the project that survives a lost
+    Redis by catching ``RedisError`` (the reaper, the heartbeat) would end instead.
+    """
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> RedisCluster:
+        try:
+            return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except RedisClusterException as exc:
+            raise RedisConnectionError(f"Redis Cluster unavailable: {exc}") from exc
+
+
 def _common(socket_timeout: float, retries: int) -> dict[str, Any]:
     return {
         "socket_timeout": socket_timeout,
@@ -110,7 +135,7 @@ def build_client(
         cluster_kw = {k: v for k, v in common.items() if k != "retry"}
         # The cluster client keeps its own retry policy: it refreshes the slot map between
         # attempts, which is how it follows a failover or a resharding.
-        return cast(aioredis.Redis, RedisCluster.from_url(url, **cluster_kw))
+        return cast(aioredis.Redis, ClusterClient.from_url(url, **cluster_kw))
     if settings.redis_mode == "sentinel":
         master_kw = _master_credentials(settings.redis_url)
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
@@ -140,10 +165,6 @@ def _master_credentials(url: str | None) -> dict[str, Any]:
     except ValueError as exc:  # settings validated it; never echo the password all the same
         raise ValueError(f"REDIS_URL={redacted_url(url)!r}: {exc}") from None
     return {k: parsed[k] for k in ("username", "password", "db") if parsed.get(k) is not None}
-
-
-def is_cluster(client: object) -> bool:
-    return isinstance(client, RedisCluster)
 
 
 async def ensure_topology(client: aioredis.Redis) -> None:

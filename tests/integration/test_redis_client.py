@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 from services.proxy.resp import RawRedis, pack
 from services.stream.hub import SILENCE_LIMIT, Hub
@@ -45,6 +46,22 @@ async def test_every_mode_gets_timeouts_keepalive_and_a_health_check() -> None:
     finally:
         for client in (standalone, sentinel, cluster):
             await client.aclose()
+
+
+async def test_a_cluster_that_cannot_be_reached_raises_a_redis_error() -> None:
+    # redis-py's own RedisClusterException is not a RedisError: every loop that survives a
+    # lost Redis by catching RedisError (reaper, heartbeat) would have ended on it.
+    from shared.embedded_redis import free_port
+
+    url = f"redis://127.0.0.1:{free_port()}"
+    client = build_client(Settings(redis_mode="cluster", key_prefix="{v}", redis_url=url))
+    try:
+        with pytest.raises(RedisError):
+            await client.zrange("{v}:alive", 0, -1)
+        with pytest.raises(RedisError):
+            await WireScripts(client, Keys("{v}")).redis_time_ms()
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.timeout(60)
