@@ -153,6 +153,9 @@ def build_client(
         assert isinstance(client, FailoverAwareRedis)
         client.owned_sentinel = sentinel
         return client
+    if url.startswith("unix:"):
+        # TCP keepalive means nothing on a unix socket (and its connection class refuses it).
+        common = {k: v for k, v in common.items() if not k.startswith("socket_keepalive")}
     return FailoverAwareRedis.from_url(url, **common)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -45,6 +46,17 @@ async def test_every_mode_gets_timeouts_keepalive_and_a_health_check() -> None:
         assert RawRedis.like(sentinel) is None and RawRedis.like(cluster) is None
     finally:
         for client in (standalone, sentinel, cluster):
+            await client.aclose()
+
+
+async def test_a_unix_socket_url_works(tmp_path: Path) -> None:
+    sock = tmp_path / "redis.sock"
+    with EmbeddedRedis(extra_args=["--unixsocket", str(sock)]):
+        client = build_client(Settings(redis_url=f"unix://{sock}"))
+        try:
+            assert await client.ping()
+            assert RawRedis.like(client) is None  # the raw fast path is TCP only
+        finally:
             await client.aclose()
 
 
