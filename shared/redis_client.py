@@ -12,7 +12,8 @@
 - ``sentinel``: ``Sentinel(VDM_REDIS_SENTINELS).master_for(VDM_REDIS_SENTINEL_MASTER)``;
   every new connection asks the sentinels for the current master, and a ``READONLY`` reply
   (a demoted master) closes the connection and raises ``ConnectionError``. ``REDIS_URL``, if
-  set, supplies only the master's credentials and database.
+  set, supplies only how to talk to the master (credentials, database, ``rediss://`` for TLS),
+  never its address.
 
 Every client gets socket timeouts, TCP keepalive and a health check, so a half-open link
 fails a command within seconds instead of blocking it for the kernel's retransmission timeout
@@ -29,9 +30,9 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import Connection, parse_url
+from redis.asyncio.connection import Connection, SSLConnection, parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisClusterException
@@ -160,14 +161,18 @@ def build_client(
 
 
 def _master_credentials(url: str | None) -> dict[str, Any]:
-    """From ``REDIS_URL`` in sentinel mode: the master's user, password and database only."""
+    """From ``REDIS_URL`` in sentinel mode: how to talk to the master (user, password, db,
+    TLS and its ``ssl_*`` query options), never where it is: the sentinels say that."""
     if not url:
         return {}
     try:
         parsed = parse_url(url)
     except ValueError as exc:  # settings validated it; never echo the password all the same
         raise ValueError(f"REDIS_URL={redacted_url(url)!r}: {exc}") from None
-    return {k: parsed[k] for k in ("username", "password", "db") if parsed.get(k) is not None}
+    out = {k: v for k, v in parsed.items() if k not in ("host", "port", "path", "connection_class")}
+    if parsed.get("connection_class") is SSLConnection:
+        out["connection_class"] = SentinelManagedSSLConnection
+    return {k: v for k, v in out.items() if v is not None}
 
 
 async def ensure_topology(client: aioredis.Redis) -> None:

@@ -34,7 +34,19 @@ async def test_every_mode_gets_timeouts_keepalive_and_a_health_check() -> None:
     cluster = build_client(
         Settings(redis_mode="cluster", key_prefix="{v}", redis_url="redis://127.0.0.1:1")
     )
+    tls_sentinel = build_client(
+        Settings(
+            redis_mode="sentinel",
+            redis_sentinels=(("127.0.0.1", 1),),
+            redis_url="rediss://u:pw@ignored:1/3",
+        )
+    )
     try:
+        kw = tls_sentinel.connection_pool.connection_kwargs
+        assert (kw["username"], kw["password"], kw["db"]) == ("u", "pw", 3)
+        assert "host" not in kw and tls_sentinel.connection_pool.connection_class.__name__ == (
+            "SentinelManagedSSLConnection"
+        )
         for client in (standalone, sentinel):
             kw = client.connection_pool.connection_kwargs
             assert kw["socket_timeout"] and kw["socket_connect_timeout"], kw
@@ -45,7 +57,7 @@ async def test_every_mode_gets_timeouts_keepalive_and_a_health_check() -> None:
         assert RawRedis.like(standalone) is not None
         assert RawRedis.like(sentinel) is None and RawRedis.like(cluster) is None
     finally:
-        for client in (standalone, sentinel, cluster):
+        for client in (standalone, sentinel, cluster, tls_sentinel):
             await client.aclose()
 
 
