@@ -145,7 +145,6 @@ class WireScripts:
         deletes: Sequence[str],
         completed: Sequence[schema.CompletedEntry],
         completed_maxlen: int,
-        *,
         ttl_ms: int,
     ) -> int:
         """Apply one batch; returns its seq. Raises :class:`NotRegistered` on epoch mismatch."""

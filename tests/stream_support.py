@@ -125,7 +125,7 @@ class FakeWorker:
             deletes,
             completed,
             1000,
-            ttl_ms=int(self.ttl * 1000),
+            int(self.ttl * 1000),
         )
 
     async def start(self, *request_ids: str, model: str = "m") -> int:

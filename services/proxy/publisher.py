@@ -345,15 +345,7 @@ class Publisher:
         ttl = self._ttl_ms()
         if self._raw is None:
             await self.scripts.apply(
-                self.worker_id,
-                self.epoch,
-                prefix,
-                events_json,
-                sets,
-                deletes,
-                done,
-                maxlen,
-                ttl_ms=ttl,
+                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
             )
             return
         try:
@@ -362,15 +354,7 @@ class Publisher:
             )
         except NoScriptError:  # not loaded yet (or Redis restarted): redis-py loads it
             await self.scripts.apply(
-                self.worker_id,
-                self.epoch,
-                prefix,
-                events_json,
-                sets,
-                deletes,
-                done,
-                maxlen,
-                ttl_ms=ttl,
+                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
             )
             return
         if not isinstance(seq, int) or seq < 0:

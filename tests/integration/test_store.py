@@ -107,9 +107,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
                 }
             ]
         )
-        assert (
-            await scripts.apply("w1", "e1", prefix, end, [], ["r1"], [done], 100, ttl_ms=TTL) == 3
-        )
+        assert await scripts.apply("w1", "e1", prefix, end, [], ["r1"], [done], 100, TTL) == 3
         assert (await _next_batch(pubsub))["seq"] == 3
         assert (await read_worker_state(redis, keys, "w1")).rows == {}
         ((entry_id, fields),) = await redis.xrange(keys.completed)
@@ -122,7 +120,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
         assert (down["seq"], down["events"][0]["type"]) == (4, "worker_down")
         assert await scripts.remove("w1", reason="shutdown", epoch="e1") == 0  # idempotent
         with pytest.raises(NotRegistered):
-            await scripts.apply("w1", "e1", prefix, start, [], [], [], 100, ttl_ms=TTL)
+            await scripts.apply("w1", "e1", prefix, start, [], [], [], 100, TTL)
         assert not await scripts.heartbeat("w1", "e1", ttl_ms=TTL)
 
 
@@ -176,7 +174,7 @@ async def test_every_applied_batch_pushes_the_deadline_forward(
     start = schema.encode([{"type": "start", "row": row}])
     prefix = schema.envelope_prefix("w4", "e4")
     now = await scripts.redis_time_ms()
-    await scripts.apply("w4", "e4", prefix, start, [], [], [], 100, ttl_ms=60_000)
+    await scripts.apply("w4", "e4", prefix, start, [], [], [], 100, 60_000)
     deadline = await redis.zscore(keys.alive, "w4")
     assert deadline is not None and deadline >= now + 60_000
     assert await scripts.remove("w4", reason="reaped", expired_only=True) == 0
@@ -197,7 +195,7 @@ async def test_a_malformed_seq_marker_is_garbage_and_reaping_goes_on(
     # A worker whose marker is garbage is told to re-register, not handed a script error.
     await redis.hset(keys.seq, "bad2", "e6:x")
     with pytest.raises(NotRegistered):
-        await scripts.apply("bad2", "e6", b"{", b"[]", [], [], [], 100, ttl_ms=TTL)
+        await scripts.apply("bad2", "e6", b"{", b"[]", [], [], [], 100, TTL)
     assert not await scripts.heartbeat("bad1", "e6", ttl_ms=TTL)
 
     # A script that does fail is logged, not swallowed.

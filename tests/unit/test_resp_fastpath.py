@@ -62,7 +62,7 @@ async def test_apply_command_matches_wire_scripts(monkeypatch: pytest.MonkeyPatc
     prefix = schema.envelope_prefix("w1", "e1")
     maxlen = settings.completed_maxlen
     ttl = pub._ttl_ms()
-    await pub.scripts.apply("w1", "e1", prefix, b"[]", sets, ["r3"], done, maxlen, ttl_ms=ttl)
+    await pub.scripts.apply("w1", "e1", prefix, b"[]", sets, ["r3"], done, maxlen, ttl)
     ours = pub._apply_command(prefix, b"[]", sets, ["r3"], done)
     assert pack(ours) == pack(captured["cmd"])
     await pub.redis.aclose()
