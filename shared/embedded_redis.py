@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from importlib import util as import_util
 from pathlib import Path
 from types import TracebackType
@@ -74,7 +75,9 @@ class EmbeddedRedis:
     """A foreground server process; a context manager that always stops it.
 
     With ``data_dir`` the data survives a restart (``restart()`` keeps the port, so clients
-    can reconnect to the same URL); without it, nothing is kept on disk.
+    can reconnect to the same URL); without it, nothing is kept on disk. ``config_file`` and
+    ``extra_args`` make the topologies of the tests (a cluster node, a replica, a sentinel:
+    ``config_file=…, extra_args=["--sentinel"]``) from the same process handling.
     """
 
     def __init__(
@@ -83,8 +86,13 @@ class EmbeddedRedis:
         port: int = 0,
         data_dir: str | None = None,
         binary: str | None = None,
+        *,
+        config_file: str | None = None,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.host = host
+        self.config_file = config_file
+        self.extra_args = list(extra_args)
         self.port = port
         self.binary = binary or find_redis_server()
         self._own_dir = data_dir is None
@@ -100,6 +108,8 @@ class EmbeddedRedis:
         assert self.data_dir is not None
         cmd = [
             self.binary,
+            *([self.config_file] if self.config_file else []),
+            *self.extra_args,
             "--bind",
             self.host,
             "--port",
@@ -112,11 +122,9 @@ class EmbeddedRedis:
             "yes",
             "--loglevel",
             "warning",
-            "--save",
-            "",
-            "--appendonly",
-            "yes" if self.persist else "no",
         ]
+        if "--sentinel" not in self.extra_args:  # a sentinel has no dataset to keep
+            cmd += ["--save", "", "--appendonly", "yes" if self.persist else "no"]
         return cmd
 
     def start(self) -> EmbeddedRedis:

@@ -60,19 +60,61 @@ def _http_url(name: str, raw: str) -> str:
     return raw.strip().rstrip("/")
 
 
+def redacted_url(raw: str) -> str:
+    """``raw`` with any user info (user name, password) replaced by ``***``: safe to print."""
+    text = raw.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return "***" if "@" in text else text
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{scheme}://{authority}{slash}{tail}"
+
+
 def _redis_url(name: str, raw: str) -> str:
-    parts = urlsplit(raw.strip())
+    # The value may carry a password: messages show it redacted, never as given.
+    shown = redacted_url(raw)
+    value = raw.strip()
+    parts = urlsplit(value)
     if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"{name}={raw!r}: expected a redis://, rediss:// or unix:// URL")
-    return raw.strip()
+        raise ConfigError(f"{name}={shown!r}: expected a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{name}={shown!r}: expected unix:///path/to/redis.sock")
+        return value
+    try:
+        port = parts.port  # raises on a port that is not a number in 0-65535
+    except ValueError:
+        raise ConfigError(f"{name}={shown!r}: the port is not a number in 1-65535") from None
+    if not parts.hostname or port == 0:
+        raise ConfigError(f"{name}={shown!r}: expected redis[s]://[user:password@]host[:port][/db]")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise ConfigError(f"{name}={shown!r}: the database after the host must be a number")
+    return value
+
+
+def hash_tag(prefix: str) -> str | None:
+    """The hash tag of ``prefix`` (the text between its braces), or None when untagged."""
+    start = prefix.find("{")
+    end = prefix.find("}", start + 1)
+    return prefix[start + 1 : end] if 0 <= start < end - 1 else None
 
 
 def _key_prefix(name: str, raw: str) -> str:
     value = raw.strip()
-    if not value or len(value) > 64 or any(c.isspace() or c in "{}*?[]" for c in value):
-        raise ConfigError(
-            f"{name}={raw!r}: expected 1-64 characters without spaces, braces or glob characters"
-        )
+    expected = (
+        f"{name}={raw!r}: expected 1-64 characters without spaces or glob characters, "
+        "with at most one hash tag such as {vdm}"
+    )
+    if not value or len(value) > 64 or any(c.isspace() or c in "*?[]" for c in value):
+        raise ConfigError(expected)
+    braces = value.count("{") + value.count("}")
+    # Redis Cluster hashes only the text inside the first {...}: allow exactly one such tag,
+    # non-empty, so every key of the fleet (all start with the prefix) shares one slot.
+    if braces and (braces != 2 or value.count("{") != 1 or hash_tag(value) is None):
+        raise ConfigError(expected)
     return value
 
 
@@ -98,8 +140,12 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
     return origins
 
 
-def _text(name: str, raw: str) -> str:
-    return raw
+def _token(name: str, raw: str) -> str:
+    # A token read from a file usually ends with a newline; a header value never carries one.
+    value = raw.strip()
+    if any(c.isspace() for c in value):
+        raise ConfigError(f"{name}: the token must not contain spaces or line breaks")
+    return value
 
 
 REDIS_MODES = ("standalone", "cluster", "sentinel")
@@ -202,11 +248,26 @@ class Settings:
                 "VDM_REDIS_SENTINELS: required when VDM_REDIS_MODE=sentinel "
                 "(a comma-separated list of sentinel host:port)"
             )
+        if self.redis_mode == "cluster":
+            self._check_cluster()
         if self.auth_token is not None and "*" in self.cors_origins:
             raise ConfigError(
                 "VDM_CORS_ORIGINS: '*' is not allowed when VDM_AUTH_TOKEN is set; "
                 "list the dashboard's origins instead"
             )
+
+    def _check_cluster(self) -> None:
+        if hash_tag(self.key_prefix) is None:
+            raise ConfigError(
+                f"VDM_KEY_PREFIX={self.key_prefix!r}: VDM_REDIS_MODE=cluster needs a hash-tagged "
+                "prefix such as {vdm}, so that every key of the fleet lives in one hash slot "
+                "(docs/deployment.md)"
+            )
+        url = self.redis_url or ""
+        if url.startswith("unix:"):
+            raise ConfigError("REDIS_URL: VDM_REDIS_MODE=cluster needs a redis:// or rediss:// URL")
+        if urlsplit(url).path.strip("/") not in ("", "0"):
+            raise ConfigError("REDIS_URL: Redis Cluster has only database 0; drop the /db part")
 
 
 _Parser = Callable[[str, str], object]
@@ -225,7 +286,7 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_WORKER_TTL": ("worker_ttl", _seconds),
     "VDM_STREAM_PUBLIC_URL": ("stream_public_url", _http_url),
     "VDM_CORS_ORIGINS": ("cors_origins", _origins),
-    "VDM_AUTH_TOKEN": ("auth_token", _text),
+    "VDM_AUTH_TOKEN": ("auth_token", _token),
     "VDM_MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int),
     "VDM_ACTIVE_REQUESTS_SSE_THROTTLE": ("sse_throttle", _seconds),
     "VDM_SSE_SEND_TIMEOUT": ("sse_send_timeout", _seconds),

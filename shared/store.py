@@ -8,13 +8,14 @@ and the seq marker they get belong together.
 
 from __future__ import annotations
 
-import time
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, ResponseError
 
 from shared import schema
 from shared.keys import Keys
@@ -24,8 +25,7 @@ def _lua(name: str) -> str:
     return resources.files("shared").joinpath("lua", f"{name}.lua").read_text()
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+log = logging.getLogger("vdm.store")
 
 
 class NotRegistered(RuntimeError):
@@ -46,7 +46,13 @@ class WorkerState:
 
 
 class WireScripts:
-    """The protocol's Lua scripts, registered on one client (EVALSHA with NOSCRIPT fallback)."""
+    """The protocol's Lua scripts, registered on one client (EVALSHA with NOSCRIPT fallback).
+
+    Liveness is judged on Redis's clock: callers pass a TTL, the scripts add it to ``TIME``,
+    so a worker or stream service whose clock is off can neither reap a live worker nor keep
+    a dead one. Every key a script touches is in its KEYS (Redis Cluster routes by them; with
+    a hash-tagged prefix they are all in one slot).
+    """
 
     def __init__(self, redis: aioredis.Redis, keys: Keys) -> None:
         self.redis = redis
@@ -55,17 +61,30 @@ class WireScripts:
         self._apply = redis.register_script(_lua("apply"))
         self._heartbeat = redis.register_script(_lua("heartbeat"))
         self._remove = redis.register_script(_lua("remove"))
+        self._clock = redis.register_script(_lua("clock"))
+        self._apply_sha = str(self._apply.sha)
 
     @property
     def apply_sha(self) -> str:
         """SHA1 of ``apply.lua``, for a caller that sends the EVALSHA itself (the publisher)."""
-        return str(self._apply.sha)
+        return self._apply_sha
+
+    async def _run(self, name: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except ResponseError as exc:
+            # A script error stops what the script does (reaping, publishing) for everyone it
+            # concerns: never silent. NOSCRIPT is redis-py's to handle, not an error here.
+            if not isinstance(exc, NoScriptError):
+                log.error("Redis script %s failed: %s", name, exc)
+            raise
 
     async def register(
         self,
         record: schema.WorkerRecord,
-        deadline_ms: int,
         rows: Sequence[tuple[str, bytes]],
+        *,
+        ttl_ms: int,
     ) -> None:
         wid, epoch = record["worker_id"], record["epoch"]
         events = schema.encode([{"type": schema.EventType.WORKER_UP, "worker": record}])
@@ -73,7 +92,7 @@ class WireScripts:
             wid,
             epoch,
             schema.encode(record),
-            deadline_ms,
+            ttl_ms,
             schema.envelope_prefix(wid, epoch),
             events,
             len(rows),
@@ -81,7 +100,40 @@ class WireScripts:
         for request_id, row in rows:
             args += (request_id, row)
         k = self.keys
-        await self._register(keys=[k.workers, k.alive, k.seq, k.active(wid), k.events], args=args)
+        keys = [k.workers, k.alive, k.seq, k.active(wid), k.events]
+        await self._run("register", self._register, keys, args)
+
+    def apply_keys_args(
+        self,
+        worker_id: str,
+        epoch: str,
+        prefix: bytes,
+        events_json: bytes,
+        sets: Sequence[tuple[str, bytes]],
+        deletes: Sequence[str],
+        completed: Sequence[schema.CompletedEntry],
+        completed_maxlen: int,
+        ttl_ms: int,
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``apply.lua`` (one builder for redis-py and the raw fast path)."""
+        args: list[Any] = [
+            worker_id,
+            epoch,
+            prefix,
+            events_json,
+            completed_maxlen,
+            ttl_ms,
+            len(sets),
+        ]
+        for request_id, row in sets:
+            args += (request_id, row)
+        args.append(len(deletes))
+        args += deletes
+        args.append(len(completed))
+        for entry in completed:
+            args += schema.completed_values(entry)
+        k = self.keys
+        return [k.seq, k.active(worker_id), k.completed, k.events, k.alive], args
 
     async def apply(
         self,
@@ -93,49 +145,49 @@ class WireScripts:
         deletes: Sequence[str],
         completed: Sequence[schema.CompletedEntry],
         completed_maxlen: int,
+        ttl_ms: int,
     ) -> int:
         """Apply one batch; returns its seq. Raises :class:`NotRegistered` on epoch mismatch."""
-        args: list[Any] = [worker_id, epoch, prefix, events_json, completed_maxlen, len(sets)]
-        for request_id, row in sets:
-            args += (request_id, row)
-        args.append(len(deletes))
-        args += deletes
-        args.append(len(completed))
-        for entry in completed:
-            args += schema.completed_values(entry)
-        k = self.keys
-        seq = int(
-            await self._apply(keys=[k.seq, k.active(worker_id), k.completed, k.events], args=args)
+        keys, args = self.apply_keys_args(
+            worker_id,
+            epoch,
+            prefix,
+            events_json,
+            sets,
+            deletes,
+            completed,
+            completed_maxlen,
+            ttl_ms,
         )
+        seq = int(await self._run("apply", self._apply, keys, args))
         if seq < 0:
             raise NotRegistered(worker_id)
         return seq
 
-    async def heartbeat(self, worker_id: str, epoch: str, deadline_ms: int) -> bool:
-        ok = await self._heartbeat(
-            keys=[self.keys.seq, self.keys.alive], args=[worker_id, epoch, deadline_ms]
-        )
-        return bool(ok)
+    async def heartbeat(self, worker_id: str, epoch: str, *, ttl_ms: int) -> bool:
+        keys = [self.keys.seq, self.keys.alive]
+        return bool(await self._run("heartbeat", self._heartbeat, keys, [worker_id, epoch, ttl_ms]))
 
     async def remove(
-        self, worker_id: str, *, reason: str, now_ms: int | None = None, epoch: str = ""
+        self, worker_id: str, *, reason: str, expired_only: bool = False, epoch: str = ""
     ) -> int:
-        """Remove a worker: a reaper passes ``now_ms``, the worker itself its ``epoch``.
+        """Remove a worker: a reaper passes ``expired_only``, the worker itself its ``epoch``.
 
         Returns 0 when there was nothing to remove (another reaper won, or a heartbeat came in
-        time), else the seq of the published ``worker_down`` batch.
+        time on Redis's clock), else the seq of the published ``worker_down`` batch.
         """
         head = b'{"v":1,"worker_id":' + schema.encode(worker_id) + b',"epoch":'
         events = schema.encode(
             [{"type": schema.EventType.WORKER_DOWN, "worker_id": worker_id, "reason": reason}]
         )
         k = self.keys
-        return int(
-            await self._remove(
-                keys=[k.alive, k.workers, k.seq, k.active(worker_id), k.events],
-                args=[worker_id, head, "" if now_ms is None else now_ms, epoch, events],
-            )
-        )
+        keys = [k.alive, k.workers, k.seq, k.active(worker_id), k.events]
+        args = [worker_id, head, "expired" if expired_only else "", epoch, events]
+        return int(await self._run("remove", self._remove, keys, args))
+
+    async def redis_time_ms(self) -> int:
+        """Redis's clock (epoch ms), from the node that holds the deadlines."""
+        return int(await self._run("clock", self._clock, [self.keys.alive], []))
 
 
 async def read_worker_state(redis: aioredis.Redis, keys: Keys, worker_id: str) -> WorkerState:
@@ -187,8 +239,3 @@ async def list_worker_ids(redis: aioredis.Redis, keys: Keys) -> set[str]:
         if 0 < len(wid) <= schema.MAX_ID_CHARS:
             out.add(wid)
     return out
-
-
-async def expired_worker_ids(redis: aioredis.Redis, keys: Keys, now: int) -> list[str]:
-    raw: list[Any] = list(await redis.zrangebyscore(keys.alive, "-inf", now))
-    return [r.decode(errors="replace") if isinstance(r, bytes) else str(r) for r in raw]

@@ -20,7 +20,7 @@ from services.stream.app import create_app
 from shared import schema
 from shared.keys import Keys
 from shared.settings import Settings
-from shared.store import WireScripts, now_ms
+from shared.store import WireScripts
 from tests.worker_harness import running
 
 FAST = {
@@ -89,7 +89,7 @@ class FakeWorker:
     async def register(self) -> None:
         self.epoch = uuid.uuid4().hex[:12]
         rows = [(rid, schema.encode_row(row)) for rid, row in self.rows.items()]
-        await self.scripts.register(self.record(), now_ms() + int(self.ttl * 1000), rows)
+        await self.scripts.register(self.record(), rows, ttl_ms=int(self.ttl * 1000))
 
     async def reregister_with(self, *request_ids: str, timeout: float = 10.0) -> None:
         """What a worker does after losing Redis: a new epoch carrying its whole active set."""
@@ -106,9 +106,7 @@ class FakeWorker:
                 await asyncio.sleep(0.05)
 
     async def heartbeat(self) -> bool:
-        return await self.scripts.heartbeat(
-            self.worker_id, self.epoch, now_ms() + int(self.ttl * 1000)
-        )
+        return await self.scripts.heartbeat(self.worker_id, self.epoch, ttl_ms=int(self.ttl * 1000))
 
     async def _apply(
         self,
@@ -127,6 +125,7 @@ class FakeWorker:
             deletes,
             completed,
             1000,
+            int(self.ttl * 1000),
         )
 
     async def start(self, *request_ids: str, model: str = "m") -> int:

@@ -31,9 +31,10 @@ import shared
 from services.proxy.resp import RawRedis, pack
 from shared import schema
 from shared.keys import Keys
+from shared.redis_client import build_client
 from shared.schema import Outcome, Row
 from shared.settings import Settings
-from shared.store import NotRegistered, WireScripts, now_ms
+from shared.store import NotRegistered, WireScripts
 
 log = logging.getLogger("vdm.publisher")
 
@@ -75,16 +76,12 @@ class Publisher:
         self.worker_id = settings.worker_id
         self.keys = Keys(settings.key_prefix)
         self._own_redis = redis is None
-        self.redis = redis or aioredis.Redis.from_url(
-            settings.redis_url or "redis://127.0.0.1:6379/0",
-            socket_timeout=1.0,
-            socket_connect_timeout=1.0,
-            health_check_interval=10,
-        )
+        # No client-side retry: an apply is not idempotent, and any failure makes the next
+        # flush rewrite the whole state anyway.
+        self.redis = redis or build_client(settings, socket_timeout=1.0, retries=0)
         self.scripts = WireScripts(self.redis, self.keys)
         # The per-batch Lua call goes over a raw connection when it can (see resp.py).
         self._raw = RawRedis.like(self.redis)
-        self._apply_head: list[bytes | str | int] = [b"EVALSHA", self.scripts.apply_sha, 4]
         self.upstream = _public_upstream(upstream or settings.upstream_url)
         self.epoch = ""
         self.active: dict[str, Row] = {}
@@ -253,8 +250,9 @@ class Publisher:
 
     _started_at = time.time()
 
-    def _deadline(self) -> int:
-        return now_ms() + int(self.settings.worker_ttl * 1000)
+    def _ttl_ms(self) -> int:
+        # A TTL, not a deadline: Redis adds it to its own clock (this host's may be off).
+        return int(self.settings.worker_ttl * 1000)
 
     async def _register(self) -> None:
         """New epoch; worker record, heartbeat and the whole active set in one atomic step."""
@@ -271,7 +269,7 @@ class Publisher:
         rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
         previous, self.epoch = self.epoch, epoch
         try:
-            await self.scripts.register(self.record(), self._deadline(), rows)
+            await self.scripts.register(self.record(), rows, ttl_ms=self._ttl_ms())
         except BaseException:
             self.epoch = previous
             self._needs_register = True
@@ -344,9 +342,10 @@ class Publisher:
         """``WireScripts.apply``, packed by hand over the raw connection when there is one."""
         prefix = schema.envelope_prefix(self.worker_id, self.epoch)
         maxlen = self.settings.completed_maxlen
+        ttl = self._ttl_ms()
         if self._raw is None:
             await self.scripts.apply(
-                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen
+                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
             )
             return
         try:
@@ -355,7 +354,7 @@ class Publisher:
             )
         except NoScriptError:  # not loaded yet (or Redis restarted): redis-py loads it
             await self.scripts.apply(
-                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen
+                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
             )
             return
         if not isinstance(seq, int) or seq < 0:
@@ -370,28 +369,18 @@ class Publisher:
         done: list[schema.CompletedEntry],
     ) -> list[bytes | str | int]:
         """EVALSHA with exactly the KEYS and ARGV that ``WireScripts.apply`` sends."""
-        k = self.keys
-        args: list[bytes | str | int] = [
-            *self._apply_head,
-            k.seq,
-            k.active(self.worker_id),
-            k.completed,
-            k.events,
+        keys, args = self.scripts.apply_keys_args(
             self.worker_id,
             self.epoch,
             prefix,
             events_json,
+            sets,
+            deletes,
+            done,
             self.settings.completed_maxlen,
-            len(sets),
-        ]
-        for request_id, row in sets:
-            args += (request_id, row)
-        args.append(len(deletes))
-        args += deletes
-        args.append(len(done))
-        for entry in done:
-            args += schema.completed_values(entry)
-        return args
+            self._ttl_ms(),
+        )
+        return [b"EVALSHA", self.scripts.apply_sha, len(keys), *keys, *args]
 
     async def _flush_loop(self) -> None:
         delay = RETRY_MIN
@@ -438,7 +427,9 @@ class Publisher:
             if self._needs_register or not self.epoch:
                 continue
             try:
-                alive = await self.scripts.heartbeat(self.worker_id, self.epoch, self._deadline())
+                alive = await self.scripts.heartbeat(
+                    self.worker_id, self.epoch, ttl_ms=self._ttl_ms()
+                )
             except (RedisError, OSError, TimeoutError) as exc:
                 log.debug("heartbeat failed: %s", exc)
                 continue

@@ -5,9 +5,10 @@ worker ~110 us of CPU per command (event dispatch, maintenance-notification hook
 bookkeeping, per-argument packing), a raw stream ~20 us. The worker proxies on the same core,
 so each flush showed up directly in its throughput (measured in docs/performance.md). This
 speaks just enough RESP2 for one command at a time — integer, status and error replies — and
-is only used for a plain TCP ``redis://`` client; anything else (TLS, unix sockets, test
-doubles) keeps going through redis-py. Any failure closes the connection (its state is
-unknown) and raises a redis-py exception, so callers handle both paths alike.
+is only used for a plain TCP ``redis://`` client in standalone mode; anything else (TLS, unix
+sockets, test doubles, Redis Cluster, Sentinel: those need redis-py's topology handling, slot
+routing and master discovery) keeps going through redis-py. Any failure closes the connection
+(its state is unknown) and raises a redis-py exception, so callers handle both paths alike.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ class RawRedis:
 
     @classmethod
     def like(cls, client: aioredis.Redis) -> RawRedis | None:
-        """A raw twin of ``client``'s connection settings, or None when it is not plain TCP."""
+        """A raw twin of ``client``'s connection settings, or None when it is not plain TCP
+        to one standalone server (a cluster client has no single pool; a sentinel pool's
+        connection class is not ``Connection``)."""
+        if not isinstance(client, aioredis.Redis):
+            return None
         pool = client.connection_pool
         if pool.connection_class is not Connection:
             return None
@@ -125,6 +130,10 @@ class RawRedis:
             text = body.decode(errors="replace")
             if text.startswith("NOSCRIPT"):
                 raise NoScriptError(text)
+            if text.startswith("READONLY"):
+                # A demoted master (failover behind a managed endpoint): not a data error;
+                # the caller closes this connection and the next one finds the new master.
+                raise RedisConnectionError(f"Redis answered {text[:60]}")
             raise ResponseError(text)
         raise RedisConnectionError(f"unexpected Redis reply {line[:40]!r}")
 

@@ -34,6 +34,7 @@ from services.stream.stats import RollingStats
 from services.stream.supervise import Supervisor
 from shared.auth import DEFAULT_EXEMPT, ASGIApp, Receive, RequireAuth, Scope, Send
 from shared.keys import Keys
+from shared.redis_client import build_client
 from shared.settings import Settings
 
 log = logging.getLogger("vdm.stream")
@@ -133,7 +134,7 @@ def _guarded(endpoint: ASGIApp, settings: Settings) -> ASGIApp:
 
 def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastAPI:
     owns_redis = redis is None
-    client = redis or aioredis.Redis.from_url(settings.redis_url or DEFAULT_REDIS_URL)
+    client = redis or build_client(settings)
     keys = Keys(settings.key_prefix)
     metrics = StreamMetrics()
     # LOG_REQUEST_METRICS=false: no hub at all; every stream gets a `disabled` event.

@@ -27,17 +27,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared import schema
 from shared.keys import Keys
-from shared.store import WireScripts, list_worker_ids, now_ms, read_worker_state
+from shared.redis_client import drop_connections, ensure_topology
+from shared.store import WireScripts, list_worker_ids, read_worker_state
 
 log = logging.getLogger("vdm.stream.hub")
 
-# Backoff while Redis is away: bounded, so the view heals within ~2 s of Redis's return.
+# Reconnecting: the first retry goes at once on fresh connections; while Redis stays away the
+# delay doubles up to a bound small enough that the view heals within ~0.5 s of its return.
 BACKOFF_START = 0.05
-BACKOFF_MAX = 2.0
+BACKOFF_MAX = 0.5
+# A subscription that hears nothing is not proof of a quiet fleet: a half-open link (a peer
+# that vanished without a FIN/RST, a frozen Redis) looks the same. The hub PINGs on the
+# subscription and treats this much silence as a lost connection.
+PING_EVERY = 1.0
+SILENCE_LIMIT = 5.0
 # Workers read concurrently during a full resync (each read is one MULTI round trip).
 RESYNC_CONCURRENCY = 32
 
@@ -252,10 +259,16 @@ class Hub:
         await self._subscribed.wait()
 
     async def run(self) -> None:
-        """Subscribe, load, apply; on a lost connection back off, reconnect and resync."""
-        backoff = BACKOFF_START
+        """Subscribe, load, apply; on a lost connection reconnect and resync everything.
+
+        After a fault every pooled connection may be stale (Redis restarted under it): they
+        are dropped, and the first retry goes at once on fresh ones. The backoff only grows
+        while Redis keeps failing, and resets once a resync succeeds.
+        """
+        backoff = 0.0
         while True:
             try:
+                await ensure_topology(self.redis)
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.keys.events)
                     await self._await_ack(pubsub)
@@ -266,17 +279,35 @@ class Hub:
                             "in sync: %d workers, %d rows", len(self.workers), self.row_count()
                         )
                     self.ready = True
-                    backoff = BACKOFF_START
-                    while True:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if msg is not None and msg.get("type") == "message":
-                            await self.handle_message(msg["data"])
-            except (RedisError, OSError) as exc:
+                    backoff = 0.0
+                    await self._follow(pubsub)
+            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+                # RedisClusterException is not a RedisError: a cluster whose slot map is
+                # being rebuilt (a failover) raises it, and it must not end the subscription.
                 self.ready = False
                 self._subscribed.clear()
                 log.warning("lost Redis (%s); reconnecting in %.2fs", exc, backoff)
+                with contextlib.suppress(RedisError, OSError):
+                    await drop_connections(self.redis)
                 await asyncio.sleep(backoff)
-                backoff = min(BACKOFF_MAX, backoff * 2)
+                backoff = min(BACKOFF_MAX, max(BACKOFF_START, backoff * 2))
+
+    async def _follow(self, pubsub: aioredis.client.PubSub) -> None:
+        """Apply messages until the subscription fails or falls silent past SILENCE_LIMIT."""
+        loop = asyncio.get_running_loop()
+        heard = next_ping = loop.time()
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PING_EVERY)
+            now = loop.time()
+            if msg is not None:
+                heard = now
+                if msg.get("type") == "message":
+                    await self.handle_message(msg["data"])
+            if now - heard > SILENCE_LIMIT:
+                raise ConnectionError(f"no reply on the subscription for {now - heard:.1f}s")
+            if now >= next_ping:
+                next_ping = now + PING_EVERY
+                await pubsub.ping()
 
     @staticmethod
     async def _await_ack(pubsub: aioredis.client.PubSub) -> None:
@@ -290,13 +321,13 @@ class Hub:
 
     async def reap_once(self) -> None:
         """Reap expired workers (idempotent across services) and refresh last_seen/status."""
-        now = now_ms()
+        now = await self.scripts.redis_time_ms()  # deadlines are on Redis's clock
         deadlines: Any = await self.redis.zrange(self.keys.alive, 0, -1, withscores=True)
         changed = False
         for raw, deadline in deadlines:
             wid = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
             if deadline <= now:
-                if await self.scripts.remove(wid, reason="reaped", now_ms=now):
+                if await self.scripts.remove(wid, reason="reaped", expired_only=True):
                     self.counters.reaped += 1
                     log.info("reaped worker %s (no heartbeat for its ttl)", wid)
                     # Do not wait for our own notice: the rows are gone from Redis already.

@@ -5,7 +5,8 @@
   load generator's targets and the SSE clients' URL stay valid.
 - :func:`wait_views_match`: the stream's rows equal the load generator's in-flight set.
 - :class:`RedisLink`: a TCP proxy between one worker and Redis that can cut the network
-  (existing connections closed, new ones black-holed) and restore it.
+  (existing connections closed, new ones black-holed) and restore it, or freeze the open
+  connections (a half-open link: nothing gets through, nothing is closed).
 - :class:`SSEWatcher`: an SSE client that reconnects, like the browser client does.
 
 Blocking waits (process start-up) run in a thread, so the load generator sharing the test's
@@ -62,9 +63,11 @@ class Fleet:
     stream: Proc | None = None
     stream_url: str = ""
     ttl: float = TTL_S
+    extra_env: dict[str, str] = field(default_factory=dict)  # e.g. VDM_REDIS_MODE
 
     def env(self, redis_url: str | None = None, **extra: str) -> dict[str, str]:
         return {
+            **self.extra_env,
             "REDIS_URL": redis_url or self.redis.url,
             "VDM_KEY_PREFIX": self.prefix,
             "VDM_WORKER_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
@@ -87,7 +90,9 @@ class Fleet:
         """Start ``n_workers`` workers and the stream, all at once, and wait for them."""
         for i in range(n_workers):
             url = (redis_urls or {}).get(i, self.redis.url)
-            worker = Worker(worker_id=f"{self.prefix}-w{i}", redis_url=url)
+            # A hash-tagged prefix ({fleet}) keeps its name, not its braces, in worker ids.
+            base = self.prefix.replace("{", "").replace("}", "")
+            worker = Worker(worker_id=f"{base}-w{i}", redis_url=url)
             self._spawn_worker(worker)
             self.workers.append(worker)
         self.stream = vdm_hub("stream", "--port", "0", env=self.env())
@@ -128,10 +133,11 @@ async def fleet(
     redis_urls: dict[int, str] | None = None,
     redis: EmbeddedRedis | None = None,
     ttl: float = TTL_S,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Fleet]:
     own = redis is None
     server = redis or EmbeddedRedis().start()
-    f = Fleet(redis=server, prefix=prefix, upstream_url=upstream_url, ttl=ttl)
+    f = Fleet(redis=server, prefix=prefix, upstream_url=upstream_url, ttl=ttl, extra_env=env or {})
     try:
         await f.start(n_workers, redis_urls)
         yield f
@@ -158,8 +164,7 @@ def load(targets: list[str], *, concurrency: int = 12, rate: float = 15.0) -> Lo
 
 def target_of(gen: LoadGenerator, request_id: str) -> str:
     """The target a request went to: the generator picks targets round robin by number."""
-    n = int(request_id.rsplit("-", 1)[1])
-    return gen.targets[(n - 1) % len(gen.targets)]
+    return gen.targets[(request_number(request_id) - 1) % len(gen.targets)]
 
 
 async def finish_load(gen: LoadGenerator, timeout: float = 15.0) -> None:
@@ -184,15 +189,26 @@ async def stream_rows(client: httpx.AsyncClient, stream_url: str) -> list[dict[s
     return rows
 
 
-async def views_match_once(gen: LoadGenerator, client: httpx.AsyncClient, stream_url: str) -> bool:
+def request_number(request_id: str) -> int:
+    return int(request_id.rsplit("-", 1)[1])
+
+
+async def views_match_once(
+    gen: LoadGenerator, client: httpx.AsyncClient, stream_url: str, newer_than: int = 0
+) -> bool:
     """True when the generator's in-flight set, read before and after the snapshot, equals
-    the snapshot's request ids: then the three were equal at one moment (the snapshot's)."""
+    the snapshot's request ids: then the three were equal at one moment (the snapshot's).
+    With ``newer_than``, the snapshot must also hold a request sent after that number: a
+    view frozen before a fault can equal the truth for a moment, a live one shows new rows."""
     before = set(gen.in_flight)
     rows = await stream_rows(client, stream_url)
     after = set(gen.in_flight)
     if rows is None:
         return False
-    return before == after == {r["request_id"] for r in rows}
+    ids = {r["request_id"] for r in rows}
+    if newer_than and not any(request_number(rid) > newer_than for rid in ids):
+        return False
+    return before == after == ids
 
 
 async def wait_views_match(
@@ -203,12 +219,15 @@ async def wait_views_match(
     since: float,
     timeout: float = 20.0,
     what: str = "",
+    fresh: bool = False,
 ) -> float:
-    """Poll until the views match; returns seconds from ``since`` (monotonic) to the match."""
+    """Poll until the views match; returns seconds from ``since`` (monotonic) to the match.
+    ``fresh``: only a match that shows a request sent after this call counts (see above)."""
     deadline = time.monotonic() + timeout
+    newer_than = gen.stats.sent if fresh else 0
     last: tuple[set[str], set[str]] = (set(), set())
     while True:
-        if await views_match_once(gen, client, stream_url):
+        if await views_match_once(gen, client, stream_url, newer_than):
             return time.monotonic() - since
         if time.monotonic() >= deadline:
             rows = await stream_rows(client, stream_url) or []
@@ -248,6 +267,7 @@ class RedisLink:
     def __init__(self, redis_host: str, redis_port: int) -> None:
         self.target = (redis_host, redis_port)
         self.is_cut = False
+        self._frozen: set[asyncio.StreamWriter] = set()
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -272,10 +292,16 @@ class RedisLink:
         for writer in list(self._conns):
             writer.close()
         self._conns.clear()
+        self._frozen.clear()
 
     def cut(self) -> None:
         self.is_cut = True
         self._close_all()
+
+    def freeze(self) -> None:
+        """The open connections go silent both ways but stay open, as when the peer vanished
+        without a FIN or RST; connections opened later work normally."""
+        self._frozen |= self._conns
 
     def restore(self) -> None:
         self._close_all()  # black-holed connections are dead: clients reconnect
@@ -305,7 +331,7 @@ class RedisLink:
     ) -> None:
         try:
             while chunk := await reader.read(65536):
-                if writer is None or self.is_cut:
+                if writer is None or self.is_cut or writer in self._frozen:
                     continue
                 writer.write(chunk)
                 await writer.drain()

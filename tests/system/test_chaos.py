@@ -115,7 +115,17 @@ async def test_worker_sigkilled_mid_load_its_rows_go_within_ttl_and_views_match(
         assert gen.stats.ok > 0
 
 
-@pytest.mark.timeout(90)
+RESTARTS = 5
+DOWN_S = 3.0  # long enough for every client's retry backoff to grow
+# What "heals by itself" means here, loosely enough for a loaded machine: the stream service
+# reconnects at once on fresh connections with a backoff capped at 0.5 s, so the view is
+# right within about half a second of Redis answering (docs/reliability.md has the figures).
+# A hub whose backoff had grown to seconds while Redis was down (4.2 s every time, measured
+# with this test before the fix) fails this bound.
+RESTART_HEAL_BOUND_S = 3.0
+
+
+@pytest.mark.timeout(150)
 async def test_redis_restarted_mid_load_views_match_and_no_request_fails(
     upstream_url: str, key_prefix: str, client: httpx.AsyncClient
 ) -> None:
@@ -124,12 +134,24 @@ async def test_redis_restarted_mid_load_views_match_and_no_request_fails(
             gen.start()
             await wait_views_match(gen, client, f.stream_url, since=time.monotonic(), what="start")
             ok_before = gen.stats.ok
-            await asyncio.to_thread(f.redis.restart)  # same port, empty
-            t0 = time.monotonic()
-            matched = await wait_views_match(
-                gen, client, f.stream_url, since=t0, what="Redis restart"
+            healed: list[float] = []
+            for i in range(RESTARTS):
+                f.redis.kill()
+                await asyncio.sleep(DOWN_S)  # the fault's duration, not a synchronisation
+                await asyncio.to_thread(f.redis.start)  # same port, empty
+                t0 = time.monotonic()  # start() returns once Redis answers PING
+                healed.append(
+                    await wait_views_match(
+                        gen, client, f.stream_url, since=t0, what=f"restart {i + 1}", fresh=True
+                    )
+                )
+            worst = max(healed)
+            report(
+                f"Redis down {DOWN_S:g} s and back empty, x{RESTARTS}, worst",
+                worst,
+                "(each: " + ", ".join(f"{h:.2f}s" for h in healed) + "; from Redis answering)",
             )
-            report("Redis restart (empty)", matched)
+            assert worst < RESTART_HEAL_BOUND_S, healed
             await finish_load(gen)
         await wait_drained(client, f.stream_url)
         assert gen.stats.failed_total == 0, gen.stats.failed

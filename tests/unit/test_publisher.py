@@ -110,7 +110,7 @@ async def test_reaped_worker_reregisters_with_its_active_set(fake_redis: aioredi
     await _drain(pub)
     pub.start(_row("keep"))
     await _drain(pub)
-    await pub.scripts.remove("w1", reason="reaped", now_ms=2**50)
+    await pub.scripts.remove("w1", reason="reaped")  # unconditional, as if expired
     assert not await fake_redis.hexists("u:workers", "w1")
     pub.start(_row("new"))
     await _drain(pub)  # apply refused -> re-register

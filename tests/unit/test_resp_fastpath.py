@@ -61,7 +61,8 @@ async def test_apply_command_matches_wire_scripts(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(pub.scripts, "_apply", fake_apply)
     prefix = schema.envelope_prefix("w1", "e1")
     maxlen = settings.completed_maxlen
-    await pub.scripts.apply("w1", "e1", prefix, b"[]", sets, ["r3"], done, maxlen)
+    ttl = pub._ttl_ms()
+    await pub.scripts.apply("w1", "e1", prefix, b"[]", sets, ["r3"], done, maxlen, ttl)
     ours = pub._apply_command(prefix, b"[]", sets, ["r3"], done)
     assert pack(ours) == pack(captured["cmd"])
     await pub.redis.aclose()

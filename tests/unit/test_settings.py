@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.settings import ConfigError, Settings
+from shared.settings import ConfigError, Settings, hash_tag
 from tests.procs import vdm_hub
 
 
@@ -34,6 +34,25 @@ def test_defaults_match_the_contract() -> None:
         ({"VDM_CORS_ORIGINS": "example.com"}, "VDM_CORS_ORIGINS"),
         ({"VDM_CORS_ORIGINS": "*", "VDM_AUTH_TOKEN": "t"}, "VDM_CORS_ORIGINS"),
         ({"VDM_STREAM_PUBLIC_URL": "ftp://x"}, "VDM_STREAM_PUBLIC_URL"),
+        ({"REDIS_URL": "redis://h:63a9/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://h:70000/0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis:///0"}, "REDIS_URL"),
+        ({"REDIS_URL": "redis://h:6379/zero"}, "REDIS_URL"),
+        ({"REDIS_URL": "unix://"}, "REDIS_URL"),
+        ({"VDM_KEY_PREFIX": "{}"}, "VDM_KEY_PREFIX"),
+        ({"VDM_KEY_PREFIX": "{a}{b}"}, "VDM_KEY_PREFIX"),
+        ({"VDM_KEY_PREFIX": "}a{"}, "VDM_KEY_PREFIX"),
+        ({"VDM_KEY_PREFIX": "{a"}, "VDM_KEY_PREFIX"),
+        ({"VDM_KEY_PREFIX": "{{a}}"}, "VDM_KEY_PREFIX"),
+        ({"VDM_REDIS_MODE": "cluster"}, "VDM_KEY_PREFIX"),
+        ({"VDM_REDIS_MODE": "cluster", "VDM_KEY_PREFIX": "vdm"}, "VDM_KEY_PREFIX"),
+        (
+            {"VDM_REDIS_MODE": "cluster", "VDM_KEY_PREFIX": "{v}", "REDIS_URL": "redis://h/2"},
+            "REDIS_URL",
+        ),
+        ({"VDM_REDIS_MODE": "sentinel"}, "VDM_REDIS_SENTINELS"),
+        ({"VDM_REDIS_SENTINELS": "h"}, "VDM_REDIS_SENTINELS"),
+        ({"VDM_AUTH_TOKEN": "two words"}, "VDM_AUTH_TOKEN"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -64,3 +83,51 @@ def test_service_with_bad_setting_exits_naming_the_variable(command: str) -> Non
     assert proc.popen.wait(30) == 2
     proc.stop()
     assert "VDM_WORKER_TTL" in proc.output and "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://user:s3cr3t-pw@h:63a9/0",
+        "redis://:s3cr3t-pw@h:x/0",
+        "rediss://s3cr3t-pw@h/zero",
+        "http://user:s3cr3t-pw@h:6379",
+        "s3cr3t-pw@h:6379",
+    ],
+)
+def test_a_bad_redis_url_is_named_but_its_password_never_shown(url: str) -> None:
+    with pytest.raises(ConfigError, match="REDIS_URL") as caught:
+        Settings.from_env({"REDIS_URL": url})
+    assert "s3cr3t" not in str(caught.value) and "***" in str(caught.value)
+
+
+def test_redis_urls_that_are_fine_parse() -> None:
+    for url in ("redis://h", "redis://h:6379", "rediss://u:p@h:6380/3", "unix:///run/r.sock"):
+        assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+
+
+def test_auth_token_from_a_file_loses_its_newline() -> None:
+    assert Settings.from_env({"VDM_AUTH_TOKEN": "  tok3n\n"}).auth_token == "tok3n"
+    assert Settings.from_env({"VDM_AUTH_TOKEN": " \n"}).auth_token is None
+
+
+@pytest.mark.parametrize("prefix", ["{vdm}", "app-{fleet1}", "{x}:y", "vdm"])
+def test_a_prefix_may_carry_one_hash_tag(prefix: str) -> None:
+    assert Settings.from_env({"VDM_KEY_PREFIX": prefix}).key_prefix == prefix
+
+
+def test_cluster_mode_with_a_hash_tagged_prefix() -> None:
+    s = Settings.from_env(
+        {"VDM_REDIS_MODE": "cluster", "VDM_KEY_PREFIX": "{vdm}", "REDIS_URL": "redis://n1:7000"}
+    )
+    assert (s.redis_mode, hash_tag(s.key_prefix)) == ("cluster", "vdm")
+    with pytest.raises(ConfigError, match=r"VDM_KEY_PREFIX='vdm'.*hash-tagged"):
+        Settings.from_env({"VDM_REDIS_MODE": "cluster"})
+
+
+def test_sentinel_mode_reads_its_sentinels() -> None:
+    s = Settings.from_env(
+        {"VDM_REDIS_MODE": "sentinel", "VDM_REDIS_SENTINELS": "a:26379, [::1]:26380"}
+    )
+    assert s.redis_sentinels == (("a", 26379), ("::1", 26380))
+    assert s.redis_sentinel_master == "mymaster"

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from services.stream.hub import Hub
 from shared import schema
 from shared.keys import Keys
-from shared.store import WireScripts, now_ms
+from shared.store import WireScripts
 
 
 def _record(epoch: str) -> schema.WorkerRecord:
@@ -36,9 +36,7 @@ async def test_reader_rules(fake_redis: aioredis.Redis) -> None:
     changes: list[int] = []
     hub = Hub(fake_redis, keys, on_change=lambda: changes.append(1))
     scripts = WireScripts(fake_redis, keys)
-    await scripts.register(
-        _record("e1"), now_ms() + 10_000, [("r0", schema.encode_row(_row("r0")))]
-    )
+    await scripts.register(_record("e1"), [("r0", schema.encode_row(_row("r0")))], ttl_ms=10_000)
 
     # unknown worker -> resync from its hash
     await hub.handle_message(_batch("e1", 1, {"type": "worker_up", "worker": _record("e1")}))
@@ -64,7 +62,7 @@ async def test_reader_rules(fake_redis: aioredis.Redis) -> None:
     assert hub.counters.dropped_by_worker == {"w": 6}
 
     # new epoch -> resync
-    await scripts.register(_record("e2"), now_ms() + 10_000, [])
+    await scripts.register(_record("e2"), [], ttl_ms=10_000)
     await hub.handle_message(_batch("e2", 1, {"type": "worker_up", "worker": _record("e2")}))
     assert hub.workers["w"].epoch == "e2" and not hub.workers["w"].rows
 
