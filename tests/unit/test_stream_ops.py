@@ -21,7 +21,7 @@ from services.stream.stats import MAX_GROUPS, OTHER, RollingStats
 from services.stream.supervise import Supervisor
 from shared import schema
 from shared.keys import Keys
-from shared.store import WireScripts, now_ms
+from shared.store import WireScripts
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -65,9 +65,9 @@ async def test_reap_once_keeps_a_worker_whose_heartbeat_beat_the_reaper(
     keys = Keys("reap")
     hub = Hub(fake_redis, keys)
     scripts = WireScripts(fake_redis, keys)
-    # Registered with a deadline already past: the reaper's ZRANGE sees it expired.
+    # Registered with a deadline already past (on Redis's clock): the reaper sees it expired.
     await scripts.register(
-        _record("w", "e1"), now_ms() - 1, [("r1", schema.encode_row(_row("w", "r1")))]
+        _record("w", "e1"), [("r1", schema.encode_row(_row("w", "r1")))], ttl_ms=-1
     )
     await hub.full_resync()
     assert set(hub.workers["w"].rows) == {"r1"}
@@ -76,7 +76,7 @@ async def test_reap_once_keeps_a_worker_whose_heartbeat_beat_the_reaper(
 
     async def heartbeat_first(worker_id: str, **kwargs: Any) -> int:
         # The heartbeat lands between the reaper's read of the deadlines and its remove.
-        assert await scripts.heartbeat(worker_id, "e1", now_ms() + 10_000)
+        assert await scripts.heartbeat(worker_id, "e1", ttl_ms=10_000)
         return await real_remove(worker_id, **kwargs)
 
     hub.scripts.remove = heartbeat_first  # type: ignore[method-assign]
@@ -90,7 +90,7 @@ async def test_reap_once_drops_a_worker_another_reaper_removed(fake_redis: aiore
     keys = Keys("reap2")
     hub = Hub(fake_redis, keys)
     scripts = WireScripts(fake_redis, keys)
-    await scripts.register(_record("w", "e1"), now_ms() - 1, [])
+    await scripts.register(_record("w", "e1"), [], ttl_ms=-1)
     await hub.full_resync()
     real_remove = hub.scripts.remove
 
