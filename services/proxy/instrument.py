@@ -130,6 +130,7 @@ class _Tracker:
         "sniffed_stream",
         "started",
         "status",
+        "ttft_ms",
     )
 
     def __init__(self, recorder: Recorder, scope: Scope, in_flight: InFlight) -> None:
@@ -159,6 +160,7 @@ class _Tracker:
         self.status = 0
         self.ended = False
         self.first_byte = False
+        self.ttft_ms: float | None = None
         self.last_progress = 0.0
         self.scanner: sniff.StreamUsageScanner | None = None
         self.json_response = False
@@ -266,10 +268,11 @@ class _Tracker:
             if not self.first_byte:
                 self.first_byte = True
                 self.last_progress = now
+                self.ttft_ms = round((now - self.started) * 1000.0, 3)
                 fields: dict[str, Any] = {
                     "phase": Phase.STREAMING,
                     "bytes_out": self.bytes_out,
-                    "ttft_ms": round((now - self.started) * 1000.0, 3),
+                    "ttft_ms": self.ttft_ms,
                 }
                 if scanner is not None:
                     fields["chunks_out"] = scanner.data_events
@@ -314,7 +317,7 @@ class _Tracker:
             bytes_out=self.bytes_out,
             input_tokens=usage.get("input_tokens"),
             output_tokens=usage.get("output_tokens"),
-            ttft_ms=self.row["ttft_ms"],
+            ttft_ms=self.ttft_ms,
         )
 
 

@@ -466,6 +466,9 @@ class Publisher:
                 # No delay between flushes: what arrived during one round trip is the next
                 # batch, so batches grow with the load and a lone event goes out at once.
                 while self._has_pending():
+                    # One pass of the event loop first (no time): the requests woken together
+                    # with this task add their events to this batch, not to the next call.
+                    await asyncio.sleep(0)
                     await self._flush_once()
                     if not self.connected:
                         log.info("connected to Redis")
