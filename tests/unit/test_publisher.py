@@ -150,7 +150,6 @@ def _end(pub: Publisher, rid: str) -> None:
         bytes_out=2,
         input_tokens=None,
         output_tokens=None,
-        ttft_ms=0.5,
     )
 
 
