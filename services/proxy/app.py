@@ -41,11 +41,7 @@ class WorkerApp:
         quiet_deliberate_aborts()
         enabled = settings.log_request_metrics if instrument is None else instrument
         self.publisher = Publisher(settings, redis, upstream=upstream) if enabled else None
-        self.proxied = (
-            RequestMetricsMiddleware(proxy, self.publisher, in_flight=self.publisher.in_flight)
-            if self.publisher
-            else proxy
-        )
+        self.proxied = RequestMetricsMiddleware(proxy, self.publisher) if self.publisher else proxy
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:

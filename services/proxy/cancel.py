@@ -4,7 +4,8 @@
 unique per worker (a client's ``X-Request-Id`` already in flight gets a fresh id) and a cancel
 finds its request. What it holds per request is the request's ``scope["vdm"]`` dict: an app
 that can stop a request puts an ``abort`` callable there (the reverse proxy does); a cancel
-sets ``cancelled`` (who asked) and calls it.
+sets ``cancelled`` (who asked) and calls it. A request without one is left alone (and the
+cancel logged as not possible): recording `cancelled` for it would be a lie.
 
 :class:`CancelListener` subscribes to the worker's cancel channel (``Keys.cancel``), on which a
 stream service publishes ``{"request_id": "...", "by": "..."}``. It is supervised: a lost
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from enum import StrEnum
 from typing import Any
 
 import orjson
@@ -30,6 +32,12 @@ log = logging.getLogger("vdm.cancel")
 MAX_CANCEL_BYTES = 4096
 MAX_BY_CHARS = 128
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
+
+
+class CancelResult(StrEnum):
+    ABORTED = "aborted"
+    UNKNOWN = "unknown"  # not in flight here (finished already, or another worker's)
+    NOT_ABORTABLE = "not_abortable"  # in flight, but its app offers no way to stop it
 
 
 class InFlight:
@@ -57,16 +65,18 @@ class InFlight:
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
 
-    def cancel(self, request_id: str, by: str) -> bool:
-        """Stop ``request_id`` if it is in flight here; False when it is not."""
+    def cancel(self, request_id: str, by: str) -> CancelResult:
+        """Stop ``request_id`` if it is in flight here and its app can stop it."""
         vdm = self._requests.get(request_id)
         if vdm is None:
-            return False
-        vdm["cancelled"] = by
+            return CancelResult.UNKNOWN
         abort = vdm.get("abort")
-        if abort is not None:
-            abort()
-        return True
+        if abort is None:
+            # Marking it cancelled would record an outcome that did not happen.
+            return CancelResult.NOT_ABORTABLE
+        vdm["cancelled"] = by
+        abort()
+        return CancelResult.ABORTED
 
 
 def parse_cancel(raw: Any) -> tuple[str, str] | None:
@@ -109,13 +119,17 @@ class CancelListener:
             log.log(level, "skipped a malformed cancel message on %s", self.channel)
             return
         request_id, by = parsed
+        result = self.in_flight.cancel(request_id, by)
         # %r: both come from Redis; repr keeps a crafted value from forging log lines.
-        if self.in_flight.cancel(request_id, by):
+        if result is CancelResult.ABORTED:
             self.cancelled += 1
             log.info("cancel of request %r asked by %r: aborting it", request_id, by)
-        else:
+        elif result is CancelResult.UNKNOWN:
             self.unknown += 1
             log.info("cancel of request %r asked by %r: not in flight here", request_id, by)
+        else:
+            self.unknown += 1
+            log.warning("cancel of request %r asked by %r: its app cannot stop it", request_id, by)
 
     async def run(self) -> None:
         """Subscribe and apply messages until cancelled; reconnect with backoff meanwhile."""

@@ -368,7 +368,10 @@ class RequestMetricsMiddleware:
         self.app = app
         self.recorder = recorder
         self.request_id_header = request_id_header
-        self.in_flight = in_flight if in_flight is not None else InFlight()
+        if in_flight is None:
+            # The publisher's, so its cancel listener finds these requests.
+            in_flight = getattr(recorder, "in_flight", None)
+        self.in_flight = in_flight if isinstance(in_flight, InFlight) else InFlight()
         self._bound = _StartBound(start_bound)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
