@@ -183,10 +183,11 @@ def envelope_prefix(worker_id: str, epoch: str) -> bytes:
 
 
 def completed_values(entry: CompletedEntry) -> list[str]:
-    """Stream field values in :data:`COMPLETED_FIELDS` order; ``None`` becomes ``""``."""
+    """Stream field values in :data:`COMPLETED_FIELDS` order; ``None`` (or a field added
+    later that this entry lacks) becomes ``""``."""
     out: list[str] = []
     for name in COMPLETED_FIELDS:
-        value = entry[name]  # type: ignore[literal-required]
+        value = entry.get(name)
         out.append("" if value is None else str(value))
     return out
 
