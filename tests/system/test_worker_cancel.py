@@ -43,6 +43,8 @@ def worker(redis_url: str, key_prefix: str) -> Iterator[str]:
         assert proc.popen.poll() is None, f"the worker died:\n{proc.output[-3000:]}"
         for line in ("'streamed' asked by 'system-test'", "'held' asked by 'system-test'"):
             assert line in proc.output, proc.output[-3000:]
+        # A deliberate abort is one log line, not Uvicorn's "Exception in ASGI application".
+        assert "Traceback" not in proc.output, proc.output[-3000:]
     finally:
         if proc is not None:
             proc.stop()
