@@ -27,7 +27,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -159,6 +159,14 @@ class ReverseProxy:
     def __init__(self, upstream: str, client: httpx.AsyncClient) -> None:
         self.upstream = upstream.rstrip("/")
         self.public_upstream = public_url(self.upstream)
+        parts = urlsplit(self.upstream)
+        # Credentials in the URL, to scrub from exception texts before they are logged.
+        self._credentials = [
+            form
+            for c in (parts.password, parts.username)
+            if c
+            for form in (c, unquote(c), quote(c, safe=""))
+        ]
         self._base = httpx.URL(self.upstream)
         self._base_path = self._base.raw_path.split(b"?", 1)[0].rstrip(b"/")
         self.client = client
@@ -233,6 +241,14 @@ class ReverseProxy:
             if exc is not None and not isinstance(exc, ClientDisconnected):
                 raise exc
 
+    def _describe(self, exc: Exception) -> str:
+        """``Type: text`` of an upstream error, for the log: the text can quote the URL it was
+        given, so the upstream's credentials are masked in it."""
+        text = str(exc)
+        for secret in self._credentials:
+            text = text.replace(secret, "***")
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
     @staticmethod
     async def _wait_disconnect(receive: Any, body_done: asyncio.Event) -> None:
         # Only after the body has been read: before that, the body generator owns receive().
@@ -253,8 +269,7 @@ class ReverseProxy:
             ):
                 raise ClientDisconnected from exc
             scope.setdefault("vdm", {})["upstream_error"] = True
-            # The exception's text can quote the URL it was given; the type is enough here.
-            log.info("upstream %s unreachable: %s", self.public_upstream, type(exc).__name__)
+            log.info("upstream %s unreachable: %s", self.public_upstream, self._describe(exc))
             message = f"the worker could not reach its upstream {self.public_upstream}: "
             await send_json(
                 send,
@@ -279,7 +294,7 @@ class ReverseProxy:
                 log.info(
                     "upstream %s broke off mid-response (%s); closing the client's connection",
                     self.public_upstream,
-                    type(exc).__name__,
+                    self._describe(exc),
                 )
                 raise ResponseAborted("upstream broke off mid-response") from None
             await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -85,3 +85,14 @@ def test_public_url_drops_credentials_query_and_fragment() -> None:
     assert public_url("https://:token@[::1]:443/") == "https://[::1]:443/"
     assert public_url("http://h:99999") == "http://h"
     assert public_url(None) == ""
+
+
+def test_an_upstream_error_is_described_without_the_upstreams_credentials() -> None:
+    proxy = ReverseProxy("http://svc:p%40ss-w0rd@up.internal:8001", httpx.AsyncClient())
+    exc = httpx.ConnectError("cannot connect to http://svc:p%40ss-w0rd@up.internal:8001/x")
+    text = proxy._describe(exc)
+    assert "w0rd" not in proxy._describe(httpx.ConnectError("password p@ss-w0rd refused"))
+    assert text.startswith("ConnectError: cannot connect to http://")
+    assert "w0rd" not in text and "svc" not in text and "up.internal:8001/x" in text
+    plain = ReverseProxy("http://up.internal:8001", httpx.AsyncClient())
+    assert plain._describe(httpx.ReadError("")) == "ReadError"
