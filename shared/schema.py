@@ -43,6 +43,7 @@ class Outcome(StrEnum):
     ERROR = "error"  # the upstream answered with a status >= 400
     CLIENT_CLOSED = "client_closed"  # the client went away before the response was complete
     UPSTREAM_ERROR = "upstream_error"  # the upstream could not be reached or broke off
+    CANCELLED = "cancelled"  # an operator cancelled the request (the worker's cancel channel)
 
 
 class EventType(StrEnum):
@@ -54,7 +55,11 @@ class EventType(StrEnum):
 
 
 class Row(TypedDict):
-    """A request in flight, as stored in ``P:active:{worker_id}`` (no ``duration_ms``)."""
+    """A request in flight, as stored in ``P:active:{worker_id}`` (no ``duration_ms``).
+
+    ``ttft_ms`` and ``chunks_out`` came later within v1: a decoded row always has them (null
+    when a writer did not send them), and the reference worker always writes them.
+    """
 
     request_id: str
     worker_id: str
@@ -68,6 +73,10 @@ class Row(TypedDict):
     bytes_out: int
     input_tokens: int | None
     output_tokens: int | None
+    # Milliseconds from the start to the first response body byte; null until then.
+    ttft_ms: NotRequired[float | None]
+    # SSE `data:` events forwarded so far; null for a response that is not an event stream.
+    chunks_out: NotRequired[int | None]
 
 
 class WorkerRecord(TypedDict):
@@ -105,14 +114,26 @@ class CompletedEntry(TypedDict):
     input_tokens: int | None
     output_tokens: int | None
     bytes_out: int
+    # Milliseconds from the start to the first response byte; null when none came.
+    ttft_ms: NotRequired[float | None]
     id: NotRequired[str]
 
 
 ROW_FIELDS: Final = tuple(Row.__annotations__)
 PROGRESS_FIELDS: Final = frozenset(
-    {"phase", "bytes_out", "input_tokens", "output_tokens", "model", "is_streaming"}
+    {
+        "phase",
+        "bytes_out",
+        "input_tokens",
+        "output_tokens",
+        "model",
+        "is_streaming",
+        "ttft_ms",
+        "chunks_out",
+    }
 )
 # Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
+# `ttft_ms` is read when an entry has it (see decode_completed); the script writes these.
 COMPLETED_FIELDS: Final = (
     "request_id",
     "worker_id",
@@ -126,6 +147,7 @@ COMPLETED_FIELDS: Final = (
     "input_tokens",
     "output_tokens",
     "bytes_out",
+    "ttft_ms",
 )
 _PHASES: Final = frozenset(p.value for p in Phase)
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
@@ -162,10 +184,11 @@ def envelope_prefix(worker_id: str, epoch: str) -> bytes:
 
 
 def completed_values(entry: CompletedEntry) -> list[str]:
-    """Stream field values in :data:`COMPLETED_FIELDS` order; ``None`` becomes ``""``."""
+    """Stream field values in :data:`COMPLETED_FIELDS` order; ``None`` (or a field added
+    later that this entry lacks) becomes ``""``."""
     out: list[str] = []
     for name in COMPLETED_FIELDS:
-        value = entry[name]  # type: ignore[literal-required]
+        value = entry.get(name)
         out.append("" if value is None else str(value))
     return out
 
@@ -195,6 +218,21 @@ def _number(obj: dict[str, Any], name: str) -> float:
     value = obj.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise MalformedMessage(f"{name!r} must be a finite number")
+    return float(value)
+
+
+def _millis(obj: dict[str, Any], name: str) -> float | None:
+    """A duration in ms that may be null (or absent: a field added later within v1)."""
+    value = obj.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise MalformedMessage(f"{name!r} must be a non-negative number or null")
     return float(value)
 
 
@@ -235,6 +273,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
     model, provider, streaming = get("model"), get("provider"), get("is_streaming")
     start, phase, sent = get("start_time"), get("phase"), get("bytes_out")
     tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
+    ttft, chunks = get("ttft_ms"), get("chunks_out")
     if (
         type(rid) is str
         and 0 < len(rid) <= MAX_ID_CHARS
@@ -255,10 +294,14 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
         and 0 <= sent < 1 << 53
         and (tokens_in is None or (type(tokens_in) is int and 0 <= tokens_in < 1 << 53))
         and (tokens_out is None or (type(tokens_out) is int and 0 <= tokens_out < 1 << 53))
+        and (ttft is None or (type(ttft) is float and 0 <= ttft < math.inf))
+        and (chunks is None or (type(chunks) is int and 0 <= chunks < 1 << 53))
     ):
         if obj.keys() == _ROW_KEYS:  # exactly the fields checked: the dict itself will do
             return obj  # type: ignore[return-value]
-        return Row(  # with fields a later protocol version added, which readers drop
+        # Fields a later protocol version added are dropped; ones an earlier writer did not
+        # send yet are null.
+        return Row(
             request_id=rid,
             worker_id=wid,
             method=method,
@@ -271,6 +314,8 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
             bytes_out=sent,
             input_tokens=tokens_in,
             output_tokens=tokens_out,
+            ttft_ms=ttft,
+            chunks_out=chunks,
         )
     return None
 
@@ -297,6 +342,8 @@ def _checked_row(obj: dict[str, Any]) -> Row:
         bytes_out=_count(obj, "bytes_out"),  # type: ignore[typeddict-item]
         input_tokens=_count(obj, "input_tokens", nullable=True),
         output_tokens=_count(obj, "output_tokens", nullable=True),
+        ttft_ms=_millis(obj, "ttft_ms"),
+        chunks_out=_count(obj, "chunks_out", nullable=True),
     )
 
 
@@ -397,6 +444,8 @@ def _validate_event(obj: Any) -> dict[str, Any]:
                 out[name] = _bool(obj, name)
             elif name == "model":
                 out[name] = _text(obj, name, MAX_MODEL_CHARS, nullable=True)
+            elif name == "ttft_ms":
+                out[name] = _millis(obj, name)
             else:
                 out[name] = _count(obj, name, nullable=True)
         return out
@@ -452,6 +501,7 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
 
 
 _BYTES_NAMES: Final = {name: name.encode() for name in CompletedEntry.__annotations__}
+_TTFT_NAMES: Final = (b"ttft_ms", "ttft_ms")
 
 
 def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
@@ -490,6 +540,19 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         raise MalformedMessage("completed entry has an unknown outcome")
     status = opt_int("status")
     model = get("model")
+    ttft_ms: float | None = None
+    for key in _TTFT_NAMES:  # optional: entries written before it existed lack it
+        raw = fields.get(key)
+        if raw is not None:
+            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+            if text:
+                try:
+                    ttft_ms = float(text)
+                except ValueError:
+                    raise MalformedMessage("completed entry ttft_ms is not a number") from None
+                if not math.isfinite(ttft_ms) or ttft_ms < 0:
+                    raise MalformedMessage("completed entry ttft_ms is out of range")
+            break
     return CompletedEntry(
         id=entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
         request_id=get("request_id"),
@@ -504,4 +567,5 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         input_tokens=opt_int("input_tokens"),
         output_tokens=opt_int("output_tokens"),
         bytes_out=opt_int("bytes_out") or 0,
+        ttft_ms=ttft_ms,
     )

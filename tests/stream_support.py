@@ -51,6 +51,8 @@ def make_row(worker_id: str, request_id: str, model: str = "m", age: float = 0.0
         bytes_out=0,
         input_tokens=None,
         output_tokens=None,
+        ttft_ms=None,
+        chunks_out=None,
     )
 
 

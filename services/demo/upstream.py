@@ -1,4 +1,5 @@
-"""``vdm-hub demo-upstream``: a fake OpenAI- and Anthropic-compatible LLM API.
+"""``vdm-hub demo-upstream``: a fake OpenAI- and Anthropic-compatible LLM API (OpenAI's chat
+completions and Responses API, Anthropic's Messages API; streaming or not).
 
 It stands in for a real LLM API in the demo, the tests and the benchmarks, so it does no
 per-request work beyond building a few small JSON documents. Pacing comes from the command
@@ -14,7 +15,7 @@ per request with headers, which is how tests and benchmarks hold requests open:
 A client that goes away while its request is held is noticed at once (the hold watches for
 ``http.disconnect``), so cancelled benchmark requests do not pile up sleeping here.
 
-Besides the two LLM endpoints: ``GET /v1/models``, ``GET /healthz``, ``ANY /echo/{path}``
+Besides the LLM endpoints: ``GET /v1/models``, ``GET /healthz``, ``ANY /echo/{path}``
 (describes the request it got, for the proxy's tests) and ``GET /bytes?n=&chunk=&delay_ms=``
 (N raw bytes in paced chunks, for incremental-streaming tests).
 """
@@ -151,7 +152,7 @@ def create_app(
         }
     )
 
-    def llm_endpoint(vendor: Vendor) -> Callable[[Request], Any]:
+    def llm_endpoint(vendor: Vendor, responses: bool = False) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             try:
                 over = parse_overrides(request.headers, config)
@@ -175,7 +176,9 @@ def create_app(
             model = vendors.model_of(body)
             prompt = vendors.input_tokens(body)
             if vendors.wants_stream(body):
-                if vendor is Vendor.ANTHROPIC:
+                if responses:
+                    stream = vendors.responses_stream(model, prompt, over.chunks)
+                elif vendor is Vendor.ANTHROPIC:
                     stream = vendors.anthropic_stream(model, prompt, over.chunks)
                 else:
                     stream = vendors.openai_stream(model, prompt, over.chunks)
@@ -184,6 +187,8 @@ def create_app(
                     media_type="text/event-stream",
                     headers=SSE_HEADERS,
                 )
+            if responses:
+                return _json(vendors.responses_answer(model, prompt, over.chunks))
             if vendor is Vendor.ANTHROPIC:
                 return _json(vendors.anthropic_message(model, prompt, over.chunks))
             return _json(vendors.openai_completion(model, prompt, over.chunks))
@@ -256,6 +261,7 @@ def create_app(
     routes = [
         Route("/v1/chat/completions", llm_endpoint(Vendor.OPENAI), methods=["POST"]),
         Route("/v1/messages", llm_endpoint(Vendor.ANTHROPIC), methods=["POST"]),
+        Route("/v1/responses", llm_endpoint(Vendor.OPENAI, responses=True), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/echo", echo, methods=ALL_METHODS),

@@ -1,4 +1,5 @@
-"""OpenAI and Anthropic wire shapes for the demo upstream and the load generator.
+"""OpenAI and Anthropic wire shapes for the demo upstream and the load generator: OpenAI's
+chat completions and Responses API, Anthropic's Messages API.
 
 Responses follow each vendor's documented format closely enough that a proxy parsing real
 traffic (``model``, ``stream``, the ``usage`` object, the final usage chunk of a stream) parses
@@ -55,13 +56,20 @@ def _text_length(content: Any) -> int:
 
 
 def input_tokens(body: dict[str, Any]) -> int:
-    """Prompt tokens: ceil(characters / 4) over messages and system prompt, at least 1."""
-    chars = _text_length(body.get("system"))
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        for message in messages:
+    """Prompt tokens: ceil(characters / 4) over messages and system prompt (chat completions,
+    Messages API) or input items and instructions (Responses API), at least 1."""
+    chars = _text_length(body.get("system")) + _text_length(body.get("instructions"))
+    items = body.get("messages")
+    if not isinstance(items, list):
+        items = body.get("input")
+        if isinstance(items, str):
+            chars += len(items)
+    if isinstance(items, list):
+        for message in items:
             if isinstance(message, dict):
                 chars += _text_length(message.get("content"))
+            elif isinstance(message, str):
+                chars += len(message)
     return max(1, (chars + 3) // 4)
 
 
@@ -169,6 +177,109 @@ def openai_stream(model: str, prompt_tokens: int, chunks: int) -> SSEStream:
             frame(delta({}, "stop")),
             frame([], usage=openai_usage(prompt_tokens, chunks)),
             b"data: [DONE]\n\n",
+        ],
+    )
+
+
+# --- OpenAI Responses API ------------------------------------------------------------------
+
+
+def responses_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+def _response_object(
+    response_id: str, model: str, status: str, output: list[Any], usage: Any
+) -> dict[str, Any]:
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "model": model,
+        "output": output,
+        "usage": usage,
+    }
+
+
+def _output_message(item_id: str, text: str, status: str = "completed") -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": item_id,
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}] if text else [],
+    }
+
+
+def responses_answer(model: str, prompt_tokens: int, chunks: int) -> bytes:
+    text = completion_text(chunks)
+    return orjson.dumps(
+        _response_object(
+            f"resp_{uuid4().hex[:24]}",
+            model,
+            "completed",
+            [_output_message(f"msg_{uuid4().hex[:24]}", text)],
+            responses_usage(prompt_tokens, chunks),
+        )
+    )
+
+
+def responses_stream(model: str, prompt_tokens: int, chunks: int) -> SSEStream:
+    """Events as the Responses API sends them: response.created, response.in_progress,
+    response.output_item.added, response.content_part.added, one response.output_text.delta
+    per token, response.output_text.done, response.content_part.done,
+    response.output_item.done, then response.completed carrying the usage (no ``[DONE]``)."""
+    response_id, item_id = f"resp_{uuid4().hex[:24]}", f"msg_{uuid4().hex[:24]}"
+    text = completion_text(chunks)
+
+    def event(seq: int, kind: str, **fields: Any) -> bytes:
+        return _event(kind.encode(), {"type": kind, "sequence_number": seq, **fields})
+
+    in_progress = _response_object(response_id, model, "in_progress", [], None)
+    part = {"type": "output_text", "text": "", "annotations": []}
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    opening = [
+        event(0, "response.created", response=in_progress),
+        event(1, "response.in_progress", response=in_progress),
+        event(
+            2,
+            "response.output_item.added",
+            output_index=0,
+            item=_output_message(item_id, "", "in_progress"),
+        ),
+        event(3, "response.content_part.added", part=part, **where),
+    ]
+    after = len(opening) + chunks  # the closing events' sequence numbers start here
+    done = _response_object(
+        response_id,
+        model,
+        "completed",
+        [_output_message(item_id, text)],
+        responses_usage(prompt_tokens, chunks),
+    )
+    return SSEStream(
+        opening=opening,
+        content=(
+            event(len(opening) + i, "response.output_text.delta", delta=chunk_text(i), **where)
+            for i in range(chunks)
+        ),
+        closing=[
+            event(after, "response.output_text.done", text=text, **where),
+            event(after + 1, "response.content_part.done", part={**part, "text": text}, **where),
+            event(
+                after + 2,
+                "response.output_item.done",
+                output_index=0,
+                item=_output_message(item_id, text),
+            ),
+            event(after + 3, "response.completed", response=done),
         ],
     )
 

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from services.proxy.forward import ReverseProxy, make_client, send_json
+from services.proxy.forward import ReverseProxy, make_client, quiet_deliberate_aborts, send_json
 from services.proxy.instrument import RequestMetricsMiddleware
 from services.proxy.publisher import Publisher
 from shared.settings import Settings
@@ -38,6 +38,7 @@ class WorkerApp:
         self._own_client = client is None
         self.client = client or make_client()
         proxy: Any = ReverseProxy(upstream, self.client)
+        quiet_deliberate_aborts()
         enabled = settings.log_request_metrics if instrument is None else instrument
         self.publisher = Publisher(settings, redis, upstream=upstream) if enabled else None
         self.proxied = RequestMetricsMiddleware(proxy, self.publisher) if self.publisher else proxy

@@ -3,10 +3,21 @@
 Any method and path go to ``upstream`` + the client's raw path and query, as-is. Bodies stream
 both ways without buffering (an upstream SSE response reaches the client chunk by chunk);
 status and end-to-end headers are preserved, hop-by-hop headers (RFC 9110 §7.6.1) dropped.
-An upstream that cannot be reached gives a 502 with a JSON error; one that breaks off mid-
-response ends the response early. Either way ``scope["vdm"]["upstream_error"]`` is set so the
-instrumentation can report outcome ``upstream_error``. A client that disconnects cancels the
-upstream request at once.
+
+- The request target must be a path starting with exactly one ``/`` (else 400): the upstream
+  URL is the configured one with only its path replaced, so no target (``@host:port/x``,
+  ``//host/x``, an absolute URL) can change the host the request goes to.
+- An upstream that cannot be reached gives a 502 with a JSON error (naming the upstream without
+  its credentials). One that breaks off mid-response makes the worker break off too: it raises
+  :class:`ResponseAborted`, so the server closes the connection without the last chunk and the
+  client sees a truncated response, never a clean, complete 200. Either way
+  ``scope["vdm"]["upstream_error"]`` is set so the instrumentation reports ``upstream_error``.
+- A client that disconnects cancels the upstream request at once.
+- Cancel: the proxy puts ``scope["vdm"]["abort"]``, a callable, for whoever wants to stop the
+  request (the worker's cancel listener, through :class:`services.proxy.cancel.InFlight`), which
+  sets ``scope["vdm"]["cancelled"]`` first. The upstream call is dropped; a client still
+  waiting for the response head gets a 499 JSON error, one whose response had begun sees its
+  connection closed mid-response.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -25,9 +37,36 @@ log = logging.getLogger("vdm.proxy")
 Scope = dict[str, Any]
 Message = dict[str, Any]
 
+# Status of a response the worker ends because an operator cancelled the request: a 4xx (the
+# request did not fail on the server's side) that SDKs do not retry, unlike a 5xx. nginx uses
+# 499 for a request the client ended; here it is the operator, on the client's behalf.
+CANCELLED_STATUS = 499
+
 
 class ClientDisconnected(Exception):
     """The client went away while its request body was still being read."""
+
+
+class ResponseAborted(Exception):
+    """The worker broke off a response on purpose (the upstream broke off, or an operator
+    cancelled the request): the server must close the connection without finishing it."""
+
+
+class _QuietAborts(logging.Filter):
+    """Uvicorn logs any exception out of the app with a traceback; a deliberate abort has been
+    logged already, in one line, by the proxy."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, ResponseAborted)
+
+
+QUIET_ABORTS = _QuietAborts()
+
+
+def quiet_deliberate_aborts() -> None:
+    """Keep Uvicorn's error log free of the tracebacks of deliberate aborts (idempotent)."""
+    logging.getLogger("uvicorn.error").addFilter(QUIET_ABORTS)
 
 
 HOP_BY_HOP = frozenset(
@@ -43,6 +82,22 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+
+def public_url(url: str | None) -> str:
+    """``url`` without credentials, query or fragment: safe to log, show or store."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    netloc = f"{host}:{port}" if port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 def _filtered(headers: Any, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
@@ -84,13 +139,52 @@ def make_client(max_connections: int = 1000) -> httpx.AsyncClient:
     )
 
 
+def request_path(scope: Scope) -> bytes | None:
+    """The raw path and query to send upstream, or None when the target is not a path.
+
+    Only an origin-form target (RFC 9112 §3.2.1: a path starting with one ``/``) is taken.
+    ``//host/x`` is a network-path reference and ``@host/x`` or ``http://...`` would read as
+    an authority to a URL parser: none of them may reach the URL.
+    """
+    raw = scope.get("raw_path")
+    if not isinstance(raw, bytes) or not raw:
+        raw = quote(str(scope.get("path", "")), safe="/:@!$&'()*+,;=-._~%").encode()
+    if not raw.startswith(b"/") or raw.startswith(b"//"):
+        return None
+    query = scope.get("query_string")
+    return raw + b"?" + query if query else raw
+
+
 class ReverseProxy:
     def __init__(self, upstream: str, client: httpx.AsyncClient) -> None:
         self.upstream = upstream.rstrip("/")
+        self.public_upstream = public_url(self.upstream)
+        parts = urlsplit(self.upstream)
+        # Credentials in the URL, to scrub from exception texts before they are logged.
+        self._credentials = [
+            form
+            for c in (parts.password, parts.username)
+            if c
+            for form in (c, unquote(c), quote(c, safe=""))
+        ]
+        self._base = httpx.URL(self.upstream)
+        self._base_path = self._base.raw_path.split(b"?", 1)[0].rstrip(b"/")
         self.client = client
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
+        target = request_path(scope)
+        if target is None:
+            await send_json(
+                send,
+                400,
+                {
+                    "error": "bad_request_target",
+                    "message": "the request target must be a path starting with a single '/'",
+                },
+            )
+            return
+        vdm: dict[str, Any] = scope.setdefault("vdm", {})
         body_done = asyncio.Event()
 
         async def request_body() -> AsyncIterator[bytes]:
@@ -111,30 +205,49 @@ class ReverseProxy:
         )
         if not has_body:
             body_done.set()
-        url = self.upstream + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
         request = self.client.build_request(
             scope["method"],
-            url,
+            self._base.copy_with(raw_path=self._base_path + target),
             headers=headers,
             content=request_body() if has_body else None,
         )
 
-        forward = asyncio.ensure_future(self._forward(scope, request, send))
+        started: list[bool] = []  # non-empty once the response head went to the client
+        forward = asyncio.ensure_future(self._forward(scope, request, send, started))
         watcher = asyncio.ensure_future(self._wait_disconnect(receive, body_done))
+        vdm["abort"] = forward.cancel
+        if vdm.get("cancelled"):  # asked before the abort hook was in place
+            forward.cancel()
         try:
             await asyncio.wait({forward, watcher}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            vdm.pop("abort", None)
             for task in (forward, watcher):
                 task.cancel()
             for task in (forward, watcher):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if vdm.get("cancelled") and forward.cancelled():
+            if started:
+                raise ResponseAborted("cancelled mid-response")
+            await send_json(
+                send,
+                CANCELLED_STATUS,
+                {"error": "cancelled", "message": "the request was cancelled by an operator"},
+            )
+            return
         if forward.done() and not forward.cancelled():
             exc = forward.exception()
             if exc is not None and not isinstance(exc, ClientDisconnected):
                 raise exc
+
+    def _describe(self, exc: Exception) -> str:
+        """``Type: text`` of an upstream error, for the log: the text can quote the URL it was
+        given, so the upstream's credentials are masked in it."""
+        text = str(exc)
+        for secret in self._credentials:
+            text = text.replace(secret, "***")
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
     @staticmethod
     async def _wait_disconnect(receive: Any, body_done: asyncio.Event) -> None:
@@ -145,7 +258,9 @@ class ReverseProxy:
             if message["type"] == "http.disconnect":
                 return
 
-    async def _forward(self, scope: Scope, request: httpx.Request, send: Any) -> None:
+    async def _forward(
+        self, scope: Scope, request: httpx.Request, send: Any, started: list[bool]
+    ) -> None:
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -154,8 +269,8 @@ class ReverseProxy:
             ):
                 raise ClientDisconnected from exc
             scope.setdefault("vdm", {})["upstream_error"] = True
-            log.info("upstream %s unreachable: %s", self.upstream, exc)
-            message = f"the worker could not reach its upstream {self.upstream}: "
+            log.info("upstream %s unreachable: %s", self.public_upstream, self._describe(exc))
+            message = f"the worker could not reach its upstream {self.public_upstream}: "
             await send_json(
                 send,
                 502,
@@ -170,12 +285,18 @@ class ReverseProxy:
                     "headers": _filtered(response.headers.raw, HOP_BY_HOP),
                 }
             )
+            started.append(True)
             try:
                 async for chunk in response.aiter_raw():
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except httpx.HTTPError as exc:
                 scope.setdefault("vdm", {})["upstream_error"] = True
-                log.info("upstream broke off mid-response: %s", exc)
+                log.info(
+                    "upstream %s broke off mid-response (%s); closing the client's connection",
+                    self.public_upstream,
+                    self._describe(exc),
+                )
+                raise ResponseAborted("upstream broke off mid-response") from None
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             await response.aclose()

@@ -8,24 +8,37 @@ Add it to any ASGI app in a few lines::
 It never buffers a body on its way through and never delays a message: it only looks at
 them. From the request it takes the method, the path without its query string, and `model`
 and `stream` from a JSON body (sniffed while the app reads it); from the response the status,
-the first body byte (phase `upstream` -> `streaming`), the byte count and token usage.
-Headers, bodies and query strings are never passed on.
+the first body byte (phase `upstream` -> `streaming`, and `ttft_ms`), the byte count, the SSE
+`data:` events forwarded (`chunks_out`) and token usage. Headers, bodies and query strings are
+never passed on.
+
+A request with a JSON body is reported (``Recorder.start``) once `model` and `stream` are known
+from the body, the body is complete, the response starts, or :data:`START_BOUND` has passed,
+whichever comes first, so its first row already carries the model; any other request is
+reported at once.
+
+Request ids are unique per worker: the client's ``X-Request-Id`` when it is a safe token that
+is not already in flight, else a fresh random id (sent back in the response's
+``X-Request-Id``).
 
 A client that disconnects before the response is complete ends the record at once with
-outcome `client_closed`. An app that wants to report an upstream failure (the proxy does)
-sets ``scope["vdm"]["upstream_error"] = True``.
+outcome `client_closed`. An app reports what happened through ``scope["vdm"]``:
+``upstream_error`` (the proxy could not reach, or lost, its upstream) and ``cancelled`` (an
+operator stopped the request; see :mod:`services.proxy.cancel`).
 """
 
 from __future__ import annotations
 
-import os
+import asyncio
 import re
 import time
+from collections import deque
 from typing import Any, Protocol
 
 import orjson
 
 from services.proxy import sniff
+from services.proxy.cancel import InFlight
 from shared.schema import (
     MAX_METHOD_CHARS,
     MAX_PATH_CHARS,
@@ -46,6 +59,9 @@ MAX_PATH_JSON_BYTES = 1536
 # How often a long response may report its growing byte count (the final count is always
 # in the `end` event). Keeps event volume independent of chunk size.
 PROGRESS_INTERVAL = 0.5
+# Longest a JSON request's row waits for its body before it is reported without the model:
+# a client that sends headers and then stalls still shows up.
+START_BOUND = 0.05
 
 
 class Recorder(Protocol):
@@ -67,14 +83,8 @@ class Recorder(Protocol):
         bytes_out: int,
         input_tokens: int | None,
         output_tokens: int | None,
+        ttft_ms: float | None = None,
     ) -> None: ...
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return bytes(value)
-    return None
 
 
 def clamp_path(path: str) -> str:
@@ -84,14 +94,19 @@ def clamp_path(path: str) -> str:
     return path
 
 
-def request_id_for(scope: Scope) -> str:
-    """The client's X-Request-Id when it is a safe token, else a fresh random id."""
-    raw = _header(scope, b"x-request-id")
+def client_request_id(raw: bytes | None) -> str | None:
+    """The client's X-Request-Id when it is a safe token, else None."""
     if raw is not None:
         text = raw.decode("latin-1")
         if _VALID_REQUEST_ID.fullmatch(text):
             return text
-    return os.urandom(16).hex()  # like uuid4().hex, without building a UUID (~4x cheaper)
+    return None
+
+
+def _has_body(content_length: bytes | None, chunked: bool) -> bool:
+    if chunked:
+        return True
+    return content_length is not None and content_length.strip() not in (b"", b"0")
 
 
 class _Tracker:
@@ -102,30 +117,50 @@ class _Tracker:
         "body_done",
         "bytes_out",
         "ended",
-        "json_body",
+        "first_byte",
         "json_response",
         "last_progress",
+        "published",
         "recorder",
         "request_id",
         "response_body",
         "row",
         "scanner",
+        "sniffed_model",
+        "sniffed_stream",
         "started",
         "status",
+        "ttft_ms",
     )
 
-    def __init__(self, recorder: Recorder, scope: Scope) -> None:
+    def __init__(self, recorder: Recorder, scope: Scope, in_flight: InFlight) -> None:
         self.recorder = recorder
-        self.request_id = request_id_for(scope)
         self.started = time.monotonic()
+        # One pass over the headers for everything the tracker needs.
+        wanted_id: bytes | None = None
+        content_type = content_length = None
+        chunked = False
+        for key, value in scope.get("headers", ()):
+            if key == b"content-type":
+                content_type = value
+            elif key == b"content-length":
+                content_length = value
+            elif key == b"x-request-id":
+                wanted_id = value
+            elif key == b"transfer-encoding":
+                chunked = True
+        self.request_id = in_flight.claim(client_request_id(wanted_id), scope["vdm"])
         path = scope.get("path") or "/"
-        content_type = _header(scope, b"content-type") or b""
-        self.json_body = b"json" in content_type.lower()
+        json_body = content_type is not None and b"json" in bytes(content_type).lower()
         self.body = b""
-        self.body_done = not self.json_body
+        self.body_done = not json_body
+        self.sniffed_model: str | None = None
+        self.sniffed_stream: bool | None = None
         self.bytes_out = 0
         self.status = 0
         self.ended = False
+        self.first_byte = False
+        self.ttft_ms: float | None = None
         self.last_progress = 0.0
         self.scanner: sniff.StreamUsageScanner | None = None
         self.json_response = False
@@ -144,8 +179,19 @@ class _Tracker:
             "bytes_out": 0,
             "input_tokens": None,
             "output_tokens": None,
+            "ttft_ms": None,
+            "chunks_out": None,
         }
-        recorder.start(self.row)
+        # A JSON body is worth waiting for (briefly): it names the model.
+        self.published = not (json_body and _has_body(content_length, chunked))
+        if self.published:
+            recorder.start(self.row)
+
+    def publish_start(self) -> None:
+        """Report the request now, with whatever is known of it (idempotent)."""
+        if not self.published:
+            self.published = True
+            self.recorder.start(self.row)
 
     # -- request side
     def on_request_body(self, message: Message) -> None:
@@ -156,20 +202,44 @@ class _Tracker:
         if len(self.body) < sniff.MAX_SNIFF_BYTES + 1:
             self.body += chunk[: sniff.MAX_SNIFF_BYTES + 1 - len(self.body)]
         if more and len(self.body) <= sniff.MAX_SNIFF_BYTES:
+            if not self.published:
+                self._sniff_partial(len(chunk))
             return
         self.body_done = True
         model, streaming = sniff.request_fields(self.body, complete=not more)
         self.body = b""
+        if not self.published:
+            self.row["model"] = model
+            self.row["is_streaming"] = streaming
+            self.publish_start()
+            return
+        # Reported before the body was complete: send what the whole body says, if new.
         changed: dict[str, Any] = {}
-        if model is not None:
+        if model is not None and model != self.row["model"]:
             changed["model"] = model
-        if streaming:
-            changed["is_streaming"] = True
+        if streaming != self.row["is_streaming"]:
+            changed["is_streaming"] = streaming
         if changed:
             self.recorder.progress(self.request_id, changed)
 
+    def _sniff_partial(self, new: int) -> None:
+        """Look for `model` and `stream` in the part of a body read so far; report the request
+        as soon as both are found. Only the newest bytes (with an overlap for a match split
+        across chunks) are searched, so a body that trickles in byte by byte costs linear time.
+        """
+        window = self.body[-(new + sniff.MAX_MATCH_BYTES) :]
+        if self.sniffed_model is None:
+            self.sniffed_model = sniff.model_in(window)
+        if self.sniffed_stream is None:
+            self.sniffed_stream = sniff.stream_in(window)
+        if self.sniffed_model is not None and self.sniffed_stream is not None:
+            self.row["model"] = self.sniffed_model
+            self.row["is_streaming"] = self.sniffed_stream
+            self.publish_start()
+
     # -- response side
     def on_response_start(self, message: Message) -> None:
+        self.publish_start()
         self.status = int(message.get("status", 0))
         content_type = b""
         for key, value in message.get("headers", ()):
@@ -185,37 +255,55 @@ class _Tracker:
     def on_response_body(self, message: Message) -> None:
         chunk = message.get("body", b"")
         if chunk:
-            first = self.bytes_out == 0
             self.bytes_out += len(chunk)
-            if self.scanner is not None:
-                self.scanner.feed(chunk)
+            scanner = self.scanner
+            if scanner is not None:
+                scanner.feed(chunk)
             elif self.response_body is not None:
                 if self.bytes_out <= sniff.MAX_SNIFF_BYTES:
                     self.response_body.append(chunk)
                 else:
                     self.response_body = None  # too big to parse for usage
             now = time.monotonic()
-            if first:
+            if not self.first_byte:
+                self.first_byte = True
                 self.last_progress = now
-                self.recorder.progress(
-                    self.request_id, {"phase": Phase.STREAMING, "bytes_out": self.bytes_out}
-                )
+                self.ttft_ms = round((now - self.started) * 1000.0, 3)
+                fields: dict[str, Any] = {
+                    "phase": Phase.STREAMING,
+                    "bytes_out": self.bytes_out,
+                    "ttft_ms": self.ttft_ms,
+                }
+                if scanner is not None:
+                    fields["chunks_out"] = scanner.data_events
+                self.recorder.progress(self.request_id, fields)
             elif now - self.last_progress >= PROGRESS_INTERVAL:
                 self.last_progress = now
-                self.recorder.progress(self.request_id, {"bytes_out": self.bytes_out})
+                if scanner is not None:
+                    self.recorder.progress(
+                        self.request_id,
+                        {"bytes_out": self.bytes_out, "chunks_out": scanner.data_events},
+                    )
+                else:
+                    self.recorder.progress(self.request_id, {"bytes_out": self.bytes_out})
 
-    def finish(self, outcome: Outcome | None, scope: Scope) -> None:
+    def finish(self, outcome: Outcome | None, scope: Scope, in_flight: InFlight) -> None:
         if self.ended:
             return
         self.ended = True
+        in_flight.release(self.request_id)
+        self.publish_start()  # a request that ends before it was reported still is
         usage: dict[str, int] = {}
         if self.scanner is not None:
             usage = self.scanner.usage
         elif self.response_body:
             usage = sniff.usage_from_json(b"".join(self.response_body))
         self.response_body = None
-        if outcome is None:
-            if scope["vdm"].get("upstream_error"):
+        vdm = scope["vdm"]
+        if vdm.get("cancelled") is not None:
+            outcome = Outcome.CANCELLED  # whatever else the cancel caused on the way out
+        elif outcome is None:
+            if vdm.get("upstream_error"):
                 outcome = Outcome.UPSTREAM_ERROR
             elif self.status >= 400 or self.status == 0:
                 outcome = Outcome.ERROR
@@ -229,23 +317,74 @@ class _Tracker:
             bytes_out=self.bytes_out,
             input_tokens=usage.get("input_tokens"),
             output_tokens=usage.get("output_tokens"),
+            ttft_ms=self.ttft_ms,
         )
+
+
+class _StartBound:
+    """Reports requests whose body has not told their model within :data:`START_BOUND`.
+
+    One timer for all of them, armed only while some are waiting, instead of one per request
+    (most requests are reported within microseconds, when the app reads the body).
+    """
+
+    __slots__ = ("bound", "pending", "timer")
+
+    def __init__(self, bound: float) -> None:
+        self.bound = bound
+        self.pending: deque[_Tracker] = deque()
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, tracker: _Tracker) -> None:
+        self.pending.append(tracker)
+        if self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.bound, self._sweep)
+
+    def _sweep(self) -> None:
+        self.timer = None
+        pending = self.pending
+        now = time.monotonic()
+        while pending:
+            head = pending[0]
+            if not head.published and now - head.started < self.bound:
+                delay = head.started + self.bound - now
+                self.timer = asyncio.get_running_loop().call_later(delay, self._sweep)
+                return
+            pending.popleft().publish_start()
 
 
 class RequestMetricsMiddleware:
     """Reports every HTTP request of the wrapped app to ``recorder``; see the module doc."""
 
-    def __init__(self, app: Any, recorder: Recorder, *, request_id_header: bool = True) -> None:
+    def __init__(
+        self,
+        app: Any,
+        recorder: Recorder,
+        *,
+        request_id_header: bool = True,
+        in_flight: InFlight | None = None,
+        start_bound: float = START_BOUND,
+    ) -> None:
         self.app = app
         self.recorder = recorder
         self.request_id_header = request_id_header
+        if in_flight is None:
+            # The publisher's, so its cancel listener finds these requests.
+            in_flight = getattr(recorder, "in_flight", None)
+        self.in_flight = in_flight if isinstance(in_flight, InFlight) else InFlight()
+        self._bound = _StartBound(start_bound)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        tracker = _Tracker(self.recorder, scope)
-        scope["vdm"] = {"request_id": tracker.request_id}
+        in_flight = self.in_flight
+        vdm: dict[str, Any] = {}
+        scope["vdm"] = vdm
+        tracker = _Tracker(self.recorder, scope, in_flight)
+        vdm["request_id"] = tracker.request_id
+        if not tracker.published:
+            self._bound.add(tracker)
         response_complete = False
 
         async def receive_wrapper() -> Message:
@@ -254,7 +393,7 @@ class RequestMetricsMiddleware:
             if kind == "http.request":
                 tracker.on_request_body(message)
             elif kind == "http.disconnect" and not response_complete:
-                tracker.finish(Outcome.CLIENT_CLOSED, scope)
+                tracker.finish(Outcome.CLIENT_CLOSED, scope, in_flight)
             return message
 
         async def send_wrapper(message: Message) -> None:
@@ -275,19 +414,23 @@ class RequestMetricsMiddleware:
             except OSError:
                 # The client went away under us (Uvicorn raises ClientDisconnected, an
                 # OSError, when sending on a closed connection).
-                tracker.finish(Outcome.CLIENT_CLOSED, scope)
+                tracker.finish(Outcome.CLIENT_CLOSED, scope, in_flight)
                 raise
             if response_complete:
-                tracker.finish(None, scope)
+                tracker.finish(None, scope, in_flight)
 
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException:
             if tracker.status == 0:
                 tracker.status = 500
-            tracker.finish(None if response_complete else Outcome.ERROR, scope)
+            # The flags the app left in scope["vdm"] (upstream error, cancel) decide.
+            failed = None if response_complete or vdm.get("upstream_error") else Outcome.ERROR
+            tracker.finish(failed, scope, in_flight)
             raise
         finally:
             # An app that returns without completing the response (or after a disconnect).
             if not tracker.ended:
-                tracker.finish(None if response_complete else Outcome.CLIENT_CLOSED, scope)
+                tracker.finish(
+                    None if response_complete else Outcome.CLIENT_CLOSED, scope, in_flight
+                )

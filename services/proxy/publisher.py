@@ -2,14 +2,22 @@
 
 The middleware calls :meth:`Publisher.start`/``progress``/``end``: each is a few dict
 operations and never awaits. A background task flushes what has accumulated as one batch —
-one Lua call, one round trip — as soon as the previous flush returns, so batches grow with
-load (every few ms under load) and a lone event goes out at once.
+one Lua call, one round trip — as soon as the previous flush returns: one call is in flight at
+a time, so an idle worker sends a lone event at once and a busy one sends bigger batches (what
+gathered during the previous round trip), with no fixed delay anywhere. A batch is capped by
+its encoded size as well as by its event count, so it always fits what readers accept.
 
 The publisher's own ``active`` dict is the worker's truth. That makes failures cheap to heal:
 whenever Redis may have missed something — it was away, a batch failed, the queue overflowed,
-the worker was reaped — the next successful flush re-registers with a new epoch and rewrites
-the whole active set in one atomic step (protocol invariant 4), instead of replaying events.
+the worker was reaped, a heartbeat lost its connection — the next successful flush
+re-registers with a new epoch and rewrites the whole active set in one atomic step (protocol
+invariant 4), instead of replaying events. One incident gives one re-registration: a failure
+reported for an epoch that has been replaced already is ignored. Finished requests are the
+exception to "superseded by the rewrite": they are kept and sent again, unless the batch that
+carried them turns out to have been applied (its reply was lost), so none is counted twice.
 Proxying never waits for any of this.
+
+The publisher also owns the worker's cancel listener (:mod:`services.proxy.cancel`).
 """
 
 from __future__ import annotations
@@ -21,13 +29,16 @@ import socket
 import time
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 import shared
+from services.proxy.cancel import CancelListener, InFlight
+from services.proxy.forward import public_url
 from services.proxy.resp import RawRedis, pack
 from shared import schema
 from shared.keys import Keys
@@ -40,26 +51,22 @@ log = logging.getLogger("vdm.publisher")
 
 MAX_PENDING_EVENTS = 10_000  # beyond this, events are dropped (counted) and a rewrite follows
 MAX_BATCH_EVENTS = 1_000
+# Room left in a batch for its envelope: the worker id and epoch (each at most 128
+# characters, six bytes apiece when JSON escapes them), the seq and the punctuation.
+ENVELOPE_ROOM = 2 * 6 * schema.MAX_ID_CHARS + 128
+MAX_BATCH_BYTES = schema.MAX_MESSAGE_BYTES - ENVELOPE_ROOM
+MAX_BATCH_COMPLETED = 500
 MAX_COMPLETED_BACKLOG = 2_000  # finished requests kept for the stream while Redis is away
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
-# Leading-edge throttle of flushes: a lone event goes out at once, but then at most one Lua
-# call per window. Each call costs the worker ~100-200 us of CPU (packing, the socket write and
-# its reply, the task's wake-ups), and the worker proxies on the same core. Measured through
-# /_vdm/status with bench/ load: at 16 connections a 2 ms window gave 0.43 calls per proxied
-# request, 10 ms gives 0.14 (1 connection: 0.68 -> 0.12). A request that arrives while the
-# worker is idle (the end-to-end benchmark's probes) still goes out at once; a busy worker's
-# rows reach the dashboard at most 10 ms later, far below what a person can see.
-FLUSH_INTERVAL = 0.010
 
 
-def _public_upstream(url: str | None) -> str:
-    """The upstream URL without credentials, query or fragment (it goes into Redis)."""
-    if not url:
-        return ""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+@dataclass
+class _Unsure:
+    """A batch that failed without a reply: it may or may not have been applied."""
+
+    epoch: str
+    seq: int  # the seq it gets if it was applied
+    done: list[schema.CompletedEntry]
 
 
 class Publisher:
@@ -82,9 +89,14 @@ class Publisher:
         self.scripts = WireScripts(self.redis, self.keys)
         # The per-batch Lua call goes over a raw connection when it can (see resp.py).
         self._raw = RawRedis.like(self.redis)
-        self.upstream = _public_upstream(upstream or settings.upstream_url)
+        self.upstream = public_url(upstream or settings.upstream_url)
         self.epoch = ""
+        self._seq = 0  # of the last batch applied in this epoch
+        self._unsure: _Unsure | None = None
         self.active: dict[str, Row] = {}
+        # Requests in flight (unique ids, cancel lookup) and the channel that cancels them.
+        self.in_flight = InFlight()
+        self.cancels = CancelListener(self.redis, self.keys.cancel(self.worker_id), self.in_flight)
         # The batch being gathered: notice events, rows to write, rows to delete, finished.
         self._events: list[dict[str, Any]] = []
         self._starts: dict[str, dict[str, Any]] = {}  # request_id -> its pending start event
@@ -92,7 +104,6 @@ class Publisher:
         self._completed: deque[schema.CompletedEntry] = deque(maxlen=MAX_COMPLETED_BACKLOG)
         self._needs_register = True
         self._closing = False
-        self._last_flush = 0.0
         self._wakeup = asyncio.Event()
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -102,6 +113,8 @@ class Publisher:
         self.batches_sent = 0
         self.events_sent = 0
         self.flush_failures = 0
+        self.heartbeat_failures = 0
+        self.registrations = 0
 
     # ------------------------------------------------------------------ recorder API
 
@@ -140,6 +153,7 @@ class Publisher:
         bytes_out: int,
         input_tokens: int | None,
         output_tokens: int | None,
+        ttft_ms: float | None = None,
     ) -> None:
         row = self.active.pop(request_id, None)
         if row is None:
@@ -159,6 +173,7 @@ class Publisher:
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,
             "bytes_out": bytes_out,
+            "ttft_ms": ttft_ms,
         }
         self._completed.append(entry)
         self._progress.pop(request_id, None)
@@ -196,6 +211,7 @@ class Publisher:
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="vdm-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="vdm-heartbeat"),
+            asyncio.create_task(self.cancels.run(), name="vdm-cancel"),
         ]
         self._wakeup.set()
 
@@ -230,7 +246,9 @@ class Publisher:
             await self.redis.aclose()
 
     def _has_pending(self) -> bool:
-        return bool(self._events or self._completed or self._needs_register)
+        return bool(
+            self._events or self._completed or self._needs_register or self._unsure is not None
+        )
 
     # ------------------------------------------------------------------ flushing
 
@@ -274,6 +292,8 @@ class Publisher:
             self.epoch = previous
             self._needs_register = True
             raise
+        self._seq = 1
+        self.registrations += 1
         self._registered.set()
         log.info(
             "registered worker %s (epoch %s, %d requests in flight)",
@@ -282,9 +302,46 @@ class Publisher:
             len(rows),
         )
 
-    def _take_batch(self) -> tuple[bytes, list[tuple[str, bytes]], list[str], list[Any]]:
-        events = self._events[:MAX_BATCH_EVENTS]
-        del self._events[: len(events)]
+    def _replan(self, epoch: str, why: str) -> None:
+        """Plan a rewrite because a call made under ``epoch`` failed; one per incident: a
+        failure reported for an epoch already replaced (or a rewrite already planned) is not
+        another incident."""
+        if epoch != self.epoch or self._needs_register:
+            return
+        log.warning("%s; rewriting this worker's state", why)
+        self._needs_register = True
+        self._wakeup.set()
+
+    async def _settle_unsure(self) -> None:
+        """Did the batch whose reply was lost apply? Its seq marker says; the finished requests
+        it carried are sent again only if it did not (so none is counted twice)."""
+        unsure = self._unsure
+        if unsure is None:
+            return
+        raw = await self.redis.hget(self.keys.seq, self.worker_id)
+        self._unsure = None
+        try:
+            marker = schema.parse_seq(raw)
+        except schema.MalformedMessage:
+            marker = None
+        if marker == (unsure.epoch, unsure.seq):
+            log.info("the batch whose reply was lost had been applied; not sending it again")
+            self.batches_sent += 1
+            return
+        self._completed.extendleft(reversed(unsure.done))
+
+    def _take_batch(self) -> tuple[bytes, int, list[tuple[str, bytes]], list[str], list[Any]]:
+        """The next batch: (events JSON, event count, rows to set, rows to delete, finished)."""
+        n = min(len(self._events), MAX_BATCH_EVENTS)
+        events = self._events[:n]
+        events_json = schema.encode(events)
+        # Readers reject a message over MAX_MESSAGE_BYTES: halve until it fits (events are
+        # at most a few KB each, so this ends long before one event is left).
+        while len(events_json) > MAX_BATCH_BYTES and n > 1:
+            n //= 2
+            events = self._events[:n]
+            events_json = schema.encode(events)
+        del self._events[:n]
         # The state change is exactly what this batch's events describe, so a reader that
         # resyncs at this seq and then applies the next batch never sees a row come back.
         rows: dict[str, Row] = {}
@@ -306,31 +363,36 @@ class Publisher:
             if row is not None:
                 rows[rid] = row
         sets = [(rid, schema.encode_row(row)) for rid, row in rows.items()]
-        done = [self._completed.popleft() for _ in range(min(len(self._completed), 500))]
-        return schema.encode(events), sets, deletes, done
+        count = min(len(self._completed), MAX_BATCH_COMPLETED)
+        done = [self._completed.popleft() for _ in range(count)]
+        return events_json, n, sets, deletes, done
 
     async def _flush_once(self) -> None:
+        if self._unsure is not None:
+            await self._settle_unsure()
         if self._needs_register:
             await self._register()
         if not (self._events or self._completed):
             return
-        events_json, sets, deletes, done = self._take_batch()
+        events_json, count, sets, deletes, done = self._take_batch()
+        epoch = self.epoch
         try:
-            await self._apply(events_json, sets, deletes, done)
+            seq = await self._apply(events_json, sets, deletes, done)
         except NotRegistered:
-            log.warning(
-                "worker %s is no longer registered (reaped?); re-registering", self.worker_id
-            )
             self._completed.extendleft(reversed(done))
-            self._needs_register = True
+            self._replan(
+                epoch, f"worker {self.worker_id} is no longer registered (reaped or superseded)"
+            )
             return
         except BaseException:
-            # Unknown whether it applied: rewrite everything on reconnect; keep finished ones.
-            self._completed.extendleft(reversed(done))
+            # Unknown whether it applied: rewrite everything; whether its finished requests
+            # went in is settled before they are sent again.
+            self._unsure = _Unsure(epoch, self._seq + 1, done)
             self._needs_register = True
             raise
+        self._seq = seq if seq > 0 else self._seq + 1
         self.batches_sent += 1
-        self.events_sent += events_json.count(b'"type":')
+        self.events_sent += count
 
     async def _apply(
         self,
@@ -338,27 +400,27 @@ class Publisher:
         sets: list[tuple[str, bytes]],
         deletes: list[str],
         done: list[schema.CompletedEntry],
-    ) -> None:
-        """``WireScripts.apply``, packed by hand over the raw connection when there is one."""
+    ) -> int:
+        """``WireScripts.apply``, packed by hand over the raw connection when there is one;
+        returns the batch's seq."""
         prefix = schema.envelope_prefix(self.worker_id, self.epoch)
         maxlen = self.settings.completed_maxlen
         ttl = self._ttl_ms()
         if self._raw is None:
-            await self.scripts.apply(
+            return await self.scripts.apply(
                 self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
             )
-            return
         try:
             seq = await self._raw.call(
                 pack(self._apply_command(prefix, events_json, sets, deletes, done))
             )
         except NoScriptError:  # not loaded yet (or Redis restarted): redis-py loads it
-            await self.scripts.apply(
+            return await self.scripts.apply(
                 self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
             )
-            return
         if not isinstance(seq, int) or seq < 0:
             raise NotRegistered(self.worker_id)
+        return seq
 
     def _apply_command(
         self,
@@ -390,11 +452,12 @@ class Publisher:
                 return
             self._wakeup.clear()
             try:
+                # No delay between flushes: what arrived during one round trip is the next
+                # batch, so batches grow with the load and a lone event goes out at once.
                 while self._has_pending():
-                    rest = self._last_flush + FLUSH_INTERVAL - time.monotonic()
-                    if rest > 0 and len(self._events) < MAX_BATCH_EVENTS:
-                        await asyncio.sleep(rest)  # gather what else arrives meanwhile
-                    self._last_flush = time.monotonic()
+                    # One pass of the event loop first (no time): the requests woken together
+                    # with this task add their events to this batch, not to the next call.
+                    await asyncio.sleep(0)
                     await self._flush_once()
                     if not self.connected:
                         log.info("connected to Redis")
@@ -420,23 +483,46 @@ class Publisher:
                 delay = min(RETRY_MAX, delay * 2)
                 self._wakeup.set()
 
+    def _heartbeat_timeout(self) -> float:
+        """A heartbeat's own bound: a fifth of the TTL (0.5-2 s), so a few retries fit in it."""
+        return max(0.5, min(2.0, self.settings.worker_ttl / 5))
+
+    async def _heartbeat_once(self) -> bool:
+        """One heartbeat; False when it failed (and should be retried soon)."""
+        epoch = self.epoch
+        try:
+            async with asyncio.timeout(self._heartbeat_timeout()):
+                alive = await self.scripts.heartbeat(self.worker_id, epoch, ttl_ms=self._ttl_ms())
+        except (RedisConnectionError, ConnectionError) as exc:
+            # The connection broke: Redis may have restarted, maybe from an old snapshot that
+            # still holds this epoch with rows long gone. Same rule as a failed flush.
+            self.heartbeat_failures += 1
+            self._replan(epoch, f"heartbeat lost its connection to Redis ({exc})")
+            return False
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.heartbeat_failures += 1
+            log.info("heartbeat failed (%s); retrying", exc or type(exc).__name__)
+            return False
+        if not alive:
+            self._replan(epoch, "heartbeat refused (reaped or superseded)")
+        return True
+
     async def _heartbeat_loop(self) -> None:
         interval = self.settings.worker_heartbeat_interval
+        wait = interval
         while not self._closing:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
             if self._needs_register or not self.epoch:
+                wait = interval  # the registration itself sets the deadline
                 continue
             try:
-                alive = await self.scripts.heartbeat(
-                    self.worker_id, self.epoch, ttl_ms=self._ttl_ms()
-                )
-            except (RedisError, OSError, TimeoutError) as exc:
-                log.debug("heartbeat failed: %s", exc)
-                continue
-            if not alive:
-                log.warning("heartbeat refused (reaped or superseded); re-registering")
-                self._needs_register = True
-                self._wakeup.set()
+                ok = await self._heartbeat_once()
+            except Exception:
+                # A bug must not end the loop: without heartbeats a live worker gets reaped.
+                log.exception("unexpected error in the heartbeat; retrying")
+                ok = False
+            # A failed heartbeat is retried soon (doubling), not a whole interval later.
+            wait = interval if ok else min(interval, RETRY_MIN if wait >= interval else wait * 2)
 
     def status(self) -> dict[str, Any]:
         return {
@@ -448,4 +534,11 @@ class Publisher:
             "events_sent": self.events_sent,
             "batches_sent": self.batches_sent,
             "flush_failures": self.flush_failures,
+            "heartbeat_failures": self.heartbeat_failures,
+            "registrations": self.registrations,
+            "cancels": {
+                "applied": self.cancels.cancelled,
+                "unknown": self.cancels.unknown,
+                "malformed": self.cancels.malformed,
+            },
         }

@@ -21,6 +21,10 @@ MAX_LINE_BYTES = 64 * 1024
 
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
+_STREAM_FLAG_RE = re.compile(rb'"stream"\s*:\s*(true|false)')
+# Longest match of either pattern above (with a little whitespace around the colon): a search
+# of a body's newest bytes starts this far back, so a match split across chunks is found.
+MAX_MATCH_BYTES = 192
 
 _PROVIDER_BY_PATH = (
     ("/v1/messages", "anthropic"),
@@ -53,19 +57,32 @@ def request_fields(body: bytes, complete: bool) -> tuple[str | None, bool]:
             )
         return None, False
     head = body[:MAX_SNIFF_BYTES]
+    return model_in(head), bool(_STREAM_RE.search(head))
+
+
+def model_in(head: bytes) -> str | None:
+    """The first `"model": "..."` in part of a JSON body, or None."""
     match = _MODEL_RE.search(head)
-    model = match.group(1).decode(errors="replace") if match else None
-    return model, bool(_STREAM_RE.search(head))
+    return match.group(1).decode(errors="replace") if match else None
+
+
+def stream_in(head: bytes) -> bool | None:
+    """The first `"stream": true|false` in part of a JSON body, or None when not (yet) seen."""
+    match = _STREAM_FLAG_RE.search(head)
+    return None if match is None else match.group(1) == b"true"
 
 
 def _usage_of(obj: Any) -> dict[str, int]:
-    """Token counts from an OpenAI or Anthropic response object or stream chunk."""
+    """Token counts from a response object or stream event of OpenAI's chat completions or
+    Responses API, or Anthropic's Messages API."""
     if not isinstance(obj, dict):
         return {}
     usage = obj.get("usage")
     if not isinstance(usage, dict):
-        message = obj.get("message")  # Anthropic's message_start event
-        usage = message.get("usage") if isinstance(message, dict) else None
+        # Anthropic's message_start carries a `message`, OpenAI's response.completed a
+        # `response`, each with its `usage`.
+        inner = obj.get("message") or obj.get("response")
+        usage = inner.get("usage") if isinstance(inner, dict) else None
     if not isinstance(usage, dict):
         return {}
     out: dict[str, int] = {}
@@ -89,23 +106,31 @@ def usage_from_json(body: bytes) -> dict[str, int]:
 
 
 class StreamUsageScanner:
-    """Finds token usage in an SSE response as it streams past, chunk by chunk.
+    """Finds token usage in an SSE response as it streams past, chunk by chunk, and counts its
+    `data:` lines (``data_events``: one per event in every LLM API's streams).
 
-    OpenAI sends usage in a final chunk; Anthropic sends input tokens in `message_start` and
-    output tokens in `message_delta`. Later values win. Lines are only parsed when they
-    mention "usage", so ordinary content chunks cost a substring search.
+    OpenAI's chat completions send usage in a final chunk, its Responses API in
+    `response.completed`; Anthropic sends input tokens in `message_start` and output tokens in
+    `message_delta`. Later values win. Lines are only parsed when they mention "usage", so
+    ordinary content chunks cost a substring search.
     """
 
-    __slots__ = ("_partial", "usage")
+    __slots__ = ("_partial", "_tail", "data_events", "usage")
 
     def __init__(self) -> None:
         self._partial = b""
+        self._tail = b"\n"  # the stream's start counts as a line start
+        self.data_events = 0
         self.usage: dict[str, int] = {}
 
     def feed(self, chunk: bytes) -> None:
         # Hot path (runs for every chunk of every streamed response): SSE chunks usually end
-        # on a line break and hold no usage, which costs one rfind and one substring search,
-        # with no copy.
+        # on a line break and hold no usage, which costs one count, one rfind and one substring
+        # search, with no copy of the chunk.
+        # `data:` at a line start; one split across chunks is found in the joint (the tail
+        # and the head are each too short to hold the whole pattern, so nothing counts twice).
+        self.data_events += chunk.count(b"\ndata:") + (self._tail + chunk[:5]).count(b"\ndata:")
+        self._tail = chunk[-5:] if len(chunk) >= 5 else (self._tail + chunk)[-5:]
         data = self._partial + chunk if self._partial else chunk
         cut = data.rfind(b"\n")
         if cut < 0:

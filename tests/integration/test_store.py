@@ -47,6 +47,8 @@ def _row(worker_id: str, request_id: str) -> schema.Row:
         bytes_out=0,
         input_tokens=None,
         output_tokens=None,
+        ttft_ms=None,
+        chunks_out=None,
     )
 
 

@@ -118,7 +118,77 @@ async def test_anthropic_stream_follows_messages_event_order(client: httpx.Async
     assert data[6]["usage"] == {"output_tokens": 2}
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_responses_api_answer_reports_usage(client: httpx.AsyncClient) -> None:
+    request = {"model": "gpt-4.1", "input": PROMPT, "instructions": "Be brief."}
+    r = await client.post("/v1/responses", json=request, headers={"x-demo-chunks": "5"})
+    assert r.status_code == 200
+    doc = r.json()
+    assert (doc["object"], doc["status"], doc["model"]) == ("response", "completed", "gpt-4.1")
+    (item,) = doc["output"]
+    assert item["type"] == "message" and item["role"] == "assistant"
+    assert len(item["content"][0]["text"].split()) == 5
+    # input and instructions count: (23 + 9) chars -> 8 tokens
+    usage = doc["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (8, 5, 13)
+
+
+async def test_responses_api_input_items_count_as_the_prompt(client: httpx.AsyncClient) -> None:
+    items = [{"role": "user", "content": [{"type": "input_text", "text": PROMPT}]}]
+    r = await client.post("/v1/responses", json={"model": "m", "input": items})
+    assert r.json()["usage"]["input_tokens"] == PROMPT_TOKENS
+
+
+async def test_responses_api_stream_follows_its_event_order(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/v1/responses",
+        json={"model": "gpt-4.1", "input": PROMPT, "stream": True},
+        headers={"x-demo-chunks": "2"},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    names = [name for name, _ in events]
+    assert names == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    data = [orjson.loads(d) for _, d in events]
+    assert [d["type"] for d in data] == names
+    assert [d["sequence_number"] for d in data] == list(range(len(data)))
+    deltas = "".join(d["delta"] for d in data if d["type"] == "response.output_text.delta")
+    assert deltas == data[6]["text"] and len(deltas.split()) == 2
+    assert data[0]["response"]["status"] == "in_progress"
+    final = data[-1]["response"]
+    assert final["status"] == "completed" and final["model"] == "gpt-4.1"
+    usage = final["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (PROMPT_TOKENS, 2)
+
+
+async def test_the_sniffer_reads_what_the_demo_responses_api_sends(
+    client: httpx.AsyncClient,
+) -> None:
+    from services.proxy import sniff
+
+    request = {"model": "gpt-4.1", "input": PROMPT, "stream": True}
+    assert sniff.request_fields(orjson.dumps(request), complete=True) == ("gpt-4.1", True)
+    r = await client.post("/v1/responses", json=request, headers={"x-demo-chunks": "3"})
+    scanner = sniff.StreamUsageScanner()
+    scanner.feed(r.content)
+    assert scanner.usage == {"input_tokens": PROMPT_TOKENS, "output_tokens": 3}
+    assert scanner.data_events == 4 + 3 + 4
+    r = await client.post("/v1/responses", json={**request, "stream": False})
+    assert sniff.usage_from_json(r.content) == {"input_tokens": PROMPT_TOKENS, "output_tokens": 4}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
 async def test_zero_chunks_gives_empty_answer_with_zero_output_tokens(
     client: httpx.AsyncClient, path: str
 ) -> None:

@@ -40,6 +40,7 @@ ids = st.text(
 )
 counts = st.integers(min_value=0, max_value=(1 << 53) - 1)
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+millis = st.floats(min_value=0, allow_nan=False, allow_infinity=False, width=64)
 phases = st.sampled_from([p.value for p in schema.Phase])
 outcomes = st.sampled_from([o.value for o in schema.Outcome])
 
@@ -59,6 +60,8 @@ def rows(draw: st.DrawFn, worker_id: str | None = None) -> schema.Row:
         bytes_out=draw(counts),
         input_tokens=draw(st.none() | counts),
         output_tokens=draw(st.none() | counts),
+        ttft_ms=draw(st.none() | millis),
+        chunks_out=draw(st.none() | counts),
     )
 
 
@@ -96,6 +99,8 @@ def events(draw: st.DrawFn, worker_id: str) -> dict[str, Any]:
                     "output_tokens": st.none() | counts,
                     "model": st.none() | st.text(min_size=1, max_size=30),
                     "is_streaming": st.booleans(),
+                    "ttft_ms": st.none() | millis,
+                    "chunks_out": st.none() | counts,
                 },
             )
         )
@@ -180,6 +185,8 @@ def _is_valid_row(row: Any) -> bool:
         and math.isfinite(row["start_time"])
         and isinstance(row["bytes_out"], int)
         and row["bytes_out"] >= 0
+        and (row["ttft_ms"] is None or (math.isfinite(row["ttft_ms"]) and row["ttft_ms"] >= 0))
+        and (row["chunks_out"] is None or row["chunks_out"] >= 0)
     )
 
 
@@ -341,9 +348,21 @@ def test_every_valid_worker_record_round_trips(record: schema.WorkerRecord) -> N
 
 
 @ROUND_TRIP
-@given(rows(), st.integers(0, 599), outcomes, finite.map(abs), st.text(min_size=1, max_size=8))
+@given(
+    rows(),
+    st.integers(0, 599),
+    outcomes,
+    finite.map(abs),
+    st.text(min_size=1, max_size=8),
+    st.none() | millis,
+)
 def test_every_completed_entry_round_trips(
-    row: schema.Row, status: int, outcome: str, duration: float, entry_id: str
+    row: schema.Row,
+    status: int,
+    outcome: str,
+    duration: float,
+    entry_id: str,
+    ttft: float | None,
 ) -> None:
     entry = schema.CompletedEntry(
         request_id=row["request_id"],
@@ -358,13 +377,48 @@ def test_every_completed_entry_round_trips(
         input_tokens=row["input_tokens"],
         output_tokens=row["output_tokens"],
         bytes_out=row["bytes_out"],
+        ttft_ms=ttft,
     )
     # As Redis hands them back: field names and values as bytes.
     fields = {
         name.encode(): value.encode()
         for name, value in zip(schema.COMPLETED_FIELDS, schema.completed_values(entry), strict=True)
     }
+    fields[b"ttft_ms"] = b"" if ttft is None else repr(ttft).encode()
     assert schema.decode_completed(entry_id, fields) == {**entry, "id": entry_id}
+
+
+def test_completed_entries_without_ttft_or_with_a_bad_one() -> None:
+    fields = {name: "1" for name in schema.COMPLETED_FIELDS if name != "ttft_ms"}
+    fields.update(outcome="cancelled", model="")
+    entry = schema.decode_completed("1-0", fields)  # written before ttft_ms existed
+    assert entry["ttft_ms"] is None and entry["outcome"] == "cancelled"
+    for bad in ("nan", "-1", "inf", "soon"):
+        with pytest.raises(MalformedMessage):
+            schema.decode_completed("1-0", {**fields, "ttft_ms": bad})
+
+
+def test_a_row_from_a_writer_without_the_later_fields_decodes_with_nulls() -> None:
+    old = {
+        "request_id": "r1",
+        "worker_id": "w1",
+        "method": "POST",
+        "path": "/v1/messages",
+        "model": "m",
+        "provider": None,
+        "is_streaming": False,
+        "start_time": 1.5,
+        "phase": "upstream",
+        "bytes_out": 0,
+        "input_tokens": None,
+        "output_tokens": None,
+    }
+    row = schema.decode_row(orjson.dumps(old))
+    assert row == {**old, "ttft_ms": None, "chunks_out": None}
+    assert schema._checked_row(old) == row
+    for bad in ({"ttft_ms": -1.0}, {"ttft_ms": "1"}, {"chunks_out": -1}, {"chunks_out": 1.5}):
+        with pytest.raises(MalformedMessage):
+            schema.decode_row(orjson.dumps({**old, **bad}))
 
 
 def test_oversized_messages_are_rejected_before_parsing() -> None:
@@ -479,7 +533,11 @@ def test_the_fast_paths_take_what_a_worker_sends() -> None:
         bytes_out=0,
         input_tokens=None,
         output_tokens=None,
+        ttft_ms=12.5,
+        chunks_out=3,
     )
-    assert schema._fast_row(orjson.loads(schema.encode_row(row))) == row
+    decoded = orjson.loads(schema.encode_row(row))
+    fast = schema._fast_row(decoded)
+    assert fast is decoded and fast == row  # no copy for what the worker writes
     end = {"request_id": "r1", "status": 200, "outcome": "ok", "duration_ms": 5.0}
     assert schema._fast_end({**end, "input_tokens": 3, "output_tokens": None}) is not None

@@ -60,3 +60,56 @@ def test_usage_ignores_garbage() -> None:
     scanner = sniff.StreamUsageScanner()
     scanner.feed(b'data: {"usage": broken\n')
     assert scanner.usage == {}
+
+
+def test_data_events_are_counted_whatever_the_chunking() -> None:
+    stream = (
+        b"event: message_start\ndata: {}\n\n"
+        b'data: {"text": "a line with data: inside"}\n\n'
+        b"data: one\r\ndata: two\r\n\r\n"
+        b": a comment, not data\n\n"
+        b"data: [DONE]\n\n"
+    )
+    expected = 5  # `data:` at a line start; "data:" inside a payload does not count
+    for size in range(1, len(stream) + 1):
+        scanner = sniff.StreamUsageScanner()
+        for i in range(0, len(stream), size):
+            scanner.feed(stream[i : i + size])
+        assert scanner.data_events == expected, size
+    # Every split point into two chunks, the hard case for a pattern straddling a boundary.
+    for cut in range(len(stream) + 1):
+        scanner = sniff.StreamUsageScanner()
+        scanner.feed(stream[:cut])
+        scanner.feed(stream[cut:])
+        assert scanner.data_events == expected, cut
+
+
+def test_stream_usage_openai_responses_events() -> None:
+    scanner = sniff.StreamUsageScanner()
+    scanner.feed(
+        b"event: response.created\n"
+        b'data: {"type":"response.created","response":{"status":"in_progress","usage":null}}\n\n'
+        b"event: response.output_text.delta\n"
+        b'data: {"type":"response.output_text.delta","delta":"Hi"}\n\n'
+        b"event: response.completed\n"
+        b'data: {"type":"response.completed","response":{"status":"completed",'
+        b'"usage":{"input_tokens":21,"output_tokens":8,"total_tokens":29}}}\n\n'
+    )
+    assert scanner.usage == {"input_tokens": 21, "output_tokens": 8}
+    assert scanner.data_events == 3
+
+
+def test_usage_of_a_responses_api_answer_and_its_request_fields() -> None:
+    answer = {"object": "response", "usage": {"input_tokens": 5, "output_tokens": 7}}
+    assert sniff.usage_from_json(orjson.dumps(answer)) == {"input_tokens": 5, "output_tokens": 7}
+    body = orjson.dumps({"model": "gpt-4.1", "input": "hi", "stream": True})
+    assert sniff.request_fields(body, complete=True) == ("gpt-4.1", True)
+    assert sniff.provider_for("/v1/responses") == "openai"
+
+
+def test_model_and_stream_in_part_of_a_body() -> None:
+    assert sniff.model_in(b'{"messages": [], "model": "m-1", "str') == "m-1"
+    assert sniff.stream_in(b'{"messages": [], "model": "m-1", "str') is None
+    assert sniff.stream_in(b'"stream" : false,') is False
+    assert sniff.stream_in(b'"stream_options": {}, "stream": true') is True
+    assert sniff.model_in(b'{"content": "say \\"model\\": \\"x\\""}') is None
