@@ -49,6 +49,12 @@ GC_MIN_CLIENTS = 200
 VERSION_START_BITS = 52
 # A poller of the JSON snapshot waits at most this long for a change to be published.
 FRESH_WAIT = 0.5
+# A delta carries the worker list when it changed; a change of the ``active`` counts alone
+# (every start and end) at most this often. The list is ~100 bytes per worker, while the
+# adaptive throttle sends an isolated change at once: on a lightly loaded service with tens of
+# workers, a list per change would be most of every delta. Held-back counts go out when the
+# window ends (a publish is scheduled for it), membership and status changes at once.
+WORKER_COUNTS_EVERY = 0.25
 
 
 class Client:
@@ -109,7 +115,10 @@ class Broadcaster:
         self.base = self.version
         self.timestamp = time.time()
         self.workers_json = b"[]"
-        self._workers_sig: payloads.WorkerSignature = ()
+        self.worker_counts_every = WORKER_COUNTS_EVERY
+        self.workers_due: float | None = None  # monotonic time held-back counts must go out
+        self._workers_sig: payloads.WorkerSignature = ((), ())
+        self._workers_sent = -math.inf
         self.delta_frame = b""
         self.update_gen = 0
         self.stats_frame = b""
@@ -195,14 +204,21 @@ class Broadcaster:
         self._merged.clear()
 
     def _refresh_workers(self) -> bool:
+        """Refresh the worker list; True when this publish's delta must carry it."""
         if self.hub is None:
             return False
         workers = payloads.worker_list(self.hub)
-        self.workers_json = orjson.dumps(workers)
+        self.workers_json = orjson.dumps(workers)  # snapshots always have the newest
         sig = payloads.signature(workers)
-        changed = sig != self._workers_sig
-        self._workers_sig = sig
-        return changed
+        if sig == self._workers_sig:
+            return False
+        now = time.monotonic()
+        due = self._workers_sent + self.worker_counts_every
+        if sig[0] == self._workers_sig[0] and now < due:
+            self.workers_due = due  # counts only, and the last list went out just now
+            return False
+        self._workers_sig, self._workers_sent, self.workers_due = sig, now, None
+        return True
 
     def encode_update(self) -> None:
         self.publish(update=True)
@@ -369,8 +385,9 @@ class Broadcaster:
     async def run_updates(self) -> None:
         """Change-driven and periodic publishes, with ``stats`` riding on them.
 
-        A publish goes out on a change (when the throttle allows) or when none went out for an
-        interval, so a periodic one is skipped while changes keep coming. The ``stats`` frame
+        A publish goes out on a change (when the throttle allows), when held-back worker
+        counts are due, or when none went out for an interval, so a periodic one is skipped
+        while changes keep coming. The ``stats`` frame
         is due once per interval and joins whichever publish goes out then: one fan-out per
         wake-up instead of up to three, so a change never queues behind a stats fan-out.
         """
@@ -383,8 +400,11 @@ class Broadcaster:
             self.publish(stats=True)  # so the first chunk of a new client already holds stats
             last_stats = time.monotonic()
         while True:
+            deadline = last + self.interval
+            if self.workers_due is not None:
+                deadline = min(deadline, self.workers_due)
             try:
-                async with asyncio.timeout(max(0.0, last + self.interval - time.monotonic())):
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                     await self._dirty.wait()
             except TimeoutError:
                 pass

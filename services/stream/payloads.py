@@ -16,7 +16,8 @@ from services.stream.frames import DISABLED_MESSAGE, DISABLED_SUGGESTION
 if TYPE_CHECKING:
     from services.stream.hub import Hub
 
-WorkerSignature = tuple[tuple[Any, ...], ...]
+# (who is there and in what state, how many requests each holds)
+WorkerSignature = tuple[tuple[tuple[Any, ...], ...], tuple[int, ...]]
 
 
 def worker_list(hub: Hub) -> list[dict[str, Any]]:
@@ -41,11 +42,13 @@ def worker_list(hub: Hub) -> list[dict[str, Any]]:
 
 def signature(workers: list[dict[str, Any]]) -> WorkerSignature:
     """What makes the worker list "changed" for a delta: all but ``last_seen``, which moves
-    with every heartbeat and is refreshed in the next snapshot or worker change anyway."""
-    return tuple(
-        (w["worker_id"], w["host"], w["pid"], w["started_at"], w["status"], w["active"])
-        for w in workers
+    with every heartbeat and is refreshed in the next snapshot or worker change anyway.
+    Membership and status come apart from the ``active`` counts, which move with every
+    start and end."""
+    members = tuple(
+        (w["worker_id"], w["host"], w["pid"], w["started_at"], w["status"]) for w in workers
     )
+    return members, tuple(w["active"] for w in workers)
 
 
 def timestamp(now: float) -> bytes:

@@ -63,18 +63,25 @@ async def test_snapshot_then_chained_deltas_reproduce_the_truth(
             await w1.start("a3")
             await w2.end("b3")
             await w1.start("b3")  # an id that ended on one worker starts again on another
+
             # replay() asserts that every delta's base is the version held before it.
-            await wait_until(
-                lambda: same_rows(DeltaState.replay(reader).rows, hub_truth(app)),
-                10,
-                "the delta client to reproduce the hub's rows",
-            )
+            def counts(workers: list[dict[str, Any]]) -> dict[str, int]:
+                return {w["worker_id"]: w["active"] for w in workers}
+
+            def caught_up() -> bool:
+                state = DeltaState.replay(reader)
+                hub = app.state.hub
+                return same_rows(state.rows, hub_truth(app)) and counts(state.workers) == {
+                    wid: len(view.rows) for wid, view in hub.workers.items()
+                }
+
+            await wait_until(caught_up, 10, "the delta client to reproduce the hub's state")
             state = DeltaState.replay(reader)
             truth = await redis_truth(redis, keys, "w1", "w2")
             assert set(truth) == {"a2", "a3", "b1", "b2", "b3"}
             assert same_rows(state.rows, truth)
             assert state.rows["b2"]["bytes_out"] == 42 and state.rows["b3"]["worker_id"] == "w1"
-            assert {w["worker_id"]: w["active"] for w in state.workers} == {"w1": 3, "w2": 2}
+            assert counts(state.workers) == {"w1": 3, "w2": 2}
             kinds = [e.event for _, e in reader.events if e.event in ("update", "delta")]
             assert kinds[0] == "update" and set(kinds[1:]) == {"delta"}
 
@@ -116,10 +123,11 @@ async def test_workers_ride_in_a_delta_only_when_the_list_changed(
         data = orjson.loads(event.data)
         assert [r["bytes_out"] for r in data["upsert"]] == [7] and "workers" not in data
         n = len(reader.events)
-        await worker.start("r2")  # w1's active count changes
-        event = await reader.wait(lambda e: e.event == "delta", 5, after=n)
-        data = orjson.loads(event.data)
-        assert [w["active"] for w in data["workers"]] == [2]
+        await worker.start("r2")  # w1's active count changes (counts go at most every 0.25 s)
+        event = await reader.wait(
+            lambda e: e.event == "delta" and "workers" in orjson.loads(e.data), 5, after=n
+        )
+        assert [w["active"] for w in orjson.loads(event.data)["workers"]] == [2]
         n = len(reader.events)
         other = FakeWorker(redis, keys, "w2")
         await other.register()  # a new worker

@@ -50,8 +50,10 @@ class Fleet:
         self.hub.version += 1
 
 
-def _bc(hub: Hub) -> Broadcaster:
-    return Broadcaster(hub, interval=30.0, heartbeat=30.0, throttle=0.0, max_clients=10)
+def _bc(hub: Hub, counts_every: float = 0.0) -> Broadcaster:
+    bc = Broadcaster(hub, interval=30.0, heartbeat=30.0, throttle=0.0, max_clients=10)
+    bc.worker_counts_every = counts_every
+    return bc
 
 
 def frames(chunk: bytes) -> list[tuple[str, dict[str, Any]]]:
@@ -185,3 +187,32 @@ def test_table_diffs_a_resync_and_keeps_newest_first(fake_redis: aioredis.Redis)
     del fleet.hub.workers["w"]  # reaped
     table.sync(fleet.hub)
     assert table.take() == {"new", "mid"} and len(table) == 0 and table.bytes == 0
+
+
+async def test_worker_counts_alone_are_held_back_briefly_membership_is_not(
+    fake_redis: aioredis.Redis,
+) -> None:
+    fleet = Fleet(fake_redis)
+    bc = _bc(fleet.hub)
+    fleet.start("a")
+    bc.encode_update()
+    ((_, delta),) = frames(bc.delta_frame)
+    assert "workers" in delta  # the last list went out long ago: at once
+    bc.worker_counts_every = 3600.0  # from now on, the last list went out "just now"
+    fleet.start("b")
+    bc.encode_update()
+    ((_, delta),) = frames(bc.delta_frame)
+    assert "workers" not in delta and bc.workers_due is not None
+    assert b'"active":2' in bc.snapshot()  # snapshots are never behind
+    fleet.hub.workers["w2"] = WorkerView("w2", "e", 1, None)  # membership: at once
+    fleet.hub.version += 1
+    bc.encode_update()
+    ((_, delta),) = frames(bc.delta_frame)
+    assert [(w["worker_id"], w["active"]) for w in delta["workers"]] == [("w", 2), ("w2", 0)]
+    fleet.end("a")
+    bc.encode_update()
+    assert "workers" not in frames(bc.delta_frame)[0][1]
+    bc.worker_counts_every = 0.0  # the window is over: the held-back count goes out
+    bc.encode_update()
+    ((_, delta),) = frames(bc.delta_frame)
+    assert [w["active"] for w in delta["workers"]] == [1, 0] and bc.workers_due is None
