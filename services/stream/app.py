@@ -194,6 +194,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     app.state.hub = hub
     app.state.stats = stats
     app.state.broadcaster = bc
+    app.state.summary_memo = summary_memo
     app.state.metrics = metrics
 
     # Access control: the same layers around the whole app (Starlette runs the middleware

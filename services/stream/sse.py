@@ -4,10 +4,10 @@ The route is a small ASGI app rather than a ``StreamingResponse`` so the per-cli
 exactly: wait on a future, then ``send`` a ``bytes`` object that was encoded once for everyone.
 Frame bytes are in ``frames.py``; which frames a client gets, in ``feeds.py``.
 
-``?delta=1`` asks for contract v2 (deltas); a ``Last-Event-ID`` header on such a request is a
-resume point (EventSource sends it by itself on reconnect). An unusable one (absent, not a
-number, from another process) just means a full snapshot first: never an error, so a browser
-never gives up on the stream because of it.
+``?delta=1`` asks for contract v2 (deltas); a ``Last-Event-ID`` header (EventSource sends it by
+itself on reconnect) or a ``last_event_id`` query parameter on such a request is a resume
+point. An unusable one (absent, not a number, from another process) just means a full snapshot
+first: never an error, so a browser never gives up on the stream because of it.
 """
 
 from __future__ import annotations
@@ -43,19 +43,33 @@ SSE_HEADERS = [
 MAX_EVENT_ID_CHARS = 20
 
 
+def _query(scope: Scope) -> list[tuple[str, str]]:
+    return parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+
+
 def wants_delta(scope: Scope) -> bool:
-    query = scope.get("query_string", b"").decode("latin-1")
-    return any(k == "delta" and v in ("1", "true") for k, v in parse_qsl(query))
+    return any(k == "delta" and v in ("1", "true") for k, v in _query(scope))
 
 
 def last_event_id(scope: Scope) -> int | None:
-    """The resume version from ``Last-Event-ID``, or None when there is no usable one."""
+    """The resume version, or None when there is no usable one.
+
+    From the ``Last-Event-ID`` header (what EventSource sends on its own reconnects), else from
+    a ``last_event_id`` query parameter: a client that reconnects by creating a new
+    EventSource (its own backoff) cannot set headers.
+    """
+    text: str | None = None
     for name, value in scope.get("headers", ()):
         if name == b"last-event-id":
-            text = value.decode("latin-1").strip()
-            if text.isdigit() and len(text) <= MAX_EVENT_ID_CHARS:
-                return int(text)
-            return None
+            text = value.decode("latin-1")
+            break
+    else:
+        text = next((v for k, v in _query(scope) if k == "last_event_id"), None)
+    if text is None:
+        return None
+    text = text.strip()
+    if text.isdigit() and len(text) <= MAX_EVENT_ID_CHARS:
+        return int(text)
     return None
 
 

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -156,22 +157,26 @@ async def test_last_event_id_inside_the_ring_resumes_with_a_delta_from_it(
         await wait_ready(url)
         async with SSEReader(url + DELTA) as reader:
             await _version_after(reader, "gone")
-            before = DeltaState.replay(reader)
-            held = before.version
+            held = DeltaState.replay(reader).version
         await worker.end("gone")
         await worker.start("new")
         await wait_until(lambda: set(hub_truth(app)) == {"keep", "new"}, 5, "hub caught up")
-        resume = {"Last-Event-ID": str(held)}
-        async with SSEReader(url + DELTA, headers=resume) as again:
-            first = again.events[0][1]
-            assert first.event == "delta"
-            data = orjson.loads(first.data)
-            assert data["base"] == held
-            assert data["remove"] == ["gone"] and request_ids(
-                {"active_requests": data["upsert"]}
-            ) == {"new"}
-            before.apply(first)
-            assert same_rows(before.rows, hub_truth(app))
+        # EventSource's own reconnect sends the header; a new EventSource (the page's
+        # backoff) can only put it in the query.
+        for path, headers in (
+            (DELTA, {"Last-Event-ID": str(held)}),
+            (f"{DELTA}&last_event_id={held}", {}),
+        ):
+            async with SSEReader(url + path, headers=headers) as again:
+                first = again.events[0][1]
+                assert first.event == "delta"
+                data = orjson.loads(first.data)
+                assert data["base"] == held
+                assert data["remove"] == ["gone"]
+                assert request_ids({"active_requests": data["upsert"]}) == {"new"}
+                resumed = DeltaState.replay(reader)
+                resumed.apply(first)
+                assert same_rows(resumed.rows, hub_truth(app))
 
 
 @pytest.mark.parametrize("last_event_id", ["garbage", "-3", "12345678901234567890123", "future"])
@@ -251,3 +256,30 @@ async def test_a_snapshot_client_is_paced_to_its_budget_and_ends_on_the_truth(
         # after an update of N bytes the next one waited at least N / bps.
         for (data, size), (later, _) in itertools.pairwise(frames):
             assert later["timestamp"] - data["timestamp"] >= size / bps * 0.95 - 0.005
+
+
+async def test_pollers_share_one_snapshot_per_version_and_one_summary_per_period(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    worker = FakeWorker(redis, keys, "w1")
+    await worker.register()
+    await worker.start("r1", "r2")
+    settings = settings_for(redis_url, key_prefix, VDM_ACTIVE_REQUESTS_SSE_INTERVAL="30")
+    async with running_stream(settings) as (url, app), httpx.AsyncClient(base_url=url) as client:
+        await wait_ready(url)
+        bc = app.state.broadcaster
+        memo = app.state.summary_memo
+        built, publishes, summaries = bc.snapshots, bc.update_gen, memo.computed
+        answers = await asyncio.gather(
+            *(client.get("/metrics/active-requests") for _ in range(40)),
+            *(client.get("/metrics/summary") for _ in range(40)),
+        )
+        assert all(a.status_code == 200 for a in answers)
+        assert all(request_ids(a.json()) == {"r1", "r2"} for a in answers[:40])
+        # At most one build per publish in between (plus the one before it), not one per poll.
+        assert bc.snapshots - built <= bc.update_gen - publishes + 1
+        assert memo.computed - summaries <= 2
+        await worker.start("r3")  # a new version: the next poll sees it, not a stale cache
+        await wait_until(lambda: "r3" in app.state.hub.workers["w1"].rows, 5, "r3 in the hub")
+        snap = (await client.get("/metrics/active-requests")).json()
+        assert request_ids(snap) == {"r1", "r2", "r3"}

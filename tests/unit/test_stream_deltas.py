@@ -86,6 +86,12 @@ async def test_current_clients_share_one_delta_object(fake_redis: aioredis.Redis
     bc.encode_update()
     chunks = [await anext(feed) for feed in feeds]
     assert chunks[0] is chunks[1] is chunks[2] is bc.delta_chunk
+    built = bc.snapshots
+    for n in range(5):
+        fleet.start(f"more-{n}")
+        bc.encode_update()
+        assert all(chunk is bc.delta_chunk for chunk in [await anext(f) for f in feeds])
+    assert bc.snapshots == built  # only delta clients: no snapshot was ever built again
     ((kind, data),) = frames(chunks[0])
     assert kind == "delta" and [r["request_id"] for r in data["upsert"]] == ["a"]
 
