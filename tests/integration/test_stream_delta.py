@@ -179,9 +179,24 @@ async def test_last_event_id_inside_the_ring_resumes_with_a_delta_from_it(
                 assert same_rows(resumed.rows, hub_truth(app))
 
 
-@pytest.mark.parametrize("last_event_id", ["garbage", "-3", "12345678901234567890123", "future"])
+@pytest.mark.parametrize(
+    ("last_event_id", "in_query"),
+    [
+        ("garbage", False),
+        ("-3", False),
+        ("12345678901234567890123", False),
+        ("future", False),
+        ("%C2%B2", True),  # a superscript two: str.isdigit() says yes, int() says no
+        ("", True),
+    ],
+)
 async def test_unusable_last_event_id_gets_a_snapshot(
-    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str, last_event_id: str
+    redis: aioredis.Redis,
+    keys: Keys,
+    redis_url: str,
+    key_prefix: str,
+    last_event_id: str,
+    in_query: bool,
 ) -> None:
     worker = FakeWorker(redis, keys, "w1")
     await worker.register()
@@ -190,7 +205,10 @@ async def test_unusable_last_event_id_gets_a_snapshot(
         await wait_ready(url)
         if last_event_id == "future":
             last_event_id = str(app.state.broadcaster.version + 1000)
-        async with SSEReader(url + DELTA, headers={"Last-Event-ID": last_event_id}) as reader:
+        path, headers = DELTA, {"Last-Event-ID": last_event_id}
+        if in_query:
+            path, headers = f"{DELTA}&last_event_id={last_event_id}", {}
+        async with SSEReader(url + path, headers=headers) as reader:
             assert reader.response is not None and reader.response.status_code == 200
             first = reader.events[0][1]
             assert first.event == "update"
