@@ -211,6 +211,9 @@ class Broadcaster:
         self.workers_json = orjson.dumps(workers)  # snapshots always have the newest
         sig = payloads.signature(workers)
         if sig == self._workers_sig:
+            # Nothing to send, also when held-back counts went back to the values last sent:
+            # nothing is due then either (a due time left set would make run_updates spin).
+            self.workers_due = None
             return False
         now = time.monotonic()
         due = self._workers_sent + self.worker_counts_every
