@@ -6,6 +6,13 @@ of requests. Every request carries ``X-Request-Id: <run-id>-<n>``; ``in_flight``
 the ids whose request has been handed to the client and whose response has not yet been read
 to the end (or failed), so a test can compare it with the hub's rows at any moment.
 
+Where a request waits is visible, so the generator never passes off its own queue as
+concurrency at the target: ``waiting`` holds the ids (a subset of ``in_flight``) whose request
+headers are not yet on the wire (waiting for a pooled connection, a TCP connect, or this
+process's event loop), and the summary reports how long requests waited before they were sent.
+The connection pool is sized to the concurrency; the CLI raises the open-file limit to its hard
+limit and caps the concurrency (saying so) when even that is too low for one socket per request.
+
 End of a run: when the duration is up or the count is reached, no new request goes out and the
 ones in flight finish (each bounded by the request timeout; ``drain`` caps the wait). ``stop()``
 ends the run at once: requests in flight are cancelled (the connection is closed, which a
@@ -19,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import resource
 import signal
 import sys
 import time
@@ -41,6 +49,10 @@ DEFAULT_MODELS = {
 # After a stall (every slot busy) the rate limiter catches up at most this much, not in one
 # burst of everything it missed.
 MAX_CATCH_UP_S = 1.0
+# File descriptors the process keeps for itself beyond one socket per request in flight.
+FD_RESERVE = 64
+# httpcore's trace event for "the request line and headers are being written to the socket".
+SENDING = "http11.send_request_headers.started"
 
 
 class Shape(StrEnum):
@@ -132,6 +144,7 @@ class LoadGenerator:
         self.on_progress = on_progress
         self.progress_interval = progress_interval
         self.in_flight: set[str] = set()
+        self.waiting: set[str] = set()  # in flight, but not yet written to a connection
         self.stats = LoadStats()
         self._transport = transport
         self._rng = random.Random(seed)
@@ -209,6 +222,7 @@ class LoadGenerator:
             cancelled=s.cancelled,
             in_flight=len(self.in_flight),
             rps=rps,
+            waiting=len(self.waiting),
         )
 
     async def run(self) -> LoadStats:
@@ -291,6 +305,10 @@ class LoadGenerator:
             last_finished, last_t = finished, now
             self.on_progress(self.progress(rps))
 
+    def _sending(self, request_id: str, started: float) -> None:
+        self.waiting.discard(request_id)
+        self.stats.send_wait.add(time.perf_counter() - started)
+
     def _pick(self, n: int) -> tuple[Vendor, str, bool]:
         if self.shape is Shape.MIXED:
             vendor = (Vendor.OPENAI, Vendor.ANTHROPIC)[n % 2]
@@ -311,12 +329,23 @@ class LoadGenerator:
             seconds = self._rng.uniform(*self.hold)
             headers["x-demo-delay-ms"] = str(round(seconds * 1000))
         target = self.targets[(n - 1) % len(self.targets)]
-        request = client.build_request("POST", target + path, content=body, headers=headers)
         started = time.perf_counter()
+
+        async def trace(event: str, info: dict[str, object]) -> None:
+            if event == SENDING and request_id in self.waiting:
+                self._sending(request_id, started)
+
+        request = client.build_request(
+            "POST", target + path, content=body, headers=headers, extensions={"trace": trace}
+        )
         self.in_flight.add(request_id)
+        self.waiting.add(request_id)
+        self.stats.max_waiting = max(self.stats.max_waiting, len(self.waiting))
         self.stats.sent += 1
         try:
             response = await client.send(request, stream=True)
+            if request_id in self.waiting:  # a transport that does not trace (tests' mocks)
+                self._sending(request_id, started)
             try:
                 async for chunk in response.aiter_raw():
                     self.stats.bytes_in += len(chunk)
@@ -324,10 +353,12 @@ class LoadGenerator:
                 await response.aclose()
         except asyncio.CancelledError:
             self.in_flight.discard(request_id)
+            self.waiting.discard(request_id)
             self.stats.cancelled += 1
             raise
         except (httpx.HTTPError, OSError) as exc:
             self.in_flight.discard(request_id)
+            self.waiting.discard(request_id)
             self.stats.failed[failure_reason(exc)] += 1
             return
         self.in_flight.discard(request_id)
@@ -401,17 +432,36 @@ async def _main(gen: LoadGenerator) -> LoadStats:
         return await gen.run()
 
 
+def fd_budget() -> int:
+    """Raise the soft open-file limit to the hard one; return how many sockets fit under it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(1, soft - FD_RESERVE)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     # httpx logs every request at INFO; the progress line is the output here.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     duration = args.duration
     if duration is None and args.requests is None:
         duration = 10.0
+    concurrency = args.concurrency
+    budget = fd_budget()
+    if concurrency > budget:
+        _print(
+            f"load: concurrency capped at {budget} (was {concurrency}): the open-file limit "
+            f"(ulimit -n) allows one socket per request for no more; raise it to go higher"
+        )
+        concurrency = budget
     try:
         gen = LoadGenerator(
             args.target,
             rate=args.rate,
-            concurrency=args.concurrency,
+            concurrency=concurrency,
             duration=duration,
             requests=args.requests,
             stream_share=args.stream_share,
@@ -430,8 +480,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         bound = f"{args.requests} requests" + (f" or {duration:g}s" if duration else "")
     _print(
         f"load: run {gen.run_id} -> {', '.join(gen.targets)}; rate={args.rate:g}/s "
-        f"concurrency={args.concurrency} {bound} shape={args.shape} "
-        f"stream_share={args.stream_share:g}"
+        f"concurrency={concurrency} (client pool: {concurrency} connections) {bound} "
+        f"shape={args.shape} stream_share={args.stream_share:g}"
     )
     stats = asyncio.run(_main(gen))
     _print(stats.summary_line())
