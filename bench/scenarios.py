@@ -13,6 +13,7 @@ from bench.instrument_cost import instrumentation_cost
 from bench.latency import E2EResult, e2e
 from bench.overhead import overhead
 from bench.report import Result, Table, Verdict
+from bench.vsvandamme import VsResult, vs_vandamme
 
 
 def _e2e_row(table: Table, r: E2EResult) -> None:
@@ -67,7 +68,116 @@ async def end_to_end(quick: bool) -> Result:
         Verdict("p99 <= 50 ms", f"{r.p99:.1f} ms", r.p99 <= 50),
         Verdict("every client saw every probe", f"{r.missed} missed", r.missed == 0),
     ]
+    try:
+        vs = await vs_vandamme(
+            workers=4,
+            clients=50 if quick else 200,
+            held=50,
+            probes=24 if quick else 200,
+            spacing=0.1,
+        )
+    except RuntimeError as exc:  # vandamme could not be installed or started here
+        result.notes.append(f"no vandamme-proxy comparison: {exc}")
+        return result
+    _vs_tables(result, vs)
     return result
+
+
+VS_HEADERS = [
+    "system",
+    "probes",
+    "with model p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "gone p50 ms",
+    "gone p95 ms",
+    "gone p99 ms",
+    "missed",
+    "never gone",
+    "rows without their model (distinct)",
+    "final rows",
+    "system cores",
+    "client cores",
+]
+
+
+def _vs_tables(result: Result, vs: VsResult) -> None:
+    ours, ref = vs.sides.values()
+    table = Table(
+        f"side by side in one run, one demo upstream: vdm-hub ({vs.workers} workers, Redis,"
+        f" stream) and {ref.name} (one process); {vs.clients} SSE clients and {vs.held}"
+        f" background requests in flight on each; probes interleaved, every 2nd streaming,"
+        f" held {vs.hold_ms} ms; per (probe, client) pair",
+        VS_HEADERS,
+    )
+    for side in (ours, ref):
+        table.add(
+            side.name,
+            f"{side.probes} ({side.errors} failed)",
+            side.p("appear", 50),
+            side.p("appear", 95),
+            side.p("appear", 99),
+            side.p("gone", 50),
+            side.p("gone", 95),
+            side.p("gone", 99),
+            f"{side.missed}/{side.pairs}",
+            side.stuck,
+            f"{side.violations} ({side.violating_rows})",
+            "/".join(str(n) for n in side.final_rows),
+            f"{side.cpu:.2f}",
+            f"{side.client_cpu:.2f}",
+        )
+
+    def ratio(which: str, q: float) -> float:
+        return ours.p(which, q) / ref.p(which, q)
+
+    table.add(
+        "ratio vdm-hub / vandamme",
+        "",
+        f"{ratio('appear', 50):.2f}",
+        f"{ratio('appear', 95):.2f}",
+        f"{ratio('appear', 99):.2f}",
+        f"{ratio('gone', 50):.2f}",
+        f"{ratio('gone', 95):.2f}",
+        f"{ratio('gone', 99):.2f}",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+    )
+    result.tables.append(table)
+    p50, p99, gone = ours.p("appear", 50), ours.p("appear", 99), ours.p("gone", 50)
+    result.verdicts += [
+        Verdict(
+            "row with its model visible: p50 <= 0.7 x vandamme's",
+            f"{p50:.1f} ms vs {ref.p('appear', 50):.1f} ms ({ratio('appear', 50):.2f} x)",
+            p50 <= 0.7 * ref.p("appear", 50),
+        ),
+        Verdict("row with its model visible: p99 <= 50 ms", f"{p99:.1f} ms", p99 <= 50),
+        Verdict(
+            "row gone after the response's last byte: p50 <= 10 ms",
+            f"{gone:.1f} ms (vandamme {ref.p('gone', 50):.1f} ms)",
+            gone <= 10,
+        ),
+        Verdict(
+            "no frame shows a row without the model its client sent",
+            f"{ours.violations} (row, frame) pairs, {ours.violating_rows} distinct rows"
+            + (f", e.g. {ours.examples[0]}" if ours.examples else ""),
+            ours.violations == 0,
+        ),
+        Verdict(
+            "every client saw every probe and its removal",
+            f"{ours.missed} missed, {ours.stuck} never gone",
+            ours.missed == 0 and ours.stuck == 0,
+        ),
+    ]
+    if ref.violations:
+        result.notes.append(
+            f"{ref.name}: {ref.violations} (row, frame) pairs without a known model"
+            + (f", e.g. {ref.examples[0]}" if ref.examples else "")
+        )
 
 
 FANOUT_HEADERS = [

@@ -227,8 +227,16 @@ class SSEPool:
         return [p.pid for p in self.procs]
 
     async def start(
-        self, url: str, clients: int, *, procs: int = 1, cpus: Sequence[int] | None = None
+        self,
+        url: str,
+        clients: int,
+        *,
+        procs: int = 1,
+        cpus: Sequence[int] | None = None,
+        module: str = "bench.sseload",
+        args: Sequence[str] = (),
     ) -> SSEPool:
+        """``module`` is the client program (this one, or another speaking its protocol)."""
         procs = max(1, min(procs, clients))
         shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         cpu_arg = ",".join(str(c) for c in cpus) if cpus else ""
@@ -237,9 +245,10 @@ class SSEPool:
                 await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "bench.sseload",
+                    module,
                     url,
                     str(share),
+                    *args,
                     "--cpus",
                     cpu_arg,
                     cwd=ROOT,

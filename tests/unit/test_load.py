@@ -110,9 +110,7 @@ async def test_requests_queued_in_the_client_are_reported_as_waiting(
     # A transport with a 2-connection pool: 3 of 5 requests wait here, not at the server.
     url, server = upstream
     transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=2))
-    async with LoadGenerator(
-        [url], concurrency=5, hold=30, run_id="q", transport=transport
-    ) as gen:
+    async with LoadGenerator([url], concurrency=5, hold=30, run_id="q", transport=transport) as gen:
         gen.start()
         await until(lambda: len(gen.in_flight) == 5 and len(server.active) == 2, what="2 + 3")
         assert gen.waiting == gen.in_flight - server.active
