@@ -9,6 +9,7 @@ from pathlib import Path
 
 from bench.events import hub_ingest, single_publisher
 from bench.fanout import FanoutResult, fanout
+from bench.fidelity import fidelity
 from bench.instrument_cost import instrumentation_cost
 from bench.latency import E2EResult, e2e
 from bench.overhead import overhead
@@ -493,4 +494,104 @@ async def scaling(quick: bool) -> Result:
     result.verdicts.append(
         Verdict("stream CPU per client per update (flat = linear total cost)", costs, None)
     )
+    return result
+
+
+async def view_fidelity(quick: bool) -> Result:
+    result = Result("fidelity", "7. Fidelity: thousands of real requests in flight, view vs truth")
+    hold = (2.0, 4.0) if quick else (12.0, 20.0)
+    r = await fidelity(
+        workers=2,
+        conns=150 if quick else 2000,
+        rate=150 if quick else 200,
+        hold=hold,
+        steady_s=4 if quick else 35,
+    )
+    samples = r.samples
+    steady = [s for s in samples if s.t > r.conns / 200 + 1] or samples
+    exact = sum(1 for s in samples if s.missing == 0 and s.extra == 0)
+    stale = sum(s.stale_missing + s.stale_extra for s in samples)
+    table = Table(
+        f"{r.conns} connections through {r.workers} workers, each request held"
+        f" {r.hold[0]:g}-{r.hold[1]:g} s by the demo upstream, every 2nd streaming; the view"
+        f" ({'deltas' if r.delta else 'snapshots'}) sampled every 0.5 s against the load's"
+        " own set in flight",
+        [
+            "samples",
+            "truth max",
+            "view == truth",
+            "missing max",
+            "extra max",
+            "stale (> 1 s) total",
+            "requests",
+            "failed",
+            "appear p50 ms",
+            "appear p99 ms",
+            "gone p50 ms",
+            "gone p99 ms",
+            "never shown",
+            "never removed",
+            "ghost rows",
+        ],
+    )
+    table.add(
+        len(samples),
+        r.peak_truth,
+        f"{exact}/{len(samples)}",
+        max((s.missing for s in samples), default=0),
+        max((s.extra for s in samples), default=0),
+        stale,
+        r.requests,
+        f"{r.errors} (+{r.connect_errors} connects)",
+        r.p("appear_ms", 50),
+        r.p("appear_ms", 99),
+        r.p("gone_ms", 50),
+        r.p("gone_ms", 99),
+        r.never_seen,
+        r.never_gone,
+        r.ghosts,
+    )
+    result.tables.append(table)
+    where = Table(
+        "where the requests are (steady state, mean of samples): the load's own count in flight"
+        " per worker vs the worker's count (/_vdm/status) vs Redis rows vs the view",
+        ["worker", "load in flight", "worker in flight", "gap (queued before the worker)"],
+    )
+    for w in range(r.workers):
+        load_n = statistics.fmean(s.load_per_worker[w] for s in steady)
+        worker_n = statistics.fmean(max(0, s.worker_in_flight[w]) for s in steady)
+        where.add(f"worker {w + 1}", load_n, worker_n, load_n - worker_n)
+    where.add(
+        "fleet: Redis rows / view rows",
+        statistics.fmean(s.truth for s in steady),
+        f"{statistics.fmean(s.redis for s in steady):.1f} / "
+        f"{statistics.fmean(s.view for s in steady):.1f}",
+        "",
+    )
+    result.tables.append(where)
+    cores = ", ".join(f"{k} {v:.2f}" for k, v in r.cores.items())
+    dropped = sum(max(0, v) for v in r.dropped.values())
+    result.verdicts += [
+        Verdict(">= 2,000 requests in flight at once", f"{r.peak_truth}", r.peak_truth >= 2000),
+        Verdict(
+            "view == truth up to changes in transit (nothing stale > 1 s)",
+            f"{stale} stale (id, sample) pairs; {exact}/{len(samples)} samples exactly equal",
+            stale == 0,
+        ),
+        Verdict(
+            "zero live workers reaped",
+            f"{r.reaped} reaps logged, {r.workers_lost} workers left the view",
+            r.reaped == 0 and r.workers_lost == 0,
+        ),
+        Verdict("zero dropped events (worker /_vdm/status)", str(r.dropped), dropped == 0),
+        Verdict(
+            "view lag: send -> row shown, end -> row gone (p50 / p99)",
+            f"{r.p('appear_ms', 50):.0f} / {r.p('appear_ms', 99):.0f} ms,"
+            f" {r.p('gone_ms', 50):.0f} / {r.p('gone_ms', 99):.0f} ms",
+            None,
+        ),
+        Verdict("the view and Redis end empty", r.final_detail, r.final_ok),
+        Verdict("cores used", cores, None),
+    ]
+    result.notes += r.reap_lines + r.worker_notable[:5]
     return result
