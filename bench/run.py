@@ -29,6 +29,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "events": scenarios.event_throughput,
     "scaling": scenarios.scaling,
     "fidelity": scenarios.view_fidelity,
+    "rows": scenarios.rows_in_flight,
     "soak": soak,
 }
 

@@ -90,16 +90,23 @@ def probe_request(host: str, port: int, model: str, stream: bool, extra: dict[st
 
 
 class Timed(Conn):
-    """A connection that stamps the moment its response's last byte arrived."""
+    """A connection that stamps when the last byte of each probe's response arrived."""
 
-    done_ns = 0
+    def __init__(self, request: bytes) -> None:
+        super().__init__(request)
+        self.token = ""
+        self.done_at: dict[str, int] = {}
+
+    def probe(self, token: str, request: bytes, done_at: dict[str, int]) -> asyncio.Future[bool]:
+        self.token, self.done_at = token, done_at
+        return self.send(request)
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic_ns()
         pending = self.done is not None and not self.done.done()
         super().data_received(data)
         if pending and self.done is not None and self.done.done():
-            self.done_ns = now
+            self.done_at[self.token] = now
 
 
 async def timed_connect(url: str) -> Timed:
@@ -175,7 +182,8 @@ async def vs_vandamme(
                 names[1]: CpuMeter([vd.pid]).start(),
             }
             client_meters = {n: CpuMeter(pools[n].pids).start() for n in names}
-            sent: dict[str, tuple[str, int, Timed]] = {}
+            sent: dict[str, tuple[str, int]] = {}
+            done_at: dict[str, int] = {}
             futures: list[tuple[str, asyncio.Future[bool]]] = []
             t0 = time.monotonic()
             for i in range(probes):
@@ -188,8 +196,8 @@ async def vs_vandamme(
                 extra = {"x-demo-delay-ms": str(HOLD_MS)} if n == names[0] else {}
                 request = probe_request(host, port, token, stream, extra)
                 await pools[n].command(f"watch {token}")
-                sent[token] = (n, time.monotonic_ns(), conn)
-                futures.append((n, conn.send(request)))
+                sent[token] = (n, time.monotonic_ns())
+                futures.append((n, conn.probe(token, request, done_at)))
                 sides[n].probes += 1
                 await asyncio.sleep(max(0.0, t0 + (i + 1) * spacing - time.monotonic()))
             await asyncio.wait([fut for _, fut in futures], timeout=60)
@@ -223,7 +231,7 @@ async def vs_vandamme(
             side.examples += answer["examples"]
         for answer in finals[n]:
             side.final_rows += [len(models) for models in answer]
-        for tok, (owner, t_sent, conn) in sent.items():
+        for tok, (owner, t_sent) in sent.items():
             if owner != n:
                 continue
             side.pairs += clients
@@ -232,8 +240,8 @@ async def vs_vandamme(
             side.appear += [(t - t_sent) / 1e6 for t in arrivals]
             removals = gone.get(tok, [])
             side.stuck += len(arrivals) - len(removals)
-            if conn.done_ns:
-                side.gone += [(t - conn.done_ns) / 1e6 for t in removals]
+            if tok in done_at:
+                side.gone += [(t - done_at[tok]) / 1e6 for t in removals]
     return VsResult(workers, clients, held, HOLD_MS, sides, wall)
 
 
