@@ -42,6 +42,11 @@ def venv_dir() -> Path:
     return cache_dir() / f"vandamme-{VERSION}"
 
 
+def installed() -> bool:
+    """Already in the cache (a test uses it only then; installing needs the network)."""
+    return (venv_dir() / ".installed").exists() and (venv_dir() / "bin" / "vdm").exists()
+
+
 def ensure_installed(timeout: float = 600) -> Path:
     """The ``vdm`` executable of vandamme-proxy, installing it first when needed.
 

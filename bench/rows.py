@@ -222,7 +222,6 @@ async def _phase(
                 args=["--count-only"],
             )  # fmt: skip
         await asyncio.sleep(1.0)  # past the first (full) frame of every client
-        rss_after = rss_kb(stream.pid)
         bytes0 = await _bytes(counters) if counting else 0
         meter = CpuMeter([stream.pid]).start()
         client_meter = CpuMeter([*views.pids, *counters.pids]).start()
@@ -231,6 +230,8 @@ async def _phase(
         window_t1 = time.monotonic_ns()
         meter.stop()
         client_meter.stop()
+        # Steady state, at the end of the window: the first snapshot's buffers are gone by then.
+        rss_after = rss_kb(stream.pid)
         bytes1 = await _bytes(counters) if counting else 0
         await churn.pause()
         # Quiet: every tracking client must come to the truth (bounded wait; snapshot pacing
