@@ -68,6 +68,7 @@ class FidelityResult:
     ghosts: int
     requests: int
     errors: int
+    reasons: dict[str, int]
     connect_errors: int
     reaped: int
     workers_lost: int
@@ -92,7 +93,7 @@ async def fidelity(
     rate: float,
     hold: tuple[float, float],
     steady_s: float,
-    delta: bool = False,
+    delta: bool = True,
 ) -> FidelityResult:
     run = f"fi{int(time.time() * 1000) % 10**8}"
     with fleet(f"bench-{run}") as f:
@@ -184,6 +185,7 @@ async def fidelity(
         ghosts=ghosts,
         requests=len(sent_at),
         errors=int(load_report["errors"]),
+        reasons=dict(load_report.get("reasons", {})),
         connect_errors=int(load_report["connect_errors"]),
         reaped=len(reap_lines),
         workers_lost=len(client["workers_lost"]),

@@ -57,6 +57,7 @@ class Load:
         self.sent: dict[str, int] = {}
         self.done: dict[str, int] = {}
         self.errors = 0
+        self.reasons: dict[str, int] = {}
         self.connect_errors = 0
         self.connect_ms: list[float] = []
         self.stopping = False
@@ -89,6 +90,8 @@ class Load:
                 del self.in_flight[rid]
                 if not ok:
                     self.errors += 1
+                    why = "connection lost" if conn.lost else f"HTTP {conn.status}"
+                    self.reasons[why] = self.reasons.get(why, 0) + 1
         finally:
             if conn.transport is not None:
                 conn.transport.close()
@@ -158,6 +161,7 @@ async def serve() -> None:
                     "sent": load.sent,
                     "done": load.done,
                     "errors": load.errors,
+                    "reasons": load.reasons,
                     "connect_errors": load.connect_errors,
                     "connect_ms_max": ms[-1] if ms else 0.0,
                 }

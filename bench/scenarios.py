@@ -573,7 +573,9 @@ async def view_fidelity(quick: bool) -> Result:
     cores = ", ".join(f"{k} {v:.2f}" for k, v in r.cores.items())
     dropped = sum(max(0, v) for v in r.dropped.values())
     result.verdicts += [
-        Verdict(">= 2,000 requests in flight at once", f"{r.peak_truth}", r.peak_truth >= 2000),
+        Verdict(
+            f">= {r.conns:,} requests in flight at once", f"{r.peak_truth}", r.peak_truth >= r.conns
+        ),
         Verdict(
             "view == truth up to changes in transit (nothing stale > 1 s)",
             f"{stale} stale (id, sample) pairs; {exact}/{len(samples)} samples exactly equal",
@@ -594,6 +596,10 @@ async def view_fidelity(quick: bool) -> Result:
         Verdict("the view and Redis end empty", r.final_detail, r.final_ok),
         Verdict("cores used", cores, None),
     ]
+    if r.reasons:
+        result.notes.append(
+            "failed requests: " + ", ".join(f"{k}: {v}" for k, v in sorted(r.reasons.items()))
+        )
     result.notes += r.reap_lines + r.worker_notable[:5]
     return result
 
