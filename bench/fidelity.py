@@ -51,6 +51,7 @@ class Sample:
     stale_extra: int
     load_per_worker: list[int]
     worker_in_flight: list[int]
+    status_ms: list[float]  # each worker's /_vdm/status answer time (its loop lag, roughly)
     extra_ids: list[str] = field(default_factory=list, repr=False)
     now_ns: int = 0
 
@@ -172,7 +173,10 @@ async def fidelity(
     detail = f"view holds {client['rows']} rows, Redis {redis_rows}, after every request ended"
     reap_lines = [line for line in stream.notable if "reaped worker" in line]
     worker_notable = [line for s in worker_svcs for line in s.notable][:20]
-    dropped = {s.get("worker_id", "?"): int(s.get("events_dropped", -1)) for s in statuses}
+    dropped = {
+        str(s.get("worker_id", f"worker {i + 1}")): int(s.get("events_dropped", -1))
+        for i, s in enumerate(statuses)
+    }
     return FidelityResult(
         workers=workers,
         conns=conns,
@@ -210,12 +214,16 @@ async def _worker_ids(redis: aioredis.Redis, keys: Keys) -> list[str]:
 
 async def _statuses(http: httpx.AsyncClient, services: list[Any]) -> list[dict[str, Any]]:
     async def one(url: str) -> dict[str, Any]:
+        # How long the worker takes to answer is its event loop's lag, near enough: the
+        # endpoint does no work beyond reading a few counters.
+        t0 = time.monotonic()
         try:
             answer = await http.get(url + "/_vdm/status")
             body: dict[str, Any] = answer.json()
-            return body
         except (httpx.HTTPError, ValueError):
-            return {}
+            body = {"failed": True}
+        body["answer_ms"] = (time.monotonic() - t0) * 1000
+        return body
 
     return list(await asyncio.gather(*(one(s.url) for s in services)))
 
@@ -255,4 +263,5 @@ async def _sample(
         now_ns=now_ns,
         load_per_worker=[int(per.get(str(i), 0)) for i in range(len(workers))],
         worker_in_flight=[int(s.get("in_flight", -1)) for s in statuses],
+        status_ms=[float(s["answer_ms"]) for s in statuses],
     )
