@@ -10,8 +10,9 @@ Where a request waits is visible, so the generator never passes off its own queu
 concurrency at the target: ``waiting`` holds the ids (a subset of ``in_flight``) whose request
 headers are not yet on the wire (waiting for a pooled connection, a TCP connect, or this
 process's event loop), and the summary reports how long requests waited before they were sent.
-The connection pool is sized to the concurrency; the CLI raises the open-file limit to its hard
-limit and caps the concurrency (saying so) when even that is too low for one socket per request.
+The connection pools (shards of ``POOL_SHARD``) have room for the whole concurrency; the CLI
+raises the open-file limit to its hard limit and caps the concurrency (saying so) when even
+that is too low for one socket per request.
 
 End of a run: when the duration is up or the count is reached, no new request goes out and the
 ones in flight finish (each bounded by the request timeout; ``drain`` caps the wait). ``stop()``
@@ -51,6 +52,8 @@ DEFAULT_MODELS = {
 MAX_CATCH_UP_S = 1.0
 # File descriptors the process keeps for itself beyond one socket per request in flight.
 FD_RESERVE = 64
+# Connections per httpx pool (the generator uses as many pools as its concurrency needs).
+POOL_SHARD = 100
 # httpcore's trace event for "the request line and headers are being written to the socket".
 SENDING = "http11.send_request_headers.started"
 
@@ -148,7 +151,8 @@ class LoadGenerator:
         self.stats = LoadStats()
         self._transport = transport
         self._rng = random.Random(seed)
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._shard_load: list[int] = []  # requests in flight per pool shard
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # set on stop and whenever a request finishes
         self._stopping = False
@@ -159,20 +163,32 @@ class LoadGenerator:
 
     # --- lifetime ---------------------------------------------------------------------------
 
-    def _make_client(self) -> httpx.AsyncClient:
+    def _make_clients(self) -> list[httpx.AsyncClient]:
+        """Connection pools with room for ``concurrency`` requests in all, in shards.
+
+        httpcore's pool walks its connections and its queue on every request and response,
+        so one pool of thousands makes each step cost thousands: at 2,000 connections the
+        generator's own loop became the queue (requests waited here for seconds). Shards of
+        ``POOL_SHARD`` keep each step small; a request goes to the least busy shard, which
+        always has a free slot while fewer than ``concurrency`` requests are in flight.
+        """
         hold_max = self.hold[1] if self.hold else 0.0
-        return httpx.AsyncClient(
-            transport=self._transport,
-            limits=httpx.Limits(
-                max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-            ),
-            # The read timeout is per read: a held request sends nothing for `hold` seconds.
-            timeout=httpx.Timeout(self.timeout + hold_max, connect=min(5.0, self.timeout)),
-            trust_env=False,  # never route demo traffic through an HTTP(S)_PROXY from the env
-        )
+        shards = 1 if self._transport is not None else -(-self.concurrency // POOL_SHARD)
+        size = -(-self.concurrency // shards)
+        self._shard_load = [0] * shards
+        return [
+            httpx.AsyncClient(
+                transport=self._transport,
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                # The read timeout is per read: a held request sends nothing for `hold` s.
+                timeout=httpx.Timeout(self.timeout + hold_max, connect=min(5.0, self.timeout)),
+                trust_env=False,  # never route demo traffic through an HTTP(S)_PROXY from env
+            )
+            for _ in range(shards)
+        ]
 
     async def __aenter__(self) -> LoadGenerator:
-        self._client = self._make_client()
+        self._clients = self._make_clients()
         return self
 
     async def __aexit__(
@@ -184,9 +200,13 @@ class LoadGenerator:
         try:
             await self.stop()
         finally:
-            if self._client is not None:
-                await self._client.aclose()
-                self._client = None
+            await self._close_clients(self._clients)
+            self._clients = []
+
+    @staticmethod
+    async def _close_clients(clients: list[httpx.AsyncClient]) -> None:
+        for client in clients:
+            await client.aclose()
 
     def start(self) -> asyncio.Task[LoadStats]:
         """Run in the background; ``await gen.stop()`` or ``await gen.wait()`` later."""
@@ -229,12 +249,12 @@ class LoadGenerator:
         if self._started:
             raise RuntimeError("a LoadGenerator runs once")
         self._started = True
-        own_client = self._client is None
-        client = self._client or self._make_client()
+        own_clients = not self._clients
+        clients = self._clients or self._make_clients()
         self._t0 = time.monotonic()
         ticker = asyncio.create_task(self._report()) if self.on_progress else None
         try:
-            await self._dispatch(client)
+            await self._dispatch(clients)
             await self._drain()
         finally:
             for task in self._tasks:
@@ -245,8 +265,8 @@ class LoadGenerator:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
-            if own_client:
-                await client.aclose()
+            if own_clients:
+                await self._close_clients(clients)
             self.stats.elapsed = time.monotonic() - self._t0
             self._finished.set()
         return self.stats
@@ -258,7 +278,7 @@ class LoadGenerator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _dispatch(self, client: httpx.AsyncClient) -> None:
+    async def _dispatch(self, clients: list[httpx.AsyncClient]) -> None:
         deadline = None if self.duration is None else self._t0 + self.duration
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         next_due = self._t0
@@ -277,7 +297,7 @@ class LoadGenerator:
                 continue
             n += 1
             next_due = max(next_due, now - MAX_CATCH_UP_S) + interval
-            task = asyncio.create_task(self._one(client, n))
+            task = asyncio.create_task(self._one(clients, n))
             self._tasks.add(task)
             task.add_done_callback(self._finished_one)
 
@@ -318,7 +338,15 @@ class LoadGenerator:
         stream = self._rng.random() < self.stream_share
         return vendor, model, stream
 
-    async def _one(self, client: httpx.AsyncClient, n: int) -> None:
+    async def _one(self, clients: list[httpx.AsyncClient], n: int) -> None:
+        shard = min(range(len(clients)), key=self._shard_load.__getitem__)
+        self._shard_load[shard] += 1
+        try:
+            await self._request(clients[shard], n)
+        finally:
+            self._shard_load[shard] -= 1
+
+    async def _request(self, client: httpx.AsyncClient, n: int) -> None:
         request_id = f"{self.run_id}-{n}"
         vendor, model, stream = self._pick(n)
         path, body = vendors.request_for(vendor, model, stream, n)
