@@ -1,4 +1,4 @@
-"""The five scenarios of issue 6, each turning raw measurements into tables and verdicts."""
+"""The benchmark scenarios, each turning raw measurements into tables and verdicts."""
 
 from __future__ import annotations
 
