@@ -19,6 +19,8 @@ leaving the ``workers`` list) and from the stream service's log.
 from __future__ import annotations
 
 import asyncio
+import collections
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,7 +174,13 @@ async def fidelity(
     final_ok = client["rows"] == 0 and redis_rows == 0
     detail = f"view holds {client['rows']} rows, Redis {redis_rows}, after every request ended"
     reap_lines = [line for line in stream.notable if "reaped worker" in line]
-    worker_notable = [line for s in worker_svcs for line in s.notable][:20]
+    # What the workers complained about, counted by message (timestamps and ids dropped).
+    kinds = collections.Counter(
+        re.sub(r"[0-9a-f]{6,}|\d+", "#", line.split(": ", 1)[-1])[:90]
+        for s in worker_svcs
+        for line in s.notable
+    )
+    worker_notable = [f"workers logged {n}x: {text}" for text, n in kinds.most_common(6)]
     dropped = {
         str(s.get("worker_id", f"worker {i + 1}")): int(s.get("events_dropped", -1))
         for i, s in enumerate(statuses)

@@ -25,7 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"(\S+) ready on (\S+)")
 TICKS = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
-NOTABLE = (" WARNING ", " ERROR ", "reaped worker", "re-register", "Traceback")
+NOTABLE = (
+    " WARNING ",
+    " ERROR ",
+    "reaped worker",
+    "re-register",
+    "Traceback",
+    "unreachable",
+    "broke off",
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -129,7 +137,7 @@ class Service:
     def _read(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
-            if len(self.notable) < 500 and any(m in line for m in NOTABLE):
+            if len(self.notable) < 5000 and any(m in line for m in NOTABLE):
                 self.notable.append(line.rstrip("\n"))
             with self._cond:
                 self.lines.append(line.rstrip("\n"))

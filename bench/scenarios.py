@@ -627,7 +627,7 @@ async def view_fidelity(quick: bool) -> Result:
         result.notes.append(
             "failed requests: " + ", ".join(f"{k}: {v}" for k, v in sorted(r.reasons.items()))
         )
-    result.notes += r.reap_lines + r.worker_notable[:5]
+    result.notes += r.reap_lines + r.worker_notable
     return result
 
 
