@@ -30,11 +30,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bench.browserload import LongTasks, long_tasks
 from bench.fanout import end_request, make_row, pinned_self
 from bench.procs import CPUS, CpuMeter, fleet, rss_kb
 from bench.report import percentile
 from bench.sseload import SSEPool
 from services.proxy.publisher import Publisher
+from shared.embedded_redis import free_port
 from shared.keys import Keys
 from shared.settings import Settings
 
@@ -172,15 +174,21 @@ async def rows_scenario(
     delta_clients: int,
     snapshot_clients: int,
     window_s: float,
-) -> list[ModeResult]:
+    browser_s: float = 0.0,
+) -> tuple[list[ModeResult], LongTasks | None]:
+    """Both modes at each row count; then, with ``browser_s``, the dashboard in Chromium at the
+    largest count under the same churn (its long tasks over ``browser_s`` seconds)."""
     import redis.asyncio as aioredis
 
     run = f"r{int(time.time() * 1000) % 10**8}"
     pinning = CPUS >= 2
     results: list[ModeResult] = []
+    page: LongTasks | None = None
+    dash_port = free_port()
+    cors = {"VDM_CORS_ORIGINS": f"http://127.0.0.1:{dash_port}"}
     with fleet(f"bench-{run}") as f, pinned_self(LOAD_CORE if pinning else list(range(CPUS))):
         f.start_redis(cpus=LOAD_CORE if pinning else None)
-        stream = f.start("stream", env=f.env(), cpus=STREAM_CORE if pinning else None)
+        stream = f.start("stream", env=f.env(**cors), cpus=STREAM_CORE if pinning else None)
         churn = Churn(f.env()["REDIS_URL"], f.prefix, run)
         redis = aioredis.Redis.from_url(f.env()["REDIS_URL"])
         keys = Keys(f.prefix)
@@ -196,10 +204,22 @@ async def rows_scenario(
                     await asyncio.sleep(0.1)
                 for mode, n in (("delta", delta_clients), ("snapshot", snapshot_clients)):
                     results.append(await _phase(stream, churn, mode, rows, n, churn_rate, window_s))
+            if browser_s > 0:
+                dashboard = f.start(
+                    "dashboard", "--port", str(dash_port), env={"VDM_STREAM_PUBLIC_URL": stream.url}
+                )
+                churn.go(churn_rate)
+                page = await asyncio.to_thread(
+                    long_tasks,
+                    dashboard.url + "/dashboard/metrics",
+                    want_rows=levels[-1],
+                    seconds=browser_s,
+                )
+                await churn.pause()
         finally:
             await churn.close()
             await redis.aclose()
-    return results
+    return results, page
 
 
 async def _phase(

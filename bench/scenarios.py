@@ -651,12 +651,14 @@ ROWS_HEADERS = [
 async def rows_in_flight(quick: bool) -> Result:
     result = Result("rows", "8. Rows in flight: snapshot mode vs delta mode")
     churn = 100.0 if quick else 300.0
-    runs: list[ModeResult] = await rows_scenario(
+    runs: list[ModeResult]
+    runs, page = await rows_scenario(
         levels=[100, 1000] if quick else [100, 1000, 10_000],
         churn_rate=churn,
         delta_clients=40 if quick else 1000,
         snapshot_clients=4 if quick else 10,
         window_s=2.0 if quick else 8.0,
+        browser_s=0.0 if quick else 10.0,
     )
     table = Table(
         f"one stream service (pinned to core 1), fake workers in Redis, {churn:g} requests/s"
@@ -729,6 +731,18 @@ async def rows_in_flight(quick: bool) -> Result:
             max(r.rss_per_client_kb for r in runs) <= 50,
         ),
     ]
+    if page is not None and page.error:
+        result.notes.append(f"no browser measurement: {page.error}")
+    elif page is not None:
+        result.verdicts.append(
+            Verdict(
+                f"the dashboard in headless Chromium at {top:,} rows under the same churn:"
+                " main-thread long tasks per 10 s",
+                f"{page.total_ms * 10 / page.seconds:,.0f} ms in {page.count} tasks, longest"
+                f" {page.max_ms:.0f} ms; grid shows {page.grid_rows:,} rows",
+                page.max_ms <= 100,
+            )
+        )
     if not any(r.deltas for r in runs if r.mode == "delta"):
         result.notes.append(
             "the stream service sent no delta frames: this build has no delta mode, so the"

@@ -43,9 +43,10 @@ async def test_tiny_fidelity_run_compares_the_view_with_the_truth_and_ends_empty
 @pytest.mark.system
 @pytest.mark.timeout(90)
 async def test_tiny_rows_run_takes_both_modes_and_every_view_ends_on_the_truth() -> None:
-    runs = await rows_scenario(
+    runs, page = await rows_scenario(
         levels=[30], churn_rate=40, delta_clients=5, snapshot_clients=3, window_s=1.0
     )
+    assert page is None  # no browser asked for
     assert [(r.rows, r.mode) for r in runs] == [(30, "delta"), (30, "snapshot")]
     for r in runs:
         assert r.connected == r.clients
