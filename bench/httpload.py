@@ -51,6 +51,7 @@ class Conn(asyncio.Protocol):
         self.buf = b""
         self.done: asyncio.Future[bool] | None = None
         self.lost = False
+        self.status = ""  # of the last complete response
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -77,6 +78,7 @@ class Conn(asyncio.Protocol):
         elif not self.buf.endswith(b"0\r\n\r\n"):
             return  # chunked: wait for the last chunk
         ok = self.buf.startswith(b"HTTP/1.1 200")
+        self.status = self.buf[9:12].decode(errors="replace")
         self.buf = b""
         self.done.set_result(ok)
 

@@ -25,6 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"(\S+) ready on (\S+)")
 TICKS = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
+NOTABLE = (
+    " WARNING ",
+    " ERROR ",
+    "reaped worker",
+    "re-register",
+    "Traceback",
+    "unreachable",
+    "broke off",
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -103,6 +112,8 @@ class Service:
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.name = command
         self.lines: list[str] = []
+        # Warnings, errors and reaps over the whole run (the tail above forgets them).
+        self.notable: list[str] = []
         self._cond = threading.Condition()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "services.cli", command, *args],
@@ -126,6 +137,8 @@ class Service:
     def _read(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
+            if len(self.notable) < 5000 and any(m in line for m in NOTABLE):
+                self.notable.append(line.rstrip("\n"))
             with self._cond:
                 self.lines.append(line.rstrip("\n"))
                 del self.lines[:-200]  # keep the tail only: a chatty child must not grow us

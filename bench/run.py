@@ -28,6 +28,8 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "overhead": scenarios.worker_overhead,
     "events": scenarios.event_throughput,
     "scaling": scenarios.scaling,
+    "fidelity": scenarios.view_fidelity,
+    "rows": scenarios.rows_in_flight,
     "soak": soak,
 }
 

@@ -11,6 +11,7 @@ Control is line-based on stdin/stdout (a handful of lines per change, never per 
 ``watch TOKEN`` -> ``ok``; ``forget`` -> ``ok`` (stop waiting for tokens);
 ``has TOKEN`` -> JSON count of clients whose last update lacks TOKEN;
 ``final TOKEN ROWS`` -> JSON count of clients whose last update holds TOKEN and ROWS rows;
+``bytes`` -> JSON of the bytes received by all clients so far;
 ``report`` -> JSON of every token's arrival times (``time.monotonic_ns``: CLOCK_MONOTONIC, the
 same clock in every process on the machine); ``close``.
 """
@@ -47,6 +48,7 @@ class Pool:
         self.failed = 0
         self.ready_event = asyncio.Event()
         self.target = 0
+        self.keep_last = True  # off with --count-only: thousands of large snapshots add up
 
     def mark_ready(self) -> None:
         self.ready += 1
@@ -71,6 +73,7 @@ class SSEClient(asyncio.Protocol):
         self.ready = False
         self.closed = asyncio.get_running_loop().create_future()
         self.transport: asyncio.Transport | None = None
+        self.bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
@@ -79,6 +82,7 @@ class SSEClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic_ns()
+        self.bytes += len(data)
         if self.pending:
             buf = self.tail + data
             found = [tok for tok in self.pending if tok in buf]
@@ -90,12 +94,13 @@ class SSEClient(asyncio.Protocol):
         if n:
             self.updates += n
             i = data.rfind(UPDATE)
-            self.last = [data[i:]]
-            self.last_len = len(data) - i
+            if self.pool.keep_last:
+                self.last = [data[i:]]
+                self.last_len = len(data) - i
             if not self.ready:
                 self.ready = True
                 self.pool.mark_ready()
-        elif self.last and self.last_len < MAX_LAST:
+        elif self.pool.keep_last and self.last and self.last_len < MAX_LAST:
             self.last.append(data)
             self.last_len += len(data)
 
@@ -114,7 +119,7 @@ class SSEClient(asyncio.Protocol):
 async def connect_all(pool: Pool, url: str, n: int, parallel: int = 100) -> None:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    path = parts.path or "/"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
     ).encode()
@@ -189,6 +194,14 @@ async def serve_commands(pool: Pool, url: str, n: int) -> None:
                 }
             )
             pool.seen = {k: [] for k in pool.seen}
+        elif cmd == b"bytes":
+            reply(
+                {
+                    "bytes": sum(c.bytes for c in pool.clients),
+                    "clients": len(pool.clients),
+                    "open": sum(1 for c in pool.clients if not c.closed.done()),
+                }
+            )
         elif cmd == b"close":
             break
     for client in pool.clients:
@@ -202,12 +215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("clients", type=int)
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to pin to")
+    parser.add_argument("--count-only", action="store_true", help="keep no frame, count bytes")
     args = parser.parse_args(argv)
     if args.cpus:
         pin(os.getpid(), [int(c) for c in args.cpus.split(",")])
     import uvloop  # ships with uvicorn[standard]
 
-    uvloop.run(serve_commands(Pool(), args.url, args.clients))
+    pool = Pool()
+    pool.keep_last = not args.count_only
+    uvloop.run(serve_commands(pool, args.url, args.clients))
     return 0
 
 
@@ -227,8 +243,16 @@ class SSEPool:
         return [p.pid for p in self.procs]
 
     async def start(
-        self, url: str, clients: int, *, procs: int = 1, cpus: Sequence[int] | None = None
+        self,
+        url: str,
+        clients: int,
+        *,
+        procs: int = 1,
+        cpus: Sequence[int] | None = None,
+        module: str = "bench.sseload",
+        args: Sequence[str] = (),
     ) -> SSEPool:
+        """``module`` is the client program (this one, or another speaking its protocol)."""
         procs = max(1, min(procs, clients))
         shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         cpu_arg = ",".join(str(c) for c in cpus) if cpus else ""
@@ -237,9 +261,10 @@ class SSEPool:
                 await asyncio.create_subprocess_exec(
                     sys.executable,
                     "-m",
-                    "bench.sseload",
+                    module,
                     url,
                     str(share),
+                    *args,
                     "--cpus",
                     cpu_arg,
                     cwd=ROOT,

@@ -6,6 +6,14 @@ of requests. Every request carries ``X-Request-Id: <run-id>-<n>``; ``in_flight``
 the ids whose request has been handed to the client and whose response has not yet been read
 to the end (or failed), so a test can compare it with the hub's rows at any moment.
 
+Where a request waits is visible, so the generator never passes off its own queue as
+concurrency at the target: ``waiting`` holds the ids (a subset of ``in_flight``) whose request
+headers are not yet on the wire (waiting for a pooled connection, a TCP connect, or this
+process's event loop), and the summary reports how long requests waited before they were sent.
+The connection pools (shards of ``POOL_SHARD``) have room for the whole concurrency; the CLI
+raises the open-file limit to its hard limit and caps the concurrency (saying so) when even
+that is too low for one socket per request.
+
 End of a run: when the duration is up or the count is reached, no new request goes out and the
 ones in flight finish (each bounded by the request timeout; ``drain`` caps the wait). ``stop()``
 ends the run at once: requests in flight are cancelled (the connection is closed, which a
@@ -19,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import resource
 import signal
 import sys
 import time
@@ -41,6 +50,12 @@ DEFAULT_MODELS = {
 # After a stall (every slot busy) the rate limiter catches up at most this much, not in one
 # burst of everything it missed.
 MAX_CATCH_UP_S = 1.0
+# File descriptors the process keeps for itself beyond one socket per request in flight.
+FD_RESERVE = 64
+# Connections per httpx pool (the generator uses as many pools as its concurrency needs).
+POOL_SHARD = 100
+# httpcore's trace event for "the request line and headers are being written to the socket".
+SENDING = "http11.send_request_headers.started"
 
 
 class Shape(StrEnum):
@@ -132,10 +147,12 @@ class LoadGenerator:
         self.on_progress = on_progress
         self.progress_interval = progress_interval
         self.in_flight: set[str] = set()
+        self.waiting: set[str] = set()  # in flight, but not yet written to a connection
         self.stats = LoadStats()
         self._transport = transport
         self._rng = random.Random(seed)
-        self._client: httpx.AsyncClient | None = None
+        self._clients: list[httpx.AsyncClient] = []
+        self._shard_load: list[int] = []  # requests in flight per pool shard
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # set on stop and whenever a request finishes
         self._stopping = False
@@ -146,20 +163,32 @@ class LoadGenerator:
 
     # --- lifetime ---------------------------------------------------------------------------
 
-    def _make_client(self) -> httpx.AsyncClient:
+    def _make_clients(self) -> list[httpx.AsyncClient]:
+        """Connection pools with room for ``concurrency`` requests in all, in shards.
+
+        httpcore's pool walks its connections and its queue on every request and response,
+        so one pool of thousands makes each step cost thousands: at 2,000 connections the
+        generator's own loop became the queue (requests waited here for seconds). Shards of
+        ``POOL_SHARD`` keep each step small; a request goes to the least busy shard, which
+        always has a free slot while fewer than ``concurrency`` requests are in flight.
+        """
         hold_max = self.hold[1] if self.hold else 0.0
-        return httpx.AsyncClient(
-            transport=self._transport,
-            limits=httpx.Limits(
-                max_connections=self.concurrency, max_keepalive_connections=self.concurrency
-            ),
-            # The read timeout is per read: a held request sends nothing for `hold` seconds.
-            timeout=httpx.Timeout(self.timeout + hold_max, connect=min(5.0, self.timeout)),
-            trust_env=False,  # never route demo traffic through an HTTP(S)_PROXY from the env
-        )
+        shards = 1 if self._transport is not None else -(-self.concurrency // POOL_SHARD)
+        size = -(-self.concurrency // shards)
+        self._shard_load = [0] * shards
+        return [
+            httpx.AsyncClient(
+                transport=self._transport,
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                # The read timeout is per read: a held request sends nothing for `hold` s.
+                timeout=httpx.Timeout(self.timeout + hold_max, connect=min(5.0, self.timeout)),
+                trust_env=False,  # never route demo traffic through an HTTP(S)_PROXY from env
+            )
+            for _ in range(shards)
+        ]
 
     async def __aenter__(self) -> LoadGenerator:
-        self._client = self._make_client()
+        self._clients = self._make_clients()
         return self
 
     async def __aexit__(
@@ -171,9 +200,13 @@ class LoadGenerator:
         try:
             await self.stop()
         finally:
-            if self._client is not None:
-                await self._client.aclose()
-                self._client = None
+            await self._close_clients(self._clients)
+            self._clients = []
+
+    @staticmethod
+    async def _close_clients(clients: list[httpx.AsyncClient]) -> None:
+        for client in clients:
+            await client.aclose()
 
     def start(self) -> asyncio.Task[LoadStats]:
         """Run in the background; ``await gen.stop()`` or ``await gen.wait()`` later."""
@@ -209,18 +242,19 @@ class LoadGenerator:
             cancelled=s.cancelled,
             in_flight=len(self.in_flight),
             rps=rps,
+            waiting=len(self.waiting),
         )
 
     async def run(self) -> LoadStats:
         if self._started:
             raise RuntimeError("a LoadGenerator runs once")
         self._started = True
-        own_client = self._client is None
-        client = self._client or self._make_client()
+        own_clients = not self._clients
+        clients = self._clients or self._make_clients()
         self._t0 = time.monotonic()
         ticker = asyncio.create_task(self._report()) if self.on_progress else None
         try:
-            await self._dispatch(client)
+            await self._dispatch(clients)
             await self._drain()
         finally:
             for task in self._tasks:
@@ -231,8 +265,8 @@ class LoadGenerator:
                 ticker.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
-            if own_client:
-                await client.aclose()
+            if own_clients:
+                await self._close_clients(clients)
             self.stats.elapsed = time.monotonic() - self._t0
             self._finished.set()
         return self.stats
@@ -244,7 +278,7 @@ class LoadGenerator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _dispatch(self, client: httpx.AsyncClient) -> None:
+    async def _dispatch(self, clients: list[httpx.AsyncClient]) -> None:
         deadline = None if self.duration is None else self._t0 + self.duration
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         next_due = self._t0
@@ -263,7 +297,7 @@ class LoadGenerator:
                 continue
             n += 1
             next_due = max(next_due, now - MAX_CATCH_UP_S) + interval
-            task = asyncio.create_task(self._one(client, n))
+            task = asyncio.create_task(self._one(clients, n))
             self._tasks.add(task)
             task.add_done_callback(self._finished_one)
 
@@ -291,6 +325,10 @@ class LoadGenerator:
             last_finished, last_t = finished, now
             self.on_progress(self.progress(rps))
 
+    def _sending(self, request_id: str, started: float) -> None:
+        self.waiting.discard(request_id)
+        self.stats.send_wait.add(time.perf_counter() - started)
+
     def _pick(self, n: int) -> tuple[Vendor, str, bool]:
         if self.shape is Shape.MIXED:
             vendor = (Vendor.OPENAI, Vendor.ANTHROPIC)[n % 2]
@@ -300,7 +338,15 @@ class LoadGenerator:
         stream = self._rng.random() < self.stream_share
         return vendor, model, stream
 
-    async def _one(self, client: httpx.AsyncClient, n: int) -> None:
+    async def _one(self, clients: list[httpx.AsyncClient], n: int) -> None:
+        shard = min(range(len(clients)), key=self._shard_load.__getitem__)
+        self._shard_load[shard] += 1
+        try:
+            await self._request(clients[shard], n)
+        finally:
+            self._shard_load[shard] -= 1
+
+    async def _request(self, client: httpx.AsyncClient, n: int) -> None:
         request_id = f"{self.run_id}-{n}"
         vendor, model, stream = self._pick(n)
         path, body = vendors.request_for(vendor, model, stream, n)
@@ -311,12 +357,23 @@ class LoadGenerator:
             seconds = self._rng.uniform(*self.hold)
             headers["x-demo-delay-ms"] = str(round(seconds * 1000))
         target = self.targets[(n - 1) % len(self.targets)]
-        request = client.build_request("POST", target + path, content=body, headers=headers)
         started = time.perf_counter()
+
+        async def trace(event: str, info: dict[str, object]) -> None:
+            if event == SENDING and request_id in self.waiting:
+                self._sending(request_id, started)
+
+        request = client.build_request(
+            "POST", target + path, content=body, headers=headers, extensions={"trace": trace}
+        )
         self.in_flight.add(request_id)
+        self.waiting.add(request_id)
+        self.stats.max_waiting = max(self.stats.max_waiting, len(self.waiting))
         self.stats.sent += 1
         try:
             response = await client.send(request, stream=True)
+            if request_id in self.waiting:  # a transport that does not trace (tests' mocks)
+                self._sending(request_id, started)
             try:
                 async for chunk in response.aiter_raw():
                     self.stats.bytes_in += len(chunk)
@@ -324,10 +381,12 @@ class LoadGenerator:
                 await response.aclose()
         except asyncio.CancelledError:
             self.in_flight.discard(request_id)
+            self.waiting.discard(request_id)
             self.stats.cancelled += 1
             raise
         except (httpx.HTTPError, OSError) as exc:
             self.in_flight.discard(request_id)
+            self.waiting.discard(request_id)
             self.stats.failed[failure_reason(exc)] += 1
             return
         self.in_flight.discard(request_id)
@@ -401,17 +460,36 @@ async def _main(gen: LoadGenerator) -> LoadStats:
         return await gen.run()
 
 
+def fd_budget() -> int:
+    """Raise the soft open-file limit to the hard one; return how many sockets fit under it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return max(1, soft - FD_RESERVE)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     # httpx logs every request at INFO; the progress line is the output here.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     duration = args.duration
     if duration is None and args.requests is None:
         duration = 10.0
+    concurrency = args.concurrency
+    budget = fd_budget()
+    if concurrency > budget:
+        _print(
+            f"load: concurrency capped at {budget} (was {concurrency}): the open-file limit "
+            f"(ulimit -n) allows one socket per request for no more; raise it to go higher"
+        )
+        concurrency = budget
     try:
         gen = LoadGenerator(
             args.target,
             rate=args.rate,
-            concurrency=args.concurrency,
+            concurrency=concurrency,
             duration=duration,
             requests=args.requests,
             stream_share=args.stream_share,
@@ -430,8 +508,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         bound = f"{args.requests} requests" + (f" or {duration:g}s" if duration else "")
     _print(
         f"load: run {gen.run_id} -> {', '.join(gen.targets)}; rate={args.rate:g}/s "
-        f"concurrency={args.concurrency} {bound} shape={args.shape} "
-        f"stream_share={args.stream_share:g}"
+        f"concurrency={concurrency} (client pool: {concurrency} connections) {bound} "
+        f"shape={args.shape} stream_share={args.stream_share:g}"
     )
     stats = asyncio.run(_main(gen))
     _print(stats.summary_line())

@@ -49,11 +49,12 @@ class Progress:
     cancelled: int
     in_flight: int
     rps: float  # requests finished per second over the last interval
+    waiting: int = 0  # of in_flight: not yet written to a connection (queued in this process)
 
     def line(self) -> str:
         return (
             f"load: {self.elapsed:6.1f}s sent={self.sent} ok={self.ok} failed={self.failed} "
-            f"in_flight={self.in_flight} rps={self.rps:.1f}"
+            f"in_flight={self.in_flight} rps={self.rps:.1f} waiting={self.waiting}"
         )
 
 
@@ -66,6 +67,10 @@ class LoadStats:
     bytes_in: int = 0
     elapsed: float = 0.0
     latency: Reservoir = field(default_factory=Reservoir)  # seconds, successful requests
+    # Seconds from handing a request to the client until its headers were being written: time
+    # spent queued in this process (pool, connect, event loop), not at the target.
+    send_wait: Reservoir = field(default_factory=Reservoir)
+    max_waiting: int = 0  # most requests queued in this process at once
 
     @property
     def failed_total(self) -> int:
@@ -87,6 +92,12 @@ class LoadStats:
             f"cancelled={self.cancelled} elapsed={self.elapsed:.2f}s rps={rps:.1f} "
             f"p50={ms(50)} p95={ms(95)} p99={ms(99)}"
         )
+        wait = self.send_wait.percentile(50), self.send_wait.percentile(99)
+        if wait[0] is not None and wait[1] is not None:
+            line += (
+                f" queued_here: p50={wait[0] * 1000:.1f}ms p99={wait[1] * 1000:.1f}ms"
+                f" max={self.max_waiting}"
+            )
         if self.failed:
             reasons = " ".join(f"{name}={n}" for name, n in self.failed.most_common())
             line += f" failures: {reasons}"

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import shlex
 import signal
 
 import pytest
 
-from tests.procs import vdm_hub
+from tests.procs import VDM_HUB, Proc, vdm_hub
 
 pytestmark = pytest.mark.system
 
@@ -80,5 +81,28 @@ def test_load_cli_stops_on_sigint_cancelling_held_requests() -> None:
         finally:
             load.stop()
         assert match.groups() == ("3", "0", "0", "3"), load.output
+    finally:
+        assert upstream.stop() == 0, upstream.output
+
+
+@pytest.mark.timeout(40)
+def test_load_cli_caps_concurrency_to_the_open_file_limit_and_says_so() -> None:
+    upstream = vdm_hub("demo-upstream", "--port", "0", "--latency", "0", "--chunk-delay", "0")
+    try:
+        url = upstream.wait_ready()
+        # `ulimit -n` in the shell lowers the hard limit too, so the CLI cannot raise it.
+        command = shlex.join([*VDM_HUB, "load", "--target", url, "--requests", "20"])
+        load = Proc(
+            ["sh", "-c", f"ulimit -n 200 && exec {command} --concurrency 5000 --rate 0"],
+            name="vdm-hub load",
+        )
+        try:
+            match = load.wait_for_line(SUMMARY, timeout=25)
+            assert load.popen.wait(10) == 0, load.output
+        finally:
+            load.stop()
+        assert re.search(r"concurrency capped at 136 \(was 5000\)", load.output), load.output
+        assert "concurrency=136 (client pool: 136 connections)" in load.output
+        assert match.groups() == ("20", "20", "0", "0"), load.output
     finally:
         assert upstream.stop() == 0, upstream.output

@@ -9,8 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
 import pytest
 
+from services.demo import load
 from services.demo.inprocess import serving
 from services.demo.load import LoadGenerator, Shape, parse_hold
 from services.demo.loadstats import Progress, Reservoir
@@ -83,6 +85,53 @@ async def test_in_flight_is_exactly_what_the_server_holds_and_stop_cancels_it(
     assert (stats.sent, stats.ok, stats.failed_total, stats.cancelled) == (5, 0, 0, 5)
     # The upstream notices the disconnects and lets go of the held requests at once.
     await until(lambda: not server.active, timeout=5, what="the upstream to release its holds")
+
+
+async def test_every_request_in_flight_is_at_the_server_beyond_httpx_default_pool(
+    upstream: tuple[str, Recorder],
+) -> None:
+    # httpx's default pool holds 100 connections: the 50 beyond it would queue in this process
+    # while counted as in flight, and the generator would report concurrency it never had.
+    url, server = upstream
+    async with LoadGenerator([url], concurrency=150, hold=30, run_id="wide") as gen:
+        gen.start()
+        await until(lambda: len(server.active) == 150, timeout=20, what="150 held at the server")
+        assert gen.in_flight == server.active
+        assert gen.waiting == set()
+        assert gen.progress().waiting == 0
+        await asyncio.wait_for(gen.stop(), 10)
+    assert gen.stats.max_waiting <= 150
+    assert gen.stats.send_wait.count == 150
+
+
+async def test_requests_queued_in_the_client_are_reported_as_waiting(
+    upstream: tuple[str, Recorder],
+) -> None:
+    # A transport with a 2-connection pool: 3 of 5 requests wait here, not at the server.
+    url, server = upstream
+    transport = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=2))
+    async with LoadGenerator([url], concurrency=5, hold=30, run_id="q", transport=transport) as gen:
+        gen.start()
+        await until(lambda: len(gen.in_flight) == 5 and len(server.active) == 2, what="2 + 3")
+        assert gen.waiting == gen.in_flight - server.active
+        assert len(gen.waiting) == 3
+        assert "waiting=3" in gen.progress().line()
+        stats = await asyncio.wait_for(gen.stop(), 10)
+    assert gen.waiting == set()
+    assert stats.max_waiting >= 3
+    assert "queued_here: p50=" in stats.summary_line()
+
+
+def test_fd_budget_raises_the_soft_limit_to_the_hard_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    limits = {"now": (256, 4096)}
+    monkeypatch.setattr(load.resource, "getrlimit", lambda _: limits["now"])
+
+    def setrlimit(_: int, value: tuple[int, int]) -> None:
+        limits["now"] = value
+
+    monkeypatch.setattr(load.resource, "setrlimit", setrlimit)
+    assert load.fd_budget() == 4096 - load.FD_RESERVE
+    assert limits["now"] == (4096, 4096)
 
 
 async def test_in_flight_drops_ids_as_responses_complete(upstream: tuple[str, Recorder]) -> None:

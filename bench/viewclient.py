@@ -1,0 +1,312 @@
+"""A stream client that keeps the whole view, as the dashboard does, and says what it holds.
+
+Run as a child process (``python -m bench.viewclient URL N``) through
+:class:`bench.sseload.SSEPool` (``module="bench.viewclient"``). Each of its ``N`` clients
+decodes the HTTP chunked body, parses every frame and applies it: an ``update`` replaces the
+state; a ``delta`` (``?delta=1``) must have ``base`` equal to the version held, then its
+``remove`` ids go and its ``upsert`` rows replace theirs by ``request_id``. A delta whose base
+is not the version held is a *gap* (counted; the client then waits for the next ``update``).
+
+A row's key is its model when the model is one of the run's tokens (``--prefix``; the driver
+gives every request a model of its own, which survives a worker choosing its own request ids),
+else its ``request_id``. Per key the first client stamps when it first appeared, and when it
+was gone (``time.monotonic_ns``); a worker that leaves the ``workers`` list is counted as lost.
+
+Commands on stdin (one JSON line back each): ``sample`` (the keys the first client holds now,
+its version); ``report`` (stamps, counters, every client's state digest); ``close``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+from urllib.parse import urlsplit
+
+import orjson
+
+from bench.procs import pin
+
+
+class Shared:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.clients: list[View] = []
+        self.first: dict[str, int] = {}
+        self.gone: dict[str, int] = {}
+        self.ready = 0
+        self.failed = 0
+        self.target = 0
+        self.ready_event = asyncio.Event()
+
+    def settle(self) -> None:
+        if self.ready + self.failed >= self.target:
+            self.ready_event.set()
+
+
+class View(asyncio.Protocol):
+    def __init__(self, shared: Shared, request: bytes, stamps: bool) -> None:
+        self.shared = shared
+        self.request = request
+        self.stamps = stamps  # the first client stamps appearances and removals
+        self.raw = b""
+        self.head_done = False
+        self.chunk_left = 0  # body bytes left in the current HTTP chunk
+        self.skip_crlf = False  # the CRLF that ends a chunk is due
+        self.body = b""
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.keys: dict[str, str] = {}  # request_id -> key
+        self.workers: set[str] = set()
+        self.version = -1
+        self.frames = 0
+        self.deltas = 0
+        self.bytes = 0
+        self.gaps = 0
+        self.null_model = 0  # (frame, row) pairs with no model
+        self.workers_lost: list[tuple[int, str]] = []
+        self.ready = False
+        self.open = False
+        self.waiting_for_update = False
+        self.transport: asyncio.Transport | None = None
+
+    # --- transport --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.open = True
+        self.transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        if not self.ready:
+            self.shared.failed += 1
+            self.shared.settle()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self.raw += data
+        if not self.head_done:
+            end = self.raw.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            self.raw = self.raw[end + 4 :]
+            self.head_done = True
+        # HTTP/1.1 chunked body: "<hex size>\r\n<bytes>\r\n" ...
+        while self.raw:
+            if self.chunk_left == 0:
+                if self.skip_crlf:
+                    if len(self.raw) < 2:
+                        break
+                    self.raw = self.raw[2:]
+                    self.skip_crlf = False
+                    continue
+                line_end = self.raw.find(b"\r\n")
+                if line_end < 0:
+                    break
+                size = int(self.raw[:line_end].split(b";")[0] or b"0", 16)
+                self.raw = self.raw[line_end + 2 :]
+                if size == 0:
+                    break
+                self.chunk_left = size
+            take = self.raw[: self.chunk_left]
+            self.raw = self.raw[len(take) :]
+            self.chunk_left -= len(take)
+            self.body += take
+            if self.chunk_left == 0:
+                self.skip_crlf = True
+        self.frames_from_body(time.monotonic_ns())
+
+    def frames_from_body(self, now: int) -> None:
+        end = self.body.rfind(b"\n\n")
+        if end < 0:
+            return
+        complete, self.body = self.body[: end + 2], self.body[end + 2 :]
+        for frame in complete.split(b"\n\n"):
+            if frame:
+                self.frame(frame, now)
+
+    # --- state ------------------------------------------------------------------------
+
+    def key(self, row: dict[str, Any]) -> str:
+        model = row.get("model")
+        if isinstance(model, str) and model.startswith(self.shared.prefix):
+            return model
+        return str(row.get("request_id"))
+
+    def frame(self, frame: bytes, now: int) -> None:
+        event = b""
+        data = b""
+        for line in frame.split(b"\n"):
+            if line.startswith(b"event:"):
+                event = line[6:].strip()
+            elif line.startswith(b"data:"):
+                data = line[5:].strip()
+        if event not in (b"update", b"delta") or not data:
+            return
+        body = orjson.loads(data)
+        self.frames += 1
+        if event == b"update":
+            self.apply_update(body, now)
+        elif not self.waiting_for_update:
+            self.apply_delta(body, now)
+        if not self.ready:
+            self.ready = True
+            self.shared.ready += 1
+            self.shared.settle()
+
+    def apply_update(self, body: dict[str, Any], now: int) -> None:
+        rows = {str(r["request_id"]): r for r in body.get("active_requests") or []}
+        for rid in [rid for rid in self.rows if rid not in rows]:
+            self.drop(rid, now)
+        for row in rows.values():
+            self.put(row, now)
+        self.set_workers(body.get("workers"), now)
+        self.version = int(body.get("version", -1))
+        self.waiting_for_update = False
+
+    def apply_delta(self, body: dict[str, Any], now: int) -> None:
+        self.deltas += 1
+        if body.get("base") != self.version:
+            self.gaps += 1
+            self.waiting_for_update = True
+            return
+        for rid in body.get("remove") or []:
+            self.drop(str(rid), now)
+        for row in body.get("upsert") or []:
+            self.put(row, now)
+        if "workers" in body:
+            self.set_workers(body["workers"], now)
+        self.version = int(body["version"])
+
+    def put(self, row: dict[str, Any], now: int) -> None:
+        rid = str(row["request_id"])
+        if row.get("model") is None:
+            self.null_model += 1
+        key = self.key(row)
+        old = self.keys.get(rid)
+        if old is not None and old != key and self.stamps:
+            self.shared.gone.setdefault(old, now)
+        self.rows[rid] = row
+        self.keys[rid] = key
+        if self.stamps:
+            self.shared.first.setdefault(key, now)
+
+    def drop(self, rid: str, now: int) -> None:
+        self.rows.pop(rid, None)
+        key = self.keys.pop(rid, None)
+        if key is not None and self.stamps:
+            self.shared.gone.setdefault(key, now)
+
+    def set_workers(self, workers: Any, now: int) -> None:
+        if not isinstance(workers, list):
+            return
+        ids = {str(w.get("worker_id")) for w in workers if isinstance(w, dict)}
+        for wid in self.workers - ids:
+            self.workers_lost.append((now, wid))
+        self.workers = ids
+
+    def digest(self) -> str:
+        """Order-free digest of the rows held (request id, model, phase, bytes out)."""
+        parts = sorted(
+            f"{rid}|{r.get('model')}|{r.get('phase')}|{r.get('bytes_out')}"
+            for rid, r in self.rows.items()
+        )
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
+async def serve(url: str, n: int, prefix: str) -> None:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    shared = Shared(prefix)
+    shared.target = n
+    for i in range(n):
+        try:
+            _, client = await loop.create_connection(
+                lambda i=i: View(shared, request, i == 0),  # type: ignore[misc]
+                host,
+                port,
+            )
+        except OSError:
+            shared.failed += 1
+            continue
+        shared.clients.append(client)
+    shared.settle()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    out = sys.stdout.buffer
+
+    def reply(obj: Any) -> None:
+        out.write(orjson.dumps(obj) + b"\n")
+        out.flush()
+
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(60):
+            await shared.ready_event.wait()
+    reply({"ready": shared.ready, "failed": shared.failed})
+    while line := await reader.readline():
+        cmd = line.strip()
+        first = shared.clients[0] if shared.clients else None
+        if cmd == b"sample":
+            keys = list(first.keys.values()) if first else []
+            workers = sorted(first.workers) if first else []
+            version = first.version if first else -1
+            reply({"keys": keys, "version": version, "workers": workers})
+        elif cmd == b"report":
+            reply(
+                {
+                    "first": shared.first,
+                    "gone": shared.gone,
+                    "clients": [
+                        {
+                            "rows": len(c.rows),
+                            "digest": c.digest(),
+                            "keys": sorted(c.keys.values()) if c is first else [],
+                            "version": c.version,
+                            "frames": c.frames,
+                            "deltas": c.deltas,
+                            "bytes": c.bytes,
+                            "gaps": c.gaps,
+                            "null_model": c.null_model,
+                            "workers_lost": c.workers_lost,
+                            "open": c.open,
+                        }
+                        for c in shared.clients
+                    ],
+                }
+            )
+        elif cmd == b"close":
+            break
+    for c in shared.clients:
+        if c.transport is not None:
+            c.transport.abort()
+    reply("closed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.viewclient")
+    parser.add_argument("url")
+    parser.add_argument("clients", type=int)
+    parser.add_argument("--prefix", default="\0", help="model prefix of the run's tokens")
+    parser.add_argument("--cpus", default="")
+    args = parser.parse_args(argv)
+    if args.cpus:
+        pin(os.getpid(), [int(c) for c in args.cpus.split(",")])
+    import uvloop
+
+    uvloop.run(serve(args.url, args.clients, args.prefix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
