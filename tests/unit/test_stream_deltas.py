@@ -237,3 +237,15 @@ async def test_counts_back_to_what_was_sent_leave_nothing_due(fake_redis: aiored
     bc.encode_update()  # active 1 again: what the clients hold
     assert "workers" not in frames(bc.delta_frame)[0][1]
     assert bc.workers_due is None  # else the publishing loop would wake at once, forever
+
+
+def test_a_large_frame_is_written_in_pieces_that_join_to_the_same_bytes() -> None:
+    from services.stream.sse import PIECE_BYTES, pieces
+
+    small = b"x" * PIECE_BYTES
+    assert pieces(small) == [small]
+    large = bytes(range(256)) * (PIECE_BYTES // 64)  # four pieces' worth
+    parts = pieces(large)
+    assert len(parts) == 4
+    assert all(len(p) <= PIECE_BYTES for p in parts)
+    assert b"".join(parts) == large
