@@ -10,7 +10,7 @@ Where a request waits is visible, so the generator never passes off its own queu
 concurrency at the target: ``waiting`` holds the ids (a subset of ``in_flight``) whose request
 headers are not yet on the wire (waiting for a pooled connection, a TCP connect, or this
 process's event loop), and the summary reports how long requests waited before they were sent.
-The connection pools (shards of ``POOL_SHARD``) have room for the whole concurrency; the CLI
+The connection pools (``services/httppool.py``) have room for the whole concurrency; the CLI
 raises the open-file limit to its hard limit and caps the concurrency (saying so) when even
 that is too low for one socket per request.
 
@@ -41,6 +41,7 @@ import httpx
 from services.demo import vendors
 from services.demo.loadstats import LoadStats, Progress
 from services.demo.vendors import Vendor
+from services.httppool import ShardedClients
 from shared.settings import Settings
 
 DEFAULT_MODELS = {
@@ -52,8 +53,6 @@ DEFAULT_MODELS = {
 MAX_CATCH_UP_S = 1.0
 # File descriptors the process keeps for itself beyond one socket per request in flight.
 FD_RESERVE = 64
-# Connections per httpx pool (the generator uses as many pools as its concurrency needs).
-POOL_SHARD = 100
 # httpcore's trace event for "the request line and headers are being written to the socket".
 SENDING = "http11.send_request_headers.started"
 
@@ -151,8 +150,7 @@ class LoadGenerator:
         self.stats = LoadStats()
         self._transport = transport
         self._rng = random.Random(seed)
-        self._clients: list[httpx.AsyncClient] = []
-        self._shard_load: list[int] = []  # requests in flight per pool shard
+        self._clients: ShardedClients | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()  # set on stop and whenever a request finishes
         self._stopping = False
@@ -163,29 +161,24 @@ class LoadGenerator:
 
     # --- lifetime ---------------------------------------------------------------------------
 
-    def _make_clients(self) -> list[httpx.AsyncClient]:
-        """Connection pools with room for ``concurrency`` requests in all, in shards.
-
-        httpcore's pool walks its connections and its queue on every request and response,
-        so one pool of thousands makes each step cost thousands: at 2,000 connections the
-        generator's own loop became the queue (requests waited here for seconds). Shards of
-        ``POOL_SHARD`` keep each step small; a request goes to the least busy shard, which
-        always has a free slot while fewer than ``concurrency`` requests are in flight.
-        """
+    def _make_clients(self) -> ShardedClients:
+        """Connection pools with room for ``concurrency`` requests in all, in shards
+        (``services/httppool.py``: one pool of thousands made this generator's own loop the
+        queue, and requests waited here for seconds)."""
         hold_max = self.hold[1] if self.hold else 0.0
-        shards = 1 if self._transport is not None else -(-self.concurrency // POOL_SHARD)
-        size = -(-self.concurrency // shards)
-        self._shard_load = [0] * shards
-        return [
-            httpx.AsyncClient(
+
+        def make(size: int) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
                 transport=self._transport,
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
                 # The read timeout is per read: a held request sends nothing for `hold` s.
                 timeout=httpx.Timeout(self.timeout + hold_max, connect=min(5.0, self.timeout)),
                 trust_env=False,  # never route demo traffic through an HTTP(S)_PROXY from env
             )
-            for _ in range(shards)
-        ]
+
+        if self._transport is not None:  # a test's transport: one client
+            return ShardedClients(make, self.concurrency, shard=max(1, self.concurrency))
+        return ShardedClients(make, self.concurrency)
 
     async def __aenter__(self) -> LoadGenerator:
         self._clients = self._make_clients()
@@ -200,13 +193,9 @@ class LoadGenerator:
         try:
             await self.stop()
         finally:
-            await self._close_clients(self._clients)
-            self._clients = []
-
-    @staticmethod
-    async def _close_clients(clients: list[httpx.AsyncClient]) -> None:
-        for client in clients:
-            await client.aclose()
+            if self._clients is not None:
+                await self._clients.aclose()
+            self._clients = None
 
     def start(self) -> asyncio.Task[LoadStats]:
         """Run in the background; ``await gen.stop()`` or ``await gen.wait()`` later."""
@@ -249,7 +238,7 @@ class LoadGenerator:
         if self._started:
             raise RuntimeError("a LoadGenerator runs once")
         self._started = True
-        own_clients = not self._clients
+        own_clients = self._clients is None
         clients = self._clients or self._make_clients()
         self._t0 = time.monotonic()
         ticker = asyncio.create_task(self._report()) if self.on_progress else None
@@ -266,7 +255,7 @@ class LoadGenerator:
                 with contextlib.suppress(asyncio.CancelledError):
                     await ticker
             if own_clients:
-                await self._close_clients(clients)
+                await clients.aclose()
             self.stats.elapsed = time.monotonic() - self._t0
             self._finished.set()
         return self.stats
@@ -278,7 +267,7 @@ class LoadGenerator:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _dispatch(self, clients: list[httpx.AsyncClient]) -> None:
+    async def _dispatch(self, clients: ShardedClients) -> None:
         deadline = None if self.duration is None else self._t0 + self.duration
         interval = 1.0 / self.rate if self.rate > 0 else 0.0
         next_due = self._t0
@@ -338,13 +327,9 @@ class LoadGenerator:
         stream = self._rng.random() < self.stream_share
         return vendor, model, stream
 
-    async def _one(self, clients: list[httpx.AsyncClient], n: int) -> None:
-        shard = min(range(len(clients)), key=self._shard_load.__getitem__)
-        self._shard_load[shard] += 1
-        try:
-            await self._request(clients[shard], n)
-        finally:
-            self._shard_load[shard] -= 1
+    async def _one(self, clients: ShardedClients, n: int) -> None:
+        with clients.lease() as client:
+            await self._request(client, n)
 
     async def _request(self, client: httpx.AsyncClient, n: int) -> None:
         request_id = f"{self.run_id}-{n}"

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from services.proxy.forward import ReverseProxy, make_client, quiet_deliberate_aborts, send_json
+from services.httppool import ShardedClients
+from services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts, send_json
 from services.proxy.instrument import RequestMetricsMiddleware
 from services.proxy.publisher import Publisher
 from shared.settings import Settings
@@ -36,8 +37,8 @@ class WorkerApp:
         self.settings = settings
         self.upstream = upstream
         self._own_client = client is None
-        self.client = client or make_client()
-        proxy: Any = ReverseProxy(upstream, self.client)
+        self.clients = ShardedClients.of(client) if client is not None else make_clients()
+        proxy: Any = ReverseProxy(upstream, self.clients)
         quiet_deliberate_aborts()
         enabled = settings.log_request_metrics if instrument is None else instrument
         self.publisher = Publisher(settings, redis, upstream=upstream) if enabled else None
@@ -54,7 +55,7 @@ class WorkerApp:
             if self.publisher is not None:
                 await self.publisher.close()
             if self._own_client:
-                await self.client.aclose()
+                await self.clients.aclose()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         kind = scope["type"]

@@ -32,6 +32,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import httpx
 import orjson
 
+from services.httppool import ShardedClients
+
 log = logging.getLogger("vdm.proxy")
 
 Scope = dict[str, Any]
@@ -128,7 +130,7 @@ async def send_json(send: Any, status: int, payload: Any) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def make_client(max_connections: int = 1000) -> httpx.AsyncClient:
+def make_client(max_connections: int = 100) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=30.0),
         limits=httpx.Limits(
@@ -137,6 +139,15 @@ def make_client(max_connections: int = 1000) -> httpx.AsyncClient:
         follow_redirects=False,
         trust_env=False,  # never route through a proxy from the environment by surprise
     )
+
+
+# Upstream connections one worker keeps at most (beyond, requests wait for a free one, up to
+# the pool timeout); in shards, see services/httppool.py.
+MAX_UPSTREAM_CONNECTIONS = 4000
+
+
+def make_clients(total: int = MAX_UPSTREAM_CONNECTIONS) -> ShardedClients:
+    return ShardedClients(make_client, total)
 
 
 def request_path(scope: Scope) -> bytes | None:
@@ -156,7 +167,7 @@ def request_path(scope: Scope) -> bytes | None:
 
 
 class ReverseProxy:
-    def __init__(self, upstream: str, client: httpx.AsyncClient) -> None:
+    def __init__(self, upstream: str, clients: ShardedClients | httpx.AsyncClient) -> None:
         self.upstream = upstream.rstrip("/")
         self.public_upstream = public_url(self.upstream)
         parts = urlsplit(self.upstream)
@@ -169,7 +180,9 @@ class ReverseProxy:
         ]
         self._base = httpx.URL(self.upstream)
         self._base_path = self._base.raw_path.split(b"?", 1)[0].rstrip(b"/")
-        self.client = client
+        self.clients = (
+            clients if isinstance(clients, ShardedClients) else ShardedClients.of(clients)
+        )
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         assert scope["type"] == "http"
@@ -205,7 +218,7 @@ class ReverseProxy:
         )
         if not has_body:
             body_done.set()
-        request = self.client.build_request(
+        request = self.clients.clients[0].build_request(
             scope["method"],
             self._base.copy_with(raw_path=self._base_path + target),
             headers=headers,
@@ -261,8 +274,19 @@ class ReverseProxy:
     async def _forward(
         self, scope: Scope, request: httpx.Request, send: Any, started: list[bool]
     ) -> None:
+        with self.clients.lease() as client:
+            await self._exchange(client, scope, request, send, started)
+
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        scope: Scope,
+        request: httpx.Request,
+        send: Any,
+        started: list[bool],
+    ) -> None:
         try:
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except httpx.HTTPError as exc:
             if isinstance(exc.__cause__, ClientDisconnected) or isinstance(
                 exc.__context__, ClientDisconnected
