@@ -57,6 +57,7 @@ ENVELOPE_ROOM = 2 * 6 * schema.MAX_ID_CHARS + 128
 MAX_BATCH_BYTES = schema.MAX_MESSAGE_BYTES - ENVELOPE_ROOM
 MAX_BATCH_COMPLETED = 500
 MAX_COMPLETED_BACKLOG = 2_000  # finished requests kept for the stream while Redis is away
+PUBLISH_TIMEOUT = 3.0  # seconds a flush may wait for Redis's reply
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
 
 
@@ -84,8 +85,11 @@ class Publisher:
         self.keys = Keys(settings.key_prefix)
         self._own_redis = redis is None
         # No client-side retry: an apply is not idempotent, and any failure makes the next
-        # flush rewrite the whole state anyway.
-        self.redis = redis or build_client(settings, socket_timeout=1.0, retries=0)
+        # flush rewrite the whole state anyway. The timeout is not a latency bound (flushes are
+        # off the request path): at 1 s, a Redis or a machine busy for a second dropped the
+        # pending events and forced a re-registration, and a short request could start and
+        # end unseen (a loaded CI run); liveness has its own, shorter heartbeat timeout.
+        self.redis = redis or build_client(settings, socket_timeout=PUBLISH_TIMEOUT, retries=0)
         self.scripts = WireScripts(self.redis, self.keys)
         # The per-batch Lua call goes over a raw connection when it can (see resp.py).
         self._raw = RawRedis.like(self.redis)
