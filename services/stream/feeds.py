@@ -11,9 +11,11 @@ client. Two feeds:
   and when it goes it is the newest snapshot, so a change is delayed, never lost. ``stats``
   and heartbeats are not held back (they are small and come once per interval).
 
-The first chunk carries the ``retry:`` hint inside the first frame (a block without data is
-never dispatched). Each feed notes what that chunk holds *before* yielding it: anything
-published while it is being sent must still go out afterwards.
+The ``retry:`` hint goes just before the first frame, with no blank line between, so it is part
+of that frame's block on the wire (a block of its own, without data, would never be
+dispatched); :func:`opening` says why a large first frame is not joined with it. Each feed
+notes what its first chunks hold *before* yielding them: anything published while they are
+being sent must still go out afterwards.
 """
 
 from __future__ import annotations
@@ -24,12 +26,28 @@ from collections.abc import AsyncIterator
 from services.stream.fanout import Broadcaster, Client
 from services.stream.frames import HEARTBEAT, RETRY
 
+# Below this, the opening pieces are joined into one chunk (one send); above it, each is sent
+# as it is (the shared bytes, no copy).
+JOIN_MAX_BYTES = 65536
+
+
+def opening(first: bytes, stats: bytes) -> list[bytes]:
+    """The first chunks of a stream: the ``retry:`` hint, the first frame and the stats.
+
+    Joining copies: for a snapshot of megabytes (fleet scale) that is one copy per joining
+    client, ~0.85 MB of RSS per client at 10,000 rows in the bench ``rows`` scenario.
+    """
+    if len(first) + len(stats) <= JOIN_MAX_BYTES:
+        return [RETRY + first + stats]
+    return [RETRY, first, stats]
+
 
 async def delta_feed(bc: Broadcaster, client: Client, resume: int | None) -> AsyncIterator[bytes]:
     seen, seen_update, seen_stats, seen_beat = bc.gen, bc.update_gen, bc.stats_gen, bc.heartbeat_gen
     first = bc.update_frame if resume is None else bc.catch_up(resume)
     held = bc.version
-    yield RETRY + first + bc.stats_frame
+    for chunk in opening(first, bc.stats_frame):
+        yield chunk
     while not (bc.closed or client.gone):
         gen = bc.gen
         if gen == seen:
@@ -61,7 +79,8 @@ async def snapshot_feed(bc: Broadcaster, client: Client, bps: float) -> AsyncIte
     seen, seen_update, seen_stats, seen_beat = bc.gen, bc.update_gen, bc.stats_gen, bc.heartbeat_gen
     first = bc.update_frame
     ready_at = time.monotonic() + len(first) / bps  # when the next update may go
-    yield RETRY + first + bc.stats_frame
+    for chunk in opening(first, bc.stats_frame):
+        yield chunk
     while not (bc.closed or client.gone):
         gen = bc.gen
         owed = bc.update_gen != seen_update
