@@ -49,13 +49,13 @@ async def publish(redis_url: str, prefix: str, worker_id: str, seconds: float, r
     end_at = t0 + seconds
     max_queued = 0
     while (now := time.monotonic()) < end_at:
-        max_queued = max(max_queued, len(pub._events))
-        if len(pub._events) > HIGH_WATER:  # back-pressure, as a real source cannot overflow it
+        max_queued = max(max_queued, pub.pending_events)
+        if pub.pending_events > HIGH_WATER:  # back-pressure, as a real source cannot overflow it
             await asyncio.sleep(0.0005)
             continue
         # Paced on events that exist (sent or queued): a progress right after its start
         # merges into the pending start, so a request makes 2 or 3 events.
-        produced = pub.events_sent + len(pub._events)
+        produced = pub.events_sent + pub.pending_events
         budget = STEP if rate <= 0 else min(STEP, int(rate * (now - t0) - produced) // 2)
         if budget <= 0:
             await asyncio.sleep(0.001)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,9 +19,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from shared.embedded_redis import EmbeddedRedis
+from shared.serve import READY_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"(\S+) ready on (\S+)")
 TICKS = os.sysconf("SC_CLK_TCK")
 CPUS = os.cpu_count() or 1
 NOTABLE = (
@@ -152,7 +151,7 @@ class Service:
         with self._cond:
             while True:
                 for line in self.lines:
-                    match = READY.search(line)
+                    match = READY_LINE.search(line)
                     if match:
                         self.url = match.group(2)
                         return self.url

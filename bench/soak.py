@@ -1,4 +1,4 @@
-"""Soak: every service's memory under sustained churn (issue 7), bounded in time.
+"""Soak: every service's memory under sustained churn (memory must stay flat), bounded in time.
 
 Requests start and end all the time (held 0.1-1 s, so rows churn through every worker's hash),
 SSE clients connect, read their first update and leave again, and the RSS of Redis, the demo

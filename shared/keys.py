@@ -47,11 +47,3 @@ class Keys:
     def active(self, worker_id: str) -> str:
         """HASH request_id -> JSON row of a request in flight on ``worker_id``. The truth."""
         return f"{self.prefix}:active:{worker_id}"
-
-    @property
-    def active_pattern(self) -> str:
-        return f"{self.prefix}:active:*"
-
-    def worker_id_of_active(self, key: str) -> str | None:
-        head = f"{self.prefix}:active:"
-        return key[len(head) :] if key.startswith(head) else None

@@ -16,6 +16,12 @@ import orjson
 
 from shared.keys import PROTOCOL_VERSION
 
+# What a reader assumes for a worker record that does not say (and the workers' defaults).
+DEFAULT_HEARTBEAT_INTERVAL_S: Final = 2.0
+DEFAULT_WORKER_TTL_S: Final = 10.0
+# The group of a request whose client sent no model (stats, metrics, in-flight counts).
+UNKNOWN_MODEL: Final = "unknown"
+
 # Size limits. A reader rejects anything larger; a writer clamps so it never produces it.
 MAX_MESSAGE_BYTES: Final = 1 << 20  # one pub/sub batch
 MAX_EVENTS_PER_BATCH: Final = 4096
@@ -370,8 +376,8 @@ def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
         epoch=_text(obj, "epoch", MAX_ID_CHARS),  # type: ignore[typeddict-item]
         heartbeat_interval=_number(obj, "heartbeat_interval")
         if "heartbeat_interval" in obj
-        else 2.0,
-        ttl=_number(obj, "ttl") if "ttl" in obj else 10.0,
+        else DEFAULT_HEARTBEAT_INTERVAL_S,
+        ttl=_number(obj, "ttl") if "ttl" in obj else DEFAULT_WORKER_TTL_S,
     )
     if "events_dropped" in obj:
         record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from shared.schema import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_WORKER_TTL_S
+
 T = TypeVar("T")
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -53,7 +55,7 @@ def _positive_int(name: str, raw: str) -> int:
     return value
 
 
-def _http_url(name: str, raw: str) -> str:
+def http_url(name: str, raw: str) -> str:
     parts = urlsplit(raw.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{name}={raw!r}: expected an http:// or https:// URL with a host")
@@ -197,8 +199,8 @@ class Settings:
     key_prefix: str = "vdm"
     worker_id: str = ""
     upstream_url: str | None = None
-    worker_heartbeat_interval: float = 2.0
-    worker_ttl: float = 10.0
+    worker_heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    worker_ttl: float = DEFAULT_WORKER_TTL_S
     stream_public_url: str | None = None
     cors_origins: tuple[str, ...] = ()
     auth_token: str | None = None
@@ -223,7 +225,7 @@ class Settings:
         values: dict[str, object] = {}
         for var, (attr, parse) in _VARIABLES.items():
             raw = env.get(var)
-            if raw is None or (raw.strip() == "" and attr not in _EMPTY_IS_VALUE):
+            if raw is None or raw.strip() == "":
                 continue
             values[attr] = parse(var, raw)
         if not values.get("worker_id"):
@@ -281,10 +283,10 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "REDIS_URL": ("redis_url", _redis_url),
     "VDM_KEY_PREFIX": ("key_prefix", _key_prefix),
     "VDM_WORKER_ID": ("worker_id", _worker_id),
-    "VDM_UPSTREAM_URL": ("upstream_url", _http_url),
+    "VDM_UPSTREAM_URL": ("upstream_url", http_url),
     "VDM_WORKER_HEARTBEAT_INTERVAL": ("worker_heartbeat_interval", _seconds),
     "VDM_WORKER_TTL": ("worker_ttl", _seconds),
-    "VDM_STREAM_PUBLIC_URL": ("stream_public_url", _http_url),
+    "VDM_STREAM_PUBLIC_URL": ("stream_public_url", http_url),
     "VDM_CORS_ORIGINS": ("cors_origins", _origins),
     "VDM_AUTH_TOKEN": ("auth_token", _token),
     "VDM_MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int),
@@ -298,6 +300,5 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_REDIS_SENTINELS": ("redis_sentinels", _host_ports),
     "VDM_REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _name),
 }
-_EMPTY_IS_VALUE: set[str] = set()
 
 assert {a for a, _ in _VARIABLES.values()} == {f.name for f in fields(Settings)}

@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from shared.serve import READY_LINE
+
 T = TypeVar("T")
 
-READY = re.compile(r"(\S+) ready on (\S+)")
 VDM_HUB = [sys.executable, "-m", "services.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +104,7 @@ class Proc:
 
     def wait_ready(self, timeout: float = 20.0) -> str:
         """The URL from the child's ``<name> ready on <url>`` line."""
-        return self.wait_for_line(READY, timeout).group(2)
+        return self.wait_for_line(READY_LINE, timeout).group(2)
 
     def signal(self, sig: int) -> None:
         if self.popen.poll() is None:

@@ -8,7 +8,7 @@ import logging
 
 from services.proxy.app import create_app
 from shared.serve import serve
-from shared.settings import ConfigError, Settings, _http_url
+from shared.settings import ConfigError, Settings, http_url
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     upstream = settings.upstream_url
     if args.upstream:
-        upstream = _http_url("--upstream", args.upstream)
+        upstream = http_url("--upstream", args.upstream)
     if not upstream:
         raise ConfigError("VDM_UPSTREAM_URL: not set and no --upstream given")
     settings = dataclasses.replace(settings, upstream_url=upstream)

@@ -83,6 +83,7 @@ class Publisher:
         self.settings = settings
         self.worker_id = settings.worker_id
         self.keys = Keys(settings.key_prefix)
+        self.started_at = time.time()
         self._own_redis = redis is None
         # No client-side retry: an apply is not idempotent, and any failure makes the next
         # flush rewrite the whole state anyway. The timeout is not a latency bound (flushes are
@@ -261,7 +262,7 @@ class Publisher:
             worker_id=self.worker_id,
             host=socket.gethostname(),
             pid=os.getpid(),
-            started_at=self._started_at,
+            started_at=self.started_at,
             upstream=self.upstream,
             version=shared.__version__,
             epoch=self.epoch,
@@ -269,8 +270,6 @@ class Publisher:
             ttl=self.settings.worker_ttl,
             events_dropped=self.events_dropped,
         )
-
-    _started_at = time.time()
 
     def _ttl_ms(self) -> int:
         # A TTL, not a deadline: Redis adds it to its own clock (this host's may be off).
@@ -527,6 +526,11 @@ class Publisher:
                 ok = False
             # A failed heartbeat is retried soon (doubling), not a whole interval later.
             wait = interval if ok else min(interval, RETRY_MIN if wait >= interval else wait * 2)
+
+    @property
+    def pending_events(self) -> int:
+        """Events queued for the next flush (a source that must not overflow the queue reads it)."""
+        return len(self._events)
 
     def status(self) -> dict[str, Any]:
         return {

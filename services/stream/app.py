@@ -33,6 +33,7 @@ from services.stream.metrics import StreamMetrics
 from services.stream.sse import SSEEndpoint
 from services.stream.stats import RollingStats
 from services.stream.supervise import Supervisor
+from shared import schema
 from shared.auth import DEFAULT_EXEMPT, ASGIApp, Receive, RequireAuth, Scope, Send
 from shared.keys import Keys
 from shared.redis_client import build_client
@@ -40,7 +41,6 @@ from shared.settings import Settings
 
 log = logging.getLogger("vdm.stream")
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 STREAM_PATH = "/metrics/active-requests/stream"
 
 
@@ -60,7 +60,7 @@ def _in_flight(hub: Hub | None) -> dict[str, Any]:
             by_worker[wid] = len(view.rows)
             total += len(view.rows)
             for row in view.rows.values():
-                model = row["model"] or "unknown"
+                model = row["model"] or schema.UNKNOWN_MODEL
                 by_model[model] = by_model.get(model, 0) + 1
     return {"fleet": total, "by_worker": by_worker, "by_model": by_model}
 

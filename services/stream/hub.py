@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -51,7 +52,7 @@ SILENCE_LIMIT = 5.0
 RESYNC_CONCURRENCY = 32
 
 
-class Status:
+class Status(StrEnum):
     UP = "up"
     STALE = "stale"
 
@@ -96,11 +97,15 @@ class WorkerView:
 
     @property
     def heartbeat_interval(self) -> float:
-        return self.record["heartbeat_interval"] if self.record else 2.0
+        return (
+            self.record["heartbeat_interval"]
+            if self.record
+            else schema.DEFAULT_HEARTBEAT_INTERVAL_S
+        )
 
     @property
     def ttl(self) -> float:
-        return self.record["ttl"] if self.record else 10.0
+        return self.record["ttl"] if self.record else schema.DEFAULT_WORKER_TTL_S
 
     def see_deadline(self, deadline_ms: float | None) -> None:
         if deadline_ms is not None:
@@ -125,7 +130,7 @@ class Hub:
         redis: aioredis.Redis,
         keys: Keys,
         *,
-        heartbeat_interval: float = 2.0,
+        heartbeat_interval: float = schema.DEFAULT_HEARTBEAT_INTERVAL_S,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self.redis = redis

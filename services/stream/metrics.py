@@ -1,4 +1,4 @@
-"""Prometheus metrics of one stream service (names fixed by design.md section 5).
+"""Prometheus metrics of one stream service (the names are public: dashboards and alerts use them).
 
 Gauges derived from the hub's state are computed at scrape time by a collector, so the hot
 paths (batch apply, fan-out) pay nothing for them. Only the completed-requests counter and
@@ -98,7 +98,7 @@ class HubCollector(Collector):
                     start = row["start_time"]
                     first = min(first, start)
                     n_stuck += start < stuck_before
-                    key = (wid, row["model"] or "unknown")
+                    key = (wid, row["model"] or schema.UNKNOWN_MODEL)
                     if key not in counts:
                         # Models are client-chosen: cap the series like the counters' labels.
                         label_sets += 1
@@ -191,7 +191,7 @@ class StreamMetrics:
         self.registry.register(HubCollector(hub, bc, self))
 
     def observe(self, entry: schema.CompletedEntry) -> None:
-        worker, model = entry["worker_id"], entry["model"] or "unknown"
+        worker, model = entry["worker_id"], entry["model"] or schema.UNKNOWN_MODEL
         if (worker, model) not in self._label_sets:
             if len(self._label_sets) >= MAX_LABEL_SETS:
                 worker, model = OTHER, OTHER

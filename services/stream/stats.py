@@ -51,7 +51,7 @@ RECENT = 50
 REBUILD_MAX = 20_000  # entries read back on start
 WINDOW_MAX = 200_000  # bound on the window deque whatever the rate
 BUCKET_SAMPLES = 2048  # durations kept per series bucket (reservoir)
-UNKNOWN_MODEL = "unknown"
+UNKNOWN_MODEL = schema.UNKNOWN_MODEL
 MAX_GROUPS = 100  # groups per by_worker / by_model; the rest fold into OTHER
 OTHER = "other"
 

@@ -1,4 +1,4 @@
-"""Every line of the SSE contract (design.md section 5) against a real server and real Redis."""
+"""Every line of the SSE contract (README, "The stream service") on a real server and Redis."""
 
 from __future__ import annotations
 

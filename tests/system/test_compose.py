@@ -44,7 +44,7 @@ COMMAND_MODULES = {
     "demo-upstream": "services.demo.upstream",
     "load": "services.demo.load",
 }
-# Metric names fixed by design.md §5 (histograms export _bucket/_sum/_count series).
+# The public metric names (README, "The stream service"); histograms export _bucket/_sum/_count.
 CONTRACT_METRICS = {
     "vdm_requests_in_flight",
     "vdm_requests_total",
