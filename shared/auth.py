@@ -24,19 +24,15 @@ import hmac
 import html
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs, quote
 
 import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("vdm.auth")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 SESSION_COOKIE = "vdm_session"
 SESSION_LIFETIME = 12 * 3600  # seconds; refreshed while in use (see RequireAuth)

@@ -12,6 +12,8 @@ from typing import Any
 
 import httpx
 import redis.asyncio as aioredis
+from starlette.routing import Router
+from starlette.types import Receive, Scope, Send
 
 from services.httppool import ShardedClients
 from services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts, send_json
@@ -43,6 +45,7 @@ class WorkerApp:
         enabled = settings.log_request_metrics if instrument is None else instrument
         self.publisher = Publisher(settings, redis, upstream=upstream) if enabled else None
         self.proxied = RequestMetricsMiddleware(proxy, self.publisher) if self.publisher else proxy
+        self._lifespan_router = Router(lifespan=lambda _app: self.lifespan())
 
     @contextlib.asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:
@@ -57,7 +60,7 @@ class WorkerApp:
             if self._own_client:
                 await self.clients.aclose()
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
             if scope["path"].startswith(OWN_PREFIX):
@@ -65,24 +68,11 @@ class WorkerApp:
             else:
                 await self.proxied(scope, receive, send)
         elif kind == "lifespan":
-            await self._lifespan(receive, send)
+            # Starlette's Router speaks the lifespan protocol (startup failure reported,
+            # shutdown errors surfaced) around our context manager; requests never reach it.
+            await self._lifespan_router.lifespan(scope, receive, send)
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        message = await receive()
-        assert message["type"] == "lifespan.startup"
-        manager = self.lifespan()
-        try:
-            await manager.__aenter__()
-        except BaseException as exc:
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            raise
-        await send({"type": "lifespan.startup.complete"})
-        message = await receive()
-        assert message["type"] == "lifespan.shutdown"
-        await manager.__aexit__(None, None, None)
-        await send({"type": "lifespan.shutdown.complete"})
-
-    async def _own(self, scope: dict[str, Any], send: Any) -> None:
+    async def _own(self, scope: Scope, send: Send) -> None:
         path = scope["path"]
         if path == "/_vdm/healthz":
             status, body = 200, {"status": "ok"}

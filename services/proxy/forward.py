@@ -31,13 +31,12 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 import orjson
+from starlette.types import Scope
 
 from services.httppool import ShardedClients
 
 log = logging.getLogger("vdm.proxy")
 
-Scope = dict[str, Any]
-Message = dict[str, Any]
 
 # Status of a response the worker ends because an operator cancelled the request: a 4xx (the
 # request did not fail on the server's side) that SDKs do not retry, unlike a 5xx. nginx uses

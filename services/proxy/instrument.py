@@ -36,6 +36,7 @@ from collections import deque
 from typing import Any, Protocol
 
 import orjson
+from starlette.types import Message, Scope
 
 from services.proxy import sniff
 from services.proxy.cancel import InFlight
@@ -47,9 +48,6 @@ from shared.schema import (
     Row,
     clamp,
 )
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
 
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # JSON escapes a control character as six bytes (\u0001), so 512 characters of path can

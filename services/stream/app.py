@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.stream.cancel import cancel_router
 from services.stream.fanout import Broadcaster
@@ -34,7 +35,7 @@ from services.stream.sse import SSEEndpoint
 from services.stream.stats import RollingStats
 from services.stream.supervise import Supervisor
 from shared import schema
-from shared.auth import DEFAULT_EXEMPT, ASGIApp, Receive, RequireAuth, Scope, Send
+from shared.auth import DEFAULT_EXEMPT, RequireAuth
 from shared.keys import Keys
 from shared.redis_client import build_client
 from shared.settings import Settings

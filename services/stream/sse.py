@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl
 
 import orjson
+from starlette.types import Message, Receive, Scope, Send
 
 from services.stream.fanout import Broadcaster, Client
 from services.stream.feeds import delta_feed, snapshot_feed
@@ -27,10 +27,6 @@ from services.stream.frames import disabled_frame
 
 log = logging.getLogger("vdm.stream.sse")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
