@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
 import orjson
-from starlette.types import Scope
+from starlette.types import Message, Scope
 
 from services.httppool import ShardedClients
 
@@ -199,9 +199,8 @@ class ReverseProxy:
         vdm: dict[str, Any] = scope.setdefault("vdm", {})
         body_done = asyncio.Event()
 
-        async def request_body() -> AsyncIterator[bytes]:
+        async def request_body(message: Message) -> AsyncIterator[bytes]:
             while True:
-                message = await receive()
                 if message["type"] == "http.disconnect":
                     raise ClientDisconnected
                 chunk = message.get("body", b"")
@@ -210,18 +209,29 @@ class ReverseProxy:
                 if not message.get("more_body", False):
                     body_done.set()
                     return
+                message = await receive()
 
         headers = _filtered(scope["headers"], HOP_BY_HOP | {b"host"})
         has_body = any(
             k.lower() in (b"content-length", b"transfer-encoding") for k, _ in scope["headers"]
         )
-        if not has_body:
+        first: Message | None = None
+        if has_body:
+            # The body's first part is read now, before any upstream connection: the metrics
+            # middleware learns `model` and `stream` from it, and the row is published with
+            # them. Read lazily (when the upstream connection pulls it), a busy upstream pool
+            # or a slow connect let the middleware's wait for the body run out, and the row
+            # went out without its model.
+            first = await receive()
+            if first["type"] == "http.disconnect":
+                return
+        else:
             body_done.set()
         request = self.clients.clients[0].build_request(
             scope["method"],
             self._base.copy_with(raw_path=self._base_path + target),
             headers=headers,
-            content=request_body() if has_body else None,
+            content=request_body(first) if first is not None else None,
         )
 
         started: list[bool] = []  # non-empty once the response head went to the client

@@ -96,3 +96,55 @@ def test_an_upstream_error_is_described_without_the_upstreams_credentials() -> N
     assert "w0rd" not in text and "svc" not in text and "up.internal:8001/x" in text
     plain = ReverseProxy("http://up.internal:8001", httpx.AsyncClient())
     assert plain._describe(httpx.ReadError("")) == "ReadError"
+
+
+async def test_the_row_has_its_model_even_when_the_upstream_is_slow_to_take_the_body() -> None:
+    """The proxy reads the body's first part before it connects upstream, so the metrics
+    middleware publishes the row with its model at once, not after its wait for the body
+    runs out (a busy upstream pool used to make that wait run out first)."""
+    from services.proxy.instrument import RequestMetricsMiddleware
+    from tests.unit.test_instrument import Recorded
+
+    recorder = Recorded()
+    upstream_may_read = asyncio.Event()
+
+    class SlowUpstream(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            await upstream_may_read.wait()  # a connect or a pool slot that takes its time
+            await request.aread()
+            return httpx.Response(200, stream=httpx.ByteStream(b"{}"))
+
+    body = orjson.dumps({"model": "m-slow", "stream": True})
+    scope = _scope(b"/v1/chat/completions")
+    scope["method"] = "POST"
+    scope["headers"] += [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    client_stays = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop(0)
+        await client_stays.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        return None
+
+    async with httpx.AsyncClient(transport=SlowUpstream()) as client:
+        app = RequestMetricsMiddleware(ReverseProxy("http://up.internal:8001", client), recorder)
+        task = asyncio.create_task(app(scope, receive, send))
+        try:
+            async with asyncio.timeout(5):
+                while not recorder.of("start"):
+                    await asyncio.sleep(0.005)
+            start = recorder.of("start")[0]
+            assert start["model"] == "m-slow" and start["is_streaming"] is True
+            assert not upstream_may_read.is_set()  # published before the upstream took the body
+        finally:
+            upstream_may_read.set()
+            async with asyncio.timeout(5):
+                await task
+            client_stays.set()
