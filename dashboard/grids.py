@@ -53,10 +53,20 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
         "cellClass": "vdm-mono vdm-strong",
         "width": 120,
     },
+    {
+        "field": "ttft_ms",
+        "headerName": "TTFT",
+        "headerTooltip": "Time to first token: start to the first response byte",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmMs(params.value)"),
+        "filter": "agNumberColumnFilter",
+        "cellClass": "vdm-mono",
+    },
     {"field": "model", "headerName": "Model", "minWidth": 150, "flex": 2},
     {"field": "worker_id", "headerName": "Worker", "minWidth": 100, "flex": 1},
     {"field": "method", "headerName": "Method", "width": 95},
-    {"field": "path", "headerName": "Path", "minWidth": 170, "flex": 2, "cellClass": "vdm-mono"},
+    {"field": "path", "headerName": "Path", "minWidth": 150, "flex": 2, "cellClass": "vdm-mono"},
     {
         "field": "phase",
         "headerName": "Phase",
@@ -73,6 +83,18 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
         "cellDataType": False,  # text, not AG Grid's checkbox renderer for booleans
         "valueFormatter": _fn("params.value ? 'yes' : 'no'"),
         "cellClassRules": {"vdm-phase-streaming": "params.value === true"},
+    },
+    {
+        # Live, from the chunk counts seen over the last seconds (01_vdm_opcore.js chunkRate).
+        "colId": "chunk_rate",
+        "headerName": "Chunks/s",
+        "headerTooltip": "SSE chunks forwarded per second over the last few seconds",
+        "valueGetter": _fn("vdmChunkRate(params)"),
+        "valueFormatter": _fn("vdmRate(params.value)"),
+        "type": "rightAligned",
+        "width": 110,
+        "filter": False,
+        "cellClass": "vdm-mono",
     },
     {
         "field": "bytes_out",
@@ -197,16 +219,34 @@ RECENT_COLUMNS: list[dict[str, Any]] = [
         "valueFormatter": _fn("vdmDuration(params.value)"),
         "filter": "agNumberColumnFilter",
     },
+    {
+        "field": "ttft_ms",
+        "headerName": "TTFT",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmMs(params.value)"),
+        "filter": "agNumberColumnFilter",
+    },
     {"field": "model", "headerName": "Model", "minWidth": 150, "flex": 2},
     {"field": "worker_id", "headerName": "Worker", "minWidth": 100, "flex": 1},
     {"field": "method", "headerName": "Method", "width": 95},
-    {"field": "path", "headerName": "Path", "minWidth": 160, "flex": 2, "cellClass": "vdm-mono"},
+    {"field": "path", "headerName": "Path", "minWidth": 150, "flex": 2, "cellClass": "vdm-mono"},
     {
         "field": "output_tokens",
         "headerName": "Tok out",
         "type": "rightAligned",
         "width": 100,
         "valueFormatter": _fn("vdmCount(params.value)"),
+    },
+    {
+        "colId": "tokens_per_s",
+        "headerName": "Tok/s",
+        "headerTooltip": "Output tokens per second after the first byte",
+        "valueGetter": _fn("vdmTokensPerS(params)"),
+        "valueFormatter": _fn("vdmRate(params.value)"),
+        "type": "rightAligned",
+        "width": 100,
+        "filter": False,
     },
     {
         "field": "request_id",
@@ -238,6 +278,8 @@ def _grid(
     height: int,
     *,
     filters: bool = True,
+    options: dict[str, Any] | None = None,
+    **props: Any,
 ) -> Any:
     return dag.AgGrid(
         id=grid_id,
@@ -245,15 +287,35 @@ def _grid(
         defaultColDef=_DEFAULT_COL if filters else _DEFAULT_COL_NO_FILTER,
         rowData=[],
         getRowId=f"params.data.{key}",
-        dashGridOptions=_options(empty),
+        dashGridOptions=_options(empty, **(options or {})),
         # Fixed height: rows arriving never push the charts below around.
         style={"height": f"{height}px", "width": "100%"},
         className="vdm-grid",
+        **props,
     )
 
 
+# The live grid takes deltas as async transactions (AG Grid batches them, one sort and
+# redraw per batch); with `deltaSort` a batch re-sorts only the rows it touched instead of
+# all 10,000. Rows running longer than the stream service's stuck threshold are marked.
+ACTIVE_OPTIONS: dict[str, Any] = {
+    "deltaSort": True,
+    "asyncTransactionWaitMillis": 50,
+    "tooltipShowDelay": 300,
+}
+ACTIVE_ROW_CLASS_RULES = {"vdm-row-stuck": "vdmIsStuck(params)"}
+
+
 def active_grid() -> Any:
-    return _grid("vdm-active-grid", ACTIVE_COLUMNS, "request_id", "No requests in flight", 480)
+    return _grid(
+        "vdm-active-grid",
+        ACTIVE_COLUMNS,
+        "request_id",
+        "No requests in flight",
+        480,
+        options=ACTIVE_OPTIONS,
+        rowClassRules=ACTIVE_ROW_CLASS_RULES,
+    )
 
 
 def workers_grid() -> Any:

@@ -27,6 +27,11 @@
         ? "—" : core.formatDuration(fleet.p95_ms),
     });
     dom.setProps("vdm-m-kpi-errors", { children: core.formatPercent(fleet.error_rate) });
+    // Only stream services that measure time to first token report it.
+    dom.setProps("vdm-m-kpi-ttft", {
+      children: fleet.ttft_p95_ms === null || fleet.ttft_p95_ms === undefined
+        ? "—" : core.formatDuration(fleet.ttft_p95_ms),
+    });
   }
 
   /**
