@@ -419,6 +419,12 @@ class DashboardPage:
         self._deliver_events()
         return list(self._requests)
 
+    @property
+    def url(self) -> str:
+        """The page's URL now. Playwright's ``page.url`` learns of history.replaceState only
+        through an event, so right after one it can still show the previous URL."""
+        return str(self.page.evaluate("() => window.location.href"))
+
     def open(self, path: str = "/dashboard/metrics") -> DashboardPage:
         self.page.goto(self.base_url + path)
         self.page.wait_for_function("() => !!window.__vdmActiveRequestsSSE", timeout=15000)
@@ -503,6 +509,57 @@ class DashboardPage:
         script = """(id) => window.dash_ag_grid.getApi(id).getSelectedRows()
             .map(r => r.request_id)"""
         return list(self.page.evaluate(script, grid_id))
+
+    def row_ids_all(self, grid_id: str = "vdm-active-grid") -> list[str]:
+        """Ids of every row the grid holds, whatever the user's filter."""
+        self.wait_grid(grid_id)
+        script = """(id) => { const ids = [];
+            window.dash_ag_grid.getApi(id).forEachNode(n => ids.push(n.data.request_id));
+            return ids; }"""
+        return [str(x) for x in self.page.evaluate(script, grid_id)]
+
+    def grid_size(self, grid_id: str = "vdm-active-grid") -> int:
+        """Rows the grid holds (before any filter)."""
+        self.wait_grid(grid_id)
+        script = """(id) => { let n = 0;
+            window.dash_ag_grid.getApi(id).forEachNode(() => n++); return n; }"""
+        return int(self.page.evaluate(script, grid_id))
+
+    def count_text(self) -> str:
+        return str(self.page.locator("#vdm-active-count").inner_text())
+
+    def filter_model(self, grid_id: str = "vdm-active-grid") -> dict[str, Any]:
+        self.wait_grid(grid_id)
+        script = "(id) => window.dash_ag_grid.getApi(id).getFilterModel()"
+        return dict(self.page.evaluate(script, grid_id))
+
+    def header(self, col_id: str, grid_id: str = "vdm-active-grid") -> Any:
+        return self.page.locator(
+            f'#{grid_id} .ag-header-cell[col-id="{col_id}"] .ag-header-cell-text'
+        )
+
+    def floating_filter(self, col_id: str, grid_id: str = "vdm-active-grid") -> Any:
+        """The text box under a column's header."""
+        return self.page.locator(f'#{grid_id} .ag-floating-filter[col-id="{col_id}"] input')
+
+    def scroll_top(self, value: int | None = None, grid_id: str = "vdm-active-grid") -> int:
+        """The grid body's vertical scroll position (set it first when ``value`` is given)."""
+        script = """([id, v]) => {
+            const e = document.querySelector('#' + id + ' .ag-body-viewport');
+            if (v !== null) e.scrollTop = v; return e.scrollTop; }"""
+        return int(self.page.evaluate(script, [grid_id, value]))
+
+    def cell(self, request_id: str, col_id: str) -> Any:
+        return self.page.locator(
+            f'#vdm-active-grid .ag-row[row-id="{request_id}"] [col-id="{col_id}"]'
+        )
+
+    @property
+    def detail(self) -> Any:
+        return self.page.locator("#vdm-detail")
+
+    def detail_value(self, label: str) -> str:
+        return str(self.page.locator(f'#vdm-detail-body dd[data-field="{label}"]').inner_text())
 
     def screenshot(self, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
