@@ -140,6 +140,17 @@ class FakeWorker:
             [],
         )
 
+    async def progress(self, request_id: str, **fields: Any) -> int:
+        """A ``progress`` event: the row changes, the number of rows does not."""
+        row = self.rows[request_id]
+        row.update(fields)  # type: ignore[typeddict-item]
+        return await self._apply(
+            [{"type": "progress", "request_id": request_id, **fields}],
+            [(request_id, schema.encode_row(row))],
+            [],
+            [],
+        )
+
     async def end(self, *request_ids: str, outcome: str = "ok", duration_ms: float = 120.0) -> int:
         events: list[dict[str, Any]] = []
         done: list[schema.CompletedEntry] = []
@@ -220,8 +231,14 @@ async def wait_ready(url: str, timeout: float = 10.0) -> None:
 class SSEReader:
     """Reads one SSE stream in a background task; tests await events matching a predicate."""
 
-    def __init__(self, url: str, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        client: httpx.AsyncClient | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.url = url
+        self.headers = headers or {}
         self.events: list[tuple[float, ServerSentEvent]] = []
         self.response: httpx.Response | None = None
         self.ended = False
@@ -244,7 +261,7 @@ class SSEReader:
         own = self._client is None
         client = self._client or httpx.AsyncClient(timeout=httpx.Timeout(10, read=30))
         try:
-            async with aconnect_sse(client, "GET", self.url) as source:
+            async with aconnect_sse(client, "GET", self.url, headers=self.headers) as source:
                 self.response = source.response
                 async for event in source.aiter_sse():
                     async with self._changed:
@@ -285,3 +302,66 @@ class SSEReader:
 
 def request_ids(update: dict[str, Any]) -> set[str]:
     return {row["request_id"] for row in update["active_requests"]}
+
+
+class DeltaState:
+    """A delta client's view (``?delta=1``), rebuilt from frames exactly as a browser would.
+
+    ``update`` replaces everything; ``delta`` must be based on the version held (else the
+    stream has a gap: AssertionError) and applies its removes, then its upserts.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.workers: list[dict[str, Any]] = []
+        self.version: int | None = None
+        self.frames = 0
+
+    def apply(self, event: ServerSentEvent) -> None:
+        if event.event not in ("update", "delta"):
+            return
+        data = orjson.loads(event.data)
+        assert event.id == str(data["version"]), "id: must carry the version"
+        if event.event == "update":
+            self.rows = {row["request_id"]: row for row in data["active_requests"]}
+            self.workers = data["workers"]
+        else:
+            assert data["base"] == self.version, f"gap: held {self.version}, got {data}"
+            for rid in data["remove"]:
+                self.rows.pop(rid, None)
+            for row in data["upsert"]:
+                self.rows[row["request_id"]] = row
+            if "workers" in data:
+                self.workers = data["workers"]
+        self.version = data["version"]
+        self.frames += 1
+
+    @classmethod
+    def replay(cls, reader: SSEReader) -> DeltaState:
+        """The state after every event the reader got so far."""
+        state = cls()
+        state.apply_all(reader)
+        return state
+
+    def apply_all(self, reader: SSEReader, start: int = 0) -> int:
+        """Apply the reader's events from index ``start``; returns the next index."""
+        events = reader.events
+        for _, event in events[start:]:
+            self.apply(event)
+        return len(events)
+
+
+def hub_truth(app: Any) -> dict[str, dict[str, Any]]:
+    """Every row the app's hub holds, by request id (rows without ``duration_ms``)."""
+    return {
+        rid: dict(row) for view in app.state.hub.workers.values() for rid, row in view.rows.items()
+    }
+
+
+def same_rows(state: dict[str, dict[str, Any]], truth: dict[str, dict[str, Any]]) -> bool:
+    """Rows equal field by field, ``duration_ms`` (informative) aside."""
+    if set(state) != set(truth):
+        return False
+    return all(
+        {k: v for k, v in state[rid].items() if k != "duration_ms"} == truth[rid] for rid in truth
+    )

@@ -24,8 +24,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.stream.fanout import Broadcaster, build_snapshot
+from services.stream.fanout import Broadcaster
 from services.stream.hub import Hub
+from services.stream.memo import PeriodicMemo
 from services.stream.metrics import StreamMetrics
 from services.stream.sse import SSEEndpoint
 from services.stream.stats import RollingStats
@@ -142,6 +143,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
         throttle=settings.sse_throttle,
         max_clients=settings.max_sse_clients,
         stats_summary=stats.tick,
+        snapshot_bps=settings.sse_snapshot_max_bps,
     )
     if hub is not None:
         hub.on_change = bc.notify_change
@@ -178,6 +180,13 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
         sse_enabled=settings.sse_enabled,
         metrics_enabled=settings.log_request_metrics,
         send_timeout=settings.sse_send_timeout,
+        snapshot_bps=settings.sse_snapshot_max_bps,
+    )
+    # The polling endpoints answer from a cache whatever the number of pollers: the snapshot
+    # is the broadcaster's (built at most once per published version), the summary is
+    # recomputed at most once per interval.
+    summary_memo = PeriodicMemo(
+        lambda: orjson.dumps(stats.summary(time.time())), min(1.0, settings.sse_interval)
     )
     app = StreamApp(title="vdm-hub stream service", lifespan=lifespan)
     app.sse_fast_path = _guarded(sse, settings)
@@ -185,6 +194,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     app.state.hub = hub
     app.state.stats = stats
     app.state.broadcaster = bc
+    app.state.summary_memo = summary_memo
     app.state.metrics = metrics
 
     # Access control: the same layers around the whole app (Starlette runs the middleware
@@ -197,11 +207,11 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
 
     @app.get("/metrics/active-requests")
     async def active_requests() -> Response:
-        return JSONBytes(build_snapshot(hub))
+        return JSONBytes(await bc.fresh_snapshot())
 
     @app.get("/metrics/summary")
     async def summary() -> Response:
-        return JSONBytes(stats.summary(time.time()))
+        return JSONBytes(summary_memo.get())
 
     @app.get("/metrics")
     async def prometheus() -> Response:

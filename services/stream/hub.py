@@ -12,7 +12,9 @@ It follows the reader rules of wire protocol v1 (``docs/protocol.md``):
   on a timer: the only periodic work is the reaper, which judges heartbeat deadlines.
 
 Every change of the in-memory state bumps :attr:`Hub.version` and calls the change callback
-(the fan-out's leading-edge throttle decides when to encode). Anything read from Redis is
+(the fan-out's throttle decides when to publish). A batch also notes the request ids it
+touched in ``WorkerView.changed``; a resync replaces the worker's view, which the fan-out's
+row table diffs against the old one (``services/stream/table.py``). Anything read from Redis is
 untrusted: bad messages and rows are skipped, counted and logged at a bounded rate.
 """
 
@@ -80,6 +82,10 @@ class WorkerView:
     rows: dict[str, schema.Row] = field(default_factory=dict)
     last_seen: float | None = None  # epoch s of the last heartbeat (deadline - ttl)
     status: str = Status.UP
+    # Request ids whose row a batch started, changed or ended since the fan-out last looked
+    # (services/stream/table.py), so a version costs O(changes). Code that edits ``rows`` of
+    # a live view adds the id here; replacing the whole view (a resync) needs nothing.
+    changed: set[str] = field(default_factory=set)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -233,15 +239,18 @@ class Hub:
                     self.malformed("event", f"row of {row['worker_id']!r} in another's batch")
                     continue
                 rows[row["request_id"]] = row
+                view.changed.add(row["request_id"])
                 self.counters.last_lag_s = max(0.0, time.time() - row["start_time"])
             elif kind == schema.EventType.PROGRESS:
                 current = rows.get(event["request_id"])
                 if current is not None:
+                    view.changed.add(event["request_id"])
                     for name, value in event.items():
                         if name != "type" and name != "request_id":
                             current[name] = value  # type: ignore[literal-required]
             elif kind == schema.EventType.END:
-                rows.pop(event["request_id"], None)
+                if rows.pop(event["request_id"], None) is not None:
+                    view.changed.add(event["request_id"])
             elif kind == schema.EventType.WORKER_DOWN:
                 self.workers.pop(view.worker_id, None)
                 return

@@ -1,9 +1,13 @@
-"""Server-Sent Events: frame encoding, the per-client event iterator, and the raw ASGI route.
+"""The raw ASGI route of ``GET /metrics/active-requests/stream``.
 
 The route is a small ASGI app rather than a ``StreamingResponse`` so the per-client work is
 exactly: wait on a future, then ``send`` a ``bytes`` object that was encoded once for everyone.
-Frames follow the WHATWG HTML "server-sent events" format: ``id:``/``event:``/``data:`` lines and
-a blank line; a line starting with ``:`` is a comment (our ``: heartbeat``).
+Frame bytes are in ``frames.py``; which frames a client gets, in ``feeds.py``.
+
+``?delta=1`` asks for contract v2 (deltas); a ``Last-Event-ID`` header (EventSource sends it by
+itself on reconnect) or a ``last_event_id`` query parameter on such a request is a resume
+point. An unusable one (absent, not a number, from another process) just means a full snapshot
+first: never an error, so a browser never gives up on the stream because of it.
 """
 
 from __future__ import annotations
@@ -12,12 +16,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
+from urllib.parse import parse_qsl
 
 import orjson
 
-if TYPE_CHECKING:
-    from services.stream.fanout import Broadcaster, Client
+from services.stream.fanout import Broadcaster, Client
+from services.stream.feeds import delta_feed, snapshot_feed
+from services.stream.frames import disabled_frame
 
 log = logging.getLogger("vdm.stream.sse")
 
@@ -26,10 +32,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-HEARTBEAT = b": heartbeat\n\n"
-# Reconnect hint for EventSource (ms); the dashboard's own backoff takes over when CLOSED.
-RETRY_MS = 2000
-
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     # Caches and proxies must not store or transform the stream (MDN, "Using server-sent
@@ -37,58 +39,38 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+# A version is at most 16 digits (below 2**53); anything longer is not one of ours.
+MAX_EVENT_ID_CHARS = 20
 
 
-def encode_event(event: str, data: bytes, *, event_id: int | None = None) -> bytes:
-    """One complete SSE frame; ``data`` is compact JSON, so it holds no newline."""
-    head = b"" if event_id is None else b"id: %d\n" % event_id
-    return head + b"event: " + event.encode() + b"\ndata: " + data + b"\n\n"
+def _query(scope: Scope) -> list[tuple[str, str]]:
+    return parse_qsl(scope.get("query_string", b"").decode("latin-1"))
 
 
-DISABLED_MESSAGE = "Request metrics are disabled on this stream service."
-DISABLED_SUGGESTION = "Set LOG_REQUEST_METRICS=true on the stream service and restart it."
+def wants_delta(scope: Scope) -> bool:
+    return any(k == "delta" and v in ("1", "true") for k, v in _query(scope))
 
 
-def disabled_frame() -> bytes:
-    body = {"disabled": True, "message": DISABLED_MESSAGE, "suggestion": DISABLED_SUGGESTION}
-    return encode_event("disabled", orjson.dumps(body))
+def last_event_id(scope: Scope) -> int | None:
+    """The resume version, or None when there is no usable one.
 
-
-async def client_frames(bc: Broadcaster, client: Client) -> AsyncIterator[bytes]:
-    """Everything one client receives: the current frames at once, then each newer one.
-
-    Only generation numbers are compared; the bytes themselves are shared, never copied
-    per client. A client that kept up takes ``bc.delta`` (built once per publish); one that
-    fell more than a publish behind joins the current frames of the kinds it missed.
+    From the ``Last-Event-ID`` header (what EventSource sends on its own reconnects), else from
+    a ``last_event_id`` query parameter: a client that reconnects by creating a new
+    EventSource (its own backoff) cannot set headers.
     """
-    # The retry hint rides in the first update frame: a block without data is never dispatched.
-    # Note what this first chunk holds *before* yielding: anything published while it is
-    # being sent must still go out afterwards.
-    seen, seen_update, seen_stats, seen_beat = bc.gen, bc.update_gen, bc.stats_gen, bc.heartbeat_gen
-    yield b"retry: %d\n" % RETRY_MS + bc.update_frame + bc.stats_frame
-    while not (bc.closed or client.gone):
-        gen = bc.gen
-        if gen == seen:
-            await bc.wait(client)
-            continue
-        if gen == seen + 1:
-            chunk = bc.delta
-        else:
-            due: list[bytes] = []
-            if bc.update_gen != seen_update:
-                due.append(bc.update_frame)
-            if bc.stats_gen != seen_stats:
-                due.append(bc.stats_frame)
-            if bc.heartbeat_gen != seen_beat:
-                due.append(HEARTBEAT)
-            chunk = due[0] if len(due) == 1 else b"".join(due)
-        seen, seen_update, seen_stats, seen_beat = (
-            gen,
-            bc.update_gen,
-            bc.stats_gen,
-            bc.heartbeat_gen,
-        )
-        yield chunk
+    text: str | None = None
+    for name, value in scope.get("headers", ()):
+        if name == b"last-event-id":
+            text = value.decode("latin-1")
+            break
+    else:
+        text = next((v for k, v in _query(scope) if k == "last_event_id"), None)
+    if text is None:
+        return None
+    text = text.strip()
+    if text.isdigit() and len(text) <= MAX_EVENT_ID_CHARS:
+        return int(text)
+    return None
 
 
 def json_response_start(status: int, extra: list[tuple[bytes, bytes]] | None = None) -> Message:
@@ -106,8 +88,10 @@ class SSEEndpoint:
         sse_enabled: bool,
         metrics_enabled: bool,
         send_timeout: float,
+        snapshot_bps: float = 1_000_000,
     ) -> None:
         self.bc = bc
+        self.snapshot_bps = snapshot_bps
         self.sse_enabled = sse_enabled
         self.metrics_enabled = metrics_enabled
         self.send_timeout = send_timeout
@@ -137,11 +121,14 @@ class SSEEndpoint:
             await send(json_response_start(503, [(b"retry-after", b"5")]))
             await send({"type": "http.response.body", "body": orjson.dumps(body)})
             return
-        await self._stream(receive, send)
+        await self._stream(scope, receive, send)
 
-    async def _stream(self, receive: Receive, send: Send) -> None:
-        from services.stream.fanout import Client
+    def _feed(self, scope: Scope, client: Client) -> AsyncIterator[bytes]:
+        if wants_delta(scope):
+            return delta_feed(self.bc, client, last_event_id(scope))
+        return snapshot_feed(self.bc, client, self.snapshot_bps)
 
+    async def _stream(self, scope: Scope, receive: Receive, send: Send) -> None:
         bc = self.bc
         client = Client(asyncio.current_task())
         bc.join(client)
@@ -161,7 +148,7 @@ class SSEEndpoint:
         try:
             client.sending_since = time.monotonic()
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            async for chunk in client_frames(bc, client):
+            async for chunk in self._feed(scope, client):
                 client.sending_since = time.monotonic()
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 client.sending_since = 0.0

@@ -1,4 +1,4 @@
-"""Broadcaster: encode once, conflation, leading-edge throttle, close ends every stream."""
+"""Broadcaster: encode once, conflation, close ends every stream."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import orjson
 
 from services.stream.fanout import Broadcaster, Client
-from services.stream.sse import client_frames
+from services.stream.feeds import snapshot_feed
 
 
 def _bc(throttle: float = 0.2, interval: float = 30.0) -> Broadcaster:
@@ -16,7 +16,7 @@ def _bc(throttle: float = 0.2, interval: float = 30.0) -> Broadcaster:
 
 async def test_a_slow_client_gets_only_the_newest_frame_shared_by_identity() -> None:
     bc = _bc()
-    frames = client_frames(bc, Client())
+    frames = snapshot_feed(bc, Client(), 1e9)
     first = await anext(frames)
     assert first.startswith(b"retry: ") and b"event: update" in first
     for _ in range(5):
@@ -26,23 +26,9 @@ async def test_a_slow_client_gets_only_the_newest_frame_shared_by_identity() -> 
     assert bc.encodes == 6
 
 
-async def test_leading_edge_throttle_and_close() -> None:
-    bc = _bc(throttle=0.5)
-    task = asyncio.create_task(bc.run_updates())
-    try:
-        await asyncio.sleep(0.6)  # a quiet spell longer than the window
-        before = bc.encodes
-        bc.notify_change()
-        async with asyncio.timeout(0.3):  # lone change: out at once, not after the window
-            while bc.encodes == before:
-                await asyncio.sleep(0.01)
-        for _ in range(20):  # churn inside one window: at most one more encode
-            bc.notify_change()
-            await asyncio.sleep(0.01)
-        assert bc.encodes - before <= 2
-    finally:
-        task.cancel()
-    frames = client_frames(bc, Client())
+async def test_close_ends_a_parked_feed() -> None:
+    bc = _bc()
+    frames = snapshot_feed(bc, Client(), 1e9)
     await anext(frames)
     waiting = asyncio.create_task(anext(frames))
     await asyncio.sleep(0)

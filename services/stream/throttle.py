@@ -1,0 +1,43 @@
+"""When the next fan-out may start: a throttle that follows what a fan-out costs.
+
+A fixed window (the seed's 25 ms leading-edge throttle) holds the second of two close changes
+for the whole window even when the system is idle, and under real load it does not know how
+much of the loop a fan-out takes. This policy measures instead: after a fan-out that cost
+``c`` seconds (encoding plus every woken client's send), the next one may start
+``c * (1/share - 1)`` later, so fan-out takes at most ``share`` of the loop; an isolated
+change after a quiet spell goes out at once, churn merges into fewer, larger fan-outs. The
+gap never exceeds ``cap`` (``VDM_ACTIVE_REQUESTS_SSE_THROTTLE``): when a fan-out is so costly
+that the share would need a longer gap, bounded latency wins over the share.
+
+Pure and clock-free: callers pass the times, so the decision is unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Fan-out may use at most this share of the event loop (one core) while changes keep coming.
+FANOUT_SHARE = 0.25
+
+
+class AdaptiveThrottle:
+    def __init__(self, cap: float, share: float = FANOUT_SHARE) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError("share must be in (0, 1]")
+        self.cap = max(0.0, cap)
+        self.share = share
+        self.cost = 0.0  # seconds the last fan-out took
+        self.last_end = -math.inf  # when it finished (the caller's monotonic clock)
+
+    def gap(self) -> float:
+        """The quiet time owed after the last fan-out before the next one may start."""
+        return min(self.cap, self.cost * (1.0 / self.share - 1.0))
+
+    def delay(self, now: float) -> float:
+        """How long a change noticed at ``now`` waits before its fan-out (0: go now)."""
+        return max(0.0, self.last_end + self.gap() - now)
+
+    def record(self, started: float, ended: float) -> None:
+        """A fan-out ran from ``started`` to ``ended``."""
+        self.cost = max(0.0, ended - started)
+        self.last_end = ended
