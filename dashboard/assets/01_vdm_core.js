@@ -65,10 +65,18 @@
   /**
    * The stream the page opens: the delta stream (`?delta=1`: one snapshot, then only what
    * changed). A stream service that predates deltas ignores the parameter and sends snapshots
-   * only, which the client handles exactly as before.
+   * only, which the client handles exactly as before. `resumeFrom`, the version the client
+   * holds, asks for a delta from there instead of a fresh snapshot: a new EventSource cannot
+   * send `Last-Event-ID`, so it goes in the query (the service falls back to a snapshot when
+   * it no longer has the changes since then).
    */
-  function liveStreamUrl(base) {
-    return joinUrl(base, STREAM_PATH) + "?delta=1";
+  function liveStreamUrl(base, resumeFrom) {
+    const url = joinUrl(base, STREAM_PATH) + "?delta=1";
+    const v = Number(resumeFrom);
+    if (resumeFrom === null || resumeFrom === undefined || !Number.isSafeInteger(v) || v < 0) {
+      return url;
+    }
+    return url + "&last_event_id=" + v;
   }
 
   // Fields that change on every snapshot without the request changing: the grid computes
@@ -160,35 +168,46 @@
    * Apply a delta's `upsert` and `remove` to the client's row map IN PLACE (a copy of 10,000
    * rows per frame is the cost deltas exist to avoid) and return the grid transaction that
    * makes the grid follow: an upsert of a new id is an add, of a held id an update (only when
-   * something besides the volatile fields changed), a remove of a held id a remove. An id in
-   * both lists counts as removed (a transaction holding an add and a remove of one id would
-   * leave the row in the grid). Rows without an id are skipped.
+   * something besides the volatile fields changed), a remove of a held id a remove. Removes
+   * apply before upserts (the protocol's order), so an id in both lists ends with its upserted
+   * row; one transaction never holds a remove and an add of one id. Rows without an id are
+   * skipped.
    */
   function applyDelta(map, delta, key, ignore) {
     const idKey = key || "request_id";
     const add = [];
     const update = [];
     const remove = [];
-    const gone = new Set();
-    for (const id of Array.isArray(delta && delta.remove) ? delta.remove : []) {
-      if (id !== undefined && id !== null && id !== "") gone.add(String(id));
-    }
-    const seen = new Set();
+    const upserts = new Map();
     for (const row of Array.isArray(delta && delta.upsert) ? delta.upsert : []) {
       const id = rowId(row, idKey);
-      if (id === null || gone.has(id) || seen.has(id)) continue;
-      seen.add(id);
+      if (id !== null && !upserts.has(id)) upserts.set(id, row);
+    }
+    for (const raw of Array.isArray(delta && delta.remove) ? delta.remove : []) {
+      if (raw === undefined || raw === null || raw === "") continue;
+      const id = String(raw);
+      if (upserts.has(id) || !map.has(id)) continue; // re-inserted below / never held
+      map.delete(id);
+      remove.push({ [idKey]: id });
+    }
+    for (const [id, row] of upserts) {
       const before = map.get(id);
       map.set(id, row);
       if (before === undefined) add.push(row);
       else if (rowChanged(before, row, ignore)) update.push(row);
     }
-    for (const id of gone) {
-      if (!map.has(id)) continue;
-      map.delete(id);
-      remove.push({ [idKey]: id });
-    }
     return { add, update, remove };
+  }
+
+  /**
+   * How long AG Grid gathers async transactions before applying them together. Each batch
+   * costs a pass over all rows (sort/filter/flatten) plus a redraw of the rows in view, so
+   * at fleet scale fewer, larger batches are far cheaper for the same changes; a few rows
+   * keep AG Grid's own 50 ms. 1,000 rows -> 50 ms, 5,000 -> 200 ms, 10,000+ -> 300 ms.
+   */
+  function batchWaitMs(rowCount) {
+    const n = Math.max(0, Number(rowCount) || 0);
+    return Math.round(Math.min(300, Math.max(50, n / 25)));
   }
 
   function isEmptyTransaction(tx) {
@@ -442,6 +461,7 @@
     rowMapFrom,
     deltaFollows,
     applyDelta,
+    batchWaitMs,
     isEmptyTransaction,
     clockOffsetMs,
     foldClockSample,

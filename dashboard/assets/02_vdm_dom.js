@@ -149,11 +149,16 @@
 
   /**
    * Hand a delta's transaction to the grid's async batching: AG Grid applies every queued
-   * transaction together about every 50 ms (`asyncTransactionWaitMillis`), one sort, filter
-   * and redraw per batch instead of per frame of the stream.
+   * transaction together after `asyncTransactionWaitMillis` (50 ms, longer at thousands of
+   * rows: VdmCore.batchWaitMs), one sort, filter and redraw per batch instead of per frame.
    */
-  function queueTransaction(api, tx) {
-    if (!core.isEmptyTransaction(tx)) api.applyTransactionAsync(tx);
+  function queueTransaction(api, tx, rowCount) {
+    if (core.isEmptyTransaction(tx)) return;
+    const wait = core.batchWaitMs(rowCount);
+    if (api.getGridOption("asyncTransactionWaitMillis") !== wait) {
+      api.setGridOption("asyncTransactionWaitMillis", wait); // read when a batch starts
+    }
+    api.applyTransactionAsync(tx);
   }
 
   /** Re-render the cells whose values depend on the clock (durations, heartbeat ages). */

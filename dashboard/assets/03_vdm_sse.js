@@ -8,9 +8,11 @@
  * is applied to the map and its upserts/removes go to AG Grid as async transactions, so what
  * the page does grows with the changes, not with the rows (docs/protocol.md, SSE v2). A delta
  * that does not follow on (a gap, which the server never sends) closes the stream and the
- * reconnect's first `update` resynchronises. A stream service without deltas ignores
- * `delta=1` and sends snapshots only, which works exactly as before. `stats` feeds the charts;
- * `disabled` switches to polling the JSON endpoint.
+ * reconnect's first `update` resynchronises. Every other reconnect (after an error, a hidden
+ * tab, navigation) resumes with `last_event_id=<held version>`, so it costs a delta, not a
+ * snapshot, when the service still has the changes. A stream service without deltas ignores
+ * both parameters and sends snapshots only, which works exactly as before. `stats` feeds the
+ * charts; `disabled` switches to polling the JSON endpoint.
  *
  * Reconnects: a browser EventSource retries by itself after a network error (readyState
  * CONNECTING) but gives up for good on a non-200 answer (readyState CLOSED). To have ONE retry
@@ -49,7 +51,12 @@
   let haveData = false;
   let fullSync = false; // the grid must be diffed against `rows` (after a snapshot)
   let paintPending = false;
+  let paintedAt = 0;
+  let paintTimer = null;
   const paintListeners = [];
+  // The header count and KPIs are Dash components: each write re-renders them through React,
+  // so under churn they are written at most this often (the grid itself is not held back).
+  const PAINT_MS = 250;
 
   function wanted() {
     return enabled && core.shouldConnect(document.visibilityState, window.location.pathname);
@@ -59,8 +66,10 @@
     return !!source && source.readyState === 1; // EventSource.OPEN
   }
 
+  // Every (re)connect resumes from the version held, if any: the service answers with a delta
+  // from there while it still has the changes (about a minute), else with a snapshot.
   function streamUrl() {
-    return core.liveStreamUrl(cfg.streamUrl);
+    return core.liveStreamUrl(cfg.streamUrl, version);
   }
 
   // ---- connection lifecycle -------------------------------------------------------------
@@ -211,6 +220,7 @@
       );
       es.close();
       source = null;
+      version = null; // drop the base: the reconnect asks for a fresh snapshot
       scheduleReconnect();
       return;
     }
@@ -224,7 +234,7 @@
     dom.forgetChunks(tx.remove);
     if (!fullSync && !core.isEmptyTransaction(tx)) {
       const api = dom.gridApi(GRID_ID);
-      if (api) dom.queueTransaction(api, tx);
+      if (api) dom.queueTransaction(api, tx, rows.size);
       else fullSync = true; // grid not mounted yet: it gets the whole map once it is
     }
     schedulePaint();
@@ -251,6 +261,17 @@
         window.setTimeout(schedulePaint, 100); // grid not mounted yet
       }
     }
+    const wait = paintedAt + PAINT_MS - Date.now();
+    if (wait > 0) {
+      if (!paintTimer) {
+        paintTimer = window.setTimeout(function () {
+          paintTimer = null;
+          schedulePaint();
+        }, wait);
+      }
+      return;
+    }
+    paintedAt = Date.now();
     const n = rows.size;
     dom.setProps("vdm-active-count", { children: String(n) });
     const up = workers.filter((w) => w && w.status === "up").length;

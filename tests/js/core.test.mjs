@@ -250,12 +250,19 @@ test("workerRows joins workers with per-worker stats; fleetTotals counts", () =>
   assert.equal(core.fleetTotals(undefined, undefined).requestsPerS, null);
 });
 
-test("the page opens the delta stream", () => {
+test("the page opens the delta stream, resuming from the version it holds", () => {
   assert.equal(core.liveStreamUrl(""), "/metrics/active-requests/stream?delta=1");
   assert.equal(
-    core.liveStreamUrl("http://s:8090/"),
+    core.liveStreamUrl("http://s:8090/", null),
     "http://s:8090/metrics/active-requests/stream?delta=1",
   );
+  assert.equal(
+    core.liveStreamUrl("", 4503599627370871),
+    "/metrics/active-requests/stream?delta=1&last_event_id=4503599627370871",
+  );
+  for (const bad of [undefined, NaN, -1, 1.5, "x", 2 ** 60]) {
+    assert.equal(core.liveStreamUrl("", bad), "/metrics/active-requests/stream?delta=1");
+  }
 });
 
 test("rowMapFrom keys a snapshot by id, skipping rows without one and repeats", () => {
@@ -296,13 +303,18 @@ test("applyDelta turns upserts and removes into a transaction and updates the ma
   assert.equal(map.get("b").phase, "streaming");
 });
 
-test("applyDelta: an id both upserted and removed ends removed; empty deltas change nothing", () => {
-  const map = core.rowMapFrom([row("a")]);
-  let tx = core.applyDelta(map, { upsert: [row("a", { phase: "streaming" }), row("n")], remove: ["a", "n"] });
-  assert.deepEqual(tx.add, []);
-  assert.deepEqual(tx.update, []);
-  assert.deepEqual(tx.remove, [{ request_id: "a" }]);
-  assert.equal(map.size, 0);
+test("applyDelta: removes go first, so an id in both lists keeps its upserted row", () => {
+  const map = core.rowMapFrom([row("a"), row("b")]);
+  let tx = core.applyDelta(map, {
+    upsert: [row("a", { phase: "streaming" }), row("n")],
+    remove: ["a", "n", "b"],
+  });
+  assert.deepEqual(tx.add.map((r) => r.request_id), ["n"]);
+  assert.deepEqual(tx.update.map((r) => r.request_id), ["a"]); // never remove + add of one id
+  assert.deepEqual(tx.remove, [{ request_id: "b" }]);
+  assert.deepEqual([...map.keys()].sort(), ["a", "n"]);
+  assert.equal(map.get("a").phase, "streaming");
+  map.clear();
   tx = core.applyDelta(map, { base: 2, version: 3, upsert: [], remove: [], timestamp: 1 });
   assert.equal(core.isEmptyTransaction(tx), true);
   assert.equal(core.isEmptyTransaction(core.applyDelta(map, {})), true);
@@ -350,4 +362,13 @@ test("the latency chart gains TTFT lines only when stats carry them", () => {
   assert.deepEqual(names, ["p50", "p95", "p99", "TTFT p50", "TTFT p95"]);
   assert.deepEqual(withTtft.latency.data[3].y, [2, null]);
   assert.deepEqual(withTtft.latency.data[4].y, [4, 3]);
+});
+
+test("grid batches wait longer at fleet scale", () => {
+  assert.equal(core.batchWaitMs(0), 50);
+  assert.equal(core.batchWaitMs(1000), 50);
+  assert.equal(core.batchWaitMs(5000), 200);
+  assert.equal(core.batchWaitMs(10000), 300);
+  assert.equal(core.batchWaitMs(1e6), 300);
+  assert.equal(core.batchWaitMs(undefined), 50);
 });
