@@ -63,7 +63,7 @@ TRACK_EVENTSOURCE = """
   window.__esLog = [];
   function Tracked(url, init) {
     const es = new Native(url, init);
-    const entry = { url: String(url), t: performance.now(), closed: false };
+    const entry = { url: String(url), t: performance.now(), closed: false, es: es };
     window.__esLog.push(entry);
     const close = es.close.bind(es);
     es.close = () => { entry.closed = true; close(); };

@@ -95,7 +95,56 @@ def test_5000_rows_with_churn_keep_the_users_sort_filter_and_scroll(
     wait_for(lambda: set(page.row_ids_all()) == truth, 30, 0.3, "the grid to equal the truth")
     assert page.count_text() == "5000"
     expect(page.page.locator("#vdm-m-kpi-inflight")).to_have_text("5,000")
-    assert page.debug()["gaps"] == 0
+    debug = page.debug()
+    assert debug["gaps"] == 0
+    # The churn came as deltas on one stream, not as a snapshot per change.
+    assert debug["deltas"] > 0 and debug["snapshots"] <= 2, debug
+
+
+@pytest.mark.timeout(90)
+def test_a_tab_shown_again_resumes_with_a_delta_and_a_gap_resyncs_from_a_snapshot(
+    system: System, fleet: FakeFleet, new_page: Any
+) -> None:
+    tag = _tag()
+    worker = fleet.add_worker(f"{tag}-w", 20, ("m-resume",))
+    page: DashboardPage = new_page(system.dashboard_url, hidden=True).open("/dashboard/metrics")
+    page.page.evaluate("() => window.__vdmSetVisibility('visible')")
+    page.wait_live()
+    page.wait_rows(lambda shown: set(worker.rows) <= shown, message="the first rows")
+    assert page.debug()["snapshots"] == 1
+
+    # Hidden: the stream closes. Requests start and end meanwhile.
+    page.page.evaluate("() => window.__vdmSetVisibility('hidden')")
+    wait_for(lambda: not page.is_connected(), 5, 0.05, "disconnect when hidden")
+    gone = list(worker.rows)[:5]
+    fleet.end_rows(f"{tag}-w", *gone)
+    new = [fleet.new_id(tag) for _ in range(3)]
+    fleet.start_rows(f"{tag}-w", *new, model="m-resume")
+
+    # Shown again: the new stream resumes from the version held, so the changes come as one
+    # delta instead of a second full snapshot.
+    page.page.evaluate("() => window.__vdmSetVisibility('visible')")
+    page.wait_live()
+    truth = fleet.row_ids()
+    wait_for(lambda: set(page.row_ids()) == truth, 15, 0.1, "the rows after the resume")
+    assert "last_event_id=" in page.eventsources()[-1]["url"]
+    assert page.debug()["snapshots"] == 1
+
+    # A delta that does not follow on from the held version (the service never sends one):
+    # the client drops its base, reconnects without it and takes a fresh snapshot.
+    opened = len(page.eventsources())
+    page.page.evaluate(
+        """() => { const es = window.__esLog[window.__esLog.length - 1].es;
+        es.dispatchEvent(new MessageEvent('delta', {data: JSON.stringify(
+            {base: 1, version: 2, upsert: [], remove: [], timestamp: Date.now() / 1000})})); }"""
+    )
+    wait_for(lambda: len(page.eventsources()) > opened, 10, 0.1, "a reconnect after the gap")
+    page.wait_live()
+    wait_for(lambda: page.debug()["snapshots"] == 2, 10, 0.1, "a fresh snapshot")
+    assert "last_event_id=" not in page.eventsources()[-1]["url"]
+    assert any("Delta out of sequence" in line for line in page.console)
+    assert page.debug()["gaps"] == 1
+    wait_for(lambda: set(page.row_ids()) == fleet.row_ids(), 15, 0.1, "rows == truth")
 
 
 @pytest.mark.timeout(60)
