@@ -243,12 +243,21 @@
   function schedulePaint() {
     if (paintPending) return;
     paintPending = true;
+    let ran = false;
     const run = function () {
+      if (ran) return;
+      ran = true;
       paintPending = false;
       paint();
     };
-    if (document.visibilityState === "visible") window.requestAnimationFrame(run);
-    else window.setTimeout(run, 0);
+    if (document.visibilityState === "visible") {
+      window.requestAnimationFrame(run);
+      // A frame that never comes (a renderer that produces none for a while) must not hold
+      // every later paint back: the timer paints anyway.
+      window.setTimeout(run, 500);
+    } else {
+      window.setTimeout(run, 0);
+    }
   }
 
   function paint() {
