@@ -1,6 +1,7 @@
 """Browser-test plumbing: a real system (demo upstream, two workers, stream service, dashboard)
 started from the real ``vdm-hub`` commands, headless Debian Chromium driven by Playwright, a
-small page object, and a helper that holds requests open through the workers.
+small page object, a helper that holds requests open through the workers, and a fake fleet
+that puts thousands of rows in flight through the protocol's own scripts.
 
 One system per test module (module-scoped), because starting it costs a few seconds on a
 shared 2-core machine; tests inside a module use unique request ids so they do not interfere.
