@@ -37,7 +37,7 @@ import orjson
 from services.stream import payloads
 from services.stream.frames import HEARTBEAT, encode_event
 from services.stream.hub import Hub
-from services.stream.ring import Change, ChangeRing
+from services.stream.ring import Change, ChangeRing, Span
 from services.stream.table import RowTable
 from services.stream.throttle import AdaptiveThrottle
 
@@ -211,6 +211,9 @@ class Broadcaster:
         self.workers_json = orjson.dumps(workers)  # snapshots always have the newest
         sig = payloads.signature(workers)
         if sig == self._workers_sig:
+            # Nothing to send, also when held-back counts went back to the values last sent:
+            # nothing is due then either (a due time left set would make run_updates spin).
+            self.workers_due = None
             return False
         now = time.monotonic()
         due = self._workers_sent + self.worker_counts_every
@@ -267,19 +270,17 @@ class Broadcaster:
         frame = self._merged.get(held)
         if frame is not None:
             return frame
-        span = self.ring.since(held) if held != self.version else None
         if held == self.version:
-            upsert: list[str] = []
-            remove: list[str] = []
-            workers = False
-        elif span is None:
-            return self.update_frame
+            span: Span | None = Span(frozenset(), False)  # current: an empty delta
         else:
-            upsert, remove = self.table.split(span.touched)
-            workers = span.workers
-            if self.table.estimate(upsert, remove) >= self.table.snapshot_size():
-                self._merged[held] = self.update_frame
-                return self.update_frame
+            span = self.ring.since(held)
+        if span is None:
+            return self.update_frame  # the ring no longer reaches back (or never did)
+        upsert, remove = self.table.split(span.touched)
+        cost = self.table.estimate(upsert, remove)
+        if cost and cost >= self.table.snapshot_size():  # a snapshot is no larger
+            self._merged[held] = self.update_frame
+            return self.update_frame
         now = time.time()
         data = payloads.delta(
             self.version,
@@ -287,7 +288,7 @@ class Broadcaster:
             self.table.rows_json(now, upsert),
             remove,
             now,
-            self.workers_json if workers else None,
+            self.workers_json if span.workers else None,
         )
         frame = self._merged[held] = encode_event("delta", data, event_id=self.version)
         return frame

@@ -68,7 +68,7 @@ def last_event_id(scope: Scope) -> int | None:
     if text is None:
         return None
     text = text.strip()
-    if text.isdigit() and len(text) <= MAX_EVENT_ID_CHARS:
+    if text.isascii() and text.isdigit() and len(text) <= MAX_EVENT_ID_CHARS:
         return int(text)
     return None
 

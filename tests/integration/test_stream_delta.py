@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -179,9 +181,24 @@ async def test_last_event_id_inside_the_ring_resumes_with_a_delta_from_it(
                 assert same_rows(resumed.rows, hub_truth(app))
 
 
-@pytest.mark.parametrize("last_event_id", ["garbage", "-3", "12345678901234567890123", "future"])
+@pytest.mark.parametrize(
+    ("last_event_id", "in_query"),
+    [
+        ("garbage", False),
+        ("-3", False),
+        ("12345678901234567890123", False),
+        ("future", False),
+        ("%C2%B2", True),  # a superscript two: str.isdigit() says yes, int() says no
+        ("", True),
+    ],
+)
 async def test_unusable_last_event_id_gets_a_snapshot(
-    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str, last_event_id: str
+    redis: aioredis.Redis,
+    keys: Keys,
+    redis_url: str,
+    key_prefix: str,
+    last_event_id: str,
+    in_query: bool,
 ) -> None:
     worker = FakeWorker(redis, keys, "w1")
     await worker.register()
@@ -190,7 +207,10 @@ async def test_unusable_last_event_id_gets_a_snapshot(
         await wait_ready(url)
         if last_event_id == "future":
             last_event_id = str(app.state.broadcaster.version + 1000)
-        async with SSEReader(url + DELTA, headers={"Last-Event-ID": last_event_id}) as reader:
+        path, headers = DELTA, {"Last-Event-ID": last_event_id}
+        if in_query:
+            path, headers = f"{DELTA}&last_event_id={last_event_id}", {}
+        async with SSEReader(url + path, headers=headers) as reader:
             assert reader.response is not None and reader.response.status_code == 200
             first = reader.events[0][1]
             assert first.event == "update"
@@ -283,3 +303,43 @@ async def test_pollers_share_one_snapshot_per_version_and_one_summary_per_period
         await wait_until(lambda: "r3" in app.state.hub.workers["w1"].rows, 5, "r3 in the hub")
         snap = (await client.get("/metrics/active-requests")).json()
         assert request_ids(snap) == {"r1", "r2", "r3"}
+
+
+@pytest.mark.timeout(60)
+async def test_a_delta_client_that_never_reads_is_dropped_and_delays_no_one(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    worker = FakeWorker(redis, keys, "w1")
+    await worker.register()
+    await worker.start(*(f"bulk-{i:05d}" for i in range(1000)))  # a ~250 KB first frame
+    settings = settings_for(redis_url, key_prefix, VDM_SSE_SEND_TIMEOUT="1.0")
+    async with running_stream(settings) as (url, app):
+        await wait_ready(url)
+        bc = app.state.broadcaster
+        parts = urlsplit(url)
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            stuck.connect((parts.hostname, parts.port))
+            stuck.sendall(f"GET {DELTA} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+            async with SSEReader(url + DELTA) as reader:
+                await wait_until(lambda: bc.clients == 2, 5, "2 clients")
+                # Deltas of 500 new rows (~125 KB each) until the stuck client's buffers are
+                # full and its send blocks; the reading client sees every batch meanwhile.
+                state, seen, n = DeltaState(), 0, 0
+
+                def holds(rid: str) -> bool:
+                    nonlocal seen
+                    seen = state.apply_all(reader, seen)  # incremental: asserts each base
+                    return rid in state.rows
+
+                while bc.dropped == 0:
+                    assert n < 200, "the stuck client was never dropped"
+                    await worker.start(*(f"b{n}-{i:03d}" for i in range(500)))
+                    await wait_until(lambda n=n: holds(f"b{n}-499"), 10, f"batch {n} seen")
+                    n += 1
+                assert len(state.rows) == 1000 + 500 * n
+                await wait_until(lambda: bc.clients == 1, 5, "1 client left")
+                assert not reader.ended
+        finally:
+            stuck.close()

@@ -44,7 +44,11 @@ async def test_a_client_that_never_reads_delays_no_one_and_is_dropped(
     await worker.register()
     # Big frames (~250 KB) so the stuck client's buffers fill after a few updates.
     await worker.start(*(f"bulk-{i:05d}" for i in range(1000)))
-    settings = settings_for(redis_url, key_prefix, VDM_SSE_SEND_TIMEOUT="1.0")
+    # No snapshot pacing here (its own test is in test_stream_delta.py): every probe must reach
+    # every reader at once, whatever the frame size.
+    settings = settings_for(
+        redis_url, key_prefix, VDM_SSE_SEND_TIMEOUT="1.0", VDM_SSE_SNAPSHOT_MAX_BPS="1000000000"
+    )
     async with running_stream(settings) as (url, app):
         await wait_ready(url)
         bc = app.state.broadcaster

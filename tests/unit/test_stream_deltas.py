@@ -222,3 +222,18 @@ async def test_worker_counts_alone_are_held_back_briefly_membership_is_not(
     bc.encode_update()
     ((_, delta),) = frames(bc.delta_frame)
     assert [w["active"] for w in delta["workers"]] == [1, 0] and bc.workers_due is None
+
+
+async def test_counts_back_to_what_was_sent_leave_nothing_due(fake_redis: aioredis.Redis) -> None:
+    fleet = Fleet(fake_redis)
+    bc = _bc(fleet.hub)
+    fleet.start("a")
+    bc.encode_update()  # the list (active 1) goes out
+    bc.worker_counts_every = 3600.0
+    fleet.start("b")
+    bc.encode_update()
+    assert bc.workers_due is not None  # active 2, held back
+    fleet.end("b")
+    bc.encode_update()  # active 1 again: what the clients hold
+    assert "workers" not in frames(bc.delta_frame)[0][1]
+    assert bc.workers_due is None  # else the publishing loop would wake at once, forever
