@@ -261,7 +261,13 @@
   function restoreView(api) {
     if (!onMetricsPage()) return;
     const view = op.searchToView(window.location.search);
-    if (Object.keys(view.filterModel).length) api.setFilterModel(view.filterModel);
+    if (Object.keys(view.filterModel).length) {
+      // Through the grid component's own `filterModel` prop as well: dash-ag-grid re-applies
+      // that prop after every row update, so a copy that lagged behind the grid (it follows
+      // filterChanged events through Dash's store) would undo part of the restored view.
+      dom.setProps(GRID_ID, { filterModel: view.filterModel });
+      api.setFilterModel(view.filterModel);
+    }
     if (view.sort !== null) {
       api.applyColumnState({
         state: view.sort.map((s, i) => ({ colId: s.colId, sort: s.sort, sortIndex: i })),

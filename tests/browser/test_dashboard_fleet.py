@@ -239,6 +239,10 @@ def test_filters_and_sort_round_trip_through_the_url_without_reconnecting(
     again: DashboardPage = new_page(system.dashboard_url)
     again.open(page.url.removeprefix(system.dashboard_url))
     again.wait_live()
-    wait_for(lambda: len(again.row_ids()) == 4, 15, 0.2, "worker b's model-x rows")
+
+    def same_view() -> bool:
+        rows = again.grid_rows()
+        return len(rows) == 4 and {r["worker_id"] for r in rows} == {f"{tag}-b"}
+
+    wait_for(same_view, 15, 0.2, "only worker b's model-x rows")
     assert again.sort_state() == [("model", "asc")]
-    assert {r["worker_id"] for r in again.grid_rows()} == {f"{tag}-b"}
