@@ -1,8 +1,8 @@
 """The dashboard's three AG Grids: column definitions and the shared dark theme.
 
-Grids start empty (no data at import or layout time); the browser client fills them with
-transactions keyed by ``getRowId``. Value getters and formatters are named functions from
-``window.dashAgGridFunctions`` (``dashboard/assets/02_vdm_dom.js``).
+Grids start empty (no data at import or layout time, no ``rowData`` prop at all); the browser
+client fills them with transactions keyed by ``getRowId``. Value getters and formatters are
+named functions from ``window.dashAgGridFunctions`` (``dashboard/assets/02_vdm_dom.js``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ def _options(empty_text: str, **extra: Any) -> dict[str, Any]:
         "localeText": {"noRowsToShow": empty_text},
         "suppressCellFocus": True,
         "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
+        # No `rowData` prop (see _grid): without this AG Grid would say "Loading..." until the
+        # first transaction; an empty grid is an answer, not a wait.
+        "loading": False,
         **extra,
     }
 
@@ -51,16 +54,26 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
         "type": "rightAligned",
         "filter": "agNumberColumnFilter",
         "cellClass": "vdm-mono vdm-strong",
-        "width": 120,
+        "width": 110,
     },
-    {"field": "model", "headerName": "Model", "minWidth": 150, "flex": 2},
-    {"field": "worker_id", "headerName": "Worker", "minWidth": 100, "flex": 1},
-    {"field": "method", "headerName": "Method", "width": 95},
-    {"field": "path", "headerName": "Path", "minWidth": 170, "flex": 2, "cellClass": "vdm-mono"},
+    {
+        "field": "ttft_ms",
+        "headerName": "TTFT",
+        "headerTooltip": "Time to first token: start to the first response byte",
+        "type": "rightAligned",
+        "width": 90,
+        "valueFormatter": _fn("vdmMs(params.value)"),
+        "filter": "agNumberColumnFilter",
+        "cellClass": "vdm-mono",
+    },
+    {"field": "model", "headerName": "Model", "minWidth": 130, "flex": 2},
+    {"field": "worker_id", "headerName": "Worker", "minWidth": 90, "flex": 1},
+    {"field": "method", "headerName": "Method", "width": 88},
+    {"field": "path", "headerName": "Path", "minWidth": 130, "flex": 2, "cellClass": "vdm-mono"},
     {
         "field": "phase",
         "headerName": "Phase",
-        "width": 115,
+        "width": 105,
         "cellClassRules": {
             "vdm-phase-streaming": "params.value === 'streaming'",
             "vdm-phase-upstream": "params.value === 'upstream'",
@@ -69,16 +82,28 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
     {
         "field": "is_streaming",
         "headerName": "Stream",
-        "width": 100,
+        "width": 90,
         "cellDataType": False,  # text, not AG Grid's checkbox renderer for booleans
         "valueFormatter": _fn("params.value ? 'yes' : 'no'"),
         "cellClassRules": {"vdm-phase-streaming": "params.value === true"},
     },
     {
+        # Live, from the chunk counts seen over the last seconds (01_vdm_opcore.js chunkRate).
+        "colId": "chunk_rate",
+        "headerName": "Chunks/s",
+        "headerTooltip": "SSE chunks forwarded per second over the last few seconds",
+        "valueGetter": _fn("vdmChunkRate(params)"),
+        "valueFormatter": _fn("vdmRate(params.value)"),
+        "type": "rightAligned",
+        "width": 100,
+        "filter": False,
+        "cellClass": "vdm-mono",
+    },
+    {
         "field": "bytes_out",
         "headerName": "Bytes",
         "type": "rightAligned",
-        "width": 105,
+        "width": 95,
         "valueFormatter": _fn("vdmBytes(params.value)"),
         "filter": "agNumberColumnFilter",
     },
@@ -86,20 +111,20 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
         "field": "input_tokens",
         "headerName": "Tok in",
         "type": "rightAligned",
-        "width": 95,
+        "width": 88,
         "valueFormatter": _fn("vdmCount(params.value)"),
     },
     {
         "field": "output_tokens",
         "headerName": "Tok out",
         "type": "rightAligned",
-        "width": 100,
+        "width": 92,
         "valueFormatter": _fn("vdmCount(params.value)"),
     },
     {
         "field": "start_time",
         "headerName": "Started",
-        "width": 110,
+        "width": 100,
         "sort": "desc",  # newest first by default; any column the user picks replaces it
         "valueFormatter": _fn("vdmClock(params.value)"),
         "cellClass": "vdm-mono",
@@ -107,7 +132,7 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
     {
         "field": "request_id",
         "headerName": "Request ID",
-        "minWidth": 150,
+        "minWidth": 120,
         "flex": 1,
         "cellClass": "vdm-mono vdm-dim",
     },
@@ -197,16 +222,34 @@ RECENT_COLUMNS: list[dict[str, Any]] = [
         "valueFormatter": _fn("vdmDuration(params.value)"),
         "filter": "agNumberColumnFilter",
     },
+    {
+        "field": "ttft_ms",
+        "headerName": "TTFT",
+        "type": "rightAligned",
+        "width": 100,
+        "valueFormatter": _fn("vdmMs(params.value)"),
+        "filter": "agNumberColumnFilter",
+    },
     {"field": "model", "headerName": "Model", "minWidth": 150, "flex": 2},
     {"field": "worker_id", "headerName": "Worker", "minWidth": 100, "flex": 1},
     {"field": "method", "headerName": "Method", "width": 95},
-    {"field": "path", "headerName": "Path", "minWidth": 160, "flex": 2, "cellClass": "vdm-mono"},
+    {"field": "path", "headerName": "Path", "minWidth": 150, "flex": 2, "cellClass": "vdm-mono"},
     {
         "field": "output_tokens",
         "headerName": "Tok out",
         "type": "rightAligned",
         "width": 100,
         "valueFormatter": _fn("vdmCount(params.value)"),
+    },
+    {
+        "colId": "tokens_per_s",
+        "headerName": "Tok/s",
+        "headerTooltip": "Output tokens per second after the first byte",
+        "valueGetter": _fn("vdmTokensPerS(params)"),
+        "valueFormatter": _fn("vdmRate(params.value)"),
+        "type": "rightAligned",
+        "width": 100,
+        "filter": False,
     },
     {
         "field": "request_id",
@@ -238,22 +281,48 @@ def _grid(
     height: int,
     *,
     filters: bool = True,
+    options: dict[str, Any] | None = None,
+    **props: Any,
 ) -> Any:
+    # No `rowData` prop at all, not even []: with one, dash-ag-grid copies every row back into
+    # Dash props (`rowData` and `virtualRowData`) after each transaction batch and then diffs
+    # the grid against that copy — twice O(rows) work every 50 ms, which at 10,000 rows was
+    # most of the page's main-thread time. Rows only ever arrive as transactions from the
+    # browser client, and nothing on the Python side reads them back.
     return dag.AgGrid(
         id=grid_id,
         columnDefs=columns,
         defaultColDef=_DEFAULT_COL if filters else _DEFAULT_COL_NO_FILTER,
-        rowData=[],
         getRowId=f"params.data.{key}",
-        dashGridOptions=_options(empty),
+        dashGridOptions=_options(empty, **(options or {})),
         # Fixed height: rows arriving never push the charts below around.
         style={"height": f"{height}px", "width": "100%"},
         className="vdm-grid",
+        **props,
     )
 
 
+# The live grid takes deltas as async transactions (AG Grid batches them, one sort and
+# redraw per batch); with `deltaSort` a batch re-sorts only the rows it touched instead of
+# all 10,000. Rows running longer than the stream service's stuck threshold are marked.
+ACTIVE_OPTIONS: dict[str, Any] = {
+    "deltaSort": True,
+    "asyncTransactionWaitMillis": 50,
+    "tooltipShowDelay": 300,
+}
+ACTIVE_ROW_CLASS_RULES = {"vdm-row-stuck": "vdmIsStuck(params)"}
+
+
 def active_grid() -> Any:
-    return _grid("vdm-active-grid", ACTIVE_COLUMNS, "request_id", "No requests in flight", 480)
+    return _grid(
+        "vdm-active-grid",
+        ACTIVE_COLUMNS,
+        "request_id",
+        "No requests in flight",
+        480,
+        options=ACTIVE_OPTIONS,
+        rowClassRules=ACTIVE_ROW_CLASS_RULES,
+    )
 
 
 def workers_grid() -> Any:

@@ -174,6 +174,7 @@ def metrics_page() -> Any:
                     _kpi("Workers up", "vdm-m-kpi-workers"),
                     _kpi("Requests / s", "vdm-m-kpi-rate"),
                     _kpi("p95 latency", "vdm-m-kpi-p95"),
+                    _kpi("TTFT p95", "vdm-m-kpi-ttft", "time to first token"),
                     _kpi("Error rate", "vdm-m-kpi-errors"),
                 ],
                 className="vdm-kpis",
@@ -193,7 +194,7 @@ def metrics_page() -> Any:
                 [
                     _chart("In flight", "vdm-chart-inflight"),
                     _chart("Requests per second", "vdm-chart-rate"),
-                    _chart("Duration p50 / p95 / p99", "vdm-chart-latency"),
+                    _chart("Duration p50 / p95 / p99 · TTFT", "vdm-chart-latency"),
                     _chart("Error rate", "vdm-chart-errors"),
                 ],
                 className="vdm-charts",

@@ -3,15 +3,41 @@
  * overview poller — AG Grid value functions, grid transactions, and Dash prop updates.
  *
  * Everything on the data path stays in the browser: rows go into AG Grid as transactions
- * (`applyTransaction` by `request_id`), text and figures go through
+ * by `request_id` (a snapshot as one diff, deltas through AG Grid's async batching), text and
+ * figures go through
  * `dash_clientside.set_props`; no Python callback runs per update.
  */
 (function () {
   "use strict";
   const core = window.VdmCore;
+  const op = window.VdmOpCore;
 
   // Server clock minus browser clock, estimated from snapshots' `timestamp`s.
   window.__vdmClock = window.__vdmClock || { offsetMs: 0, samples: [] };
+  // What the stream service says it can do (GET /metrics/capabilities, read by
+  // 06_vdm_operator.js); until it answers: no cancel, the default stuck threshold.
+  window.__vdmCaps = window.__vdmCaps || op.capabilitiesFrom(null);
+  // Recent chunks_out observations per streaming row, for the live chunks/s column.
+  const chunkHistory = new Map();
+
+  /** Record the chunk counts of rows that arrived or changed (streaming rows only). */
+  function noteChunks(rows) {
+    const t = now();
+    for (const row of rows) {
+      if (!row || row.is_streaming !== true || row.chunks_out == null) continue;
+      const id = String(row.request_id);
+      chunkHistory.set(id, op.noteChunks(chunkHistory.get(id), row.chunks_out, t));
+    }
+  }
+
+  /** Drop the history of rows that are gone (`keep`: a Map of the rows still held, or ids). */
+  function forgetChunks(removed, keep) {
+    if (keep) {
+      for (const id of chunkHistory.keys()) if (!keep.has(id)) chunkHistory.delete(id);
+      return;
+    }
+    for (const r of removed) chunkHistory.delete(String(r.request_id));
+  }
 
   /** Feed one snapshot timestamp (epoch s) into the clock estimate. */
   function observeServerTime(timestampS) {
@@ -37,6 +63,20 @@
       const d = params && params.data;
       if (!d) return null;
       return core.ageSeconds(d.last_seen, now(), window.__vdmClock.offsetMs);
+    },
+    vdmChunkRate(params) {
+      const d = params && params.data;
+      if (!d) return null;
+      const history = chunkHistory.get(String(d.request_id));
+      return op.chunkRate(history, d, now(), window.__vdmClock.offsetMs);
+    },
+    vdmIsStuck(params) {
+      const d = params && params.data;
+      if (!d) return false;
+      return op.isStuck(d.start_time, now(), window.__vdmClock.offsetMs, window.__vdmCaps.stuckAfterS);
+    },
+    vdmTokensPerS(params) {
+      return op.outputTokensPerS(params && params.data);
     },
     vdmDuration: (ms) => core.formatDuration(ms),
     vdmAgeText: (s) => (s === null || s === undefined ? "—" : core.formatDuration(s * 1000)),
@@ -79,6 +119,48 @@
     return tx;
   }
 
+  /** The grid's API now, or null while it is not mounted (no waiting: callers retry). */
+  function gridApi(gridId) {
+    const dag = window.dash_ag_grid;
+    if (!dag || !document.getElementById(gridId)) return null;
+    try {
+      const api = dag.getApi(gridId);
+      return api && !api.isDestroyed() ? api : null;
+    } catch (_err) {
+      return null; // not mounted yet
+    }
+  }
+
+  /**
+   * Make the grid hold exactly the rows of `rows` (a Map id -> row), synchronously: pending
+   * async transactions are flushed first so the diff is taken against what the grid will
+   * really hold. Used after a full snapshot; deltas go through `queueTransaction`.
+   */
+  function syncGrid(api, rows, key) {
+    api.flushAsyncTransactions();
+    const current = new Map();
+    api.forEachNode((node) => {
+      if (node.data) current.set(String(node.data[key]), node.data);
+    });
+    const tx = core.diffRows(current, Array.from(rows.values()), key);
+    if (!core.isEmptyTransaction(tx)) api.applyTransaction(tx);
+    return tx;
+  }
+
+  /**
+   * Hand a delta's transaction to the grid's async batching: AG Grid applies every queued
+   * transaction together after `asyncTransactionWaitMillis` (50 ms, longer at thousands of
+   * rows: VdmCore.batchWaitMs), one sort, filter and redraw per batch instead of per frame.
+   */
+  function queueTransaction(api, tx, rowCount) {
+    if (core.isEmptyTransaction(tx)) return;
+    const wait = core.batchWaitMs(rowCount);
+    if (api.getGridOption("asyncTransactionWaitMillis") !== wait) {
+      api.setGridOption("asyncTransactionWaitMillis", wait); // read when a batch starts
+    }
+    api.applyTransactionAsync(tx);
+  }
+
   /** Re-render the cells whose values depend on the clock (durations, heartbeat ages). */
   function refreshClockColumns(gridId, columns) {
     const dag = window.dash_ag_grid;
@@ -92,5 +174,42 @@
     if (api && !api.isDestroyed()) api.refreshCells({ columns: columns, force: true });
   }
 
-  window.VdmDom = { setProps, applyRows, refreshClockColumns, observeServerTime };
+  // Ids of rendered rows last drawn as stuck. AG Grid applies rowClassRules when a row is
+  // drawn or its data changes, not when the clock moves on, so a row that quietly crosses the
+  // threshold is redrawn once (a handful of rows in view, never all of them).
+  const drawnStuck = new Set();
+
+  function refreshStuck(gridId) {
+    const api = gridApi(gridId);
+    if (!api) return;
+    const fns = window.dashAgGridFunctions;
+    const changed = [];
+    const rendered = new Set();
+    for (const node of api.getRenderedNodes()) {
+      if (!node.data) continue;
+      const id = String(node.data.request_id);
+      rendered.add(id);
+      const stuck = fns.vdmIsStuck({ data: node.data });
+      if (stuck !== drawnStuck.has(id)) {
+        changed.push(node);
+        if (stuck) drawnStuck.add(id);
+        else drawnStuck.delete(id);
+      }
+    }
+    for (const id of drawnStuck) if (!rendered.has(id)) drawnStuck.delete(id);
+    if (changed.length) api.redrawRows({ rowNodes: changed });
+  }
+
+  window.VdmDom = {
+    refreshStuck,
+    setProps,
+    applyRows,
+    gridApi,
+    syncGrid,
+    queueTransaction,
+    refreshClockColumns,
+    observeServerTime,
+    noteChunks,
+    forgetChunks,
+  };
 })();

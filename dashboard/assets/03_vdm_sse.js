@@ -1,10 +1,18 @@
 /*
- * vdm-hub dashboard: the Active Requests live client (design.md section 6).
+ * vdm-hub dashboard: the Active Requests live client.
  *
- * One EventSource to `<stream base>/metrics/active-requests/stream`, open only while the tab is
- * visible and the path contains `/dashboard/metrics`. `update` snapshots become AG Grid
- * transactions by `request_id`; `stats` feeds the charts; `disabled` switches to polling the
- * JSON endpoint.
+ * One EventSource to `<stream base>/metrics/active-requests/stream?delta=1`, open only while
+ * the tab is visible and the path contains `/dashboard/metrics`. The client keeps the rows in
+ * a Map by `request_id` and the version they stand for: an `update` (full snapshot) replaces
+ * the map and the grid is diffed against it once; a `delta` whose `base` is the held version
+ * is applied to the map and its upserts/removes go to AG Grid as async transactions, so what
+ * the page does grows with the changes, not with the rows (docs/protocol.md, SSE v2). A delta
+ * that does not follow on (a gap, which the server never sends) closes the stream and the
+ * reconnect's first `update` resynchronises. Every other reconnect (after an error, a hidden
+ * tab, navigation) resumes with `last_event_id=<held version>`, so it costs a delta, not a
+ * snapshot, when the service still has the changes. A stream service without deltas ignores
+ * both parameters and sends snapshots only, which works exactly as before. `stats` feeds the
+ * charts; `disabled` switches to polling the JSON endpoint.
  *
  * Reconnects: a browser EventSource retries by itself after a network error (readyState
  * CONNECTING) but gives up for good on a non-200 answer (readyState CLOSED). To have ONE retry
@@ -23,6 +31,10 @@
   const GRID_ID = "vdm-active-grid";
   const RECENT_GRID_ID = "vdm-recent-grid";
   const POLL_MS = Math.max(500, Number(cfg.pollIntervalMs) || 2000);
+  const KEY = "request_id";
+  // Columns whose value depends on the clock, redrawn once a second (visible rows only:
+  // AG Grid renders only the rows in view, so this costs the same at 10 or 10,000 rows).
+  const CLOCK_COLUMNS = ["duration", "chunk_rate"];
 
   let source = null; // the EventSource, when one exists
   let attempt = 0;
@@ -30,9 +42,21 @@
   let enabled = true;
   let disabledInfo = null; // set after a `disabled` event: {message, suggestion}
   let pollTimer = null;
-  let latestSnapshot = null;
-  let applyPending = false;
-  const debug = { opens: 0, errors: 0, delays: [], polls: 0 };
+  const debug = { opens: 0, errors: 0, delays: [], polls: 0, snapshots: 0, deltas: 0, gaps: 0 };
+
+  // What the client holds: the rows by id, the version they stand for, the worker list.
+  let rows = new Map();
+  let version = null;
+  let workers = [];
+  let haveData = false;
+  let fullSync = false; // the grid must be diffed against `rows` (after a snapshot)
+  let paintPending = false;
+  let paintedAt = 0;
+  let paintTimer = null;
+  const paintListeners = [];
+  // The header count and KPIs are Dash components: each write re-renders them through React,
+  // so under churn they are written at most this often (the grid itself is not held back).
+  const PAINT_MS = 250;
 
   function wanted() {
     return enabled && core.shouldConnect(document.visibilityState, window.location.pathname);
@@ -42,8 +66,10 @@
     return !!source && source.readyState === 1; // EventSource.OPEN
   }
 
+  // Every (re)connect resumes from the version held, if any: the service answers with a delta
+  // from there while it still has the changes (about a minute), else with a snapshot.
   function streamUrl() {
-    return core.joinUrl(cfg.streamUrl, core.STREAM_PATH);
+    return core.liveStreamUrl(cfg.streamUrl, version);
   }
 
   // ---- connection lifecycle -------------------------------------------------------------
@@ -68,6 +94,9 @@
     };
     es.addEventListener("update", function (ev) {
       if (source === es) onUpdate(ev);
+    });
+    es.addEventListener("delta", function (ev) {
+      if (source === es) onDelta(ev, es);
     });
     es.addEventListener("stats", function (ev) {
       if (source === es) onStats(ev);
@@ -164,32 +193,108 @@
     acceptSnapshot(snap);
   }
 
+  /** A full snapshot (stream `update` or a poll): it replaces what the client holds. */
   function acceptSnapshot(snap) {
-    latestSnapshot = snap;
+    debug.snapshots += 1;
     dom.observeServerTime(snap.timestamp);
-    // Latest wins: a burst of updates between two frames becomes one transaction.
-    if (applyPending) return;
-    applyPending = true;
-    const run = function () {
-      applyPending = false;
-      applySnapshot(latestSnapshot);
-    };
-    if (document.visibilityState === "visible") window.requestAnimationFrame(run);
-    else window.setTimeout(run, 0);
+    rows = core.rowMapFrom(snap.active_requests, KEY);
+    const v = Number(snap.version);
+    version = snap.version !== undefined && Number.isFinite(v) ? v : null;
+    workers = Array.isArray(snap.workers) ? snap.workers : [];
+    dom.noteChunks(rows.values());
+    dom.forgetChunks(null, rows);
+    haveData = true;
+    // Latest wins: a burst of snapshots between two frames becomes one diff.
+    fullSync = true;
+    schedulePaint();
   }
 
-  function applySnapshot(snap) {
-    const rows = Array.isArray(snap.active_requests) ? snap.active_requests : [];
-    dom.applyRows(GRID_ID, rows, "request_id").catch(function (err) {
-      console.debug("[vdm] grid update skipped:", err);
-    });
-    dom.setProps("vdm-active-count", { children: String(rows.length) });
-    const workers = Array.isArray(snap.workers) ? snap.workers : [];
+  function onDelta(ev, es) {
+    const delta = parse(ev);
+    if (!delta || typeof delta !== "object") return; // skipped; the next base will not match
+    if (!core.deltaFollows(version, delta)) {
+      debug.gaps += 1;
+      console.warn(
+        "[vdm][sse] Delta out of sequence (holding version " + version + ", delta base " +
+          delta.base + "): reconnecting for a fresh snapshot",
+      );
+      es.close();
+      source = null;
+      version = null; // drop the base: the reconnect asks for a fresh snapshot
+      scheduleReconnect();
+      return;
+    }
+    debug.deltas += 1;
+    dom.observeServerTime(delta.timestamp);
+    const tx = core.applyDelta(rows, delta, KEY);
+    version = Number(delta.version);
+    if (Array.isArray(delta.workers)) workers = delta.workers;
+    dom.noteChunks(tx.add);
+    dom.noteChunks(tx.update);
+    dom.forgetChunks(tx.remove);
+    if (!fullSync && !core.isEmptyTransaction(tx)) {
+      const api = dom.gridApi(GRID_ID);
+      if (api) dom.queueTransaction(api, tx, rows.size);
+      else fullSync = true; // grid not mounted yet: it gets the whole map once it is
+    }
+    schedulePaint();
+  }
+
+  function schedulePaint() {
+    if (paintPending) return;
+    paintPending = true;
+    let ran = false;
+    const run = function () {
+      if (ran) return;
+      ran = true;
+      paintPending = false;
+      paint();
+    };
+    if (document.visibilityState === "visible") {
+      window.requestAnimationFrame(run);
+      // A frame that never comes (a renderer that produces none for a while) must not hold
+      // every later paint back: the timer paints anyway.
+      window.setTimeout(run, 500);
+    } else {
+      window.setTimeout(run, 0);
+    }
+  }
+
+  function paint() {
+    if (fullSync) {
+      const api = dom.gridApi(GRID_ID);
+      if (api) {
+        fullSync = false;
+        dom.syncGrid(api, rows, KEY);
+      } else {
+        window.setTimeout(schedulePaint, 100); // grid not mounted yet
+      }
+    }
+    const wait = paintedAt + PAINT_MS - Date.now();
+    if (wait > 0) {
+      if (!paintTimer) {
+        paintTimer = window.setTimeout(function () {
+          paintTimer = null;
+          schedulePaint();
+        }, wait);
+      }
+      return;
+    }
+    paintedAt = Date.now();
+    const n = rows.size;
+    dom.setProps("vdm-active-count", { children: String(n) });
     const up = workers.filter((w) => w && w.status === "up").length;
-    dom.setProps("vdm-m-kpi-inflight", { children: core.formatCount(rows.length) });
+    dom.setProps("vdm-m-kpi-inflight", { children: core.formatCount(n) });
     dom.setProps("vdm-m-kpi-workers", {
       children: workers.length ? up + " / " + workers.length : "0",
     });
+    for (const fn of paintListeners) {
+      try {
+        fn();
+      } catch (err) {
+        console.debug("[vdm] paint listener failed:", err);
+      }
+    }
   }
 
   function onStats(ev) {
@@ -299,12 +404,21 @@
     evaluate();
   }
 
-  // Durations tick client-side: redraw the duration cells once a second.
+  // Durations (and chunk rates, stuck marks) tick client-side: once a second, visible rows.
   window.setInterval(function () {
-    if (document.visibilityState === "visible" && latestSnapshot) {
-      dom.refreshClockColumns(GRID_ID, ["duration"]);
+    if (document.visibilityState === "visible" && haveData) {
+      dom.refreshClockColumns(GRID_ID, CLOCK_COLUMNS);
+      dom.refreshStuck(GRID_ID);
     }
   }, 1000);
+
+  // Read-only view of what the client holds, for the detail panel (06_vdm_operator.js).
+  window.VdmLive = {
+    row: (id) => rows.get(String(id)),
+    worker: (id) => workers.find((w) => w && w.worker_id === id) || null,
+    size: () => rows.size,
+    onPaint: (fn) => paintListeners.push(fn),
+  };
 
   window.__vdmActiveRequestsSSE = {
     enable: function () {
@@ -326,6 +440,11 @@
         errors: debug.errors,
         delays: debug.delays.slice(),
         polls: debug.polls,
+        snapshots: debug.snapshots,
+        deltas: debug.deltas,
+        gaps: debug.gaps,
+        version: version,
+        rows: rows.size,
         connecting: !!source && source.readyState === 0,
         reconnectPending: !!reconnectTimer,
         url: streamUrl(),

@@ -3,6 +3,10 @@
  * Figures are built by VdmCore.statsFigures (pure, tested in Node) and handed to the dcc.Graph
  * components with set_props, so no Python callback runs per event. Each figure keeps a fixed
  * height and `uirevision`, so data arriving never moves the page or resets a zoom.
+ *
+ * One chart is redrawn per task: a Plotly redraw of a chart takes tens of milliseconds, so
+ * four in one go was the page's longest main-thread task (over 100 ms on a busy machine),
+ * while the grid's own batches stay well under it. Newer stats replace older ones in flight.
  */
 (function () {
   "use strict";
@@ -15,10 +19,30 @@
     errors: "vdm-chart-errors",
   };
 
+  let pending = null; // {figures, queue: [name…]} being drawn, one chart per task
+  let drawing = false;
+
+  function drawNext() {
+    const job = pending;
+    const name = job && job.queue.shift();
+    if (!name) {
+      drawing = false;
+      pending = null;
+      window.setTimeout(fitAll, 0);
+      return;
+    }
+    dom.setProps(GRAPHS[name], { figure: job.figures[name] });
+    // The next chart after the browser has had a frame (and the stream its events).
+    window.setTimeout(function () {
+      window.requestAnimationFrame(drawNext);
+    }, 0);
+  }
+
   function renderFigures(stats) {
-    const figures = core.statsFigures(stats);
-    for (const [name, id] of Object.entries(GRAPHS)) {
-      dom.setProps(id, { figure: figures[name] });
+    pending = { figures: core.statsFigures(stats), queue: Object.keys(GRAPHS) };
+    if (!drawing) {
+      drawing = true;
+      drawNext();
     }
     const fleet = (stats && stats.fleet) || {};
     dom.setProps("vdm-m-kpi-rate", { children: core.formatRate(fleet.requests_per_s) });
@@ -27,6 +51,11 @@
         ? "—" : core.formatDuration(fleet.p95_ms),
     });
     dom.setProps("vdm-m-kpi-errors", { children: core.formatPercent(fleet.error_rate) });
+    // Only stream services that measure time to first token report it.
+    dom.setProps("vdm-m-kpi-ttft", {
+      children: fleet.ttft_p95_ms === null || fleet.ttft_p95_ms === undefined
+        ? "—" : core.formatDuration(fleet.ttft_p95_ms),
+    });
   }
 
   /**
@@ -47,7 +76,6 @@
 
   function render(stats) {
     renderFigures(stats);
-    window.setTimeout(fitAll, 0);
   }
 
   // A chart's box changes size when its page is shown or the window resizes: re-measure then,

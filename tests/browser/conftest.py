@@ -1,6 +1,7 @@
 """Browser-test plumbing: a real system (demo upstream, two workers, stream service, dashboard)
 started from the real ``vdm-hub`` commands, headless Debian Chromium driven by Playwright, a
-small page object, and a helper that holds requests open through the workers.
+small page object, a helper that holds requests open through the workers, and a fake fleet
+that puts thousands of rows in flight through the protocol's own scripts.
 
 One system per test module (module-scoped), because starting it costs a few seconds on a
 shared 2-core machine; tests inside a module use unique request ids so they do not interfere.
@@ -8,23 +9,33 @@ shared 2-core machine; tests inside a module use unique request ids so they do n
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import orjson
 import pytest
+import redis.asyncio as aioredis
 
+from shared import schema
 from shared.embedded_redis import EmbeddedRedis, free_port
+from shared.keys import Keys
 from tests.procs import Proc, vdm_hub, wait_for
+from tests.stream_support import FakeWorker, make_row
+
+T = TypeVar("T")
 
 CHROMIUM = os.environ.get("VDM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -53,7 +64,7 @@ TRACK_EVENTSOURCE = """
   window.__esLog = [];
   function Tracked(url, init) {
     const es = new Native(url, init);
-    const entry = { url: String(url), t: performance.now(), closed: false };
+    const entry = { url: String(url), t: performance.now(), closed: false, es: es };
     window.__esLog.push(entry);
     const close = es.close.bind(es);
     es.close = () => { entry.closed = true; close(); };
@@ -230,6 +241,156 @@ class Holder:
         self._client.close()
 
 
+class FleetWorker(FakeWorker):
+    """A fake worker (protocol only) that can also report progress on its rows."""
+
+    async def progress(self, changes: dict[str, dict[str, Any]]) -> int:
+        events: list[dict[str, Any]] = []
+        sets: list[tuple[str, bytes]] = []
+        for rid, fields in changes.items():
+            row = self.rows.get(rid)
+            if row is None:
+                continue
+            row.update(fields)  # type: ignore[typeddict-item]
+            events.append({"type": "progress", "request_id": rid, **fields})
+            sets.append((rid, schema.encode_row(row)))
+        return await self._apply(events, sets, [], []) if events else 0
+
+
+class FakeFleet:
+    """Thousands of rows in flight without thousands of requests: fake workers write them
+    straight into Redis through the protocol's own scripts (one ``register`` carries a whole
+    active set), on an event loop in a background thread so sync browser tests can drive them.
+
+    ``churn`` ends the oldest rows and starts as many new ones at a steady pace; ``listen_cancel``
+    makes a worker honour cancel requests on its channel the way a real worker does (its row ends
+    with outcome ``cancelled``)."""
+
+    def __init__(self, redis_url: str, prefix: str) -> None:
+        self.keys = Keys(prefix)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fake-fleet")
+        self._thread.start()
+        self.redis: aioredis.Redis = self.call(self._connect(redis_url))
+        self.workers: dict[str, FleetWorker] = {}
+        self.cancels: list[dict[str, Any]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ids = itertools.count(1)
+        self._churning = False
+
+    async def _connect(self, url: str) -> aioredis.Redis:
+        return aioredis.Redis.from_url(url)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        async def spawn() -> None:
+            self._tasks.append(asyncio.create_task(coro))
+
+        self.call(spawn())
+
+    def new_id(self, tag: str = "f") -> str:
+        return f"{tag}-{uuid.uuid4().hex[:6]}-{next(self._ids)}"
+
+    def add_worker(
+        self, worker_id: str, count: int, models: tuple[str, ...] = ("m-a",), age: float = 0.0
+    ) -> FleetWorker:
+        """Register a worker already holding ``count`` rows (models round-robin), heartbeating."""
+        worker = FleetWorker(self.redis, self.keys, worker_id, ttl=30.0)
+        for i in range(count):
+            rid = self.new_id(worker_id)
+            worker.rows[rid] = make_row(worker_id, rid, models[i % len(models)], age=age)
+        self.call(worker.register())
+        self.workers[worker_id] = worker
+        self._spawn(self._heartbeat(worker))
+        return worker
+
+    def start_rows(self, worker_id: str, *request_ids: str, model: str = "m-a") -> None:
+        self.call(self.workers[worker_id].start(*request_ids, model=model))
+
+    def end_rows(self, worker_id: str, *request_ids: str) -> None:
+        self.call(self.workers[worker_id].end(*request_ids))
+
+    def row_ids(self) -> set[str]:
+        async def ids() -> set[str]:  # read on the loop: churn mutates the dicts there
+            return {rid for w in self.workers.values() for rid in w.rows}
+
+        return self.call(ids())
+
+    async def _heartbeat(self, worker: FleetWorker) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            with contextlib.suppress(Exception):
+                await worker.heartbeat()
+
+    def churn(self, per_second: int, models: tuple[str, ...], *, tick: float = 0.1) -> None:
+        """End the oldest rows and start as many new ones, ``per_second`` of each across the
+        fleet; rows keep their count, ids and models change."""
+        self._churning = True
+        self._spawn(self._churn(per_second, models, tick))
+
+    def stop_churn(self) -> None:
+        self._churning = False
+
+        async def settle() -> None:  # the batch in progress, if any, is applied before return
+            await asyncio.sleep(0)
+
+        self.call(settle())
+
+    async def _churn(self, per_second: int, models: tuple[str, ...], tick: float) -> None:
+        n = max(1, round(per_second * tick / max(1, len(self.workers))))
+        step = 0
+        while self._churning:
+            for worker in list(self.workers.values()):
+                if not self._churning:
+                    return
+                old = list(itertools.islice(iter(worker.rows), n))
+                if old:
+                    await worker.end(*old)
+                by_model: dict[str, list[str]] = {}
+                for i in range(n):
+                    model = models[(step + i) % len(models)]
+                    by_model.setdefault(model, []).append(self.new_id(worker.worker_id))
+                for model, new in by_model.items():
+                    await worker.start(*new, model=model)
+                step += n
+            await asyncio.sleep(tick)
+
+    def listen_cancel(self, worker_id: str) -> None:
+        self._spawn(self._listen_cancel(self.workers[worker_id]))
+
+    async def _listen_cancel(self, worker: FleetWorker) -> None:
+        async with self.redis.pubsub() as pubsub:
+            await pubsub.subscribe(self.keys.cancel(worker.worker_id))
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if not message:
+                    continue
+                ask = orjson.loads(message["data"])
+                self.cancels.append(ask)
+                if ask.get("request_id") in worker.rows:
+                    await worker.end(ask["request_id"], outcome="cancelled")
+
+    def close(self) -> None:
+        async def stop() -> None:
+            self._churning = False
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            for worker in self.workers.values():
+                with contextlib.suppress(Exception):
+                    await worker.remove()
+            await self.redis.aclose()
+
+        try:
+            self.call(stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
 class DashboardPage:
     """Page object for the dashboard: reads the grid and the indicators through the page."""
 
@@ -258,6 +419,12 @@ class DashboardPage:
         """URLs of the requests the page has made so far (pending events delivered)."""
         self._deliver_events()
         return list(self._requests)
+
+    @property
+    def url(self) -> str:
+        """The page's URL now. Playwright's ``page.url`` learns of history.replaceState only
+        through an event, so right after one it can still show the previous URL."""
+        return str(self.page.evaluate("() => window.location.href"))
 
     def open(self, path: str = "/dashboard/metrics") -> DashboardPage:
         self.page.goto(self.base_url + path)
@@ -343,6 +510,57 @@ class DashboardPage:
         script = """(id) => window.dash_ag_grid.getApi(id).getSelectedRows()
             .map(r => r.request_id)"""
         return list(self.page.evaluate(script, grid_id))
+
+    def row_ids_all(self, grid_id: str = "vdm-active-grid") -> list[str]:
+        """Ids of every row the grid holds, whatever the user's filter."""
+        self.wait_grid(grid_id)
+        script = """(id) => { const ids = [];
+            window.dash_ag_grid.getApi(id).forEachNode(n => ids.push(n.data.request_id));
+            return ids; }"""
+        return [str(x) for x in self.page.evaluate(script, grid_id)]
+
+    def grid_size(self, grid_id: str = "vdm-active-grid") -> int:
+        """Rows the grid holds (before any filter)."""
+        self.wait_grid(grid_id)
+        script = """(id) => { let n = 0;
+            window.dash_ag_grid.getApi(id).forEachNode(() => n++); return n; }"""
+        return int(self.page.evaluate(script, grid_id))
+
+    def count_text(self) -> str:
+        return str(self.page.locator("#vdm-active-count").inner_text())
+
+    def filter_model(self, grid_id: str = "vdm-active-grid") -> dict[str, Any]:
+        self.wait_grid(grid_id)
+        script = "(id) => window.dash_ag_grid.getApi(id).getFilterModel()"
+        return dict(self.page.evaluate(script, grid_id))
+
+    def header(self, col_id: str, grid_id: str = "vdm-active-grid") -> Any:
+        return self.page.locator(
+            f'#{grid_id} .ag-header-cell[col-id="{col_id}"] .ag-header-cell-text'
+        )
+
+    def floating_filter(self, col_id: str, grid_id: str = "vdm-active-grid") -> Any:
+        """The text box under a column's header."""
+        return self.page.locator(f'#{grid_id} .ag-floating-filter[col-id="{col_id}"] input')
+
+    def scroll_top(self, value: int | None = None, grid_id: str = "vdm-active-grid") -> int:
+        """The grid body's vertical scroll position (set it first when ``value`` is given)."""
+        script = """([id, v]) => {
+            const e = document.querySelector('#' + id + ' .ag-body-viewport');
+            if (v !== null) e.scrollTop = v; return e.scrollTop; }"""
+        return int(self.page.evaluate(script, [grid_id, value]))
+
+    def cell(self, request_id: str, col_id: str) -> Any:
+        return self.page.locator(
+            f'#vdm-active-grid .ag-row[row-id="{request_id}"] [col-id="{col_id}"]'
+        )
+
+    @property
+    def detail(self) -> Any:
+        return self.page.locator("#vdm-detail")
+
+    def detail_value(self, label: str) -> str:
+        return str(self.page.locator(f'#vdm-detail-body dd[data-field="{label}"]').inner_text())
 
     def screenshot(self, name: str) -> Path:
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)

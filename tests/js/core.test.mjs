@@ -249,3 +249,126 @@ test("workerRows joins workers with per-worker stats; fleetTotals counts", () =>
   assert.equal(totals.p95Ms, 20);
   assert.equal(core.fleetTotals(undefined, undefined).requestsPerS, null);
 });
+
+test("the page opens the delta stream, resuming from the version it holds", () => {
+  assert.equal(core.liveStreamUrl(""), "/metrics/active-requests/stream?delta=1");
+  assert.equal(
+    core.liveStreamUrl("http://s:8090/", null),
+    "http://s:8090/metrics/active-requests/stream?delta=1",
+  );
+  assert.equal(
+    core.liveStreamUrl("", 4503599627370871),
+    "/metrics/active-requests/stream?delta=1&last_event_id=4503599627370871",
+  );
+  for (const bad of [undefined, NaN, -1, 1.5, "x", 2 ** 60]) {
+    assert.equal(core.liveStreamUrl("", bad), "/metrics/active-requests/stream?delta=1");
+  }
+});
+
+test("rowMapFrom keys a snapshot by id, skipping rows without one and repeats", () => {
+  const map = core.rowMapFrom([row("a"), { model: "x" }, null, row("a", { model: "dup" }), row("b")]);
+  assert.deepEqual([...map.keys()], ["a", "b"]);
+  assert.equal(map.get("a").model, "gpt-4o");
+  assert.equal(core.rowMapFrom(undefined).size, 0);
+});
+
+test("a delta applies only on top of the version it was built from", () => {
+  assert.equal(core.deltaFollows(7, { base: 7, version: 8 }), true);
+  assert.equal(core.deltaFollows("7", { base: 7, version: 8 }), true); // ids arrive as strings
+  assert.equal(core.deltaFollows(6, { base: 7, version: 8 }), false); // a gap
+  assert.equal(core.deltaFollows(8, { base: 7, version: 8 }), false); // already applied
+  assert.equal(core.deltaFollows(null, { base: 0, version: 1 }), false); // no snapshot yet
+  assert.equal(core.deltaFollows(7, { version: 8 }), false);
+  assert.equal(core.deltaFollows(7, { base: 7 }), false);
+  assert.equal(core.deltaFollows(7, null), false);
+});
+
+test("applyDelta turns upserts and removes into a transaction and updates the map in place", () => {
+  const map = core.rowMapFrom([row("a"), row("b"), row("c")]);
+  const tx = core.applyDelta(map, {
+    base: 1,
+    version: 2,
+    upsert: [
+      row("a", { duration_ms: 5000 }), // only the volatile duration: no update
+      row("b", { phase: "streaming", bytes_out: 10 }),
+      row("d"),
+      { model: "no id" },
+    ],
+    remove: ["c", "zz"], // zz was never held: nothing to remove
+  });
+  assert.deepEqual(tx.add.map((r) => r.request_id), ["d"]);
+  assert.deepEqual(tx.update.map((r) => r.request_id), ["b"]);
+  assert.deepEqual(tx.remove, [{ request_id: "c" }]);
+  assert.deepEqual([...map.keys()].sort(), ["a", "b", "d"]);
+  assert.equal(map.get("b").phase, "streaming");
+});
+
+test("applyDelta: removes go first, so an id in both lists keeps its upserted row", () => {
+  const map = core.rowMapFrom([row("a"), row("b")]);
+  let tx = core.applyDelta(map, {
+    upsert: [row("a", { phase: "streaming" }), row("n")],
+    remove: ["a", "n", "b"],
+  });
+  assert.deepEqual(tx.add.map((r) => r.request_id), ["n"]);
+  assert.deepEqual(tx.update.map((r) => r.request_id), ["a"]); // never remove + add of one id
+  assert.deepEqual(tx.remove, [{ request_id: "b" }]);
+  assert.deepEqual([...map.keys()].sort(), ["a", "n"]);
+  assert.equal(map.get("a").phase, "streaming");
+  map.clear();
+  tx = core.applyDelta(map, { base: 2, version: 3, upsert: [], remove: [], timestamp: 1 });
+  assert.equal(core.isEmptyTransaction(tx), true);
+  assert.equal(core.isEmptyTransaction(core.applyDelta(map, {})), true);
+});
+
+test("a chain of deltas on a snapshot reproduces the truth", () => {
+  const truth = new Map();
+  const map = new Map();
+  let held = 0;
+  let seed = 7;
+  const rand = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648);
+  for (let v = 1; v <= 200; v++) {
+    const upsert = [];
+    const remove = [];
+    for (let k = 0; k < 5; k++) {
+      const id = "r" + Math.floor(rand() * 40);
+      if (rand() < 0.4 && truth.has(id)) {
+        truth.delete(id);
+        remove.push(id);
+      } else if (!remove.includes(id)) {
+        const r = row(id, { bytes_out: v });
+        truth.set(id, r);
+        upsert.push(r);
+      }
+    }
+    const delta = { base: held, version: v, upsert: upsert.filter((r) => truth.get(r.request_id) === r), remove };
+    assert.equal(core.deltaFollows(held, delta), true);
+    core.applyDelta(map, delta);
+    held = delta.version;
+  }
+  assert.deepEqual([...map.keys()].sort(), [...truth.keys()].sort());
+  for (const [id, r] of truth) assert.equal(map.get(id).bytes_out, r.bytes_out);
+});
+
+test("the latency chart gains TTFT lines only when stats carry them", () => {
+  const without = core.statsFigures({ series: [{ t: 1, p50_ms: 5, p95_ms: 6, p99_ms: 7 }] });
+  assert.deepEqual(without.latency.data.map((t) => t.name), ["p50", "p95", "p99"]);
+  const withTtft = core.statsFigures({
+    series: [
+      { t: 1, p50_ms: 5, ttft_p50_ms: 2, ttft_p95_ms: 4 },
+      { t: 2, p50_ms: 5, ttft_p50_ms: null, ttft_p95_ms: 3 },
+    ],
+  });
+  const names = withTtft.latency.data.map((t) => t.name);
+  assert.deepEqual(names, ["p50", "p95", "p99", "TTFT p50", "TTFT p95"]);
+  assert.deepEqual(withTtft.latency.data[3].y, [2, null]);
+  assert.deepEqual(withTtft.latency.data[4].y, [4, 3]);
+});
+
+test("grid batches wait longer at fleet scale", () => {
+  assert.equal(core.batchWaitMs(0), 50);
+  assert.equal(core.batchWaitMs(1000), 50);
+  assert.equal(core.batchWaitMs(5000), 200);
+  assert.equal(core.batchWaitMs(10000), 300);
+  assert.equal(core.batchWaitMs(1e6), 300);
+  assert.equal(core.batchWaitMs(undefined), 50);
+});

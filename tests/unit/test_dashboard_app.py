@@ -48,7 +48,14 @@ def test_pages_are_served_with_the_stream_url_from_settings(client: Any, path: s
 
 def test_assets_load_in_dependency_order(client: Any) -> None:
     html = client.get("/dashboard/").get_data(as_text=True)
-    names = ["01_vdm_core.js", "02_vdm_dom.js", "03_vdm_sse.js", "04_vdm_charts.js"]
+    names = [
+        "01_vdm_core.js",
+        "01_vdm_opcore.js",
+        "02_vdm_dom.js",
+        "03_vdm_sse.js",
+        "04_vdm_charts.js",
+        "06_vdm_operator.js",
+    ]
     positions = [html.index(name) for name in names]
     assert positions == sorted(positions)
     response = client.get("/dashboard/assets/03_vdm_sse.js")
@@ -89,7 +96,43 @@ def test_layout_has_the_contract_elements(client: Any) -> None:
     assert "No requests in flight" in layout
     assert "No workers registered" in layout
     assert "params.data.request_id" in layout  # getRowId
-    assert '"rowData": []' in layout  # no data at layout time: the browser fills the grids
+    # No data at layout time, and no rowData prop at all: the browser fills the grids with
+    # transactions (with a rowData prop dash-ag-grid copies every row back after each batch).
+    assert '"rowData"' not in layout
+
+
+def test_active_grid_takes_batched_deltas_and_marks_stuck_rows(client: Any) -> None:
+    layout = client.get("/dashboard/_dash-layout").get_json()
+
+    def find(node: Any, element_id: str) -> dict[str, Any] | None:
+        if isinstance(node, dict):
+            if node.get("props", {}).get("id") == element_id:
+                return dict(node["props"])
+            children = [*node.values()]
+        elif isinstance(node, list):
+            children = node
+        else:
+            return None
+        for child in children:
+            found = find(child, element_id)
+            if found is not None:
+                return found
+        return None
+
+    grid = find(layout, "vdm-active-grid")
+    assert grid is not None
+    options = grid["dashGridOptions"]
+    # Deltas arrive as async transactions; a batch re-sorts only the rows it touched.
+    assert options["deltaSort"] is True and options["asyncTransactionWaitMillis"] > 0
+    assert grid["rowClassRules"] == {"vdm-row-stuck": "vdmIsStuck(params)"}
+    columns = {c.get("colId") or c.get("field") for c in grid["columnDefs"]}
+    assert {"duration", "ttft_ms", "chunk_rate", "request_id"} <= columns
+    recent = find(layout, "vdm-recent-grid")
+    assert recent is not None
+    assert {"ttft_ms", "tokens_per_s"} <= {
+        c.get("colId") or c.get("field") for c in recent["columnDefs"]
+    }
+    assert find(layout, "vdm-m-kpi-ttft") is not None
 
 
 def test_healthz(client: Any) -> None:

@@ -1,0 +1,329 @@
+/*
+ * vdm-hub dashboard: what an operator does with a row on the Active Requests page.
+ *
+ * - Reads `GET <stream>/metrics/capabilities` once per page load (retried while it cannot be
+ *   read): whether the stream service allows cancelling, and after how long a row is stuck.
+ * - A row click opens a detail panel: every field of the row, its timings, its worker, and,
+ *   when cancel is enabled, a Cancel button (confirmation, `POST …/{request_id}/cancel`, a
+ *   short notice with the answer). The panel follows the row live and says when it ended.
+ * - The grid's filters and sort are mirrored into the page URL (`?model=…&worker=…&sort=…`)
+ *   with history.replaceState and restored from it on load, so a link shows the same view.
+ *   The live client re-evaluates its connection on replaceState; only the query changes
+ *   here, so the stream stays open.
+ *
+ * The decisions are pure functions in 01_vdm_opcore.js; this file is the DOM around them.
+ * The panel and the notice are plain elements appended to <body>, outside React's tree.
+ */
+(function () {
+  "use strict";
+  const core = window.VdmCore;
+  const op = window.VdmOpCore;
+  const dom = window.VdmDom;
+  const cfg = window.__vdmConfig || {};
+  const GRID_ID = "vdm-active-grid";
+  const CAPS_RETRY_MS = 5000;
+
+  function credentials() {
+    // Like every other call to the stream service: the session cookie when access control is
+    // on (cross-origin needs "include"), never with a '*' CORS policy, which refuses it.
+    return cfg.withCredentials ? "include" : "same-origin";
+  }
+
+  // ---- capabilities -----------------------------------------------------------------------
+
+  let capsKnown = false;
+  let capsLoading = false;
+  let capsTriedAt = 0;
+
+  function loadCapabilities() {
+    if (capsKnown || capsLoading || Date.now() - capsTriedAt < CAPS_RETRY_MS) return;
+    capsLoading = true;
+    capsTriedAt = Date.now();
+    fetch(core.joinUrl(cfg.streamUrl, op.CAPABILITIES_PATH), {
+      cache: "no-store",
+      credentials: credentials(),
+    })
+      .then(function (r) {
+        if (r.status === 404) return {}; // a stream service without operator features
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (body) {
+        window.__vdmCaps = op.capabilitiesFrom(body);
+        capsKnown = true;
+        renderPanel();
+      })
+      .catch(function () {
+        /* down or logged out: tried again on the next paint after CAPS_RETRY_MS */
+      })
+      .finally(function () {
+        capsLoading = false;
+      });
+  }
+
+  // ---- notice -----------------------------------------------------------------------------
+
+  let notice = null;
+  let noticeTimer = null;
+
+  function showNotice(kind, text) {
+    if (!notice) {
+      notice = el("div", "vdm-notice");
+      notice.id = "vdm-notice";
+      notice.setAttribute("role", "status");
+      notice.setAttribute("aria-live", "polite");
+      document.body.appendChild(notice);
+    }
+    notice.textContent = text;
+    notice.className = "vdm-notice vdm-notice-shown vdm-notice-" + kind;
+    notice.dataset.kind = kind;
+    if (noticeTimer) window.clearTimeout(noticeTimer);
+    noticeTimer = window.setTimeout(function () {
+      notice.className = "vdm-notice";
+    }, 8000);
+  }
+
+  // ---- detail panel -----------------------------------------------------------------------
+
+  let panel = null;
+  let openId = null;
+  let lastRow = null; // the row as last seen, kept on screen after it ended
+  let cancelState = null; // {id, text} once a cancel was asked for the open row
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function buildPanel() {
+    panel = el("aside", "vdm-detail");
+    panel.id = "vdm-detail";
+    panel.setAttribute("role", "dialog");
+    panel.setAttribute("aria-labelledby", "vdm-detail-title");
+    panel.hidden = true;
+    const head = el("div", "vdm-detail-head");
+    const title = el("h2", "vdm-detail-title", "Request");
+    title.id = "vdm-detail-title";
+    const close = el("button", "vdm-detail-close", "×");
+    close.type = "button";
+    close.id = "vdm-detail-close";
+    close.setAttribute("aria-label", "Close details");
+    close.addEventListener("click", closePanel);
+    head.append(title, close);
+    const state = el("div", "vdm-detail-state");
+    state.id = "vdm-detail-state";
+    const body = el("div", "vdm-detail-body");
+    body.id = "vdm-detail-body";
+    const actions = el("div", "vdm-detail-actions");
+    const cancel = el("button", "vdm-button vdm-button-danger", "Cancel request");
+    cancel.type = "button";
+    cancel.id = "vdm-detail-cancel";
+    cancel.addEventListener("click", onCancelClick);
+    actions.append(cancel);
+    panel.append(head, state, body, actions);
+    document.body.appendChild(panel);
+    document.addEventListener("keydown", function (ev) {
+      if (ev.key === "Escape" && openId !== null) closePanel();
+    });
+  }
+
+  function openPanel(requestId) {
+    if (!panel) buildPanel();
+    openId = String(requestId);
+    lastRow = window.VdmLive ? window.VdmLive.row(openId) || null : null;
+    cancelState = null;
+    panel.hidden = false;
+    renderPanel();
+  }
+
+  function closePanel() {
+    openId = null;
+    lastRow = null;
+    if (panel) panel.hidden = true;
+  }
+
+  let renderedRow = null;
+  let renderedAt = 0;
+
+  /** Redraw the open panel; `onlyIfChanged` skips it when neither the row nor a second moved. */
+  function renderPanel(onlyIfChanged) {
+    if (!panel || openId === null) return;
+    const live = window.VdmLive ? window.VdmLive.row(openId) : undefined;
+    if (live) lastRow = live;
+    const now = Date.now();
+    if (onlyIfChanged && live === renderedRow && now - renderedAt < 1000) return;
+    renderedRow = live;
+    renderedAt = now;
+    const row = lastRow || { request_id: openId };
+    const worker = window.VdmLive ? window.VdmLive.worker(row.worker_id) : null;
+    const offset = window.__vdmClock ? window.__vdmClock.offsetMs : 0;
+    const rate = window.dashAgGridFunctions.vdmChunkRate({ data: row });
+    const sections = op.detailSections(row, worker, now, offset, core, rate);
+    document.getElementById("vdm-detail-title").textContent =
+      (row.model ? row.model + " · " : "") + (row.method || "") + " " + (row.path || "");
+    const body = document.getElementById("vdm-detail-body");
+    body.replaceChildren();
+    for (const section of sections) {
+      body.append(el("h3", "vdm-detail-section", section.title));
+      const list = el("dl", "vdm-detail-list");
+      for (const [label, text] of section.items) {
+        const dt = el("dt", "", label);
+        const dd = el("dd", "", text);
+        dd.dataset.field = label;
+        list.append(dt, dd);
+      }
+      body.append(list);
+    }
+    const state = document.getElementById("vdm-detail-state");
+    let stateText = "";
+    if (!live) stateText = "This request is no longer in flight.";
+    else if (cancelState && cancelState.id === openId) stateText = cancelState.text;
+    else if (window.dashAgGridFunctions.vdmIsStuck({ data: row })) {
+      stateText = "Stuck: running longer than " + core.formatDuration(window.__vdmCaps.stuckAfterS * 1000) + ".";
+    }
+    state.textContent = stateText;
+    state.className = "vdm-detail-state" + (stateText ? " vdm-detail-state-shown" : "");
+    const cancel = document.getElementById("vdm-detail-cancel");
+    cancel.hidden = !window.__vdmCaps.cancelEnabled;
+    cancel.disabled = !live;
+  }
+
+  function onCancelClick() {
+    const id = openId;
+    const row = id === null ? null : window.VdmLive.row(id);
+    if (!row || !window.__vdmCaps.cancelEnabled) return;
+    const what = (row.model || "request") + " on " + (row.worker_id || "its worker");
+    const question =
+      "Cancel request " + id + " (" + what + ")?\n\n" +
+      "The worker aborts the upstream call; the client gets an aborted response.";
+    if (!window.confirm(question)) return;
+    postCancel(id);
+  }
+
+  function postCancel(id) {
+    const button = document.getElementById("vdm-detail-cancel");
+    if (button) button.disabled = true;
+    fetch(core.joinUrl(cfg.streamUrl, op.cancelPath(id)), {
+      method: "POST",
+      cache: "no-store",
+      credentials: credentials(),
+    })
+      .then(function (r) {
+        return r
+          .json()
+          .catch(function () {
+            return null;
+          })
+          .then(function (body) {
+            return { status: r.status, body: body };
+          });
+      })
+      .catch(function () {
+        return { status: 0, body: null };
+      })
+      .then(function (answer) {
+        const result = op.cancelNotice(answer.status, answer.body, id);
+        console.info("[vdm] cancel " + id + ": HTTP " + answer.status);
+        showNotice(result.kind, result.text);
+        if (openId === id) {
+          cancelState = { id: id, text: result.text };
+          renderPanel();
+        }
+      });
+  }
+
+  // ---- the grid view in the URL -----------------------------------------------------------
+
+  function onMetricsPage() {
+    return String(window.location.pathname).includes(core.METRICS_PATH);
+  }
+
+  function sortOf(api) {
+    return api
+      .getColumnState()
+      .filter((c) => c.sort)
+      .sort((a, b) => (a.sortIndex || 0) - (b.sortIndex || 0))
+      .map((c) => ({ colId: c.colId, sort: c.sort }));
+  }
+
+  let viewApi = null;
+
+  function writeUrl() {
+    if (!viewApi || !onMetricsPage()) return;
+    const search = op.viewToSearch(window.location.search, viewApi.getFilterModel(), sortOf(viewApi));
+    if (search === window.location.search) return;
+    const url = window.location.pathname + search + window.location.hash;
+    window.history.replaceState(window.history.state, "", url);
+  }
+
+  function restoreView(api) {
+    if (!onMetricsPage()) return;
+    const view = op.searchToView(window.location.search);
+    if (Object.keys(view.filterModel).length) {
+      // Through the grid component's own `filterModel` prop as well: dash-ag-grid re-applies
+      // that prop after every row update, so a copy that lagged behind the grid (it follows
+      // filterChanged events through Dash's store) would undo part of the restored view.
+      dom.setProps(GRID_ID, { filterModel: view.filterModel });
+      api.setFilterModel(view.filterModel);
+    }
+    if (view.sort !== null) {
+      api.applyColumnState({
+        state: view.sort.map((s, i) => ({ colId: s.colId, sort: s.sort, sortIndex: i })),
+        defaultState: { sort: null },
+      });
+    }
+  }
+
+  // ---- wiring -----------------------------------------------------------------------------
+
+  function attachGrid() {
+    const dag = window.dash_ag_grid;
+    if (!dag || !document.getElementById(GRID_ID)) {
+      window.setTimeout(attachGrid, 100);
+      return;
+    }
+    dag.getApiAsync(GRID_ID).then(function (api) {
+      restoreView(api);
+      viewApi = api;
+      api.addEventListener("filterChanged", writeUrl);
+      api.addEventListener("sortChanged", writeUrl);
+      api.addEventListener("rowClicked", function (ev) {
+        if (ev && ev.data) openPanel(ev.data.request_id);
+      });
+      writeUrl();
+    });
+  }
+
+  // Coming back to the metrics page through a nav link drops the query: put the view back.
+  window.addEventListener("vdm:locationchange", function () {
+    window.setTimeout(writeUrl, 0);
+  });
+  window.addEventListener("popstate", function () {
+    window.setTimeout(writeUrl, 0);
+  });
+
+  if (window.VdmLive) {
+    window.VdmLive.onPaint(function () {
+      renderPanel(true);
+      if (!capsKnown) loadCapabilities();
+    });
+  }
+  window.setInterval(function () {
+    if (openId !== null && document.visibilityState === "visible") renderPanel(true);
+  }, 1000);
+
+  function start() {
+    loadCapabilities();
+    attachGrid();
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+
+  window.VdmOperator = {
+    open: openPanel,
+    close: closePanel,
+    capabilitiesKnown: () => capsKnown,
+  };
+})();
