@@ -25,6 +25,7 @@ retry loops; the client retries at most once, at once, on a fresh connection.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any, cast
 
@@ -191,3 +192,17 @@ async def drop_connections(client: aioredis.Redis) -> None:
             await node.disconnect()
         return
     await client.connection_pool.disconnect(inuse_connections=False)
+
+
+async def subscribed(pubsub: Any, timeout: float = 10.0) -> None:
+    """Wait for the acknowledgement of the SUBSCRIBE just sent on ``pubsub`` (a redis-py
+    ``PubSub`` or ``ClusterPubSub``).
+
+    "Subscribed" must mean acknowledged (broadcaster's trap): a message published between a
+    reader's load of the state and its subscription would otherwise be lost unseen.
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
+            if msg is not None and msg.get("type") == "subscribe":
+                return

@@ -25,6 +25,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from shared.redis_client import subscribed
 from shared.schema import MAX_ID_CHARS
 
 log = logging.getLogger("vdm.cancel")
@@ -138,7 +139,7 @@ class CancelListener:
             try:
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.channel)
-                    await self._await_ack(pubsub)
+                    await subscribed(pubsub)
                     self.subscribed.set()
                     if delay > RETRY_MIN:
                         log.info("listening for cancels on %s again", self.channel)
@@ -158,13 +159,3 @@ class CancelListener:
                     log.exception("unexpected error in the cancel listener; restarting it")
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
-
-    @staticmethod
-    async def _await_ack(pubsub: aioredis.client.PubSub) -> None:
-        # "Subscribed" must mean SUBSCRIBE was acknowledged: a cancel published in between
-        # would otherwise be lost without anyone knowing.
-        async with asyncio.timeout(10):
-            while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-                if msg is not None and msg.get("type") == "subscribe":
-                    return

@@ -34,7 +34,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from shared import schema
 from shared.keys import Keys
-from shared.redis_client import drop_connections, ensure_topology
+from shared.redis_client import drop_connections, ensure_topology, subscribed
 from shared.store import WireScripts, list_worker_ids, read_worker_state
 
 log = logging.getLogger("vdm.stream.hub")
@@ -285,7 +285,7 @@ class Hub:
                 await ensure_topology(self.redis)
                 async with self.redis.pubsub() as pubsub:
                     await pubsub.subscribe(self.keys.events)
-                    await self._await_ack(pubsub)
+                    await subscribed(pubsub)
                     self._subscribed.set()
                     await self.full_resync()
                     if not self.ready:
@@ -322,16 +322,6 @@ class Hub:
             if now >= next_ping:
                 next_ping = now + PING_EVERY
                 await pubsub.ping()
-
-    @staticmethod
-    async def _await_ack(pubsub: aioredis.client.PubSub) -> None:
-        # broadcaster's trap: "subscribed" must mean SUBSCRIBE was acknowledged, or a batch
-        # published between the load and the subscription would be lost.
-        async with asyncio.timeout(10):
-            while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=1.0)
-                if msg is not None and msg.get("type") == "subscribe":
-                    return
 
     async def reap_once(self) -> None:
         """Reap expired workers (idempotent across services) and refresh last_seen/status."""
