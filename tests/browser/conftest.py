@@ -277,9 +277,11 @@ class FakeFleet:
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
         self._churning = False
+        self._churn_task: asyncio.Task[None] | None = None
 
     async def _connect(self, url: str) -> aioredis.Redis:
-        return aioredis.Redis.from_url(url)
+        # Bounded commands: a heartbeat stuck on a loaded machine must not hold close() up.
+        return aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -328,13 +330,22 @@ class FakeFleet:
         """End the oldest rows and start as many new ones, ``per_second`` of each across the
         fleet; rows keep their count, ids and models change."""
         self._churning = True
-        self._spawn(self._churn(per_second, models, tick))
+
+        async def spawn() -> None:
+            self._churn_task = asyncio.create_task(self._churn(per_second, models, tick))
+            self._tasks.append(self._churn_task)
+
+        self.call(spawn())
 
     def stop_churn(self) -> None:
         self._churning = False
 
-        async def settle() -> None:  # the batch in progress, if any, is applied before return
-            await asyncio.sleep(0)
+        async def settle() -> None:
+            # The churn ends a worker's oldest rows, then starts as many: it stops between
+            # workers, so the row count is whole again once the task has returned.
+            if self._churn_task is not None:
+                await self._churn_task
+                self._churn_task = None
 
         self.call(settle())
 
@@ -375,16 +386,24 @@ class FakeFleet:
     def close(self) -> None:
         async def stop() -> None:
             self._churning = False
-            for task in self._tasks:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            for worker in self.workers.values():
-                with contextlib.suppress(Exception):
-                    await worker.remove()
-            await self.redis.aclose()
+            try:
+                for task in self._tasks:
+                    task.cancel()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10):
+                        await asyncio.gather(*self._tasks, return_exceptions=True)
+                for worker in self.workers.values():
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(5):
+                            await worker.remove()
+            finally:
+                # Always: a client left to the garbage collector surfaces as a ResourceWarning
+                # (an error) inside some later test.
+                async with asyncio.timeout(5):
+                    await self.redis.aclose()
 
         try:
-            self.call(stop())
+            self.call(stop(), timeout=60)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
