@@ -24,7 +24,7 @@
   const SNAPSHOT_PATH = "/metrics/active-requests";
   const SUMMARY_PATH = "/metrics/summary";
 
-  // Reconnect backoff, exactly as design.md section 6 states it.
+  // Reconnect backoff: the formula the README and docs/troubleshooting.md give operators.
   const BACKOFF_FACTOR_MS = 750;
   const BACKOFF_GROWTH = 1.6;
   const BACKOFF_CAP_MS = 30000;

@@ -2,7 +2,7 @@
  * vdm-hub dashboard: the fleet overview page. It needs workers and rates only every couple of
  * seconds, so it polls the stream service's JSON endpoints (`/metrics/active-requests`,
  * `/metrics/summary`) while the tab is visible and the overview is shown; the SSE stream
- * stays reserved for the metrics page (design.md section 6: connect only on that path).
+ * stays reserved for the metrics page (the live client connects only on that path).
  */
 (function () {
   "use strict";
