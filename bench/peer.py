@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from shared.children import Child, ChildFailed, describe_exit
 from shared.serve import bind_socket
 
 VERSION = "2.0.9"
@@ -107,27 +107,27 @@ class Vandamme:
             "NO_COLOR": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        self.log = home / "vandamme.log"
-        self._log = self.log.open("w")
-        self.popen = subprocess.Popen(
+        self.child = Child(
+            f"vandamme-proxy {VERSION}",
             [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env,
+            env,
             cwd=home,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log=home / "vandamme.log",
         )
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.child.pid
 
     def wait_ready(self, timeout: float = 60) -> str:
+        """Once ``/health`` answers 200 (it logs no vdm-hub ready line)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                break
+            code = self.child.poll()
+            if code is not None:
+                raise ChildFailed(
+                    self.child, f"{VERSION} {describe_exit(code)} before it was ready"
+                )
             with (
                 contextlib.suppress(urllib.error.URLError, OSError),
                 urllib.request.urlopen(self.url + "/health", timeout=2) as answer,
@@ -135,17 +135,7 @@ class Vandamme:
                 if answer.status == 200:
                     return self.url
             time.sleep(0.2)
-        tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"vandamme-proxy {VERSION} did not become ready:\n{tail}")
+        raise ChildFailed(self.child, f"was not ready within {timeout:g}s")
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        self._log.close()
+        self.child.stop()

@@ -1,7 +1,8 @@
 """Real processes for the benchmarks: start one, read its URL, pin it, read its CPU and memory.
 
-Every process is a child of the bench driver in its own session, stopped with SIGTERM (then
-SIGKILL) by the :class:`Fleet` that started it, so a failing scenario leaves nothing behind.
+Every process is a :class:`shared.children.Child` of the bench driver, in its own session,
+stopped with SIGTERM (then SIGKILL) by the :class:`Fleet` that started it, so a failing
+scenario leaves nothing behind.
 CPU and memory come from ``/proc`` (Linux): ``utime + stime`` ticks of ``/proc/PID/stat`` and
 ``VmRSS`` of ``/proc/PID/status``.
 """
@@ -13,13 +14,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+from shared.children import Child
 from shared.embedded_redis import EmbeddedRedis
-from shared.serve import READY_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -98,8 +98,8 @@ class CpuMeter:
         return self.cpu / self.wall if self.wall > 0 else 0.0
 
 
-class Service:
-    """One ``vdm-hub`` sub-command running as a child process."""
+class Service(Child):
+    """One ``vdm-hub`` sub-command running as a child process, pinned to ``cpus``."""
 
     def __init__(
         self,
@@ -108,69 +108,28 @@ class Service:
         env: Mapping[str, str] | None = None,
         cpus: Sequence[int] | None = None,
     ) -> None:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.name = command
-        self.lines: list[str] = []
-        # Warnings, errors and reaps over the whole run (the tail above forgets them).
+        # Warnings, errors and reaps over the whole run (the kept tail forgets them).
         self.notable: list[str] = []
-        self._cond = threading.Condition()
-        self.popen = subprocess.Popen(
+        super().__init__(
+            command,
             [sys.executable, "-m", "services.cli", command, *args],
-            env=full_env,
+            {**os.environ, **(env or {})},
             cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+            keep=200,  # the tail only: a chatty child must not grow us
+            on_line=self._note,
         )
-        pin(self.popen.pid, cpus)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.url = ""
+        pin(self.pid, cpus)
 
     @property
-    def pid(self) -> int:
-        return self.popen.pid
+    def url(self) -> str:
+        """From the ready line: a :class:`Fleet` hands a service out only once it is ready."""
+        url = super().url
+        assert url is not None, f"{self.name} is not ready"
+        return url
 
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            if len(self.notable) < 5000 and any(m in line for m in NOTABLE):
-                self.notable.append(line.rstrip("\n"))
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                del self.lines[:-200]  # keep the tail only: a chatty child must not grow us
-                self._cond.notify_all()
-        self.popen.stdout.close()
-        with self._cond:
-            self._cond.notify_all()
-
-    def wait_ready(self, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    match = READY_LINE.search(line)
-                    if match:
-                        self.url = match.group(2)
-                        return self.url
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.popen.poll() is not None:
-                    tail = "\n".join(self.lines[-20:])
-                    raise RuntimeError(f"{self.name} did not become ready:\n{tail}")
-                self._cond.wait(min(remaining, 0.2))
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        self._reader.join(5)
+    def _note(self, line: str) -> None:
+        if len(self.notable) < 5000 and any(m in line for m in NOTABLE):
+            self.notable.append(line)
 
 
 class Fleet:
