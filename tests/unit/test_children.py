@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.children import Child, ChildFailed, Stopped
+from tests.procs import wait_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -96,10 +97,17 @@ def test_stop_kills_a_child_that_ignores_sigterm_and_its_process_group() -> None
     helper = int(kid.wait_for_line(r"helper (\d+)", 20).group(1))
     code = kid.stop(0.5)
     assert code == -signal.SIGKILL
-    # The helper shares the child's process group, so it was SIGKILLed too (it is a zombie or
-    # gone: its parent died, and init reaps it).
-    state = Path(f"/proc/{helper}/stat")
-    assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    # The helper shares the child's process group, so it was SIGKILLed too: it dies (a signal
+    # takes a moment to land) and is a zombie or gone (its parent died, and init reaps it).
+    wait_for(lambda: _dead(helper), 10, message=f"the helper {helper} to die")
+
+
+def _dead(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 def test_sigterm_is_sent_once_so_a_graceful_shutdown_is_not_cut_short() -> None:
