@@ -103,21 +103,28 @@ class Part:
         return "0" if auto and self.auto_port else str(self.port)
 
 
+ArgvFor = Callable[[Urls], list[str]]
+EnvFor = Callable[[Urls], dict[str, str]]
+
+
+def _command(host: str, command: str, *extra: str) -> ArgvFor:
+    return lambda urls: [*VDM_HUB, command, *extra, "--host", host]
+
+
+def _env(env: Mapping[str, str], extra: Mapping[str, str] | None = None) -> EnvFor:
+    """The caller's environment with ``extra`` on top; no Redis URL (it needs none)."""
+    return lambda urls: {**env, **(extra or {})}
+
+
+def _env_with_redis(env: Mapping[str, str], extra: Mapping[str, str] | None = None) -> EnvFor:
+    return lambda urls: {**env, "REDIS_URL": urls["redis"], **(extra or {})}
+
+
 def plan(
     args: argparse.Namespace, settings: Settings, env: Mapping[str, str], dashboard_port: int
 ) -> list[Part]:
     """The table of parts for this run, in start order."""
     host = args.host
-
-    def service(command: str, *extra: str) -> Callable[[Urls], list[str]]:
-        return lambda urls: [*VDM_HUB, command, *extra, "--host", host]
-
-    def with_redis(extra: Mapping[str, str] | None = None) -> Callable[[Urls], dict[str, str]]:
-        def build(urls: Urls) -> dict[str, str]:
-            return {**env, "REDIS_URL": urls["redis"], **(extra or {})}
-
-        return build
-
     parts: list[Part] = []
     if settings.redis_url is None:
         parts.append(
@@ -127,8 +134,8 @@ def plan(
                 "redis",
                 args.redis_port,
                 "--redis-port",
-                service("redis"),
-                lambda urls: dict(env),
+                _command(host, "redis"),
+                _env(env),
             )
         )
     parts.append(
@@ -138,45 +145,16 @@ def plan(
             "upstream",
             args.upstream_port,
             "--upstream-port",
-            service("demo-upstream"),
-            lambda urls: dict(env),
+            _command(host, "demo-upstream"),
+            _env(env),
         )
     )
-    worker_names = [f"worker-{i}" for i in range(1, args.workers + 1)]
-    for i, name in enumerate(worker_names, 1):
-        parts.append(
-            Part(
-                name,
-                f"worker {i}",
-                "worker",
-                args.worker_base_port + i - 1,
-                "--worker-base-port",
-                lambda urls: [*VDM_HUB, "worker", "--upstream", urls["upstream"], "--host", host],
-                with_redis({"VDM_WORKER_ID": name}),
-                needs=("redis", "upstream"),
-            )
-        )
-    cors = [*settings.cors_origins, *dashboard_origins(host, dashboard_port)]
-    stream_env = {
-        "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors)),
-        # A local demo is for trying things: the dashboard's cancel action is on unless the
-        # caller says otherwise (a deployment leaves it off by default; docs/security.md).
-        "VDM_CANCEL_ENABLED": env.get("VDM_CANCEL_ENABLED", "true"),
-    }
-    parts.append(
-        Part(
-            "stream",
-            "stream service",
-            "stream",
-            args.stream_port,
-            "--stream-port",
-            service("stream"),
-            with_redis(stream_env),
-            needs=("redis",),
-        )
-    )
-    # The browser reaches the stream service directly (CORS above); the dashboard's port is
-    # known up front, because the stream service needs the dashboard's origin.
+    workers = _worker_parts(args, env)
+    worker_names = tuple(p.name for p in workers)
+    parts += workers
+    parts.append(_stream_part(args, settings, env, dashboard_port))
+    # The browser reaches the stream service directly (its CORS allows the dashboard's
+    # origin, which is why the dashboard's port is known up front).
     parts.append(
         Part(
             "dashboard",
@@ -184,49 +162,95 @@ def plan(
             "dashboard",
             dashboard_port,
             "--dashboard-port",
-            service("dashboard"),
-            lambda urls: {
-                **env,
-                "REDIS_URL": urls["redis"],
-                "VDM_STREAM_PUBLIC_URL": urls["stream"],
-            },
+            _command(host, "dashboard"),
+            lambda urls: {**_env_with_redis(env)(urls), "VDM_STREAM_PUBLIC_URL": urls["stream"]},
             needs=("redis", "stream", *worker_names),
             auto_port=False,
         )
     )
     if args.demo_traffic:
-        parts.append(
-            Part(
-                "load",
-                "demo traffic",
-                "load",
-                0,
-                "",
-                lambda urls: [
-                    *VDM_HUB,
-                    "load",
-                    *(a for name in worker_names for a in ("--target", urls[name])),
-                    "--rate",
-                    f"{args.demo_rate:g}",
-                    "--concurrency",
-                    "32",
-                    "--duration",
-                    "0",  # until `up` stops it
-                    "--stream-share",
-                    "0.4",
-                    "--hold",
-                    DEMO_HOLD_S,
-                    "--shape",
-                    "mixed",
-                ],
-                with_redis(),
-                needs=("redis", "dashboard", *worker_names),
-                # Its once-a-second progress line would push the URLs off the screen; its
-                # output is still kept for the report if it dies.
-                echo=False,
-            )
-        )
+        parts.append(_demo_traffic_part(args, env, worker_names))
     return parts
+
+
+def _worker_parts(args: argparse.Namespace, env: Mapping[str, str]) -> list[Part]:
+    host = args.host
+
+    def argv(urls: Urls) -> list[str]:
+        return [*VDM_HUB, "worker", "--upstream", urls["upstream"], "--host", host]
+
+    return [
+        Part(
+            f"worker-{i}",
+            f"worker {i}",
+            "worker",
+            args.worker_base_port + i - 1,
+            "--worker-base-port",
+            argv,
+            _env_with_redis(env, {"VDM_WORKER_ID": f"worker-{i}"}),
+            needs=("redis", "upstream"),
+        )
+        for i in range(1, args.workers + 1)
+    ]
+
+
+def _stream_part(
+    args: argparse.Namespace, settings: Settings, env: Mapping[str, str], dashboard_port: int
+) -> Part:
+    cors = [*settings.cors_origins, *dashboard_origins(args.host, dashboard_port)]
+    stream_env = {
+        "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors)),
+        # A local demo is for trying things: the dashboard's cancel action is on unless the
+        # caller says otherwise (a deployment leaves it off by default; docs/security.md).
+        "VDM_CANCEL_ENABLED": env.get("VDM_CANCEL_ENABLED", "true"),
+    }
+    return Part(
+        "stream",
+        "stream service",
+        "stream",
+        args.stream_port,
+        "--stream-port",
+        _command(args.host, "stream"),
+        _env_with_redis(env, stream_env),
+        needs=("redis",),
+    )
+
+
+def _demo_traffic_part(
+    args: argparse.Namespace, env: Mapping[str, str], worker_names: Sequence[str]
+) -> Part:
+    def argv(urls: Urls) -> list[str]:
+        return [
+            *VDM_HUB,
+            "load",
+            *(a for name in worker_names for a in ("--target", urls[name])),
+            "--rate",
+            f"{args.demo_rate:g}",
+            "--concurrency",
+            "32",
+            "--duration",
+            "0",  # until `up` stops it
+            "--stream-share",
+            "0.4",
+            "--hold",
+            DEMO_HOLD_S,
+            "--shape",
+            "mixed",
+        ]
+
+    return Part(
+        "load",
+        "demo traffic",
+        "load",
+        0,
+        "",
+        argv,
+        _env_with_redis(env),
+        needs=("redis", "dashboard", *worker_names),
+        # Its once-a-second progress line would push the URLs off the screen; its output is
+        # still kept for the report if it dies.
+        echo=False,
+    )
 
 
 # -- ports -------------------------------------------------------------------------------
