@@ -1,5 +1,9 @@
 """Real processes for the benchmarks: start one, read its URL, pin it, read its CPU and memory.
 
+Two kinds: ``vdm-hub`` services (:class:`Service`, ready when they log their URL) and the
+bench's own helper processes (load and SSE clients), driven by line commands
+(:class:`CommandProcess`; each helper's body runs under :func:`run_pinned`).
+
 Every process is a :class:`shared.children.Child` of the bench driver, in its own session,
 stopped with SIGTERM (then SIGKILL) by the :class:`Fleet` that started it, so a failing
 scenario leaves nothing behind.
@@ -9,14 +13,18 @@ CPU and memory come from ``/proc`` (Linux): ``utime + stime`` ticks of ``/proc/P
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from shared.children import Child
 from shared.embedded_redis import EmbeddedRedis
@@ -130,6 +138,84 @@ class Service(Child):
     def _note(self, line: str) -> None:
         if len(self.notable) < 5000 and any(m in line for m in NOTABLE):
             self.notable.append(line)
+
+
+def run_pinned(cpus: str, main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """A helper process's body: pin to ``cpus`` ("0,1"; empty leaves it free), run ``main``."""
+    if cpus:
+        pin(os.getpid(), [int(c) for c in cpus.split(",")])
+    import uvloop  # ships with uvicorn[standard]
+
+    uvloop.run(main())
+    return 0
+
+
+class CommandProcess:
+    """The driver's handle on a helper process (``python -m MODULE``) run by commands.
+
+    A command is one line on the helper's stdin and its answer one line on its stdout: JSON,
+    or a bare word (``ok``, ``closed``). ``close`` sends ``close`` and waits, bounded, for the
+    helper to finish, then kills it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def spawn(self, module: str, *args: str, limit: int = 64 << 20) -> None:
+        """``limit``: the longest answer line (a report of every stamp can be large)."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=limit,
+        )
+
+    def send(self, line: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+
+    async def drain(self) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        await self.proc.stdin.drain()
+
+    async def answer(self) -> Any:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} process exited")
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return line.strip().decode()
+
+    async def command(self, line: str, timeout: float = 30) -> Any:
+        self.send(line)
+        await self.drain()
+        async with asyncio.timeout(timeout):
+            return await self.answer()
+
+    async def close(self, timeout: float = 15) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        with contextlib.suppress(Exception):  # answered, or the helper is gone already
+            await self.command("close", timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
 
 class Fleet:

@@ -32,12 +32,12 @@ from typing import Any
 
 import orjson
 
+from bench.procs import run_pinned
 from bench.sseclients import (
     ClientPool,
     StreamClient,
     client_parser,
     connect_all,
-    run_clients,
     serve_commands,
     unknown,
 )
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         await serve_commands(pool, connect, lambda cmd, arg: answer(pool, cmd, arg))
 
-    return run_clients(args, clients)
+    return run_pinned(args.cpus, clients)
 
 
 if __name__ == "__main__":

@@ -16,15 +16,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
 import orjson
-
-from bench.procs import pin
 
 C = TypeVar("C", bound="StreamClient")
 READY_TIMEOUT = 60.0
@@ -153,22 +150,13 @@ async def serve_commands(pool: ClientPool[C], connect: Awaitable[None], handle: 
 
 
 def client_parser(prog: str) -> argparse.ArgumentParser:
-    """``URL N`` and ``--cpus`` (what :class:`bench.sseload.SSEPool` passes every program)."""
+    """``URL N`` and ``--cpus`` (what :class:`bench.sseload.SSEPool` passes every program; the
+    program's body runs under :func:`bench.procs.run_pinned`)."""
     parser = argparse.ArgumentParser(prog=f"python -m {prog}")
     parser.add_argument("url")
     parser.add_argument("clients", type=int)
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to pin to")
     return parser
-
-
-def run_clients(args: argparse.Namespace, main: Callable[[], Coroutine[Any, Any, None]]) -> int:
-    """Pin this process as ``--cpus`` says and run ``main`` on uvloop."""
-    if args.cpus:
-        pin(os.getpid(), [int(c) for c in args.cpus.split(",")])
-    import uvloop  # ships with uvicorn[standard]
-
-    uvloop.run(main())
-    return 0
 
 
 def unknown(cmd: bytes) -> dict[str, str]:

@@ -19,21 +19,17 @@ same clock in every process on the machine); ``close``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-
-from bench.procs import ROOT
+from bench.procs import CommandProcess, run_pinned
 from bench.sseclients import (
     ClientPool,
     StreamClient,
     client_parser,
     connect_all,
-    run_clients,
     serve_commands,
     unknown,
 )
@@ -144,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         connect = connect_all(pool, args.url, args.clients, lambda i, req: SSEClient(pool, req))
         await serve_commands(pool, connect, lambda cmd, arg: answer(pool, cmd, arg))
 
-    return run_clients(args, clients)
+    return run_pinned(args.cpus, clients)
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -154,7 +150,7 @@ class SSEPool:
     """The driver's handle on ``procs`` client processes sharing ``clients`` streams."""
 
     def __init__(self) -> None:
-        self.procs: list[asyncio.subprocess.Process] = []
+        self.procs: list[CommandProcess] = []
         self.ready = 0
         self.failed = 0
 
@@ -177,45 +173,23 @@ class SSEPool:
         shares = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
         cpu_arg = ",".join(str(c) for c in cpus) if cpus else ""
         for share in shares:
-            self.procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    module,
-                    url,
-                    str(share),
-                    *args,
-                    "--cpus",
-                    cpu_arg,
-                    cwd=ROOT,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    limit=64 << 20,
-                )
-            )
+            proc = CommandProcess("SSE client")
+            self.procs.append(proc)
+            await proc.spawn(module, url, str(share), *args, "--cpus", cpu_arg)
         for answer in await self._read_all(timeout=90):
             self.ready += answer["ready"]
             self.failed += answer["failed"]
         return self
 
     async def _read_all(self, timeout: float = 30) -> list[Any]:
-        async def one(proc: asyncio.subprocess.Process) -> Any:
-            assert proc.stdout is not None
-            line = await proc.stdout.readline()
-            if not line:
-                raise RuntimeError("an SSE client process exited")
-            return orjson.loads(line) if line[:1] in b"{[" else line.strip().decode()
-
         async with asyncio.timeout(timeout):
-            return list(await asyncio.gather(*(one(p) for p in self.procs)))
+            return list(await asyncio.gather(*(p.answer() for p in self.procs)))
 
     async def command(self, line: str, timeout: float = 30) -> list[Any]:
         for proc in self.procs:
-            assert proc.stdin is not None
-            proc.stdin.write(line.encode() + b"\n")
+            proc.send(line)
         for proc in self.procs:
-            assert proc.stdin is not None
-            await proc.stdin.drain()
+            await proc.drain()
         return await self._read_all(timeout)
 
     async def watch(self, token: str) -> None:
@@ -240,14 +214,7 @@ class SSEPool:
         return {"seen": seen, "open": open_, "updates_min": updates_min or 0}
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.command("close", timeout=15)
-        for proc in self.procs:
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(proc.wait(), 5)
+        await asyncio.gather(*(p.close() for p in self.procs))
         self.procs.clear()
 
 

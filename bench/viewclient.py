@@ -27,12 +27,12 @@ from typing import Any
 
 import orjson
 
+from bench.procs import run_pinned
 from bench.sseclients import (
     ClientPool,
     StreamClient,
     client_parser,
     connect_all,
-    run_clients,
     serve_commands,
     unknown,
 )
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         await serve_commands(shared, connect, lambda cmd, arg: answer(shared, cmd, arg))
 
-    return run_clients(args, clients)
+    return run_pinned(args.cpus, clients)
 
 
 if __name__ == "__main__":
