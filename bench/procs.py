@@ -218,6 +218,10 @@ class CommandProcess:
             await proc.wait()
 
 
+# What start_many starts: (sub-command, its arguments, its environment, CPUs to pin it to).
+Spec = tuple[str, Sequence[str], Mapping[str, str], Sequence[int] | None]
+
+
 class Fleet:
     """Everything one scenario starts; ``close()`` stops it in reverse order."""
 
@@ -253,10 +257,24 @@ class Fleet:
         service.wait_ready()
         return service
 
-    def start_many(
-        self,
-        specs: Sequence[tuple[str, Sequence[str], Mapping[str, str], Sequence[int] | None]],
-    ) -> list[Service]:
+    def hub_specs(
+        self, upstream: str, workers: int, *worker_args: str, id_prefix: str = "w"
+    ) -> list[Spec]:
+        """``workers`` workers (ids ``{id_prefix}0``...) in front of ``upstream``, then the
+        stream service: for :meth:`start_many`, whose answer keeps this order."""
+        specs: list[Spec] = [
+            (
+                "worker",
+                ["--upstream", upstream, *worker_args],
+                self.env(VDM_WORKER_ID=f"{id_prefix}{i}"),
+                None,
+            )
+            for i in range(workers)
+        ]
+        specs.append(("stream", [], self.env(), None))
+        return specs
+
+    def start_many(self, specs: Sequence[Spec]) -> list[Service]:
         """Start several at once (they import in parallel), then wait for each."""
         started = []
         for command, args, env, cpus in specs:

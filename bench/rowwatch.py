@@ -32,13 +32,11 @@ from typing import Any
 
 import orjson
 
-from bench.procs import run_pinned
 from bench.sseclients import (
     ClientPool,
     StreamClient,
     client_parser,
-    connect_all,
-    serve_commands,
+    run_clients,
     unknown,
 )
 
@@ -151,15 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = client_parser("bench.rowwatch")
     parser.add_argument("--track", type=int, default=2, help="clients that parse every frame")
     args = parser.parse_args(argv)
-
-    async def clients() -> None:
-        pool = Pool()
-        connect = connect_all(
-            pool, args.url, args.clients, lambda i, req: Watcher(pool, req, i < args.track)
-        )
-        await serve_commands(pool, connect, lambda cmd, arg: answer(pool, cmd, arg))
-
-    return run_pinned(args.cpus, clients)
+    pool = Pool()
+    return run_clients(
+        args,
+        pool,
+        lambda i, req: Watcher(pool, req, track=i < args.track),
+        lambda cmd, arg: answer(pool, cmd, arg),
+    )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from bench.procs import run_pinned
+
 C = TypeVar("C", bound="StreamClient")
 READY_TIMEOUT = 60.0
 
@@ -150,13 +152,24 @@ async def serve_commands(pool: ClientPool[C], connect: Awaitable[None], handle: 
 
 
 def client_parser(prog: str) -> argparse.ArgumentParser:
-    """``URL N`` and ``--cpus`` (what :class:`bench.sseload.SSEPool` passes every program; the
-    program's body runs under :func:`bench.procs.run_pinned`)."""
+    """``URL N`` and ``--cpus``: what :class:`bench.sseload.SSEPool` passes every program."""
     parser = argparse.ArgumentParser(prog=f"python -m {prog}")
     parser.add_argument("url")
     parser.add_argument("clients", type=int)
     parser.add_argument("--cpus", default="", help="comma-separated CPUs to pin to")
     return parser
+
+
+def run_clients(
+    args: argparse.Namespace, pool: ClientPool[C], make: Callable[[int, bytes], C], handle: Handler
+) -> int:
+    """A client program's body: ``args.clients`` clients of ``make`` on ``args.url``, then the
+    command loop, pinned as ``--cpus`` says (see :func:`client_parser`)."""
+
+    async def main() -> None:
+        await serve_commands(pool, connect_all(pool, args.url, args.clients, make), handle)
+
+    return run_pinned(args.cpus, main)
 
 
 def unknown(cmd: bytes) -> dict[str, str]:

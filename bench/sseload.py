@@ -24,13 +24,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.procs import CommandProcess, run_pinned
+from bench.procs import CommandProcess
 from bench.sseclients import (
     ClientPool,
     StreamClient,
     client_parser,
-    connect_all,
-    serve_commands,
+    run_clients,
     unknown,
 )
 
@@ -133,14 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = client_parser("bench.sseload")
     parser.add_argument("--count-only", action="store_true", help="keep no frame, count bytes")
     args = parser.parse_args(argv)
-
-    async def clients() -> None:
-        pool = Pool()
-        pool.keep_last = not args.count_only
-        connect = connect_all(pool, args.url, args.clients, lambda i, req: SSEClient(pool, req))
-        await serve_commands(pool, connect, lambda cmd, arg: answer(pool, cmd, arg))
-
-    return run_pinned(args.cpus, clients)
+    pool = Pool()
+    pool.keep_last = not args.count_only
+    return run_clients(
+        args, pool, lambda i, req: SSEClient(pool, req), lambda cmd, arg: answer(pool, cmd, arg)
+    )
 
 
 # ------------------------------------------------------------------------------ driver side

@@ -27,13 +27,11 @@ from typing import Any
 
 import orjson
 
-from bench.procs import run_pinned
 from bench.sseclients import (
     ClientPool,
     StreamClient,
     client_parser,
-    connect_all,
-    serve_commands,
+    run_clients,
     unknown,
 )
 
@@ -235,16 +233,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = client_parser("bench.viewclient")
     parser.add_argument("--prefix", default="\0", help="model prefix of the run's tokens")
     args = parser.parse_args(argv)
-
-    async def clients() -> None:
-        shared = Shared(args.prefix)
-        # Only the first client stamps; clients are kept in index order, so it is clients[0].
-        connect = connect_all(
-            shared, args.url, args.clients, lambda i, req: View(shared, req, stamps=i == 0)
-        )
-        await serve_commands(shared, connect, lambda cmd, arg: answer(shared, cmd, arg))
-
-    return run_pinned(args.cpus, clients)
+    shared = Shared(args.prefix)
+    # Only the first client stamps; clients are kept in index order, so it is clients[0].
+    return run_clients(
+        args,
+        shared,
+        lambda i, req: View(shared, req, stamps=i == 0),
+        lambda cmd, arg: answer(shared, cmd, arg),
+    )
 
 
 if __name__ == "__main__":
