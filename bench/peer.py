@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from shared.children import Child, ChildFailed, describe_exit
-from shared.serve import bind_socket
+from shared.embedded_redis import free_port
 
 VERSION = "2.0.9"
 PACKAGE = f"vandamme-proxy=={VERSION}"
@@ -71,13 +71,6 @@ def ensure_installed(timeout: float = 600) -> Path:
             raise RuntimeError(f"cannot install {PACKAGE}: {' '.join(step[:4])} failed:\n{tail}")
     stamp.touch()
     return exe
-
-
-def free_port() -> int:
-    sock = bind_socket("127.0.0.1", 0)
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
 
 
 class Vandamme:
