@@ -22,6 +22,7 @@ order, CPU pinning, fixtures) stays with them. It lives in ``shared/`` next to
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import signal
@@ -93,6 +94,7 @@ class Child:
         self._cond = threading.Condition()
         self._eof = False
         self._terminated = False
+        self._killed = False
         # Python children write each line as it happens, or a wait would miss it.
         full_env = {**env, "PYTHONUNBUFFERED": "1"}
         out = log.open("w") if log is not None else None
@@ -159,15 +161,21 @@ class Child:
                 self._eof = True
                 self._cond.notify_all()
 
-    def _kept(self) -> tuple[int, list[str]]:
-        """(number of the first kept line, the kept lines); with a log file, all of it."""
+    def _kept(self, since: int = 0) -> tuple[int, list[str]]:
+        """(number of the first line returned, the kept lines from line ``since`` on).
+
+        With a log file, the whole file is read each time: such a child is waited on rarely.
+        """
         if self.log is not None:
-            with contextlib.suppress(OSError):
+            try:
                 lines = self.log.read_text(errors="replace").splitlines()
-                return 0, lines
-            return 0, []
+            except OSError:
+                lines = []
+            return since, lines[since:]
         with self._cond:
-            return self._count - len(self._lines), list(self._lines)
+            first = self._count - len(self._lines)
+            start = max(since, first)
+            return start, list(itertools.islice(self._lines, start - first, None))
 
     def tail(self, lines: int = TAIL_LINES) -> list[str]:
         return self._kept()[1][-lines:]
@@ -240,10 +248,8 @@ class Child:
 
         def found() -> re.Match[str] | None:
             nonlocal seen
-            first, lines = self._kept()
-            for number, line in enumerate(lines, first):
-                if number < seen:
-                    continue
+            first, lines = self._kept(seen)
+            for line in lines:
                 match = regex.search(line)
                 if match:
                     return match
@@ -274,23 +280,26 @@ class Child:
         """SIGKILL to the child's whole process group, then reap it."""
         # The group too: a helper the child started and did not stop dies with it. Still
         # right after the child was reaped: while any member of the group lives, Linux does
-        # not reuse its id; once none does, killpg finds nothing (ESRCH).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
+        # not reuse its id; once none does, killpg finds nothing (ESRCH). Once only: SIGKILL
+        # cannot be caught, so a second one finds nothing of ours, and might find a new group
+        # that happens to have the same id long after.
+        if not self._killed:
+            self._killed = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
         if self.popen.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 self.popen.kill()
         self.wait(REAP_TIMEOUT)
 
-    def stop(self, timeout: float = 10.0, *, deadline: float | None = None) -> int | None:
-        """SIGTERM, wait up to ``timeout`` (or until ``deadline``), SIGKILL, reap; the exit code.
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, wait up to ``timeout``, SIGKILL, reap; the exit code.
 
         The exit code is the child's own when it stopped in time; None only when even SIGKILL
         did not end it within a bound (an uninterruptible wait in the kernel).
         """
-        until = deadline if deadline is not None else time.monotonic() + timeout
         self.terminate()
-        self.wait(until - time.monotonic())
+        self.wait(timeout)
         self.kill()
         self.close()
         return self.popen.returncode
