@@ -1,12 +1,12 @@
 """Real processes for the benchmarks: start one, read its URL, pin it, read its CPU and memory.
 
-Two kinds: ``vdm-hub`` services (:class:`Service`, ready when they log their URL) and the
-bench's own helper processes (load and SSE clients), driven by line commands
-(:class:`CommandProcess`; each helper's body runs under :func:`run_pinned`).
+Two kinds, both children of the bench driver that whoever started them stops, so a failing
+scenario leaves nothing behind: ``vdm-hub`` services (:class:`Service`, a
+:class:`shared.children.Child` ready when it logs its URL, stopped with SIGTERM then SIGKILL by
+the :class:`Fleet` that started it), and the bench's own helper processes (load and SSE
+clients) on asyncio pipes, driven by line commands (:class:`CommandProcess`, whose ``close``
+ends them; each helper's body runs under :func:`run_pinned`).
 
-Every process is a :class:`shared.children.Child` of the bench driver, in its own session,
-stopped with SIGTERM (then SIGKILL) by the :class:`Fleet` that started it, so a failing
-scenario leaves nothing behind.
 CPU and memory come from ``/proc`` (Linux): ``utime + stime`` ticks of ``/proc/PID/stat`` and
 ``VmRSS`` of ``/proc/PID/status``.
 """
