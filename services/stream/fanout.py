@@ -414,6 +414,7 @@ class Broadcaster:
                 await asyncio.sleep(rest)  # churn: everything meanwhile joins this publish
             self._dirty.clear()
             started = time.monotonic()
+            cpu = time.thread_time()
             stats_due = started - last_stats >= self.interval - slack
             if stats_due:
                 last_stats = started
@@ -422,7 +423,7 @@ class Broadcaster:
             # sent, and the fan-out's cost includes them.
             await asyncio.sleep(0)
             last = time.monotonic()
-            self.throttle.record(started, last)
+            self.throttle.record(ended=last, cost=time.thread_time() - cpu)
 
     async def run_heartbeats(self) -> None:
         while True:
