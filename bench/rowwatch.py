@@ -1,21 +1,26 @@
 """SSE clients that time when a row appears *with its model* and when it is gone again.
 
-Run as a child process (``python -m bench.rowwatch URL N --track K``) through
-:class:`bench.sseload.SSEPool` (``module="bench.rowwatch"``). It works on whole snapshot
-frames (``event: update``), so it reads any stream that sends full snapshots: ours without
-``delta=1`` and vandamme-proxy's.
+Run as a child process (``python -m bench.rowwatch URL N --track K [--delta]``) through
+:class:`bench.sseload.SSEPool` (``module="bench.rowwatch"``). Two ways to read a stream:
+
+- *Snapshots* (the default): whole ``event: update`` frames, so it reads any stream that sends
+  full snapshots: vandamme-proxy's, and ours without ``delta=1``.
+- *Deltas* (``--delta``, with a ``?delta=1`` URL): what our dashboard reads. Every client keeps
+  the rows as the dashboard does: an ``update`` replaces them, a ``delta`` must start from the
+  version held (else it is counted as a gap), removes its ``remove`` ids and puts its
+  ``upsert`` rows.
 
 A probe is identified by its model name, a token the driver chose (the stream of a peer that
 makes up its own request ids has nothing else in common with the request). For each watched
-token a client stamps (``time.monotonic_ns``) the first frame holding the token, which is the
-first frame showing the row with its model, and then the first frame without it: the row is
-gone. That is bytes work only (``token in frame``), so one process keeps up with hundreds of
-streams.
+token a client stamps (``time.monotonic_ns``) the first frame showing the row with its model,
+and then the first frame without it: the row is gone. On snapshots that is bytes work only
+(``token in frame``), so one process keeps up with hundreds of streams.
 
-The first ``K`` clients also parse every frame and check each row: its ``model`` (without a
-``provider:`` prefix, which vandamme strips) must be one the driver announced as sent
-(``known``). A row with a null, unknown or foreign model is a *violation*: a frame that shows a
-request without the model its client sent, or a row that never matched a request at all.
+The first ``K`` clients also check each row a frame shows (on deltas: each row it puts): its
+``model`` (without a ``provider:`` prefix, which vandamme strips) must be one the driver
+announced as sent (``known``). A row with a null, unknown or foreign model is a *violation*: a
+frame that shows a request without the model its client sent, or a row that never matched a
+request at all.
 
 Commands on stdin, one JSON line each back: ``watch TOKEN``; ``known MODEL``; ``report`` (seen
 and gone stamps per token, violations, frames); ``rows`` (models in each tracking client's last
@@ -39,6 +44,8 @@ import orjson
 from bench.procs import pin
 
 UPDATE = b"event: update"
+DELTA = b"event: delta"
+DATA = b"data:"
 END = b"\n\n"
 MAX_BUFFER = 8 << 20
 
@@ -63,10 +70,15 @@ class Pool:
 
 
 class Watcher(asyncio.Protocol):
-    def __init__(self, pool: Pool, request: bytes, track: bool) -> None:
+    def __init__(self, pool: Pool, request: bytes, track: bool, delta: bool = False) -> None:
         self.pool = pool
         self.request = request
         self.track = track
+        self.delta = delta
+        # Delta mode: the rows held (request_id -> model) and the version they are at.
+        self.rows: dict[str, str | None] = {}
+        self.version: int | None = None
+        self.gaps = 0
         self.buf = b""
         self.pending: set[bytes] = set()  # watched, not yet seen
         self.showing: set[bytes] = set()  # seen, not yet gone
@@ -95,6 +107,11 @@ class Watcher(asyncio.Protocol):
             self.buf = buf if len(buf) < MAX_BUFFER else b""
             return
         self.buf = buf[end + 2 :]
+        if self.delta:
+            # One send is whole frames, so the HTTP chunk-size lines fall between frames.
+            for part in buf[: end + 2].split(END):
+                self.delta_frame(part, now)
+            return
         start = 0
         while True:
             i = buf.find(UPDATE, start, end + 2)
@@ -120,6 +137,47 @@ class Watcher(asyncio.Protocol):
         if self.track:
             self.check(frame)
 
+    def delta_frame(self, part: bytes, now: int) -> None:
+        kind = DELTA if DELTA in part else UPDATE if UPDATE in part else None
+        at = part.find(DATA)
+        if kind is None or at < 0:
+            return  # stats, heartbeats, the retry hint
+        body = orjson.loads(part[at + len(DATA) :])
+        if kind == UPDATE:
+            new = {str(r["request_id"]): r.get("model") for r in body.get("active_requests") or []}
+            removed = [rid for rid in self.rows if rid not in new]
+            upserts = body.get("active_requests") or []
+            self.rows = {}
+        elif body.get("base") != self.version:
+            self.gaps += 1  # a frame that cannot be applied: this view is wrong until an update
+            return
+        else:
+            removed = [str(rid) for rid in body.get("remove") or []]
+            upserts = body.get("upsert") or []
+        self.version = body.get("version")
+        self.frames += 1
+        if not self.ready:
+            self.ready = True
+            self.pool.ready += 1
+            self.pool.settle()
+        for rid in removed:
+            model = self.rows.pop(rid, None)
+            tok = model.encode() if isinstance(model, str) else None
+            if tok is not None and tok in self.showing:
+                self.showing.discard(tok)
+                self.pool.gone[tok].append(now)
+        for row in upserts:
+            model = row.get("model")
+            self.rows[str(row["request_id"])] = model if isinstance(model, str) else None
+            tok = model.encode() if isinstance(model, str) else None
+            if tok is not None and tok in self.pending:
+                self.pending.discard(tok)
+                self.showing.add(tok)
+                self.pool.seen[tok].append(now)
+        if self.track:
+            self.check_rows(upserts)
+            self.last_models = list(self.rows.values())
+
     def check(self, frame: bytes) -> None:
         start = frame.find(b"data:")
         try:
@@ -127,6 +185,10 @@ class Watcher(asyncio.Protocol):
             rows = body.get("active_requests") or []
         except (orjson.JSONDecodeError, AttributeError):
             return
+        self.last_models = self.check_rows(rows)
+
+    def check_rows(self, rows: list[Any]) -> list[str | None]:
+        """Count the rows shown without a model their client sent; their models."""
         models: list[str | None] = []
         for row in rows:
             model = row.get("model") if isinstance(row, dict) else None
@@ -138,10 +200,10 @@ class Watcher(asyncio.Protocol):
                 if rid not in self.pool.violating and len(self.pool.examples) < 5:
                     self.pool.examples.append(f"{rid} model={model!r}")
                 self.pool.violating.add(rid)
-        self.last_models = models
+        return models
 
 
-async def serve(url: str, n: int, track: int) -> None:
+async def serve(url: str, n: int, track: int, delta: bool) -> None:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     target = parts.path + (f"?{parts.query}" if parts.query else "")
@@ -157,7 +219,7 @@ async def serve(url: str, n: int, track: int) -> None:
         async with sem:
             try:
                 _, client = await loop.create_connection(
-                    lambda: Watcher(pool, request, i < track), host, port
+                    lambda: Watcher(pool, request, i < track, delta), host, port
                 )
             except OSError:
                 pool.failed += 1
@@ -199,6 +261,7 @@ async def serve(url: str, n: int, track: int) -> None:
                     "violating": len(pool.violating),
                     "examples": pool.examples,
                     "frames_min": min((c.frames for c in pool.clients), default=0),
+                    "gaps": sum(c.gaps for c in pool.clients),
                     "open": sum(1 for c in pool.clients if c.open),
                 }
             )
@@ -217,13 +280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("url")
     parser.add_argument("clients", type=int)
     parser.add_argument("--track", type=int, default=2, help="clients that parse every frame")
+    parser.add_argument("--delta", action="store_true", help="read ?delta=1 streams")
     parser.add_argument("--cpus", default="")
     args = parser.parse_args(argv)
     if args.cpus:
         pin(os.getpid(), [int(c) for c in args.cpus.split(",")])
     import uvloop
 
-    uvloop.run(serve(args.url, args.clients, args.track))
+    uvloop.run(serve(args.url, args.clients, args.track, args.delta))
     return 0
 
 
