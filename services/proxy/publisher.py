@@ -181,7 +181,11 @@ class Publisher:
             "ttft_ms": ttft_ms,
         }
         self._completed.append(entry)
-        self._progress.pop(request_id, None)
+        pending = self._progress.pop(request_id, None)
+        if pending is not None:
+            # Not sent yet, and the end removes the row in the same batch: an emptied event
+            # is left out of it (a non-streaming answer's first byte and its end come together).
+            pending.clear()
         if self._admit():
             self._events.append(
                 {
@@ -336,13 +340,13 @@ class Publisher:
     def _take_batch(self) -> tuple[bytes, int, list[tuple[str, bytes]], list[str], list[Any]]:
         """The next batch: (events JSON, event count, rows to set, rows to delete, finished)."""
         n = min(len(self._events), MAX_BATCH_EVENTS)
-        events = self._events[:n]
+        events = [event for event in self._events[:n] if event]  # emptied: superseded
         events_json = schema.encode(events)
         # Readers reject a message over MAX_MESSAGE_BYTES: halve until it fits (events are
         # at most a few KB each, so this ends long before one event is left).
         while len(events_json) > MAX_BATCH_BYTES and n > 1:
             n //= 2
-            events = self._events[:n]
+            events = [event for event in self._events[:n] if event]
             events_json = schema.encode(events)
         del self._events[:n]
         # The state change is exactly what this batch's events describe, so a reader that
@@ -368,7 +372,7 @@ class Publisher:
         sets = [(rid, schema.encode_row(row)) for rid, row in rows.items()]
         count = min(len(self._completed), MAX_BATCH_COMPLETED)
         done = [self._completed.popleft() for _ in range(count)]
-        return events_json, n, sets, deletes, done
+        return events_json, len(events), sets, deletes, done
 
     async def _flush_once(self) -> None:
         if self._unsure is not None:
