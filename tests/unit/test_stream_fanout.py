@@ -41,6 +41,30 @@ async def test_close_ends_a_parked_feed() -> None:
             pass
 
 
+async def test_close_threadsafe_ends_a_parked_feed_on_the_loop_it_waits_on() -> None:
+    bc = _bc()
+    frames = snapshot_feed(bc, Client(), 1e9)
+    await anext(frames)
+    waiting = asyncio.create_task(anext(frames))
+    async with asyncio.timeout(5):
+        while bc._next is None:  # parked: the feed's future exists
+            await asyncio.sleep(0)
+    bc.close_threadsafe()  # what the signal handler calls; close() itself runs on the loop
+    assert bc.closed
+    async with asyncio.timeout(1):
+        try:
+            await waiting
+            raise AssertionError("a frame after close")
+        except StopAsyncIteration:
+            pass
+
+
+def test_close_threadsafe_without_a_parked_client_sets_the_flag() -> None:
+    bc = _bc()
+    bc.close_threadsafe()  # no loop at all: nothing to schedule, a new client sees `closed`
+    assert bc.closed
+
+
 def test_disabled_snapshot_shape() -> None:
     bc = _bc()
     data = bc.update_frame.split(b"data: ", 1)[1].strip()
