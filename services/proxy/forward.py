@@ -264,51 +264,47 @@ class ReverseProxy:
         request: httpx.Request,
         started: list[bool],
     ) -> None:
+        # The lease spans the whole exchange: the pool counts a streaming response as busy.
         with self.clients.lease() as client:
-            await self._exchange(client, scope, receive, send, request, started)
-
-    async def _exchange(
-        self,
-        client: httpx.AsyncClient,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        request: httpx.Request,
-        started: list[bool],
-    ) -> None:
-        try:
-            response = await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            if isinstance(exc.__cause__, ClientDisconnected) or isinstance(
-                exc.__context__, ClientDisconnected
-            ):
-                raise ClientDisconnected from exc
-            scope.setdefault("vdm", {})["upstream_error"] = True
-            log.info("upstream %s unreachable: %s", self.public_upstream, self._describe(exc))
-            message = f"the worker could not reach its upstream {self.public_upstream}: "
-            body = {"error": "upstream_unreachable", "message": message + type(exc).__name__}
-            await JSONResponse(body, 502)(scope, receive, send)
-            return
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": _filtered(response.headers.raw, HOP_BY_HOP),
-                }
-            )
-            started.append(True)
             try:
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                response = await client.send(request, stream=True)
             except httpx.HTTPError as exc:
+                if isinstance(exc.__cause__, ClientDisconnected) or isinstance(
+                    exc.__context__, ClientDisconnected
+                ):
+                    raise ClientDisconnected from exc
                 scope.setdefault("vdm", {})["upstream_error"] = True
-                log.info(
-                    "upstream %s broke off mid-response (%s); closing the client's connection",
-                    self.public_upstream,
-                    self._describe(exc),
-                )
-                raise ResponseAborted("upstream broke off mid-response") from None
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
+                log.info("upstream %s unreachable: %s", self.public_upstream, self._describe(exc))
+                message = f"the worker could not reach its upstream {self.public_upstream}: "
+                body = {"error": "upstream_unreachable", "message": message + type(exc).__name__}
+                await JSONResponse(body, 502)(scope, receive, send)
+                return
+            try:
+                await self._relay(scope, send, response, started)
+            finally:
+                await response.aclose()
+
+    async def _relay(
+        self, scope: Scope, send: Send, response: httpx.Response, started: list[bool]
+    ) -> None:
+        """The upstream's response to the client, chunk by chunk as it arrives."""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": _filtered(response.headers.raw, HOP_BY_HOP),
+            }
+        )
+        started.append(True)
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            scope.setdefault("vdm", {})["upstream_error"] = True
+            log.info(
+                "upstream %s broke off mid-response (%s); closing the client's connection",
+                self.public_upstream,
+                self._describe(exc),
+            )
+            raise ResponseAborted("upstream broke off mid-response") from None
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
