@@ -25,7 +25,6 @@ import html
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 from urllib.parse import parse_qs, quote
 
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
@@ -41,6 +40,7 @@ SESSION_LIFETIME = 12 * 3600  # seconds; refreshed while in use (see RequireAuth
 MAX_LIFETIME = 30 * 24 * 3600  # a cookie claiming a later expiry is refused outright
 REALM = "vdm-hub"
 DEFAULT_EXEMPT = ("/healthz", "/readyz")
+LOGIN_PATH = "/dashboard/login"
 _VERSION = "v1"
 _MAX_COOKIE_LEN = 128
 _MAX_FORM_BYTES = 8192
@@ -322,7 +322,7 @@ class LoginRoutes:
         app: ASGIApp,
         token: str,
         *,
-        login_path: str = "/dashboard/login",
+        login_path: str = LOGIN_PATH,
         logout_path: str = "/dashboard/logout",
         home: str = "/dashboard/",
         lifetime: int = SESSION_LIFETIME,
@@ -396,15 +396,16 @@ async def _read_form(receive: Receive) -> dict[str, str]:
     return {k: v[0] for k, v in parsed.items() if v}
 
 
-def protect_dashboard(app: ASGIApp, token: str, **login: Any) -> ASGIApp:
+def protect_dashboard(
+    app: ASGIApp,
+    token: str,
+    *,
+    login_path: str = LOGIN_PATH,
+    lifetime: int = SESSION_LIFETIME,
+) -> ASGIApp:
     """The dashboard's whole access control: login/logout pages in front, everything else
     guarded, browsers without a session sent to the login page."""
-    routes = LoginRoutes(app, token, **login)
-    routes.app = RequireAuth(
-        app,
-        token,
-        exempt_paths=("/healthz",),
-        login_url=routes.login_path,
-        lifetime=routes.lifetime,
+    guarded = RequireAuth(
+        app, token, exempt_paths=("/healthz",), login_url=login_path, lifetime=lifetime
     )
-    return routes
+    return LoginRoutes(guarded, token, login_path=login_path, lifetime=lifetime)
