@@ -102,21 +102,33 @@ class Part:
         return "0" if auto and self.auto_port else str(self.port)
 
 
+@dataclass(frozen=True)
+class _Launch:
+    """How this run starts a part: its command line and its environment."""
+
+    host: str
+    env: Mapping[str, str]
+
+    def service(self, command: str, *extra: str) -> Callable[[Urls], list[str]]:
+        return lambda urls: [*VDM_HUB, command, *extra, "--host", self.host]
+
+    def plain_env(self) -> Callable[[Urls], dict[str, str]]:
+        return lambda urls: dict(self.env)
+
+    def with_redis(
+        self, extra: Mapping[str, str] | None = None
+    ) -> Callable[[Urls], dict[str, str]]:
+        def build(urls: Urls) -> dict[str, str]:
+            return {**self.env, "REDIS_URL": urls["redis"], **(extra or {})}
+
+        return build
+
+
 def plan(
     args: argparse.Namespace, settings: Settings, env: Mapping[str, str], dashboard_port: int
 ) -> list[Part]:
     """The table of parts for this run, in start order."""
-    host = args.host
-
-    def service(command: str, *extra: str) -> Callable[[Urls], list[str]]:
-        return lambda urls: [*VDM_HUB, command, *extra, "--host", host]
-
-    def with_redis(extra: Mapping[str, str] | None = None) -> Callable[[Urls], dict[str, str]]:
-        def build(urls: Urls) -> dict[str, str]:
-            return {**env, "REDIS_URL": urls["redis"], **(extra or {})}
-
-        return build
-
+    launch = _Launch(args.host, env)
     parts: list[Part] = []
     if settings.redis_url is None:
         parts.append(
@@ -126,8 +138,8 @@ def plan(
                 "redis",
                 args.redis_port,
                 "--redis-port",
-                service("redis"),
-                lambda urls: dict(env),
+                launch.service("redis"),
+                launch.plain_env(),
             )
         )
     parts.append(
@@ -137,95 +149,114 @@ def plan(
             "upstream",
             args.upstream_port,
             "--upstream-port",
-            service("demo-upstream"),
-            lambda urls: dict(env),
+            launch.service("demo-upstream"),
+            launch.plain_env(),
         )
     )
-    worker_names = [f"worker-{i}" for i in range(1, args.workers + 1)]
-    for i, name in enumerate(worker_names, 1):
-        parts.append(
-            Part(
-                name,
-                f"worker {i}",
-                "worker",
-                args.worker_base_port + i - 1,
-                "--worker-base-port",
-                lambda urls: [*VDM_HUB, "worker", "--upstream", urls["upstream"], "--host", host],
-                with_redis({"VDM_WORKER_ID": name}),
-                needs=("redis", "upstream"),
-            )
+    workers = _worker_parts(args, launch)
+    parts += workers
+    worker_names = tuple(w.name for w in workers)
+    parts.append(_stream_part(args, settings, launch, dashboard_port))
+    parts.append(_dashboard_part(launch, dashboard_port, worker_names))
+    if args.demo_traffic:
+        parts.append(_load_part(args, launch, worker_names))
+    return parts
+
+
+def _worker_parts(args: argparse.Namespace, launch: _Launch) -> list[Part]:
+    def argv(urls: Urls) -> list[str]:
+        return [*VDM_HUB, "worker", "--upstream", urls["upstream"], "--host", launch.host]
+
+    return [
+        Part(
+            f"worker-{i}",
+            f"worker {i}",
+            "worker",
+            args.worker_base_port + i - 1,
+            "--worker-base-port",
+            argv,
+            launch.with_redis({"VDM_WORKER_ID": f"worker-{i}"}),
+            needs=("redis", "upstream"),
         )
-    cors = [*settings.cors_origins, *dashboard_origins(host, dashboard_port)]
+        for i in range(1, args.workers + 1)
+    ]
+
+
+def _stream_part(
+    args: argparse.Namespace, settings: Settings, launch: _Launch, dashboard_port: int
+) -> Part:
+    cors = [*settings.cors_origins, *dashboard_origins(launch.host, dashboard_port)]
     stream_env = {
         "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors)),
         # A local demo is for trying things: the dashboard's cancel action is on unless the
         # caller says otherwise (a deployment leaves it off by default; docs/security.md).
-        "VDM_CANCEL_ENABLED": env.get("VDM_CANCEL_ENABLED", "true"),
+        "VDM_CANCEL_ENABLED": launch.env.get("VDM_CANCEL_ENABLED", "true"),
     }
-    parts.append(
-        Part(
-            "stream",
-            "stream service",
-            "stream",
-            args.stream_port,
-            "--stream-port",
-            service("stream"),
-            with_redis(stream_env),
-            needs=("redis",),
-        )
+    return Part(
+        "stream",
+        "stream service",
+        "stream",
+        args.stream_port,
+        "--stream-port",
+        launch.service("stream"),
+        launch.with_redis(stream_env),
+        needs=("redis",),
     )
-    # The browser reaches the stream service directly (CORS above); the dashboard's port is
-    # known up front, because the stream service needs the dashboard's origin.
-    parts.append(
-        Part(
-            "dashboard",
-            "dashboard",
-            "dashboard",
-            dashboard_port,
-            "--dashboard-port",
-            service("dashboard"),
-            lambda urls: {
-                **env,
-                "REDIS_URL": urls["redis"],
-                "VDM_STREAM_PUBLIC_URL": urls["stream"],
-            },
-            needs=("redis", "stream", *worker_names),
-            auto_port=False,
-        )
+
+
+def _dashboard_part(launch: _Launch, port: int, worker_names: Sequence[str]) -> Part:
+    # The browser reaches the stream service directly (its CORS origins: _stream_part); the
+    # dashboard's port is known up front, because the stream service needs that origin.
+    return Part(
+        "dashboard",
+        "dashboard",
+        "dashboard",
+        port,
+        "--dashboard-port",
+        launch.service("dashboard"),
+        lambda urls: {
+            **launch.env,
+            "REDIS_URL": urls["redis"],
+            "VDM_STREAM_PUBLIC_URL": urls["stream"],
+        },
+        needs=("redis", "stream", *worker_names),
+        auto_port=False,
     )
-    if args.demo_traffic:
-        parts.append(
-            Part(
-                "load",
-                "demo traffic",
-                "load",
-                0,
-                "",
-                lambda urls: [
-                    *VDM_HUB,
-                    "load",
-                    *(a for name in worker_names for a in ("--target", urls[name])),
-                    "--rate",
-                    f"{args.demo_rate:g}",
-                    "--concurrency",
-                    "32",
-                    "--duration",
-                    "0",  # until `up` stops it
-                    "--stream-share",
-                    "0.4",
-                    "--hold",
-                    DEMO_HOLD_S,
-                    "--shape",
-                    "mixed",
-                ],
-                with_redis(),
-                needs=("redis", "dashboard", *worker_names),
-                # Its once-a-second progress line would push the URLs off the screen; its
-                # output is still kept for the report if it dies.
-                echo=False,
-            )
-        )
-    return parts
+
+
+def _load_part(args: argparse.Namespace, launch: _Launch, worker_names: Sequence[str]) -> Part:
+    def argv(urls: Urls) -> list[str]:
+        return [
+            *VDM_HUB,
+            "load",
+            *(a for name in worker_names for a in ("--target", urls[name])),
+            "--rate",
+            f"{args.demo_rate:g}",
+            "--concurrency",
+            "32",
+            "--duration",
+            "0",  # until `up` stops it
+            "--stream-share",
+            "0.4",
+            "--hold",
+            DEMO_HOLD_S,
+            "--shape",
+            "mixed",
+        ]
+
+    return Part(
+        "load",
+        "demo traffic",
+        "load",
+        0,
+        "",
+        argv,
+        launch.with_redis(),
+        needs=("redis", "dashboard", *worker_names),
+        # Its once-a-second progress line would push the URLs off the screen; its output is
+        # still kept for the report if it dies.
+        echo=False,
+    )
 
 
 # -- ports -------------------------------------------------------------------------------
