@@ -20,11 +20,10 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bench.overhead import OTHER_CORE, WORKER_CORE
 from bench.procs import pin
@@ -32,8 +31,6 @@ from services.proxy.instrument import RequestMetricsMiddleware
 from services.proxy.publisher import Publisher
 from shared.embedded_redis import EmbeddedRedis
 from shared.settings import Settings
-
-ASGI = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
 REQUEST_BODY = orjson.dumps(
     {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
@@ -54,10 +51,10 @@ HEADERS = [
 ]
 
 
-def stand_in(upstream_s: float) -> ASGI:
+def stand_in(upstream_s: float) -> ASGIApp:
     """The proxy's ASGI conversation, with the upstream replaced by a wait."""
 
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
         await asyncio.sleep(upstream_s)
         await send(
@@ -73,8 +70,8 @@ def stand_in(upstream_s: float) -> ASGI:
     return app
 
 
-async def _request(app: ASGI) -> None:
-    scope = {
+async def _request(app: ASGIApp) -> None:
+    scope: Scope = {
         "type": "http",
         "method": "POST",
         "path": "/v1/chat/completions",
@@ -84,7 +81,7 @@ async def _request(app: ASGI) -> None:
     }
     delivered = False
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal delivered
         if not delivered:
             delivered = True
@@ -92,13 +89,13 @@ async def _request(app: ASGI) -> None:
         await asyncio.Event().wait()  # a client that stays connected
         raise AssertionError("unreachable")
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         return None
 
     await app(scope, receive, send)
 
 
-async def _round(app: ASGI, concurrency: int, requests: int) -> float:
+async def _round(app: ASGIApp, concurrency: int, requests: int) -> float:
     """CPU µs per request for ``requests`` requests over ``concurrency`` closed loops."""
 
     async def loop(n: int) -> None:
@@ -169,7 +166,7 @@ async def _measure(
     for concurrency, rate in loads:
         app = stand_in(concurrency / rate)
         instrumented = RequestMetricsMiddleware(app, publisher)
-        sides: dict[str, ASGI] = {"instrumented": instrumented, "bare": app}
+        sides: dict[str, ASGIApp] = {"instrumented": instrumented, "bare": app}
         for side in sides.values():  # warm up
             await _round(side, concurrency, max(concurrency, requests // 10))
         cpu: dict[str, list[float]] = {"instrumented": [], "bare": []}

@@ -1,22 +1,27 @@
 """SSE clients that time when a row appears *with its model* and when it is gone again.
 
-Run as a child process (``python -m bench.rowwatch URL N --track K``) through
+Run as a child process (``python -m bench.rowwatch URL N --track K [--delta]``) through
 :class:`bench.sseload.SSEPool` (``module="bench.rowwatch"``; the clients' connection and the
-command loop are :mod:`bench.sseclients`). It works on whole snapshot
-frames (``event: update``), so it reads any stream that sends full snapshots: ours without
-``delta=1`` and vandamme-proxy's.
+command loop are :mod:`bench.sseclients`). Two ways to read a stream:
+
+- *Snapshots* (the default): whole ``event: update`` frames, so it reads any stream that sends
+  full snapshots: vandamme-proxy's, and ours without ``delta=1``.
+- *Deltas* (``--delta``, with a ``?delta=1`` URL): what our dashboard reads. Every client keeps
+  the rows as the dashboard does: an ``update`` replaces them, a ``delta`` must start from the
+  version held (else it is counted as a gap), removes its ``remove`` ids and puts its
+  ``upsert`` rows.
 
 A probe is identified by its model name, a token the driver chose (the stream of a peer that
 makes up its own request ids has nothing else in common with the request). For each watched
-token a client stamps (``time.monotonic_ns``) the first frame holding the token, which is the
-first frame showing the row with its model, and then the first frame without it: the row is
-gone. That is bytes work only (``token in frame``), so one process keeps up with hundreds of
-streams.
+token a client stamps (``time.monotonic_ns``) the first frame showing the row with its model,
+and then the first frame without it: the row is gone. On snapshots that is bytes work only
+(``token in frame``), so one process keeps up with hundreds of streams.
 
-The first ``K`` clients also parse every frame and check each row: its ``model`` (without a
-``provider:`` prefix, which vandamme strips) must be one the driver announced as sent
-(``known``). A row with a null, unknown or foreign model is a *violation*: a frame that shows a
-request without the model its client sent, or a row that never matched a request at all.
+The first ``K`` clients also check each row a frame shows (on deltas: each row it puts): its
+``model`` (without a ``provider:`` prefix, which vandamme strips) must be one the driver
+announced as sent (``known``). A row with a null, unknown or foreign model is a *violation*: a
+frame that shows a request without the model its client sent, or a row that never matched a
+request at all.
 
 Commands on stdin, one JSON line each back: ``watch TOKEN``; ``known MODEL``; ``report`` (seen
 and gone stamps per token, violations, frames); ``rows`` (models in each tracking client's last
@@ -41,6 +46,8 @@ from bench.sseclients import (
 )
 
 UPDATE = b"event: update"
+DELTA = b"event: delta"
+DATA = b"data:"
 END = b"\n\n"
 MAX_BUFFER = 8 << 20
 
@@ -57,10 +64,15 @@ class Pool(ClientPool["Watcher"]):
 
 
 class Watcher(StreamClient):
-    def __init__(self, pool: Pool, request: bytes, track: bool) -> None:
+    def __init__(self, pool: Pool, request: bytes, track: bool, delta: bool = False) -> None:
         super().__init__(pool, request)
         self.pool: Pool = pool
         self.track = track
+        self.delta = delta
+        # Delta mode: the rows held (request_id -> model) and the version they are at.
+        self.rows: dict[str, str | None] = {}
+        self.version: int | None = None
+        self.gaps = 0
         self.buf = b""
         self.pending: set[bytes] = set()  # watched, not yet seen
         self.showing: set[bytes] = set()  # seen, not yet gone
@@ -75,6 +87,11 @@ class Watcher(StreamClient):
             self.buf = buf if len(buf) < MAX_BUFFER else b""
             return
         self.buf = buf[end + 2 :]
+        if self.delta:
+            # One send is whole frames, so the HTTP chunk-size lines fall between frames.
+            for part in buf[: end + 2].split(END):
+                self.delta_frame(part, now)
+            return
         start = 0
         while True:
             i = buf.find(UPDATE, start, end + 2)
@@ -97,6 +114,44 @@ class Watcher(StreamClient):
         if self.track:
             self.check(frame)
 
+    def delta_frame(self, part: bytes, now: int) -> None:
+        kind = DELTA if DELTA in part else UPDATE if UPDATE in part else None
+        at = part.find(DATA)
+        if kind is None or at < 0:
+            return  # stats, heartbeats, the retry hint
+        body = orjson.loads(part[at + len(DATA) :])
+        if kind == UPDATE:
+            new = {str(r["request_id"]): r.get("model") for r in body.get("active_requests") or []}
+            removed = [rid for rid in self.rows if rid not in new]
+            upserts = body.get("active_requests") or []
+            self.rows = {}
+        elif body.get("base") != self.version:
+            self.gaps += 1  # a frame that cannot be applied: this view is wrong until an update
+            return
+        else:
+            removed = [str(rid) for rid in body.get("remove") or []]
+            upserts = body.get("upsert") or []
+        self.version = body.get("version")
+        self.frames += 1
+        self.became_ready()
+        for rid in removed:
+            model = self.rows.pop(rid, None)
+            tok = model.encode() if isinstance(model, str) else None
+            if tok is not None and tok in self.showing:
+                self.showing.discard(tok)
+                self.pool.gone[tok].append(now)
+        for row in upserts:
+            model = row.get("model")
+            self.rows[str(row["request_id"])] = model if isinstance(model, str) else None
+            tok = model.encode() if isinstance(model, str) else None
+            if tok is not None and tok in self.pending:
+                self.pending.discard(tok)
+                self.showing.add(tok)
+                self.pool.seen[tok].append(now)
+        if self.track:
+            self.check_rows(upserts)
+            self.last_models = list(self.rows.values())
+
     def check(self, frame: bytes) -> None:
         start = frame.find(b"data:")
         try:
@@ -104,6 +159,10 @@ class Watcher(StreamClient):
             rows = body.get("active_requests") or []
         except (orjson.JSONDecodeError, AttributeError):
             return
+        self.last_models = self.check_rows(rows)
+
+    def check_rows(self, rows: list[Any]) -> list[str | None]:
+        """Count the rows shown without a model their client sent; their models."""
         models: list[str | None] = []
         for row in rows:
             model = row.get("model") if isinstance(row, dict) else None
@@ -115,7 +174,7 @@ class Watcher(StreamClient):
                 if rid not in self.pool.violating and len(self.pool.examples) < 5:
                     self.pool.examples.append(f"{rid} model={model!r}")
                 self.pool.violating.add(rid)
-        self.last_models = models
+        return models
 
 
 def answer(pool: Pool, cmd: bytes, arg: bytes) -> Any:
@@ -139,6 +198,7 @@ def answer(pool: Pool, cmd: bytes, arg: bytes) -> Any:
             "examples": pool.examples,
             "frames_min": min((c.frames for c in pool.clients), default=0),
             "open": sum(1 for c in pool.clients if c.open),
+            "gaps": sum(c.gaps for c in pool.clients),
         }
     if cmd == b"rows":
         return [c.last_models for c in pool.clients if c.track]
@@ -148,12 +208,13 @@ def answer(pool: Pool, cmd: bytes, arg: bytes) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = client_parser("bench.rowwatch")
     parser.add_argument("--track", type=int, default=2, help="clients that parse every frame")
+    parser.add_argument("--delta", action="store_true", help="read ?delta=1 streams")
     args = parser.parse_args(argv)
     pool = Pool()
     return run_clients(
         args,
         pool,
-        lambda i, req: Watcher(pool, req, track=i < args.track),
+        lambda i, req: Watcher(pool, req, track=i < args.track, delta=args.delta),
         lambda cmd, arg: answer(pool, cmd, arg),
     )
 

@@ -182,9 +182,9 @@ def _vs_tables(result: Result, vs: VsResult, primary: bool) -> None:
             ours.violations == 0,
         ),
         Verdict(
-            "every client saw every probe and its removal",
-            f"{ours.missed} missed, {ours.stuck} never gone",
-            ours.missed == 0 and ours.stuck == 0,
+            "every client saw every probe and its removal, and applied every delta",
+            f"{ours.missed} missed, {ours.stuck} never gone, {ours.gaps} gaps",
+            ours.missed == 0 and ours.stuck == 0 and ours.gaps == 0,
         ),
     ]
     if ref.violations:

@@ -53,6 +53,7 @@ class Side:
     pairs: int = 0
     violations: int = 0
     violating_rows: int = 0
+    gaps: int = 0  # delta frames a client could not apply (its view was wrong until an update)
     examples: list[str] = field(default_factory=list)
     final_rows: list[int] = field(default_factory=list)  # rows in tracking clients' last frame
     cpu: float = 0.0  # cores: everything this side runs (not its SSE clients)
@@ -138,13 +139,19 @@ async def vs_vandamme(
             worker_urls = [s.url for s in started[:-1]]
             stream_url = started[-1].url
             await asyncio.to_thread(vd.wait_ready)
-            streams = {names[0]: stream_url, names[1]: vd.url}
+            # Each side read as its own dashboard reads it: ours as deltas (``?delta=1``),
+            # vandamme's as the full snapshots it sends.
+            streams = {
+                names[0]: stream_url + STREAM_PATH + "?delta=1",
+                names[1]: vd.url + STREAM_PATH,
+            }
+            modes = {names[0]: ["--delta"], names[1]: []}
             for n in names:
                 await pools[n].start(
-                    streams[n] + STREAM_PATH,
+                    streams[n],
                     clients,
                     module="bench.rowwatch",
-                    args=["--track", str(track)],
+                    args=["--track", str(track), *modes[n]],
                 )
                 if pools[n].ready < clients:
                     raise RuntimeError(f"{n}: only {pools[n].ready} of {clients} SSE clients")
@@ -218,6 +225,7 @@ async def vs_vandamme(
             for tok, stamps in answer["gone"].items():
                 gone.setdefault(tok, []).extend(stamps)
             side.violations += answer["violations"]
+            side.gaps += answer["gaps"]
             side.violating_rows += answer["violating"]
             side.examples += answer["examples"]
         for answer in finals[n]:

@@ -189,6 +189,9 @@ WORKER_COLUMNS: list[dict[str, Any]] = [
     },
 ]
 
+# Several columns repeat ACTIVE_COLUMNS' fields with other widths (this grid has fewer
+# columns) and without the live grid's tooltips: declared per grid, as AG Grid column
+# definitions usually are, rather than built by a helper taking a width for every field.
 RECENT_COLUMNS: list[dict[str, Any]] = [
     {
         "field": "start_time",

@@ -103,28 +103,33 @@ class Part:
         return "0" if auto and self.auto_port else str(self.port)
 
 
-ArgvFor = Callable[[Urls], list[str]]
-EnvFor = Callable[[Urls], dict[str, str]]
+@dataclass(frozen=True)
+class _Launch:
+    """How this run starts a part: its command line and its environment."""
 
+    host: str
+    env: Mapping[str, str]
 
-def _command(host: str, command: str, *extra: str) -> ArgvFor:
-    return lambda urls: [*VDM_HUB, command, *extra, "--host", host]
+    def service(self, command: str, *extra: str) -> Callable[[Urls], list[str]]:
+        return lambda urls: [*VDM_HUB, command, *extra, "--host", self.host]
 
+    def plain_env(self) -> Callable[[Urls], dict[str, str]]:
+        return lambda urls: dict(self.env)
 
-def _env(env: Mapping[str, str], extra: Mapping[str, str] | None = None) -> EnvFor:
-    """The caller's environment with ``extra`` on top; no Redis URL (it needs none)."""
-    return lambda urls: {**env, **(extra or {})}
+    def with_redis(
+        self, extra: Mapping[str, str] | None = None
+    ) -> Callable[[Urls], dict[str, str]]:
+        def build(urls: Urls) -> dict[str, str]:
+            return {**self.env, "REDIS_URL": urls["redis"], **(extra or {})}
 
-
-def _env_with_redis(env: Mapping[str, str], extra: Mapping[str, str] | None = None) -> EnvFor:
-    return lambda urls: {**env, "REDIS_URL": urls["redis"], **(extra or {})}
+        return build
 
 
 def plan(
     args: argparse.Namespace, settings: Settings, env: Mapping[str, str], dashboard_port: int
 ) -> list[Part]:
     """The table of parts for this run, in start order."""
-    host = args.host
+    launch = _Launch(args.host, env)
     parts: list[Part] = []
     if settings.redis_url is None:
         parts.append(
@@ -134,8 +139,8 @@ def plan(
                 "redis",
                 args.redis_port,
                 "--redis-port",
-                _command(host, "redis"),
-                _env(env),
+                launch.service("redis"),
+                launch.plain_env(),
             )
         )
     parts.append(
@@ -145,39 +150,23 @@ def plan(
             "upstream",
             args.upstream_port,
             "--upstream-port",
-            _command(host, "demo-upstream"),
-            _env(env),
+            launch.service("demo-upstream"),
+            launch.plain_env(),
         )
     )
-    workers = _worker_parts(args, env)
-    worker_names = tuple(p.name for p in workers)
+    workers = _worker_parts(args, launch)
     parts += workers
-    parts.append(_stream_part(args, settings, env, dashboard_port))
-    # The browser reaches the stream service directly (its CORS allows the dashboard's
-    # origin, which is why the dashboard's port is known up front).
-    parts.append(
-        Part(
-            "dashboard",
-            "dashboard",
-            "dashboard",
-            dashboard_port,
-            "--dashboard-port",
-            _command(host, "dashboard"),
-            lambda urls: {**_env_with_redis(env)(urls), "VDM_STREAM_PUBLIC_URL": urls["stream"]},
-            needs=("redis", "stream", *worker_names),
-            auto_port=False,
-        )
-    )
+    worker_names = tuple(w.name for w in workers)
+    parts.append(_stream_part(args, settings, launch, dashboard_port))
+    parts.append(_dashboard_part(launch, dashboard_port, worker_names))
     if args.demo_traffic:
-        parts.append(_demo_traffic_part(args, env, worker_names))
+        parts.append(_load_part(args, launch, worker_names))
     return parts
 
 
-def _worker_parts(args: argparse.Namespace, env: Mapping[str, str]) -> list[Part]:
-    host = args.host
-
+def _worker_parts(args: argparse.Namespace, launch: _Launch) -> list[Part]:
     def argv(urls: Urls) -> list[str]:
-        return [*VDM_HUB, "worker", "--upstream", urls["upstream"], "--host", host]
+        return [*VDM_HUB, "worker", "--upstream", urls["upstream"], "--host", launch.host]
 
     return [
         Part(
@@ -187,7 +176,7 @@ def _worker_parts(args: argparse.Namespace, env: Mapping[str, str]) -> list[Part
             args.worker_base_port + i - 1,
             "--worker-base-port",
             argv,
-            _env_with_redis(env, {"VDM_WORKER_ID": f"worker-{i}"}),
+            launch.with_redis({"VDM_WORKER_ID": f"worker-{i}"}),
             needs=("redis", "upstream"),
         )
         for i in range(1, args.workers + 1)
@@ -195,14 +184,14 @@ def _worker_parts(args: argparse.Namespace, env: Mapping[str, str]) -> list[Part
 
 
 def _stream_part(
-    args: argparse.Namespace, settings: Settings, env: Mapping[str, str], dashboard_port: int
+    args: argparse.Namespace, settings: Settings, launch: _Launch, dashboard_port: int
 ) -> Part:
-    cors = [*settings.cors_origins, *dashboard_origins(args.host, dashboard_port)]
+    cors = [*settings.cors_origins, *dashboard_origins(launch.host, dashboard_port)]
     stream_env = {
         "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors)),
         # A local demo is for trying things: the dashboard's cancel action is on unless the
         # caller says otherwise (a deployment leaves it off by default; docs/security.md).
-        "VDM_CANCEL_ENABLED": env.get("VDM_CANCEL_ENABLED", "true"),
+        "VDM_CANCEL_ENABLED": launch.env.get("VDM_CANCEL_ENABLED", "true"),
     }
     return Part(
         "stream",
@@ -210,15 +199,33 @@ def _stream_part(
         "stream",
         args.stream_port,
         "--stream-port",
-        _command(args.host, "stream"),
-        _env_with_redis(env, stream_env),
+        launch.service("stream"),
+        launch.with_redis(stream_env),
         needs=("redis",),
     )
 
 
-def _demo_traffic_part(
-    args: argparse.Namespace, env: Mapping[str, str], worker_names: Sequence[str]
-) -> Part:
+def _dashboard_part(launch: _Launch, port: int, worker_names: Sequence[str]) -> Part:
+    # The browser reaches the stream service directly (its CORS origins: _stream_part); the
+    # dashboard's port is known up front, because the stream service needs that origin.
+    return Part(
+        "dashboard",
+        "dashboard",
+        "dashboard",
+        port,
+        "--dashboard-port",
+        launch.service("dashboard"),
+        lambda urls: {
+            **launch.env,
+            "REDIS_URL": urls["redis"],
+            "VDM_STREAM_PUBLIC_URL": urls["stream"],
+        },
+        needs=("redis", "stream", *worker_names),
+        auto_port=False,
+    )
+
+
+def _load_part(args: argparse.Namespace, launch: _Launch, worker_names: Sequence[str]) -> Part:
     def argv(urls: Urls) -> list[str]:
         return [
             *VDM_HUB,
@@ -245,7 +252,7 @@ def _demo_traffic_part(
         0,
         "",
         argv,
-        _env_with_redis(env),
+        launch.with_redis(),
         needs=("redis", "dashboard", *worker_names),
         # Its once-a-second progress line would push the URLs off the screen; its output is
         # still kept for the report if it dies.

@@ -25,11 +25,12 @@ import html
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
 from urllib.parse import parse_qs, quote
 
-import orjson
+from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.responses import JSONResponse
 
 log = logging.getLogger("vdm.auth")
 
@@ -39,6 +40,7 @@ SESSION_LIFETIME = 12 * 3600  # seconds; refreshed while in use (see RequireAuth
 MAX_LIFETIME = 30 * 24 * 3600  # a cookie claiming a later expiry is refused outright
 REALM = "vdm-hub"
 DEFAULT_EXEMPT = ("/healthz", "/readyz")
+LOGIN_PATH = "/dashboard/login"
 _VERSION = "v1"
 _MAX_COOKIE_LEN = 128
 _MAX_FORM_BYTES = 8192
@@ -159,21 +161,14 @@ def safe_next(target: str | None, default: str) -> str:
     return target
 
 
-async def _respond(
-    send: Send,
-    status: int,
-    body: bytes,
-    content_type: bytes,
-    extra: Iterable[tuple[bytes, bytes]] = (),
-) -> None:
-    headers = [
-        (b"content-type", content_type),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *extra,
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+# Nothing here may be cached: a login page, a refusal or a redirect depends on credentials.
+_NO_STORE = {"cache-control": "no-store"}
+
+
+def _redirect(location: str, cookie: str | None = None) -> Response:
+    """303 to ``location`` (percent-encoded by Starlette), optionally setting a cookie."""
+    headers = _NO_STORE if cookie is None else {**_NO_STORE, "set-cookie": cookie}
+    return RedirectResponse(location, status_code=303, headers=headers)
 
 
 class RequireAuth:
@@ -241,16 +236,11 @@ class RequireAuth:
             return
         if self._wants_login_page(scope):
             target = quote(self._requested(scope), safe="/")
-            location = f"{self.login_url}?next={target}".encode("latin-1")
-            await _respond(send, 303, b"", b"text/plain", [(b"location", location)])
+            await _redirect(f"{self.login_url}?next={target}")(scope, receive, send)
             return
-        await _respond(
-            send,
-            401,
-            orjson.dumps({"error": "unauthorized", "message": _MESSAGES[problem]}),
-            b"application/json",
-            [(b"www-authenticate", _CHALLENGES[problem])],
-        )
+        body = {"error": "unauthorized", "message": _MESSAGES[problem]}
+        headers = {**_NO_STORE, "www-authenticate": _CHALLENGES[problem]}
+        await JSONResponse(body, 401, headers=headers)(scope, receive, send)
 
     def _wants_login_page(self, scope: Scope) -> bool:
         if not self.login_url or scope.get("method") not in ("GET", "HEAD"):
@@ -289,9 +279,9 @@ _MESSAGES = {
     "log in through the dashboard again.",
 }
 _CHALLENGES = {
-    "missing": f'Bearer realm="{REALM}"'.encode(),
-    "wrong": f'Bearer realm="{REALM}", error="invalid_token"'.encode(),
-    "session": f'Bearer realm="{REALM}", error="invalid_token"'.encode(),
+    "missing": f'Bearer realm="{REALM}"',
+    "wrong": f'Bearer realm="{REALM}", error="invalid_token"',
+    "session": f'Bearer realm="{REALM}", error="invalid_token"',
 }
 
 
@@ -309,15 +299,13 @@ form{{display:grid;gap:.75rem;min-width:20rem}}input{{font:inherit;padding:.5rem
 <input type="hidden" name="next" value="{next}">
 <button type="submit">Log in</button></form></body></html>
 """
-_PAGE_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'none'; style-src 'unsafe-inline'; "
-        b"form-action 'self'; frame-ancestors 'none'",
-    ),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-]
+_PAGE_HEADERS = {
+    **_NO_STORE,
+    "content-security-policy": "default-src 'none'; style-src 'unsafe-inline'; "
+    "form-action 'self'; frame-ancestors 'none'",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+}
 
 
 class LoginRoutes:
@@ -334,7 +322,7 @@ class LoginRoutes:
         app: ASGIApp,
         token: str,
         *,
-        login_path: str = "/dashboard/login",
+        login_path: str = LOGIN_PATH,
         logout_path: str = "/dashboard/logout",
         home: str = "/dashboard/",
         lifetime: int = SESSION_LIFETIME,
@@ -351,41 +339,39 @@ class LoginRoutes:
         if scope["type"] != "http" or path not in (self.login_path, self.logout_path):
             await self.app(scope, receive, send)
             return
+        response = await self._answer(scope, receive)
+        await response(scope, receive, send)
+
+    async def _answer(self, scope: Scope, receive: Receive) -> Response:
         secure = request_is_secure(scope)
         method = scope.get("method")
-        if path == self.logout_path and method in ("GET", "POST"):
-            location = self.login_path.encode("latin-1")
-            extra = [(b"location", location), (b"set-cookie", logout_cookie(secure).encode())]
-            await _respond(send, 303, b"", b"text/plain", extra)
-        elif method in ("GET", "HEAD"):
+        if scope.get("path") == self.logout_path and method in ("GET", "POST"):
+            return _redirect(self.login_path, logout_cookie(secure))
+        if method in ("GET", "HEAD"):
             query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
             target = safe_next(query.get("next", [None])[0], self.home)
             if any(verify_session(self.token, v) for v in session_values(scope)):
-                await _respond(send, 303, b"", b"text/plain", [(b"location", target.encode())])
-            else:
-                await self._page(send, 200, target, "")
-        elif method == "POST":
+                return _redirect(target)
+            return self._page(200, target, "")
+        if method == "POST":
             form = await _read_form(receive)
             target = safe_next(form.get("next"), self.home)
             if token_matches(self.token, form.get("token", "")):
-                cookie = login_response_cookie(self.token, secure, lifetime=self.lifetime)
-                extra = [(b"location", target.encode()), (b"set-cookie", cookie.encode())]
-                await _respond(send, 303, b"", b"text/plain", extra)
-            else:
-                log.info("dashboard login refused (wrong token)")
-                await self._page(send, 401, target, "That is not the right token.")
-        else:
-            await _respond(
-                send, 405, b"method not allowed\n", b"text/plain", [(b"allow", b"GET, POST")]
-            )
+                return _redirect(
+                    target, login_response_cookie(self.token, secure, lifetime=self.lifetime)
+                )
+            log.info("dashboard login refused (wrong token)")
+            return self._page(401, target, "That is not the right token.")
+        headers = {**_NO_STORE, "allow": "GET, POST"}
+        return PlainTextResponse("method not allowed\n", 405, headers=headers)
 
-    async def _page(self, send: Send, status: int, target: str, error: str) -> None:
+    def _page(self, status: int, target: str, error: str) -> Response:
         body = _LOGIN_PAGE.format(
             action=html.escape(self.login_path),
             next=html.escape(target),
             error=f'<p class="error" role="alert">{html.escape(error)}</p>' if error else "",
-        ).encode()
-        await _respond(send, status, body, b"text/html; charset=utf-8", _PAGE_HEADERS)
+        )
+        return HTMLResponse(body, status, headers=_PAGE_HEADERS)
 
 
 async def _read_form(receive: Receive) -> dict[str, str]:
@@ -410,15 +396,16 @@ async def _read_form(receive: Receive) -> dict[str, str]:
     return {k: v[0] for k, v in parsed.items() if v}
 
 
-def protect_dashboard(app: ASGIApp, token: str, **login: Any) -> ASGIApp:
+def protect_dashboard(
+    app: ASGIApp,
+    token: str,
+    *,
+    login_path: str = LOGIN_PATH,
+    lifetime: int = SESSION_LIFETIME,
+) -> ASGIApp:
     """The dashboard's whole access control: login/logout pages in front, everything else
     guarded, browsers without a session sent to the login page."""
-    routes = LoginRoutes(app, token, **login)
-    routes.app = RequireAuth(
-        app,
-        token,
-        exempt_paths=("/healthz",),
-        login_url=routes.login_path,
-        lifetime=routes.lifetime,
+    guarded = RequireAuth(
+        app, token, exempt_paths=("/healthz",), login_url=login_path, lifetime=lifetime
     )
-    return routes
+    return LoginRoutes(guarded, token, login_path=login_path, lifetime=lifetime)

@@ -99,6 +99,37 @@ class WorkerRecord(TypedDict):
     events_dropped: NotRequired[int]
 
 
+class StartEvent(TypedDict):
+    """A request began; carries its whole row."""
+
+    type: str  # EventType.START
+    row: Row
+
+
+class ProgressEvent(TypedDict):
+    """Changed fields of a request in flight (any of :data:`PROGRESS_FIELDS`)."""
+
+    type: str  # EventType.PROGRESS
+    request_id: str
+
+
+class EndEvent(TypedDict):
+    """A request finished; the row goes (its completed entry is in the completed stream)."""
+
+    type: str  # EventType.END
+    request_id: str
+    status: int
+    outcome: str
+    duration_ms: float
+    input_tokens: int | None
+    output_tokens: int | None
+    bytes_out: int
+
+
+# What a worker's batch carries about its requests (worker_up/down are the stream service's).
+RequestEvent = StartEvent | ProgressEvent | EndEvent
+
+
 class Batch(TypedDict):
     v: int
     worker_id: str

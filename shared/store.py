@@ -147,7 +147,11 @@ class WireScripts:
         completed_maxlen: int,
         ttl_ms: int,
     ) -> int:
-        """Apply one batch; returns its seq. Raises :class:`NotRegistered` on epoch mismatch."""
+        """Apply one batch; returns its seq. Raises :class:`NotRegistered` on epoch mismatch.
+
+        The parameters are ``apply_keys_args``' (the publisher's raw fast path calls that one
+        directly), spelled out rather than packed so both calls stay type-checked.
+        """
         keys, args = self.apply_keys_args(
             worker_id,
             epoch,

@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from services.demo import vendors
 from services.demo.vendors import Vendor
+from shared.responses import JSONResponse
 from shared.serve import serve
 from shared.settings import Settings
 
@@ -47,7 +48,6 @@ MAX_CHUNK_DELAY_MS = 60_000
 MAX_BYTES = 1 << 30
 MAX_BYTES_CHUNK = 1 << 20
 
-JSON = "application/json"
 # Cache-Control and X-Accel-Buffering as real SSE APIs send them, so proxies pass chunks on.
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -116,10 +116,6 @@ async def _hold(request: Request, seconds: float) -> bool:
     return False
 
 
-def _json(content: bytes, status: int = 200) -> Response:
-    return Response(content, status_code=status, media_type=JSON)
-
-
 async def _paced(stream: vendors.SSEStream, delay: float) -> AsyncIterator[bytes]:
     """The stream's frames, sleeping ``delay`` before each content frame."""
     for frame in stream.opening:
@@ -132,80 +128,65 @@ async def _paced(stream: vendors.SSEStream, delay: float) -> AsyncIterator[bytes
         yield frame
 
 
-def create_app(
-    latency: float = 0.05,
-    chunk_delay: float = 0.02,
-    chunks: int = 16,
-    error_rate: float = 0.0,
-    *,
-    seed: int | None = None,
-) -> Starlette:
-    config = UpstreamConfig(latency, chunk_delay, chunks, error_rate)
-    rng = random.Random(seed)
-    models_body = orjson.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": 0, "owned_by": "vdm-demo"}
-                for name in vendors.MODELS
-            ],
-        }
-    )
+def _error(exc: BadOverride) -> Response:
+    return JSONResponse({"error": str(exc)}, 400)
 
-    def llm_endpoint(vendor: Vendor, responses: bool = False) -> Callable[[Request], Any]:
+
+class DemoUpstream:
+    """The endpoints, sharing one configuration and one random source (for --error-rate)."""
+
+    def __init__(self, config: UpstreamConfig, rng: random.Random) -> None:
+        self.config = config
+        self.rng = rng
+        self.models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "vdm-demo"}
+                    for name in vendors.MODELS
+                ],
+            }
+        )
+
+    def llm_endpoint(self, vendor: Vendor, responses: bool = False) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
-            try:
-                over = parse_overrides(request.headers, config)
-            except BadOverride as exc:
-                return _json(vendors.error_body(vendor, 400, str(exc)), 400)
-            raw = await request.body()
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                return _json(vendors.error_body(vendor, 400, "request body is not valid JSON"), 400)
-            if not isinstance(body, dict):
-                return _json(vendors.error_body(vendor, 400, "request body must be an object"), 400)
-            if not await _hold(request, over.delay):
-                return Response(status_code=499)  # nobody is listening any more
-            if over.status is not None:
-                message = f"status {over.status} forced by x-demo-status"
-                return _json(vendors.error_body(vendor, over.status, message), over.status)
-            if config.error_rate > 0 and rng.random() < config.error_rate:
-                message = "injected failure (demo-upstream --error-rate)"
-                return _json(vendors.error_body(vendor, 500, message), 500)
-            model = vendors.model_of(body)
-            prompt = vendors.input_tokens(body)
-            if vendors.wants_stream(body):
-                if responses:
-                    stream = vendors.responses_stream(model, prompt, over.chunks)
-                elif vendor is Vendor.ANTHROPIC:
-                    stream = vendors.anthropic_stream(model, prompt, over.chunks)
-                else:
-                    stream = vendors.openai_stream(model, prompt, over.chunks)
-                return StreamingResponse(
-                    _paced(stream, over.chunk_delay),
-                    media_type="text/event-stream",
-                    headers=SSE_HEADERS,
-                )
-            if responses:
-                return _json(vendors.responses_answer(model, prompt, over.chunks))
-            if vendor is Vendor.ANTHROPIC:
-                return _json(vendors.anthropic_message(model, prompt, over.chunks))
-            return _json(vendors.openai_completion(model, prompt, over.chunks))
+            return await self.llm(request, vendor, responses)
 
         return endpoint
 
-    async def models(request: Request) -> Response:
-        return _json(models_body)
+    async def llm(self, request: Request, vendor: Vendor, responses: bool) -> Response:
+        def error(status: int, message: str) -> Response:
+            return JSONResponse(vendors.error_body(vendor, status, message), status)
 
-    async def healthz(request: Request) -> Response:
-        return _json(b'{"status":"ok"}')
-
-    async def echo(request: Request) -> Response:
         try:
-            over = parse_overrides(request.headers, config)
+            over = parse_overrides(request.headers, self.config)
         except BadOverride as exc:
-            return _json(orjson.dumps({"error": str(exc)}), 400)
+            return error(400, str(exc))
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return error(400, "request body is not valid JSON")
+        if not isinstance(body, dict):
+            return error(400, "request body must be an object")
+        if not await _hold(request, over.delay):
+            return Response(status_code=499)  # nobody is listening any more
+        if over.status is not None:
+            return error(over.status, f"status {over.status} forced by x-demo-status")
+        if self.config.error_rate > 0 and self.rng.random() < self.config.error_rate:
+            return error(500, "injected failure (demo-upstream --error-rate)")
+        return _answer(vendor, responses, body, over)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(self.models_body)
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def echo(self, request: Request) -> Response:
+        try:
+            over = parse_overrides(request.headers, self.config)
+        except BadOverride as exc:
+            return _error(exc)
         digest = hashlib.sha256()
         size = 0
         async for chunk in request.stream():
@@ -228,45 +209,76 @@ def create_app(
             "body_bytes": size,
             "body_sha256": digest.hexdigest(),
         }
-        return _json(orjson.dumps(description), over.status or 200)
+        return JSONResponse(description, over.status or 200)
 
-    async def byte_stream(request: Request) -> Response:
+    async def byte_stream(self, request: Request) -> Response:
         try:
             total = _bounded_int(request.query_params, "n", 0, MAX_BYTES)
             size = _bounded_int(request.query_params, "chunk", 1, MAX_BYTES_CHUNK)
             delay_ms = _bounded_int(request.query_params, "delay_ms", 0, MAX_DELAY_MS)
         except BadOverride as exc:
-            return _json(orjson.dumps({"error": str(exc)}), 400)
+            return _error(exc)
         if total is None:
-            return _json(
-                orjson.dumps({"error": "query parameter n (bytes to send) is required"}), 400
-            )
+            return JSONResponse({"error": "query parameter n (bytes to send) is required"}, 400)
         chunk = size or min(max(total, 1), 65536)
-        delay = (delay_ms or 0) / 1000
-
-        async def body() -> AsyncIterator[bytes]:
-            pattern = _PATTERN * (chunk // len(_PATTERN) + 2)
-            for offset in range(0, total, chunk):
-                if offset and delay:
-                    await asyncio.sleep(delay)
-                start = offset % len(_PATTERN)
-                yield pattern[start : start + min(chunk, total - offset)]
-
         return StreamingResponse(
-            body(),
+            _pattern_chunks(total, chunk, (delay_ms or 0) / 1000),
             media_type="application/octet-stream",
             headers={"content-length": str(total), "cache-control": "no-cache"},
         )
 
+
+def _answer(vendor: Vendor, responses: bool, body: dict[str, Any], over: Overrides) -> Response:
+    """The vendor's answer to ``body``: a paced SSE stream or one JSON document."""
+    model = vendors.model_of(body)
+    prompt = vendors.input_tokens(body)
+    if vendors.wants_stream(body):
+        if responses:
+            stream = vendors.responses_stream(model, prompt, over.chunks)
+        elif vendor is Vendor.ANTHROPIC:
+            stream = vendors.anthropic_stream(model, prompt, over.chunks)
+        else:
+            stream = vendors.openai_stream(model, prompt, over.chunks)
+        return StreamingResponse(
+            _paced(stream, over.chunk_delay), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+    if responses:
+        return JSONResponse(vendors.responses_answer(model, prompt, over.chunks))
+    if vendor is Vendor.ANTHROPIC:
+        return JSONResponse(vendors.anthropic_message(model, prompt, over.chunks))
+    return JSONResponse(vendors.openai_completion(model, prompt, over.chunks))
+
+
+async def _pattern_chunks(total: int, chunk: int, delay: float) -> AsyncIterator[bytes]:
+    """``total`` bytes of the pattern in pieces of ``chunk``, ``delay`` seconds apart."""
+    pattern = _PATTERN * (chunk // len(_PATTERN) + 2)
+    for offset in range(0, total, chunk):
+        if offset and delay:
+            await asyncio.sleep(delay)
+        start = offset % len(_PATTERN)
+        yield pattern[start : start + min(chunk, total - offset)]
+
+
+def create_app(
+    latency: float = 0.05,
+    chunk_delay: float = 0.02,
+    chunks: int = 16,
+    error_rate: float = 0.0,
+    *,
+    seed: int | None = None,
+) -> Starlette:
+    demo = DemoUpstream(
+        UpstreamConfig(latency, chunk_delay, chunks, error_rate), random.Random(seed)
+    )
     routes = [
-        Route("/v1/chat/completions", llm_endpoint(Vendor.OPENAI), methods=["POST"]),
-        Route("/v1/messages", llm_endpoint(Vendor.ANTHROPIC), methods=["POST"]),
-        Route("/v1/responses", llm_endpoint(Vendor.OPENAI, responses=True), methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/echo", echo, methods=ALL_METHODS),
-        Route("/echo/{path:path}", echo, methods=ALL_METHODS),
-        Route("/bytes", byte_stream, methods=["GET"]),
+        Route("/v1/chat/completions", demo.llm_endpoint(Vendor.OPENAI), methods=["POST"]),
+        Route("/v1/messages", demo.llm_endpoint(Vendor.ANTHROPIC), methods=["POST"]),
+        Route("/v1/responses", demo.llm_endpoint(Vendor.OPENAI, responses=True), methods=["POST"]),
+        Route("/v1/models", demo.models, methods=["GET"]),
+        Route("/healthz", demo.healthz, methods=["GET"]),
+        Route("/echo", demo.echo, methods=ALL_METHODS),
+        Route("/echo/{path:path}", demo.echo, methods=ALL_METHODS),
+        Route("/bytes", demo.byte_stream, methods=["GET"]),
     ]
     return Starlette(routes=routes)
 
@@ -292,37 +304,26 @@ def _number(low: float, high: float, kind: Callable[[str], Any] = float) -> Call
     return parse
 
 
+# The paced-answer options: flag, parser (with bounds), default, metavar, help.
+_OPTIONS: list[tuple[str, Callable[[str], Any], float, str, str]] = [
+    ("--latency", _number(0, MAX_DELAY_MS / 1000), 0.05, "S",
+     "seconds before the first response byte"),
+    ("--chunk-delay", _number(0, MAX_CHUNK_DELAY_MS / 1000), 0.02, "S",
+     "seconds before each streamed content chunk"),
+    ("--chunks", _number(0, MAX_CHUNKS, int), 16, "N",
+     "content chunks (= output tokens) per answer"),
+    ("--error-rate", _number(0, 1), 0.0, "F",
+     "share of LLM requests answered with HTTP 500, 0..1"),
+]  # fmt: skip
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
     parser.add_argument("--port", type=int, default=8001, help="port, 0 for a free one [8001]")
-    parser.add_argument(
-        "--latency",
-        type=_number(0, MAX_DELAY_MS / 1000),
-        default=0.05,
-        metavar="S",
-        help="seconds before the first response byte [0.05]",
-    )
-    parser.add_argument(
-        "--chunk-delay",
-        type=_number(0, MAX_CHUNK_DELAY_MS / 1000),
-        default=0.02,
-        metavar="S",
-        help="seconds before each streamed content chunk [0.02]",
-    )
-    parser.add_argument(
-        "--chunks",
-        type=_number(0, MAX_CHUNKS, int),
-        default=16,
-        metavar="N",
-        help="content chunks (= output tokens) per answer [16]",
-    )
-    parser.add_argument(
-        "--error-rate",
-        type=_number(0, 1),
-        default=0.0,
-        metavar="F",
-        help="share of LLM requests answered with HTTP 500, 0..1 [0]",
-    )
+    for flag, kind, default, metavar, text in _OPTIONS:
+        parser.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} [{default:g}]"
+        )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -16,9 +16,10 @@ from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
 from services.httppool import ShardedClients
-from services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts, send_json
+from services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts
 from services.proxy.instrument import RequestMetricsMiddleware
 from services.proxy.publisher import Publisher
+from shared.responses import JSONResponse
 from shared.settings import Settings
 
 OWN_PREFIX = "/_vdm/"
@@ -64,7 +65,7 @@ class WorkerApp:
         kind = scope["type"]
         if kind == "http":
             if scope["path"].startswith(OWN_PREFIX):
-                await self._own(scope, send)
+                await self._own(scope, receive, send)
             else:
                 await self.proxied(scope, receive, send)
         elif kind == "lifespan":
@@ -72,7 +73,7 @@ class WorkerApp:
             # shutdown errors surfaced) around our context manager; requests never reach it.
             await self._lifespan_router.lifespan(scope, receive, send)
 
-    async def _own(self, scope: Scope, send: Send) -> None:
+    async def _own(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"]
         if path == "/_vdm/healthz":
             status, body = 200, {"status": "ok"}
@@ -85,7 +86,7 @@ class WorkerApp:
             )
         else:
             status, body = 404, {"error": "not_found", "message": f"no worker endpoint {path}"}
-        await send_json(send, status, body)
+        await JSONResponse(body, status)(scope, receive, send)
 
 
 def create_app(

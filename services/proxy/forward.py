@@ -30,10 +30,10 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import httpx
-import orjson
-from starlette.types import Message, Scope
+from starlette.types import Message, Receive, Scope, Send
 
 from services.httppool import ShardedClients
+from shared.responses import JSONResponse
 
 log = logging.getLogger("vdm.proxy")
 
@@ -113,22 +113,6 @@ def _filtered(headers: Any, drop: frozenset[bytes]) -> list[tuple[bytes, bytes]]
     ]
 
 
-async def send_json(send: Any, status: int, payload: Any) -> None:
-    """A complete JSON response on a raw ASGI ``send``."""
-    body = orjson.dumps(payload)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 def make_client(max_connections: int = 100) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=30.0),
@@ -183,18 +167,13 @@ class ReverseProxy:
             clients if isinstance(clients, ShardedClients) else ShardedClients.of(clients)
         )
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert scope["type"] == "http"
         target = request_path(scope)
         if target is None:
-            await send_json(
-                send,
-                400,
-                {
-                    "error": "bad_request_target",
-                    "message": "the request target must be a path starting with a single '/'",
-                },
-            )
+            message = "the request target must be a path starting with a single '/'"
+            body = {"error": "bad_request_target", "message": message}
+            await JSONResponse(body, 400)(scope, receive, send)
             return
         vdm: dict[str, Any] = scope.setdefault("vdm", {})
         body_done = asyncio.Event()
@@ -235,7 +214,7 @@ class ReverseProxy:
         )
 
         started: list[bool] = []  # non-empty once the response head went to the client
-        forward = asyncio.ensure_future(self._forward(scope, request, send, started))
+        forward = asyncio.ensure_future(self._forward(scope, receive, send, request, started))
         watcher = asyncio.ensure_future(self._wait_disconnect(receive, body_done))
         vdm["abort"] = forward.cancel
         if vdm.get("cancelled"):  # asked before the abort hook was in place
@@ -252,11 +231,8 @@ class ReverseProxy:
         if vdm.get("cancelled") and forward.cancelled():
             if started:
                 raise ResponseAborted("cancelled mid-response")
-            await send_json(
-                send,
-                CANCELLED_STATUS,
-                {"error": "cancelled", "message": "the request was cancelled by an operator"},
-            )
+            body = {"error": "cancelled", "message": "the request was cancelled by an operator"}
+            await JSONResponse(body, CANCELLED_STATUS)(scope, receive, send)
             return
         if forward.done() and not forward.cancelled():
             exc = forward.exception()
@@ -272,7 +248,7 @@ class ReverseProxy:
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
     @staticmethod
-    async def _wait_disconnect(receive: Any, body_done: asyncio.Event) -> None:
+    async def _wait_disconnect(receive: Receive, body_done: asyncio.Event) -> None:
         # Only after the body has been read: before that, the body generator owns receive().
         await body_done.wait()
         while True:
@@ -281,55 +257,54 @@ class ReverseProxy:
                 return
 
     async def _forward(
-        self, scope: Scope, request: httpx.Request, send: Any, started: list[bool]
-    ) -> None:
-        with self.clients.lease() as client:
-            await self._exchange(client, scope, request, send, started)
-
-    async def _exchange(
         self,
-        client: httpx.AsyncClient,
         scope: Scope,
+        receive: Receive,
+        send: Send,
         request: httpx.Request,
-        send: Any,
         started: list[bool],
     ) -> None:
-        try:
-            response = await client.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            if isinstance(exc.__cause__, ClientDisconnected) or isinstance(
-                exc.__context__, ClientDisconnected
-            ):
-                raise ClientDisconnected from exc
-            scope.setdefault("vdm", {})["upstream_error"] = True
-            log.info("upstream %s unreachable: %s", self.public_upstream, self._describe(exc))
-            message = f"the worker could not reach its upstream {self.public_upstream}: "
-            await send_json(
-                send,
-                502,
-                {"error": "upstream_unreachable", "message": message + type(exc).__name__},
-            )
-            return
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": response.status_code,
-                    "headers": _filtered(response.headers.raw, HOP_BY_HOP),
-                }
-            )
-            started.append(True)
+        # The lease spans the whole exchange: the pool counts a streaming response as busy.
+        with self.clients.lease() as client:
             try:
-                async for chunk in response.aiter_raw():
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                response = await client.send(request, stream=True)
             except httpx.HTTPError as exc:
+                if isinstance(exc.__cause__, ClientDisconnected) or isinstance(
+                    exc.__context__, ClientDisconnected
+                ):
+                    raise ClientDisconnected from exc
                 scope.setdefault("vdm", {})["upstream_error"] = True
-                log.info(
-                    "upstream %s broke off mid-response (%s); closing the client's connection",
-                    self.public_upstream,
-                    self._describe(exc),
-                )
-                raise ResponseAborted("upstream broke off mid-response") from None
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        finally:
-            await response.aclose()
+                log.info("upstream %s unreachable: %s", self.public_upstream, self._describe(exc))
+                message = f"the worker could not reach its upstream {self.public_upstream}: "
+                body = {"error": "upstream_unreachable", "message": message + type(exc).__name__}
+                await JSONResponse(body, 502)(scope, receive, send)
+                return
+            try:
+                await self._relay(scope, send, response, started)
+            finally:
+                await response.aclose()
+
+    async def _relay(
+        self, scope: Scope, send: Send, response: httpx.Response, started: list[bool]
+    ) -> None:
+        """The upstream's response to the client, chunk by chunk as it arrives."""
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": _filtered(response.headers.raw, HOP_BY_HOP),
+            }
+        )
+        started.append(True)
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.HTTPError as exc:
+            scope.setdefault("vdm", {})["upstream_error"] = True
+            log.info(
+                "upstream %s broke off mid-response (%s); closing the client's connection",
+                self.public_upstream,
+                self._describe(exc),
+            )
+            raise ResponseAborted("upstream broke off mid-response") from None
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

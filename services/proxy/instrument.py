@@ -36,7 +36,7 @@ from collections import deque
 from typing import Any, Protocol
 
 import orjson
-from starlette.types import Message, Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.proxy import sniff
 from services.proxy.cancel import InFlight
@@ -356,7 +356,7 @@ class RequestMetricsMiddleware:
 
     def __init__(
         self,
-        app: Any,
+        app: ASGIApp,
         recorder: Recorder,
         *,
         request_id_header: bool = True,
@@ -372,7 +372,7 @@ class RequestMetricsMiddleware:
         self.in_flight = in_flight if isinstance(in_flight, InFlight) else InFlight()
         self._bound = _StartBound(start_bound)
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -14,11 +14,13 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 from starlette.middleware.cors import CORSMiddleware
@@ -30,40 +32,19 @@ from services.stream.cancel import cancel_router
 from services.stream.fanout import Broadcaster
 from services.stream.hub import Hub
 from services.stream.memo import PeriodicMemo
-from services.stream.metrics import StreamMetrics
+from services.stream.metrics import RequestMetrics, StreamMetrics
 from services.stream.sse import SSEEndpoint
-from services.stream.stats import RollingStats
-from services.stream.supervise import Supervisor
-from shared import schema
+from services.stream.stats import RollingStats, flight_summary
+from services.stream.supervise import TaskSupervisor
 from shared.auth import DEFAULT_EXEMPT, RequireAuth
 from shared.keys import Keys
 from shared.redis_client import build_client
+from shared.responses import JSONResponse
 from shared.settings import Settings
 
 log = logging.getLogger("vdm.stream")
 
 STREAM_PATH = "/metrics/active-requests/stream"
-
-
-class JSONBytes(Response):
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return content if isinstance(content, bytes) else orjson.dumps(content)
-
-
-def _in_flight(hub: Hub | None) -> dict[str, Any]:
-    by_worker: dict[str, int] = {}
-    by_model: dict[str, int] = {}
-    total = 0
-    if hub is not None:
-        for wid, view in hub.workers.items():
-            by_worker[wid] = len(view.rows)
-            total += len(view.rows)
-            for row in view.rows.values():
-                model = row["model"] or schema.UNKNOWN_MODEL
-                by_model[model] = by_model.get(model, 0) + 1
-    return {"fleet": total, "by_worker": by_worker, "by_model": by_model}
 
 
 def _unsync(hub: Hub) -> Callable[[], None]:
@@ -88,17 +69,13 @@ class StreamApp(FastAPI):
     see ``_access_control``), so the HTTP contract is unchanged.
     """
 
-    sse_fast_path: ASGIApp | None = None
+    def __init__(self, *, sse_fast_path: ASGIApp, **options: Any) -> None:
+        super().__init__(**options)
+        self.sse_fast_path = sse_fast_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        fast = self.sse_fast_path
-        if (
-            fast is not None
-            and scope["type"] == "http"
-            and scope["method"] == "GET"
-            and scope["path"] == STREAM_PATH
-        ):
-            await fast(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == STREAM_PATH:
+            await self.sse_fast_path(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
 
@@ -134,24 +111,46 @@ def _guarded(endpoint: ASGIApp, settings: Settings) -> ASGIApp:
     return app
 
 
-def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastAPI:
-    owns_redis = redis is None
+@dataclass(frozen=True)
+class StreamService:
+    """The objects of one stream service, each handed what it uses when it is built."""
+
+    settings: Settings
+    redis: aioredis.Redis
+    owns_redis: bool
+    keys: Keys
+    hub: Hub | None
+    stats: RollingStats
+    broadcaster: Broadcaster
+    metrics: StreamMetrics
+    supervisor: TaskSupervisor
+    summary_memo: PeriodicMemo[bytes]
+
+
+def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> StreamService:
     client = redis or build_client(settings)
     keys = Keys(settings.key_prefix)
-    metrics = StreamMetrics()
+    # The hub sets `changes` on every change, the broadcaster's update loop waits on it.
+    changes = asyncio.Event()
     # LOG_REQUEST_METRICS=false: no hub at all; every stream gets a `disabled` event.
     hub = (
-        Hub(client, keys, heartbeat_interval=settings.worker_heartbeat_interval)
+        Hub(
+            client,
+            keys,
+            heartbeat_interval=settings.worker_heartbeat_interval,
+            on_change=changes.set,
+        )
         if settings.log_request_metrics
         else None
     )
+    finished = RequestMetrics()
     stats = RollingStats(
         client,
         keys,
         step=settings.sse_interval,
-        in_flight=lambda: _in_flight(hub),
-        on_entry=metrics.observe,
-        on_malformed=metrics.malformed_completed,
+        in_flight=(lambda: flight_summary(hub.in_flight())) if hub is not None else None,
+        on_entry=finished.observe,
+        on_malformed=finished.malformed_completed,
     )
     bc = Broadcaster(
         hub,
@@ -161,45 +160,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
         max_clients=settings.max_sse_clients,
         stats_summary=stats.tick,
         snapshot_bps=settings.sse_snapshot_max_bps,
-    )
-    if hub is not None:
-        hub.on_change = bc.notify_change
-    metrics.attach(hub, bc, stuck_after=settings.stuck_after)
-    supervisor = Supervisor()
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bc.loop = asyncio.get_running_loop()
-        jobs: list[Callable[[], Awaitable[None]]] = []
-        if hub is not None:
-            jobs += [hub.run, hub.reap_loop, stats.run]
-            jobs += [bc.run_updates, bc.run_heartbeats]
-            jobs += [functools.partial(bc.run_sweeps, settings.sse_send_timeout)]
-        # Supervised (services/stream/supervise.py): a crash is logged, /readyz says not ready
-        # and the loop restarts with backoff, instead of a silent death.
-        for job in jobs:
-            # A crashed reader leaves its view unsynced until its restart has resynced it.
-            crash = _unsync(hub) if hub is not None and job == hub.run else None
-            supervisor.add(_job_name(job), job, crash)
-        supervisor.start()
-        try:
-            yield
-        finally:
-            bc.close()
-            # Await them, so nothing still uses the client we close next -- but bounded: a
-            # task that does not unwind promptly must not hold shutdown past 2 s.
-            await supervisor.stop(timeout=1.0)
-            if owns_redis:
-                with contextlib.suppress(TimeoutError, RedisError, OSError):
-                    async with asyncio.timeout(0.5):
-                        await client.aclose()
-
-    sse = SSEEndpoint(
-        bc,
-        sse_enabled=settings.sse_enabled,
-        metrics_enabled=settings.log_request_metrics,
-        send_timeout=settings.sse_send_timeout,
-        snapshot_bps=settings.sse_snapshot_max_bps,
+        changes=changes,
     )
     # The polling endpoints answer from a cache whatever the number of pollers: the snapshot
     # is the broadcaster's (built at most once per published version), the summary is
@@ -207,15 +168,134 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     summary_memo = PeriodicMemo(
         lambda: orjson.dumps(stats.summary(time.time())), min(1.0, settings.sse_interval)
     )
-    app = StreamApp(title="vdm-hub stream service", lifespan=lifespan)
-    app.sse_fast_path = _guarded(sse, settings)
+    return StreamService(
+        settings=settings,
+        redis=client,
+        owns_redis=redis is None,
+        keys=keys,
+        hub=hub,
+        stats=stats,
+        broadcaster=bc,
+        metrics=StreamMetrics(hub, bc, finished, stuck_after=settings.stuck_after),
+        supervisor=_supervisor(hub, stats, bc, settings.sse_send_timeout),
+        summary_memo=summary_memo,
+    )
+
+
+def _supervisor(
+    hub: Hub | None, stats: RollingStats, bc: Broadcaster, send_timeout: float
+) -> TaskSupervisor:
+    """The background loops, supervised (services/stream/supervise.py): a crash is logged,
+    /readyz says not ready and the loop restarts with backoff, instead of a silent death."""
+    supervisor = TaskSupervisor()
+    if hub is None:
+        return supervisor
+    jobs: list[Callable[[], Awaitable[None]]] = [hub.run, hub.reap_loop, stats.run]
+    jobs += [bc.run_updates, bc.run_heartbeats, functools.partial(bc.run_sweeps, send_timeout)]
+    for job in jobs:
+        # A crashed reader leaves its view unsynced until its restart has resynced it.
+        crash = _unsync(hub) if job == hub.run else None
+        supervisor.add(_job_name(job), job, crash)
+    return supervisor
+
+
+def _lifespan(service: StreamService) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.supervisor.start()
+        try:
+            yield
+        finally:
+            service.broadcaster.close()
+            # Await them, so nothing still uses the client we close next -- but bounded: a
+            # task that does not unwind promptly must not hold shutdown past 2 s.
+            await service.supervisor.stop(timeout=1.0)
+            if service.owns_redis:
+                with contextlib.suppress(TimeoutError, RedisError, OSError):
+                    async with asyncio.timeout(0.5):
+                        await service.redis.aclose()
+
+    return lifespan
+
+
+def _data_routes(service: StreamService) -> APIRouter:
+    router = APIRouter()
+    bc, memo, metrics = service.broadcaster, service.summary_memo, service.metrics
+
+    @router.get("/metrics/active-requests")
+    async def active_requests() -> Response:
+        return JSONResponse(await bc.fresh_snapshot())
+
+    @router.get("/metrics/summary")
+    async def summary() -> Response:
+        return JSONResponse(memo.get())
+
+    @router.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return router
+
+
+async def not_ready_because(service: StreamService) -> str | None:
+    """Why the service is not ready (its hub is not in sync, a loop crashed, Redis is away)."""
+    hub, supervisor = service.hub, service.supervisor
+    if hub is None:
+        return None
+    if not supervisor.healthy:
+        failing = ", ".join(sorted(supervisor.failing))
+        return f"background task failed, restarting: {failing} (see the log)"
+    if not hub.ready:
+        return "not in sync with Redis yet (starting, or resyncing after a lost link)"
+    try:
+        async with asyncio.timeout(1.0):
+            await service.redis.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        return f"Redis unreachable: {exc}"
+    return None
+
+
+def _health_routes(service: StreamService) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz")
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"})
+
+    @router.get("/readyz")
+    async def readyz() -> Response:
+        hub = service.hub
+        if hub is None:
+            return JSONResponse({"status": "ready", "metrics": "disabled"})
+        problem = await not_ready_because(service)
+        if problem:
+            return JSONResponse({"status": "not_ready", "reason": problem}, status_code=503)
+        return JSONResponse({"status": "ready", "workers": len(hub.workers)})
+
+    return router
+
+
+def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastAPI:
+    service = build_service(settings, redis)
+    sse = SSEEndpoint(
+        service.broadcaster,
+        sse_enabled=settings.sse_enabled,
+        metrics_enabled=settings.log_request_metrics,
+        send_timeout=settings.sse_send_timeout,
+        snapshot_bps=settings.sse_snapshot_max_bps,
+    )
+    app = StreamApp(
+        sse_fast_path=_guarded(sse, settings),
+        title="vdm-hub stream service",
+        lifespan=_lifespan(service),
+    )
     app.state.settings = settings
-    app.state.hub = hub
-    app.state.stats = stats
-    app.state.broadcaster = bc
-    app.state.summary_memo = summary_memo
-    app.state.metrics = metrics
-    app.state.supervisor = supervisor
+    app.state.hub = service.hub
+    app.state.stats = service.stats
+    app.state.broadcaster = service.broadcaster
+    app.state.summary_memo = service.summary_memo
+    app.state.metrics = service.metrics
+    app.state.supervisor = service.supervisor
 
     # Access control: the same layers around the whole app (Starlette runs the middleware
     # added LAST outermost, hence innermost first) and around the SSE fast path.
@@ -224,43 +304,7 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
 
     # Every method but GET (HEAD, a CORS preflight, a 405) still takes the FastAPI path.
     app.router.routes.append(Route(STREAM_PATH, endpoint=sse, methods=["GET"]))
-
-    app.include_router(cancel_router(settings, hub, client, keys))
-
-    @app.get("/metrics/active-requests")
-    async def active_requests() -> Response:
-        return JSONBytes(await bc.fresh_snapshot())
-
-    @app.get("/metrics/summary")
-    async def summary() -> Response:
-        return JSONBytes(summary_memo.get())
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/healthz")
-    async def healthz() -> Response:
-        return JSONBytes({"status": "ok"})
-
-    @app.get("/readyz")
-    async def readyz() -> Response:
-        if hub is None:
-            return JSONBytes({"status": "ready", "metrics": "disabled"})
-        problem = None
-        if not supervisor.healthy:
-            failing = ", ".join(sorted(supervisor.failing))
-            problem = f"background task failed, restarting: {failing} (see the log)"
-        elif not hub.ready:
-            problem = "not in sync with Redis yet (starting, or resyncing after a lost link)"
-        else:
-            try:
-                async with asyncio.timeout(1.0):
-                    await client.ping()
-            except (RedisError, OSError, TimeoutError) as exc:
-                problem = f"Redis unreachable: {exc}"
-        if problem:
-            return JSONBytes({"status": "not_ready", "reason": problem}, status_code=503)
-        return JSONBytes({"status": "ready", "workers": len(hub.workers)})
-
+    app.include_router(cancel_router(settings, service.hub, service.redis, service.keys))
+    app.include_router(_data_routes(service))
+    app.include_router(_health_routes(service))
     return app

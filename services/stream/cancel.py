@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import orjson
@@ -38,6 +38,7 @@ from starlette.responses import Response
 from shared import schema
 from shared.auth import parse_bearer, request_is_secure, session_values
 from shared.keys import Keys
+from shared.responses import JSONResponse
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -46,10 +47,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vdm.stream.cancel")
 
 PUBLISH_TIMEOUT = 2.0  # seconds; the caller gets a 503 rather than a hanging button
-
-
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
 def valid_request_id(request_id: str) -> bool:
@@ -121,6 +118,93 @@ def owner_of(hub: Hub | None, request_id: str) -> str | None:
     return None
 
 
+def refusal(
+    request: Request, request_id: str, settings: Settings, by: str, client: str
+) -> Response | None:
+    """The answer to a cancel that must not go out (disabled, cross-origin, bad id), or None."""
+    if not settings.cancel_enabled:
+        log.info("cancel refused (disabled): request %r by %s from %s", request_id, by, client)
+        body = {
+            "error": "cancel_disabled",
+            "message": "Cancelling requests is turned off on this stream service.",
+            "suggestion": "Start the stream service with VDM_CANCEL_ENABLED=true "
+            "(see docs/security.md for who may then use it).",
+        }
+        return JSONResponse(body, 403)
+    bearer = parse_bearer(request.headers.get("authorization")) is not None
+    if not bearer and not origin_allowed(request, settings.cors_origins):
+        origin = request_origin(request)
+        log.warning(
+            "cancel refused (cross-origin %r): request %r by %s from %s",
+            origin,
+            request_id,
+            by,
+            client,
+        )
+        body = {
+            "error": "cross_origin",
+            "message": "This cancel came from a page of another origin; it is refused "
+            "so that other sites cannot act with your session.",
+            "suggestion": "Use the dashboard whose origin is in VDM_CORS_ORIGINS, or "
+            "send 'Authorization: Bearer <VDM_AUTH_TOKEN>' from scripts.",
+        }
+        return JSONResponse(body, 403)
+    if not valid_request_id(request_id):
+        body = {
+            "error": "bad_request_id",
+            "message": f"A request id is 1-{schema.MAX_ID_CHARS} printable characters "
+            "without spaces, as shown in the active-requests snapshot.",
+        }
+        return JSONResponse(body, 400)
+    return None
+
+
+async def deliver(
+    redis: aioredis.Redis, keys: Keys, request_id: str, worker_id: str, by: str, client: str
+) -> Response:
+    """Publish the cancel on the worker's channel; 202 once somebody received it."""
+    message = orjson.dumps({"request_id": request_id, "by": by})
+    try:
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            receivers = int(await redis.publish(keys.cancel(worker_id), message))
+    except (RedisError, OSError, TimeoutError) as exc:
+        log.warning(
+            "cancel of request %r on worker %s by %s failed: Redis unavailable (%s)",
+            request_id,
+            worker_id,
+            by,
+            type(exc).__name__,
+        )
+        body = {
+            "error": "redis_unavailable",
+            "message": "Redis did not take the cancel request; nothing was cancelled.",
+            "suggestion": "Retry when /readyz answers 200.",
+        }
+        return JSONResponse(body, 503)
+    if receivers == 0:
+        log.warning(
+            "cancel of request %r on worker %s by %s: no worker listening",
+            request_id,
+            worker_id,
+            by,
+        )
+        body = {
+            "error": "worker_unreachable",
+            "request_id": request_id,
+            "worker_id": worker_id,
+            "message": f"Worker {worker_id!r} is not listening for cancel requests "
+            "(it may be gone, or run a version without cancel support); nothing was "
+            "cancelled.",
+        }
+        return JSONResponse(body, 503)
+    log.info(
+        "cancel requested: request %r on worker %s by %s from %s", request_id, worker_id, by, client
+    )
+    return JSONResponse(
+        {"request_id": request_id, "worker_id": worker_id, "status": "requested"}, 202
+    )
+
+
 def cancel_router(
     settings: Settings, hub: Hub | None, redis: aioredis.Redis, keys: Keys
 ) -> APIRouter:
@@ -129,115 +213,30 @@ def cancel_router(
 
     @router.get("/metrics/capabilities")
     async def capabilities() -> Response:
-        return _json(
-            200,
-            {
-                "cancel_enabled": settings.cancel_enabled,
-                "stuck_after_s": settings.stuck_after,
-                "delta": True,
-            },
-        )
+        body = {
+            "cancel_enabled": settings.cancel_enabled,
+            "stuck_after_s": settings.stuck_after,
+            "delta": True,
+        }
+        return JSONResponse(body)
 
     @router.post("/metrics/active-requests/{request_id}/cancel")
     async def cancel(request_id: str, request: Request) -> Response:
         by = caller_of(request, auth_enabled)
         request_id = request_id[: 4 * schema.MAX_ID_CHARS]  # bounded in logs and answers
         client = request.client.host if request.client else "-"
-        if not settings.cancel_enabled:
-            log.info("cancel refused (disabled): request %r by %s from %s", request_id, by, client)
-            return _json(
-                403,
-                {
-                    "error": "cancel_disabled",
-                    "message": "Cancelling requests is turned off on this stream service.",
-                    "suggestion": "Start the stream service with VDM_CANCEL_ENABLED=true "
-                    "(see docs/security.md for who may then use it).",
-                },
-            )
-        bearer = parse_bearer(request.headers.get("authorization")) is not None
-        if not bearer and not origin_allowed(request, settings.cors_origins):
-            log.warning(
-                "cancel refused (cross-origin %r): request %r by %s from %s",
-                request_origin(request),
-                request_id,
-                by,
-                client,
-            )
-            return _json(
-                403,
-                {
-                    "error": "cross_origin",
-                    "message": "This cancel came from a page of another origin; it is refused "
-                    "so that other sites cannot act with your session.",
-                    "suggestion": "Use the dashboard whose origin is in VDM_CORS_ORIGINS, or "
-                    "send 'Authorization: Bearer <VDM_AUTH_TOKEN>' from scripts.",
-                },
-            )
-        if not valid_request_id(request_id):
-            return _json(
-                400,
-                {
-                    "error": "bad_request_id",
-                    "message": f"A request id is 1-{schema.MAX_ID_CHARS} printable characters "
-                    "without spaces, as shown in the active-requests snapshot.",
-                },
-            )
+        refused = refusal(request, request_id, settings, by, client)
+        if refused is not None:
+            return refused
         worker_id = owner_of(hub, request_id)
         if worker_id is None:
             log.info("cancel of unknown request %r by %s from %s", request_id, by, client)
-            return _json(
-                404,
-                {
-                    "error": "unknown_request",
-                    "message": f"No request in flight has the id {request_id!r} (it may have "
-                    "finished already).",
-                },
-            )
-        message = orjson.dumps({"request_id": request_id, "by": by})
-        try:
-            async with asyncio.timeout(PUBLISH_TIMEOUT):
-                receivers = int(await redis.publish(keys.cancel(worker_id), message))
-        except (RedisError, OSError, TimeoutError) as exc:
-            log.warning(
-                "cancel of request %r on worker %s by %s failed: Redis unavailable (%s)",
-                request_id,
-                worker_id,
-                by,
-                type(exc).__name__,
-            )
-            return _json(
-                503,
-                {
-                    "error": "redis_unavailable",
-                    "message": "Redis did not take the cancel request; nothing was cancelled.",
-                    "suggestion": "Retry when /readyz answers 200.",
-                },
-            )
-        if receivers == 0:
-            log.warning(
-                "cancel of request %r on worker %s by %s: no worker listening",
-                request_id,
-                worker_id,
-                by,
-            )
-            return _json(
-                503,
-                {
-                    "error": "worker_unreachable",
-                    "request_id": request_id,
-                    "worker_id": worker_id,
-                    "message": f"Worker {worker_id!r} is not listening for cancel requests "
-                    "(it may be gone, or run a version without cancel support); nothing was "
-                    "cancelled.",
-                },
-            )
-        log.info(
-            "cancel requested: request %r on worker %s by %s from %s",
-            request_id,
-            worker_id,
-            by,
-            client,
-        )
-        return _json(202, {"request_id": request_id, "worker_id": worker_id, "status": "requested"})
+            body = {
+                "error": "unknown_request",
+                "message": f"No request in flight has the id {request_id!r} (it may have "
+                "finished already).",
+            }
+            return JSONResponse(body, 404)
+        return await deliver(redis, keys, request_id, worker_id, by, client)
 
     return router

@@ -100,6 +100,7 @@ class Broadcaster:
         stats_summary: Callable[[], dict[str, Any]] | None = None,
         snapshot_bps: int = 1_000_000,
         ring: ChangeRing | None = None,
+        changes: asyncio.Event | None = None,
     ) -> None:
         self.hub = hub
         self.interval = interval
@@ -140,16 +141,11 @@ class Broadcaster:
         self._live: set[Client] = set()
         self._gc_clients = 0  # client count at the last full GC pass taken between fan-outs
         self._next: asyncio.Future[None] | None = None
-        self._dirty = asyncio.Event()
-        # The serving loop, bound by the app's lifespan, for close_threadsafe.
-        self.loop: asyncio.AbstractEventLoop | None = None
+        # Set on every change of the hub (``changes.set`` is the hub's ``on_change``).
+        self._dirty = changes if changes is not None else asyncio.Event()
         self.encode_update()
 
     # ----------------------------------------------------------------- publishing
-
-    def notify_change(self) -> None:
-        """The hub's change callback: O(1), whatever the event rate."""
-        self._dirty.set()
 
     def publish(self, *, update: bool = False, stats: bool = False, beat: bool = False) -> None:
         """Encode the requested frames and wake every client ONCE for all of them."""
@@ -375,11 +371,15 @@ class Broadcaster:
         self._wake_all()
 
     def close_threadsafe(self) -> None:
-        """``close`` from a signal handler: scheduled on the loop rather than run re-entrantly."""
+        """``close`` from a signal handler: scheduled on the loop rather than run re-entrantly.
+
+        The loop is the one of the future parked clients wait on; with none parked, the flag
+        is enough: a client checks it before it parks again.
+        """
         self.closed = True
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.close)
+        waiter = self._next
+        if waiter is not None and not waiter.get_loop().is_closed():
+            waiter.get_loop().call_soon_threadsafe(self.close)
 
     # ----------------------------------------------------------------- loops
 
@@ -414,6 +414,7 @@ class Broadcaster:
                 await asyncio.sleep(rest)  # churn: everything meanwhile joins this publish
             self._dirty.clear()
             started = time.monotonic()
+            cpu = time.thread_time()
             stats_due = started - last_stats >= self.interval - slack
             if stats_due:
                 last_stats = started
@@ -422,7 +423,7 @@ class Broadcaster:
             # sent, and the fan-out's cost includes them.
             await asyncio.sleep(0)
             last = time.monotonic()
-            self.throttle.record(started, last)
+            self.throttle.record(ended=last, cost=time.thread_time() - cpu)
 
     async def run_heartbeats(self) -> None:
         while True:

@@ -158,6 +158,19 @@ class Hub:
     def row_count(self) -> int:
         return sum(len(w.rows) for w in self.workers.values())
 
+    def in_flight(self) -> dict[str, dict[str, int]]:
+        """Requests in flight per worker and model; every known worker is there, idle ones too.
+
+        The one count behind both the ``stats`` frame and the Prometheus in-flight gauge.
+        """
+        counts: dict[str, dict[str, int]] = {}
+        for wid, view in self.workers.items():
+            by_model = counts[wid] = {}
+            for row in view.rows.values():
+                model = row["model"] or schema.UNKNOWN_MODEL
+                by_model[model] = by_model.get(model, 0) + 1
+        return counts
+
     def rows(self) -> Iterable[schema.Row]:
         for view in self.workers.values():
             yield from view.rows.values()

@@ -45,11 +45,31 @@ MAX_LABEL_SETS = 5000
 OTHER = "other"
 
 
+def _capped_in_flight(counts: Mapping[str, Mapping[str, int]]) -> dict[tuple[str, str], int]:
+    """The hub's in-flight counts by (worker, model), past MAX_LABEL_SETS folded into other.
+
+    Models are client-chosen: the series are capped like the counters' labels.
+    """
+    capped: dict[tuple[str, str], int] = {}
+    for wid, models in counts.items():
+        for model, n in models.items():
+            key = (wid, model)
+            if len(capped) >= MAX_LABEL_SETS and key not in capped:
+                key = (OTHER, OTHER)
+            capped[key] = capped.get(key, 0) + n
+    return capped
+
+
 class HubCollector(Collector):
-    def __init__(self, hub: Hub | None, bc: Broadcaster, owner: StreamMetrics) -> None:
+    """The gauges of the hub's present state, computed at scrape time."""
+
+    def __init__(
+        self, hub: Hub | None, bc: Broadcaster, requests: RequestMetrics, stuck_after: float
+    ) -> None:
         self.hub = hub
         self.bc = bc
-        self.owner = owner
+        self.requests = requests
+        self.stuck_after = stuck_after
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         in_flight = GaugeMetricFamily(
@@ -83,13 +103,11 @@ class HubCollector(Collector):
         clients = GaugeMetricFamily("vdm_sse_clients", "Open SSE streams")
         clients.add_metric([], self.bc.clients)
         hub = self.hub
-        bad = self.owner.completed_malformed[0]
+        bad = self.requests.completed_malformed[0]
         if hub is not None:
             now = time.time()
-            stuck_before = now - self.owner.stuck_after
+            stuck_before = now - self.stuck_after
             by_status = {"up": 0, "stale": 0}
-            label_sets = 0
-            counts: dict[tuple[str, str], int] = {}
             for wid, view in hub.workers.items():
                 by_status[view.status] = by_status.get(view.status, 0) + 1
                 first = now
@@ -98,18 +116,11 @@ class HubCollector(Collector):
                     start = row["start_time"]
                     first = min(first, start)
                     n_stuck += start < stuck_before
-                    key = (wid, row["model"] or schema.UNKNOWN_MODEL)
-                    if key not in counts:
-                        # Models are client-chosen: cap the series like the counters' labels.
-                        label_sets += 1
-                        if label_sets > MAX_LABEL_SETS:
-                            key = (OTHER, OTHER)
-                    counts[key] = counts.get(key, 0) + 1
                 oldest.add_metric([wid], max(0.0, now - first))
                 stuck.add_metric([wid], n_stuck)
                 record: Mapping[str, Any] = view.record or {}
                 dropped.add_metric([wid], int(record.get("events_dropped", 0)))
-            for (wid, model), n in counts.items():
+            for (wid, model), n in _capped_in_flight(hub.in_flight()).items():
                 in_flight.add_metric([wid, model], n)
             for status, n in by_status.items():
                 workers.add_metric([status], n)
@@ -135,60 +146,73 @@ class HubCollector(Collector):
 class _Pruner(Collector):
     """Registered first, so a scrape prunes departed workers before any series is read."""
 
-    def __init__(self, owner: StreamMetrics) -> None:
-        self.owner = owner
+    def __init__(self, hub: Hub, requests: RequestMetrics) -> None:
+        self.hub = hub
+        self.requests = requests
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        hub = self.owner.hub
-        if hub is not None:
-            self.owner.prune(set(hub.workers))
+        self.requests.prune(set(self.hub.workers))
         yield from ()
 
 
 class StreamMetrics:
-    """The registry of one app (not the global one, so several apps can live in one test)."""
+    """The registry of one app (not the global one, so several apps can live in one test):
+    the finished-request series of ``requests`` and the gauges of the hub's state."""
+
+    def __init__(
+        self,
+        hub: Hub | None,
+        bc: Broadcaster,
+        requests: RequestMetrics,
+        *,
+        stuck_after: float = 300.0,
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        if hub is not None:
+            self.registry.register(_Pruner(hub, requests))
+        for series in requests.series():
+            self.registry.register(series)
+        self.registry.register(HubCollector(hub, bc, requests, stuck_after))
+
+
+class RequestMetrics:
+    """Counter and histograms of finished requests, fed by the completed-stream reader."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.hub: Hub | None = None
-        self.registry.register(_Pruner(self))
         self.requests = Counter(
             "vdm_requests",
             "Finished requests",
             ["worker", "model", "outcome"],
-            registry=self.registry,
+            registry=None,
         )
         self.duration = Histogram(
             "vdm_request_duration_seconds",
             "Duration of finished requests",
             ["worker", "model"],
             buckets=DURATION_BUCKETS,
-            registry=self.registry,
+            registry=None,
         )
         self.ttfb = Histogram(
             "vdm_time_to_first_byte_seconds",
             "Start of a finished request to the first response byte from the upstream",
             ["worker", "model"],
             buckets=TTFB_BUCKETS,
-            registry=self.registry,
+            registry=None,
         )
         self.cancelled = Counter(
             "vdm_requests_cancelled",
             "Requests cancelled by an operator (outcome cancelled)",
             ["worker"],
-            registry=self.registry,
+            registry=None,
         )
         # Malformed completed-stream entries (the hub counts its own).
         self.completed_malformed = [0]
-        self.stuck_after = 300.0
         self._label_sets: set[tuple[str, str]] = set()
         self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._last_seen: dict[str, float] = {}  # worker label -> monotonic time of life
 
-    def attach(self, hub: Hub | None, bc: Broadcaster, *, stuck_after: float = 300.0) -> None:
-        self.stuck_after = stuck_after
-        self.hub = hub
-        self.registry.register(HubCollector(hub, bc, self))
+    def series(self) -> list[Collector]:
+        return [self.requests, self.duration, self.ttfb, self.cancelled]
 
     def observe(self, entry: schema.CompletedEntry) -> None:
         worker, model = entry["worker_id"], entry["model"] or schema.UNKNOWN_MODEL

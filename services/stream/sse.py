@@ -18,12 +18,12 @@ import time
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl
 
-import orjson
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from services.stream.fanout import Broadcaster, Client
 from services.stream.feeds import delta_feed, snapshot_feed
 from services.stream.frames import disabled_frame
+from shared.responses import JSONResponse
 
 log = logging.getLogger("vdm.stream.sse")
 
@@ -69,11 +69,6 @@ def last_event_id(scope: Scope) -> int | None:
     return None
 
 
-def json_response_start(status: int, extra: list[tuple[bytes, bytes]] | None = None) -> Message:
-    headers = [(b"content-type", b"application/json"), *(extra or [])]
-    return {"type": "http.response.start", "status": status, "headers": headers}
-
-
 class SSEEndpoint:
     """ASGI app for ``GET /metrics/active-requests/stream``."""
 
@@ -100,8 +95,7 @@ class SSEEndpoint:
                 "suggestion": "Set VDM_ACTIVE_REQUESTS_SSE_ENABLED=true to enable it, or poll "
                 "GET /metrics/active-requests instead.",
             }
-            await send(json_response_start(503))
-            await send({"type": "http.response.body", "body": orjson.dumps(body)})
+            await JSONResponse(body, 503)(scope, receive, send)
             return
         if not self.metrics_enabled:
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
@@ -114,8 +108,7 @@ class SSEEndpoint:
                 "message": "This stream service is at its client limit (VDM_MAX_SSE_CLIENTS).",
                 "suggestion": "Retry later, or run another stream service.",
             }
-            await send(json_response_start(503, [(b"retry-after", b"5")]))
-            await send({"type": "http.response.body", "body": orjson.dumps(body)})
+            await JSONResponse(body, 503, headers={"retry-after": "5"})(scope, receive, send)
             return
         await self._stream(scope, receive, send)
 

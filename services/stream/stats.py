@@ -181,6 +181,17 @@ def _capped(
     }
 
 
+def flight_summary(counts: Mapping[str, Mapping[str, int]]) -> dict[str, Any]:
+    """``{"fleet", "by_worker", "by_model"}`` of the hub's per-worker, per-model counts."""
+    by_worker: dict[str, int] = {}
+    by_model: dict[str, int] = {}
+    for wid, models in counts.items():
+        by_worker[wid] = sum(models.values())
+        for model, n in models.items():
+            by_model[model] = by_model.get(model, 0) + n
+    return {"fleet": sum(by_worker.values()), "by_worker": by_worker, "by_model": by_model}
+
+
 class RollingStats:
     def __init__(
         self,
@@ -198,7 +209,7 @@ class RollingStats:
         self.step = max(step, 0.05)
         self.window_s = window_s
         # () -> {"fleet": n, "by_worker": {wid: n}, "by_model": {model: n}}
-        self._in_flight = in_flight or (lambda: {"fleet": 0, "by_worker": {}, "by_model": {}})
+        self._in_flight = in_flight or (lambda: flight_summary({}))
         self._on_entry = on_entry or (lambda e: None)
         self._on_malformed = on_malformed or (lambda d: None)
         self.window: deque[Done] = deque(maxlen=WINDOW_MAX)

@@ -33,7 +33,7 @@ class Job:
     restarts: int = 0
 
 
-class Supervisor:
+class TaskSupervisor:
     """Runs jobs as tasks, restarting crashed ones; ``failing`` names those not yet recovered."""
 
     def __init__(self, *, settle: float = 5.0, backoff_max: float = BACKOFF_MAX) -> None:

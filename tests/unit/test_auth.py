@@ -380,3 +380,29 @@ async def test_nothing_secret_is_logged(
     await dashboard.post("/dashboard/login", data={"token": TOKEN})
     assert "login refused" in caplog.text  # something was logged, and it was harmless
     assert TOKEN not in caplog.text and session not in caplog.text
+
+
+async def test_no_answer_of_the_access_control_may_be_cached(dashboard: httpx.AsyncClient) -> None:
+    refused = await dashboard.get("/dashboard/metrics")
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "application/json"
+    assert int(refused.headers["content-length"]) == len(refused.content)
+    answers = [
+        refused,
+        await dashboard.get("/dashboard/metrics", headers={"accept": "text/html"}),  # 303
+        await dashboard.get("/dashboard/login"),  # the form
+        await dashboard.post("/dashboard/login", data={"token": "nope"}),  # the form again
+        await dashboard.put("/dashboard/login"),  # 405
+        await dashboard.post("/dashboard/login", data={"token": TOKEN}),  # 303 + cookie
+        await dashboard.post("/dashboard/logout"),  # 303 + cookie removed
+    ]
+    assert [r.status_code for r in answers] == [401, 303, 200, 401, 405, 303, 303]
+    assert all(r.headers["cache-control"] == "no-store" for r in answers)
+    assert answers[4].headers["allow"] == "GET, POST"
+
+
+async def test_a_non_ascii_next_is_percent_encoded_in_the_redirect(
+    dashboard: httpx.AsyncClient,
+) -> None:
+    r = await dashboard.post("/dashboard/login", data={"token": TOKEN, "next": "/dashboard/ü"})
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/%C3%BC"

@@ -15,6 +15,7 @@ from bench.fanout import fanout
 from bench.fidelity import fidelity
 from bench.report import Result, Table, Verdict
 from bench.rows import rows_scenario
+from bench.rowwatch import Pool, Watcher
 from bench.viewclient import Shared, View
 from bench.vsvandamme import vs_vandamme
 
@@ -103,6 +104,33 @@ def test_view_client_applies_snapshot_and_deltas_split_anywhere(piece: int) -> N
     assert (view.version, view.gaps, view.frames) == (2, 1, 3)  # the heartbeat is no frame
     assert set(shared.first) == {"a", "b", "c"} and set(shared.gone) == {"a"}
     assert view.waiting_for_update  # until the next full update
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+def test_row_watcher_on_deltas_stamps_the_model_and_the_removal(piece: int) -> None:
+    raw = _chunked(
+        [
+            _frame("update", {"active_requests": [_row("a", "held")], "version": 1}, 1),
+            _frame("delta", {"version": 2, "base": 1, "upsert": [_row("p", None)]}, 2),
+            _frame("delta", {"version": 3, "base": 2, "upsert": [_row("p", "tok")]}, 3),
+            b": heartbeat\n\n",
+            _frame("delta", {"version": 4, "base": 3, "remove": ["p"]}, 4),
+            _frame("delta", {"version": 9, "base": 7, "remove": ["a"]}, 9),
+        ]
+    )
+    pool = Pool()
+    pool.known.update({"held", "tok"})
+    pool.seen[b"tok"], pool.gone[b"tok"] = [], []
+    watcher = Watcher(pool, b"", track=True, delta=True)
+    watcher.pending.add(b"tok")
+    for i in range(0, len(raw), piece):
+        watcher.data_received(raw[i : i + piece])
+    assert len(pool.seen[b"tok"]) == 1 and len(pool.gone[b"tok"]) == 1
+    assert pool.gone[b"tok"][0] >= pool.seen[b"tok"][0]
+    # The row shown before its model was known is a violation; the unappliable delta a gap.
+    assert (pool.violations, pool.violating) == (1, {"p"})
+    assert (watcher.gaps, watcher.version, watcher.last_models) == (1, 4, ["held"])
 
 
 def test_result_renders_as_text_and_markdown() -> None:

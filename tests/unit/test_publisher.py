@@ -287,8 +287,9 @@ async def test_one_incident_gives_one_reregistration(fake_redis: aioredis.Redis)
 async def test_flushes_follow_each_other_without_a_delay_and_an_end_is_not_held_back(
     fake_redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """While one batch is in flight, the request's progress and then its end arrive: both go
-    in the very next batch, sent as soon as the first returns (no sleep in between)."""
+    """While one batch is in flight, the request's progress and then its end arrive: the end
+    goes in the very next batch (without the progress it supersedes), sent as soon as the
+    first returns (no sleep in between)."""
     pub = Publisher(_settings(), fake_redis)
     real_apply = pub._apply
     release = asyncio.Event()
@@ -327,7 +328,7 @@ async def test_flushes_follow_each_other_without_a_delay_and_an_end_is_not_held_
                 await real_sleep(0.01)
     finally:
         await pub.close()
-    assert batches[:2] == [["start"], ["progress", "end"]]
+    assert batches[:2] == [["start"], ["end"]]
     assert [s for s in sleeps if s > 0] == [], "no flush waited for a window"
 
 
@@ -348,3 +349,30 @@ async def test_the_completed_entry_carries_ttft_ms(fake_redis: aioredis.Redis) -
     await _drain(pub)
     ((entry_id, fields),) = await fake_redis.xrange("u:completed")
     assert schema.decode_completed(entry_id, fields)["ttft_ms"] == 4.25
+
+
+async def test_an_end_right_after_a_progress_removes_a_row_sent_earlier(
+    fake_redis: aioredis.Redis,
+) -> None:
+    """A non-streaming answer: its first byte (progress) and its end land in one batch, after
+    the start went out in an earlier one. The row must go from Redis, and the progress the
+    end supersedes is not sent."""
+    pub = Publisher(_settings(), fake_redis)
+    await _drain(pub)
+    pub.start(_row("r3"))
+    await _drain(pub)
+    pub.progress("r3", {"phase": Phase.STREAMING, "bytes_out": 5, "ttft_ms": 1.0})
+    pub.end(
+        "r3",
+        status=200,
+        outcome=Outcome.OK,
+        duration_ms=2.0,
+        bytes_out=5,
+        input_tokens=None,
+        output_tokens=None,
+    )
+    sent_before = pub.events_sent
+    await _drain(pub)
+    state = await read_worker_state(fake_redis, Keys("u"), "w1")
+    assert state.rows == {}
+    assert pub.events_sent - sent_before == 1  # the end alone

@@ -16,9 +16,9 @@ from prometheus_client import generate_latest
 from services.stream import metrics as metrics_mod
 from services.stream.fanout import Broadcaster
 from services.stream.hub import Hub, WorkerView
-from services.stream.metrics import StreamMetrics
-from services.stream.stats import MAX_GROUPS, OTHER, RollingStats
-from services.stream.supervise import Supervisor
+from services.stream.metrics import RequestMetrics, StreamMetrics
+from services.stream.stats import MAX_GROUPS, OTHER, RollingStats, flight_summary
+from services.stream.supervise import TaskSupervisor
 from shared import schema
 from shared.keys import Keys
 from shared.store import WireScripts
@@ -119,7 +119,7 @@ async def test_supervisor_logs_marks_failing_restarts_and_recovers(
             raise KeyError("injected")
         await forever.wait()
 
-    sup = Supervisor(settle=0.2)
+    sup = TaskSupervisor(settle=0.2)
     sup.add("job", job, on_crash=lambda: crashed.append(1))
     sup.start()
     try:
@@ -146,7 +146,7 @@ async def test_supervisor_is_failing_between_crash_and_settled_restart() -> None
             raise RuntimeError("injected")
         await asyncio.Event().wait()
 
-    sup = Supervisor(settle=30.0)  # the restarted run does not settle within the test
+    sup = TaskSupervisor(settle=30.0)  # the restarted run does not settle within the test
     sup.add("job", job)
     sup.start()
     try:
@@ -166,7 +166,7 @@ async def test_a_loop_that_returns_counts_as_a_failure() -> None:
     async def job() -> None:
         calls.append(1)
 
-    sup = Supervisor(settle=10.0, backoff_max=0.1)
+    sup = TaskSupervisor(settle=10.0, backoff_max=0.1)
     sup.add("quitter", job)
     sup.start()
     try:
@@ -182,11 +182,10 @@ async def test_a_loop_that_returns_counts_as_a_failure() -> None:
 # ----------------------------------------------------------------- Prometheus
 
 
-def _metrics_with(hub: Hub, stuck_after: float = 60.0) -> StreamMetrics:
-    m = StreamMetrics()
+def _metrics_with(hub: Hub, stuck_after: float = 60.0) -> tuple[StreamMetrics, RequestMetrics]:
+    finished = RequestMetrics()
     bc = Broadcaster(hub, interval=30, heartbeat=30, throttle=0.1, max_clients=1)
-    m.attach(hub, bc, stuck_after=stuck_after)
-    return m
+    return StreamMetrics(hub, bc, finished, stuck_after=stuck_after), finished
 
 
 def _samples(m: StreamMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -207,10 +206,10 @@ async def test_ttfb_cancelled_stuck_oldest_dropped_and_missed(fake_redis: aiored
     hub.workers["w1"] = view
     hub.workers["w2"] = WorkerView("w2", "e", 1, _record("w2", "e"))
     hub.counters.dropped_by_worker.update({"w1": 3, "gone": 9})
-    m = _metrics_with(hub, stuck_after=60.0)
-    m.observe(_entry("w1", "gpt", 500.0, ttft=250.0))
-    m.observe(_entry("w1", "gpt", 800.0))  # an older worker: no ttft_ms
-    m.observe(_entry("w1", "gpt", 900.0, outcome="cancelled", ttft=100.0))
+    m, finished = _metrics_with(hub, stuck_after=60.0)
+    finished.observe(_entry("w1", "gpt", 500.0, ttft=250.0))
+    finished.observe(_entry("w1", "gpt", 800.0))  # an older worker: no ttft_ms
+    finished.observe(_entry("w1", "gpt", 900.0, outcome="cancelled", ttft=100.0))
     s = _samples(m)
     labels = (("model", "gpt"), ("worker", "w1"))
     assert s[("vdm_time_to_first_byte_seconds_count", labels)] == 2
@@ -234,9 +233,9 @@ async def test_series_of_departed_workers_are_pruned(
 ) -> None:
     hub = Hub(fake_redis, Keys("p"))
     hub.workers["w1"] = WorkerView("w1", "e", 1, _record("w1", "e"))
-    m = _metrics_with(hub)
-    m.observe(_entry("w1", "gpt", 10.0, outcome="cancelled", ttft=1.0))
-    m.observe(_entry("w9", "gpt", 10.0))  # a worker the view no longer holds
+    m, finished = _metrics_with(hub)
+    finished.observe(_entry("w1", "gpt", 10.0, outcome="cancelled", ttft=1.0))
+    finished.observe(_entry("w9", "gpt", 10.0))  # a worker the view no longer holds
     text = generate_latest(m.registry).decode()
     assert 'worker="w9"' in text
     later = time.monotonic() + metrics_mod.PRUNE_AFTER + 1
@@ -254,11 +253,38 @@ async def test_in_flight_series_are_capped(fake_redis: aioredis.Redis) -> None:
     n = metrics_mod.MAX_LABEL_SETS + 50
     view.rows = {f"r{i}": _row("w1", f"r{i}", model=f"m{i}") for i in range(n)}
     hub.workers["w1"] = view
-    s = _samples(_metrics_with(hub))
+    s = _samples(_metrics_with(hub)[0])
     in_flight = {k: v for k, v in s.items() if k[0] == "vdm_requests_in_flight"}
     assert len(in_flight) == metrics_mod.MAX_LABEL_SETS + 1
     assert sum(in_flight.values()) == n
     assert in_flight[("vdm_requests_in_flight", (("model", "other"), ("worker", "other")))] == 50
+
+
+async def test_stats_and_the_in_flight_gauge_count_the_same_rows(
+    fake_redis: aioredis.Redis,
+) -> None:
+    hub = Hub(fake_redis, Keys("f"))
+    busy = WorkerView("w1", "e", 1, _record("w1", "e"))
+    busy.rows = {
+        "a": _row("w1", "a", "gpt"),
+        "b": _row("w1", "b", "gpt"),
+        "c": _row("w1", "c", None),
+    }
+    hub.workers["w1"] = busy
+    hub.workers["idle"] = WorkerView("idle", "e", 1, _record("idle", "e"))
+    assert hub.in_flight() == {"w1": {"gpt": 2, schema.UNKNOWN_MODEL: 1}, "idle": {}}
+    flight = flight_summary(hub.in_flight())
+    assert flight == {
+        "fleet": 3,
+        "by_worker": {"w1": 3, "idle": 0},  # an idle worker still has its group
+        "by_model": {"gpt": 2, schema.UNKNOWN_MODEL: 1},
+    }
+    gauge = {
+        dict(labels)["model"]: v
+        for (name, labels), v in _samples(_metrics_with(hub)[0]).items()
+        if name == "vdm_requests_in_flight"
+    }
+    assert gauge == {"gpt": 2, schema.UNKNOWN_MODEL: 1}
 
 
 # ----------------------------------------------------------------- stats payload
