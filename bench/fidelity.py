@@ -102,11 +102,7 @@ async def fidelity(
     with fleet(f"bench-{run}") as f:
         f.start_redis()
         upstream = f.start("demo-upstream", "--latency", "0", "--chunk-delay", "0")
-        specs: list[tuple[str, list[str], dict[str, str], None]] = [
-            ("worker", ["--upstream", upstream.url], f.env(VDM_WORKER_ID=f"{run}-w{i}"), None)
-            for i in range(workers)
-        ]
-        specs.append(("stream", [], f.env(), None))
+        specs = f.hub_specs(upstream.url, workers, id_prefix=f"{run}-w")
         started = await asyncio.to_thread(f.start_many, specs)
         worker_svcs, stream = started[:-1], started[-1]
         keys = Keys(f.prefix)

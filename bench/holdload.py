@@ -18,9 +18,9 @@ time). Commands on stdin, one JSON line back each: ``start`` (parameters as JSON
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import os
 import random
 import sys
 import time
@@ -30,7 +30,7 @@ from typing import Any
 import orjson
 
 from bench.httpload import Conn
-from bench.procs import ROOT, pin
+from bench.procs import CommandProcess, run_pinned
 
 
 def request_bytes(host: str, port: int, rid: str, hold_ms: int, stream: bool) -> bytes:
@@ -172,58 +172,20 @@ async def serve() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["--cpus"] and len(args) > 1 and args[1]:
-        pin(os.getpid(), [int(c) for c in args[1].split(",")])
-    import uvloop
-
-    uvloop.run(serve())
-    return 0
+    parser = argparse.ArgumentParser(prog="python -m bench.holdload")
+    parser.add_argument("--cpus", default="")
+    return run_pinned(parser.parse_args(argv).cpus, serve)
 
 
-class HoldLoad:
+class HoldLoad(CommandProcess):
     """The driver's handle on the load process."""
 
     def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        super().__init__("hold-load")
 
     async def open(self) -> HoldLoad:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.holdload",
-            cwd=ROOT,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=256 << 20,
-        )
+        await self.spawn("bench.holdload", limit=256 << 20)  # ``sample`` lists every id
         return self
-
-    async def command(self, line: str, timeout: float = 30) -> Any:
-        assert self.proc is not None and self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(line.encode() + b"\n")
-        await self.proc.stdin.drain()
-        async with asyncio.timeout(timeout):
-            answer = await self.proc.stdout.readline()
-        if not answer:
-            raise RuntimeError("the hold-load process exited")
-        return orjson.loads(answer)
-
-    async def close(self) -> None:
-        if self.proc is None:
-            return
-        with contextlib.suppress(Exception):
-            await self.command("close", timeout=10)
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.proc.wait(), 5)
 
 
 if __name__ == "__main__":

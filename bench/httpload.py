@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +23,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bench.procs import ROOT, pin
+from bench.procs import CommandProcess, run_pinned
 from bench.report import percentile
 
 BODY = orjson.dumps(
@@ -162,63 +160,24 @@ async def serve_commands() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.httpload")
     parser.add_argument("--cpus", default="")
-    args = parser.parse_args(argv)
-    if args.cpus:
-        pin(os.getpid(), [int(c) for c in args.cpus.split(",")])
-    import uvloop
-
-    uvloop.run(serve_commands())
-    return 0
+    return run_pinned(parser.parse_args(argv).cpus, serve_commands)
 
 
-class HTTPLoad:
+class HTTPLoad(CommandProcess):
     """The driver's handle on one load-client process."""
 
     def __init__(self) -> None:
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        super().__init__("HTTP load")
 
     async def start(self, cpus: Sequence[int] | None = None) -> HTTPLoad:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.httpload",
-            "--cpus",
-            ",".join(str(c) for c in cpus or ()),
-            cwd=ROOT,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
+        await self.spawn("bench.httpload", "--cpus", ",".join(str(c) for c in cpus or ()))
         return self
 
     async def run(self, url: str, concurrency: int, seconds: float) -> dict[str, Any]:
-        assert self.proc is not None and self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(f"run {url} {concurrency} {seconds}\n".encode())
-        await self.proc.stdin.drain()
-        async with asyncio.timeout(seconds + 60):
-            line = await self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the HTTP load process exited")
-        result: dict[str, Any] = orjson.loads(line)
+        result: dict[str, Any] = await self.command(
+            f"run {url} {concurrency} {seconds}", timeout=seconds + 60
+        )
         return result
-
-    async def close(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.stdin is not None:
-            with contextlib.suppress(Exception):
-                self.proc.stdin.write(b"close\n")
-                await self.proc.stdin.drain()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.proc.wait(), 5)
-        if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            await self.proc.wait()
 
 
 if __name__ == "__main__":

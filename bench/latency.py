@@ -50,16 +50,7 @@ def token(run: str, i: int) -> str:
 async def start_system(f: Fleet, workers: int) -> tuple[str, list[str], str]:
     f.start_redis()
     upstream = f.start("demo-upstream", "--latency", "0")
-    specs: list[tuple[str, list[str], dict[str, str], None]] = [
-        (
-            "worker",
-            ["--upstream", upstream.url, "--graceful-timeout", "1"],
-            f.env(VDM_WORKER_ID=f"w{i}"),
-            None,
-        )
-        for i in range(workers)
-    ]
-    specs.append(("stream", [], f.env(), None))
+    specs = f.hub_specs(upstream.url, workers, "--graceful-timeout", "1")
     started = await asyncio.to_thread(f.start_many, specs)
     return upstream.url, [s.url for s in started[:-1]], started[-1].url
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.serve import bind_socket
+from shared.children import Child, ChildFailed, describe_exit
+from shared.embedded_redis import free_port
 
 VERSION = "2.0.9"
 PACKAGE = f"vandamme-proxy=={VERSION}"
@@ -73,13 +73,6 @@ def ensure_installed(timeout: float = 600) -> Path:
     return exe
 
 
-def free_port() -> int:
-    sock = bind_socket("127.0.0.1", 0)
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
-
-
 class Vandamme:
     """One vandamme-proxy process in front of ``upstream`` (our ``demo-upstream``)."""
 
@@ -107,27 +100,27 @@ class Vandamme:
             "NO_COLOR": "1",
             "PYTHONUNBUFFERED": "1",
         }
-        self.log = home / "vandamme.log"
-        self._log = self.log.open("w")
-        self.popen = subprocess.Popen(
+        self.child = Child(
+            f"vandamme-proxy {VERSION}",
             [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=env,
+            env,
             cwd=home,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            log=home / "vandamme.log",
         )
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.child.pid
 
     def wait_ready(self, timeout: float = 60) -> str:
+        """Once ``/health`` answers 200 (it logs no vdm-hub ready line)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                break
+            code = self.child.poll()
+            if code is not None:
+                raise ChildFailed(
+                    self.child, f"{VERSION} {describe_exit(code)} before it was ready"
+                )
             with (
                 contextlib.suppress(urllib.error.URLError, OSError),
                 urllib.request.urlopen(self.url + "/health", timeout=2) as answer,
@@ -135,17 +128,7 @@ class Vandamme:
                 if answer.status == 200:
                     return self.url
             time.sleep(0.2)
-        tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-        raise RuntimeError(f"vandamme-proxy {VERSION} did not become ready:\n{tail}")
+        raise ChildFailed(self.child, f"was not ready within {timeout:g}s")
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        self._log.close()
+        self.child.stop()

@@ -1,25 +1,33 @@
 """Real processes for the benchmarks: start one, read its URL, pin it, read its CPU and memory.
 
-Every process is a child of the bench driver in its own session, stopped with SIGTERM (then
-SIGKILL) by the :class:`Fleet` that started it, so a failing scenario leaves nothing behind.
+Two kinds, both children of the bench driver that whoever started them stops, so a failing
+scenario leaves nothing behind: ``vdm-hub`` services (:class:`Service`, a
+:class:`shared.children.Child` ready when it logs its URL, stopped with SIGTERM then SIGKILL by
+the :class:`Fleet` that started it), and the bench's own helper processes (load and SSE
+clients) on asyncio pipes, driven by line commands (:class:`CommandProcess`, whose ``close``
+ends them; each helper's body runs under :func:`run_pinned`).
+
 CPU and memory come from ``/proc`` (Linux): ``utime + stime`` ticks of ``/proc/PID/stat`` and
 ``VmRSS`` of ``/proc/PID/status``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import orjson
+
+from shared.children import Child
 from shared.embedded_redis import EmbeddedRedis
-from shared.serve import READY_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -98,8 +106,8 @@ class CpuMeter:
         return self.cpu / self.wall if self.wall > 0 else 0.0
 
 
-class Service:
-    """One ``vdm-hub`` sub-command running as a child process."""
+class Service(Child):
+    """One ``vdm-hub`` sub-command running as a child process, pinned to ``cpus``."""
 
     def __init__(
         self,
@@ -108,69 +116,110 @@ class Service:
         env: Mapping[str, str] | None = None,
         cpus: Sequence[int] | None = None,
     ) -> None:
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.name = command
-        self.lines: list[str] = []
-        # Warnings, errors and reaps over the whole run (the tail above forgets them).
+        # Warnings, errors and reaps over the whole run (the kept tail forgets them).
         self.notable: list[str] = []
-        self._cond = threading.Condition()
-        self.popen = subprocess.Popen(
+        super().__init__(
+            command,
             [sys.executable, "-m", "services.cli", command, *args],
-            env=full_env,
+            {**os.environ, **(env or {})},
             cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+            keep=200,  # the tail only: a chatty child must not grow us
+            on_line=self._note,
         )
-        pin(self.popen.pid, cpus)
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.url = ""
+        pin(self.pid, cpus)
+
+    @property
+    def url(self) -> str:
+        """From the ready line: a :class:`Fleet` hands a service out only once it is ready."""
+        url = super().url
+        assert url is not None, f"{self.name} is not ready"
+        return url
+
+    def _note(self, line: str) -> None:
+        if len(self.notable) < 5000 and any(m in line for m in NOTABLE):
+            self.notable.append(line)
+
+
+def run_pinned(cpus: str, main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """A helper process's body: pin to ``cpus`` ("0,1"; empty leaves it free), run ``main``."""
+    if cpus:
+        pin(os.getpid(), [int(c) for c in cpus.split(",")])
+    import uvloop  # ships with uvicorn[standard]
+
+    uvloop.run(main())
+    return 0
+
+
+class CommandProcess:
+    """The driver's handle on a helper process (``python -m MODULE``) run by commands.
+
+    A command is one line on the helper's stdin and its answer one line on its stdout: JSON,
+    or a bare word (``ok``, ``closed``). ``close`` sends ``close`` and waits, bounded, for the
+    helper to finish, then kills it.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.proc: asyncio.subprocess.Process | None = None
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        assert self.proc is not None
+        return self.proc.pid
 
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for line in self.popen.stdout:
-            if len(self.notable) < 5000 and any(m in line for m in NOTABLE):
-                self.notable.append(line.rstrip("\n"))
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                del self.lines[:-200]  # keep the tail only: a chatty child must not grow us
-                self._cond.notify_all()
-        self.popen.stdout.close()
-        with self._cond:
-            self._cond.notify_all()
+    async def spawn(self, module: str, *args: str, limit: int = 64 << 20) -> None:
+        """``limit``: the longest answer line (a report of every stamp can be large)."""
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            module,
+            *args,
+            cwd=ROOT,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=limit,
+        )
 
-    def wait_ready(self, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for line in self.lines:
-                    match = READY_LINE.search(line)
-                    if match:
-                        self.url = match.group(2)
-                        return self.url
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.popen.poll() is not None:
-                    tail = "\n".join(self.lines[-20:])
-                    raise RuntimeError(f"{self.name} did not become ready:\n{tail}")
-                self._cond.wait(min(remaining, 0.2))
+    def send(self, line: str) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        self._reader.join(5)
+    async def drain(self) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        await self.proc.stdin.drain()
+
+    async def answer(self) -> Any:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} process exited")
+        try:
+            return orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return line.strip().decode()
+
+    async def command(self, line: str, timeout: float = 30) -> Any:
+        self.send(line)
+        await self.drain()
+        async with asyncio.timeout(timeout):
+            return await self.answer()
+
+    async def close(self, timeout: float = 15) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        with contextlib.suppress(Exception):  # answered, or the helper is gone already
+            await self.command("close", timeout)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), 5)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+# What start_many starts: (sub-command, its arguments, its environment, CPUs to pin it to).
+Spec = tuple[str, Sequence[str], Mapping[str, str], Sequence[int] | None]
 
 
 class Fleet:
@@ -208,10 +257,24 @@ class Fleet:
         service.wait_ready()
         return service
 
-    def start_many(
-        self,
-        specs: Sequence[tuple[str, Sequence[str], Mapping[str, str], Sequence[int] | None]],
-    ) -> list[Service]:
+    def hub_specs(
+        self, upstream: str, workers: int, *worker_args: str, id_prefix: str = "w"
+    ) -> list[Spec]:
+        """``workers`` workers (ids ``{id_prefix}0``...) in front of ``upstream``, then the
+        stream service: for :meth:`start_many`, whose answer keeps this order."""
+        specs: list[Spec] = [
+            (
+                "worker",
+                ["--upstream", upstream, *worker_args],
+                self.env(VDM_WORKER_ID=f"{id_prefix}{i}"),
+                None,
+            )
+            for i in range(workers)
+        ]
+        specs.append(("stream", [], self.env(), None))
+        return specs
+
+    def start_many(self, specs: Sequence[Spec]) -> list[Service]:
         """Start several at once (they import in parallel), then wait for each."""
         started = []
         for command, args, env, cpus in specs:

@@ -1,7 +1,8 @@
 """SSE clients that time when a row appears *with its model* and when it is gone again.
 
 Run as a child process (``python -m bench.rowwatch URL N --track K [--delta]``) through
-:class:`bench.sseload.SSEPool` (``module="bench.rowwatch"``). Two ways to read a stream:
+:class:`bench.sseload.SSEPool` (``module="bench.rowwatch"``; the clients' connection and the
+command loop are :mod:`bench.sseclients`). Two ways to read a stream:
 
 - *Snapshots* (the default): whole ``event: update`` frames, so it reads any stream that sends
   full snapshots: vandamme-proxy's, and ours without ``delta=1``.
@@ -29,19 +30,20 @@ frame); ``close``.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, cast
-from urllib.parse import urlsplit
+from typing import Any
 
 import orjson
 
-from bench.procs import pin
+from bench.sseclients import (
+    ClientPool,
+    StreamClient,
+    client_parser,
+    run_clients,
+    unknown,
+)
 
 UPDATE = b"event: update"
 DELTA = b"event: delta"
@@ -50,29 +52,21 @@ END = b"\n\n"
 MAX_BUFFER = 8 << 20
 
 
-class Pool:
+class Pool(ClientPool["Watcher"]):
     def __init__(self) -> None:
-        self.clients: list[Watcher] = []
+        super().__init__()
         self.seen: dict[bytes, list[int]] = {}
         self.gone: dict[bytes, list[int]] = {}
         self.known: set[str] = set()
         self.violations = 0  # (frame, row) pairs without a known model
         self.violating: set[str] = set()  # distinct request ids among them
         self.examples: list[str] = []
-        self.ready = 0
-        self.failed = 0
-        self.target = 0
-        self.ready_event = asyncio.Event()
-
-    def settle(self) -> None:
-        if self.ready + self.failed >= self.target:
-            self.ready_event.set()
 
 
-class Watcher(asyncio.Protocol):
+class Watcher(StreamClient):
     def __init__(self, pool: Pool, request: bytes, track: bool, delta: bool = False) -> None:
-        self.pool = pool
-        self.request = request
+        super().__init__(pool, request)
+        self.pool: Pool = pool
         self.track = track
         self.delta = delta
         # Delta mode: the rows held (request_id -> model) and the version they are at.
@@ -84,20 +78,6 @@ class Watcher(asyncio.Protocol):
         self.showing: set[bytes] = set()  # seen, not yet gone
         self.frames = 0
         self.last_models: list[str | None] = []
-        self.ready = False
-        self.open = False
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.open = True
-        self.transport.write(self.request)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
-        if not self.ready:
-            self.pool.failed += 1
-            self.pool.settle()
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic_ns()
@@ -123,10 +103,7 @@ class Watcher(asyncio.Protocol):
 
     def frame(self, frame: bytes, now: int) -> None:
         self.frames += 1
-        if not self.ready:
-            self.ready = True
-            self.pool.ready += 1
-            self.pool.settle()
+        self.became_ready()
         for tok in [t for t in self.showing if t not in frame]:
             self.showing.discard(tok)
             self.pool.gone[tok].append(now)
@@ -156,10 +133,7 @@ class Watcher(asyncio.Protocol):
             upserts = body.get("upsert") or []
         self.version = body.get("version")
         self.frames += 1
-        if not self.ready:
-            self.ready = True
-            self.pool.ready += 1
-            self.pool.settle()
+        self.became_ready()
         for rid in removed:
             model = self.rows.pop(rid, None)
             tok = model.encode() if isinstance(model, str) else None
@@ -203,92 +177,46 @@ class Watcher(asyncio.Protocol):
         return models
 
 
-async def serve(url: str, n: int, track: int, delta: bool) -> None:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
-    ).encode()
-    loop = asyncio.get_running_loop()
-    pool = Pool()
-    pool.target = n
-    sem = asyncio.Semaphore(100)
-
-    async def one(i: int) -> None:
-        async with sem:
-            try:
-                _, client = await loop.create_connection(
-                    lambda: Watcher(pool, request, i < track, delta), host, port
-                )
-            except OSError:
-                pool.failed += 1
-                pool.settle()
-                return
-            pool.clients.append(client)
-
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    out = sys.stdout.buffer
-
-    def reply(obj: Any) -> None:
-        out.write(orjson.dumps(obj) + b"\n")
-        out.flush()
-
-    await asyncio.gather(*(one(i) for i in range(n)))
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(60):
-            await pool.ready_event.wait()
-    reply({"ready": pool.ready, "failed": pool.failed})
-    while line := await reader.readline():
-        cmd, _, arg = line.strip().partition(b" ")
-        if cmd == b"watch":
-            pool.seen.setdefault(arg, [])
-            pool.gone.setdefault(arg, [])
-            pool.known.add(arg.decode())
-            for c in pool.clients:
-                c.pending.add(arg)
-            reply("ok")
-        elif cmd == b"known":
-            pool.known.add(arg.decode())
-            reply("ok")
-        elif cmd == b"report":
-            reply(
-                {
-                    "seen": {k.decode(): v for k, v in pool.seen.items()},
-                    "gone": {k.decode(): v for k, v in pool.gone.items()},
-                    "violations": pool.violations,
-                    "violating": len(pool.violating),
-                    "examples": pool.examples,
-                    "frames_min": min((c.frames for c in pool.clients), default=0),
-                    "gaps": sum(c.gaps for c in pool.clients),
-                    "open": sum(1 for c in pool.clients if c.open),
-                }
-            )
-        elif cmd == b"rows":
-            reply([c.last_models for c in pool.clients if c.track])
-        elif cmd == b"close":
-            break
-    for c in pool.clients:
-        if c.transport is not None:
-            c.transport.abort()
-    reply("closed")
+def answer(pool: Pool, cmd: bytes, arg: bytes) -> Any:
+    """The reply to one command line (see the module docstring)."""
+    if cmd == b"watch":
+        pool.seen.setdefault(arg, [])
+        pool.gone.setdefault(arg, [])
+        pool.known.add(arg.decode())
+        for c in pool.clients:
+            c.pending.add(arg)
+        return "ok"
+    if cmd == b"known":
+        pool.known.add(arg.decode())
+        return "ok"
+    if cmd == b"report":
+        return {
+            "seen": {k.decode(): v for k, v in pool.seen.items()},
+            "gone": {k.decode(): v for k, v in pool.gone.items()},
+            "violations": pool.violations,
+            "violating": len(pool.violating),
+            "examples": pool.examples,
+            "frames_min": min((c.frames for c in pool.clients), default=0),
+            "open": sum(1 for c in pool.clients if c.open),
+            "gaps": sum(c.gaps for c in pool.clients),
+        }
+    if cmd == b"rows":
+        return [c.last_models for c in pool.clients if c.track]
+    return unknown(cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.rowwatch")
-    parser.add_argument("url")
-    parser.add_argument("clients", type=int)
+    parser = client_parser("bench.rowwatch")
     parser.add_argument("--track", type=int, default=2, help="clients that parse every frame")
     parser.add_argument("--delta", action="store_true", help="read ?delta=1 streams")
-    parser.add_argument("--cpus", default="")
     args = parser.parse_args(argv)
-    if args.cpus:
-        pin(os.getpid(), [int(c) for c in args.cpus.split(",")])
-    import uvloop
-
-    uvloop.run(serve(args.url, args.clients, args.track, args.delta))
-    return 0
+    pool = Pool()
+    return run_clients(
+        args,
+        pool,
+        lambda i, req: Watcher(pool, req, track=i < args.track, delta=args.delta),
+        lambda cmd, arg: answer(pool, cmd, arg),
+    )
 
 
 if __name__ == "__main__":

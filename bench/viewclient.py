@@ -1,7 +1,8 @@
 """A stream client that keeps the whole view, as the dashboard does, and says what it holds.
 
 Run as a child process (``python -m bench.viewclient URL N``) through
-:class:`bench.sseload.SSEPool` (``module="bench.viewclient"``). Each of its ``N`` clients
+:class:`bench.sseload.SSEPool` (``module="bench.viewclient"``; the clients' connection and the
+command loop are :mod:`bench.sseclients`). Each of its ``N`` clients
 decodes the HTTP chunked body, parses every frame and applies it: an ``update`` replaces the
 state; a ``delta`` (``?delta=1``) must have ``base`` equal to the version held, then its
 ``remove`` ids go and its ``upsert`` rows replace theirs by ``request_id``. A delta whose base
@@ -18,42 +19,35 @@ its version); ``report`` (stamps, counters, every client's state digest); ``clos
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
 import hashlib
-import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, cast
-from urllib.parse import urlsplit
+from typing import Any
 
 import orjson
 
-from bench.procs import pin
+from bench.sseclients import (
+    ClientPool,
+    StreamClient,
+    client_parser,
+    run_clients,
+    unknown,
+)
 
 
-class Shared:
+class Shared(ClientPool["View"]):
     def __init__(self, prefix: str) -> None:
+        super().__init__()
         self.prefix = prefix
-        self.clients: list[View] = []
         self.first: dict[str, int] = {}
         self.gone: dict[str, int] = {}
-        self.ready = 0
-        self.failed = 0
-        self.target = 0
-        self.ready_event = asyncio.Event()
-
-    def settle(self) -> None:
-        if self.ready + self.failed >= self.target:
-            self.ready_event.set()
 
 
-class View(asyncio.Protocol):
+class View(StreamClient):
     def __init__(self, shared: Shared, request: bytes, stamps: bool) -> None:
+        super().__init__(shared, request)
         self.shared = shared
-        self.request = request
         self.stamps = stamps  # the first client stamps appearances and removals
         self.raw = b""
         self.head_done = False
@@ -70,23 +64,9 @@ class View(asyncio.Protocol):
         self.gaps = 0
         self.null_model = 0  # (frame, row) pairs with no model
         self.workers_lost: list[tuple[int, str]] = []
-        self.ready = False
-        self.open = False
         self.waiting_for_update = False
-        self.transport: asyncio.Transport | None = None
 
     # --- transport --------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.open = True
-        self.transport.write(self.request)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.open = False
-        if not self.ready:
-            self.shared.failed += 1
-            self.shared.settle()
 
     def data_received(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -155,10 +135,7 @@ class View(asyncio.Protocol):
             self.apply_update(body, now)
         elif not self.waiting_for_update:
             self.apply_delta(body, now)
-        if not self.ready:
-            self.ready = True
-            self.shared.ready += 1
-            self.shared.settle()
+        self.became_ready()
 
     def apply_update(self, body: dict[str, Any], now: int) -> None:
         rows = {str(r["request_id"]): r for r in body.get("active_requests") or []}
@@ -220,92 +197,50 @@ class View(asyncio.Protocol):
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
-async def serve(url: str, n: int, prefix: str) -> None:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    target = parts.path + (f"?{parts.query}" if parts.query else "")
-    request = (
-        f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n\r\n"
-    ).encode()
-    loop = asyncio.get_running_loop()
-    shared = Shared(prefix)
-    shared.target = n
-    for i in range(n):
-        try:
-            _, client = await loop.create_connection(
-                lambda i=i: View(shared, request, i == 0),  # type: ignore[misc]
-                host,
-                port,
-            )
-        except OSError:
-            shared.failed += 1
-            continue
-        shared.clients.append(client)
-    shared.settle()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    out = sys.stdout.buffer
-
-    def reply(obj: Any) -> None:
-        out.write(orjson.dumps(obj) + b"\n")
-        out.flush()
-
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(60):
-            await shared.ready_event.wait()
-    reply({"ready": shared.ready, "failed": shared.failed})
-    while line := await reader.readline():
-        cmd = line.strip()
-        first = shared.clients[0] if shared.clients else None
-        if cmd == b"sample":
-            keys = list(first.keys.values()) if first else []
-            workers = sorted(first.workers) if first else []
-            version = first.version if first else -1
-            reply({"keys": keys, "version": version, "workers": workers})
-        elif cmd == b"report":
-            reply(
+def answer(shared: Shared, cmd: bytes, arg: bytes) -> Any:
+    """The reply to one command line (see the module docstring)."""
+    first = shared.clients[0] if shared.clients else None
+    if cmd == b"sample":
+        keys = list(first.keys.values()) if first else []
+        workers = sorted(first.workers) if first else []
+        version = first.version if first else -1
+        return {"keys": keys, "version": version, "workers": workers}
+    if cmd == b"report":
+        return {
+            "first": shared.first,
+            "gone": shared.gone,
+            "clients": [
                 {
-                    "first": shared.first,
-                    "gone": shared.gone,
-                    "clients": [
-                        {
-                            "rows": len(c.rows),
-                            "digest": c.digest(),
-                            "keys": sorted(c.keys.values()) if c is first else [],
-                            "version": c.version,
-                            "frames": c.frames,
-                            "deltas": c.deltas,
-                            "bytes": c.bytes,
-                            "gaps": c.gaps,
-                            "null_model": c.null_model,
-                            "workers_lost": c.workers_lost,
-                            "open": c.open,
-                        }
-                        for c in shared.clients
-                    ],
+                    "rows": len(c.rows),
+                    "digest": c.digest(),
+                    "keys": sorted(c.keys.values()) if c is first else [],
+                    "version": c.version,
+                    "frames": c.frames,
+                    "deltas": c.deltas,
+                    "bytes": c.bytes,
+                    "gaps": c.gaps,
+                    "null_model": c.null_model,
+                    "workers_lost": c.workers_lost,
+                    "open": c.open,
                 }
-            )
-        elif cmd == b"close":
-            break
-    for c in shared.clients:
-        if c.transport is not None:
-            c.transport.abort()
-    reply("closed")
+                for c in shared.clients
+            ],
+        }
+    return unknown(cmd)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.viewclient")
-    parser.add_argument("url")
-    parser.add_argument("clients", type=int)
+    parser = client_parser("bench.viewclient")
     parser.add_argument("--prefix", default="\0", help="model prefix of the run's tokens")
-    parser.add_argument("--cpus", default="")
     args = parser.parse_args(argv)
-    if args.cpus:
-        pin(os.getpid(), [int(c) for c in args.cpus.split(",")])
-    import uvloop
-
-    uvloop.run(serve(args.url, args.clients, args.prefix))
-    return 0
+    shared = Shared(args.prefix)
+    # Only the first client stamps; clients are kept in index order, so it is clients[0].
+    return run_clients(
+        args,
+        shared,
+        lambda i, req: View(shared, req, stamps=i == 0),
+        lambda cmd, arg: answer(shared, cmd, arg),
+    )
 
 
 if __name__ == "__main__":

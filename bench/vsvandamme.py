@@ -129,16 +129,7 @@ async def vs_vandamme(
     ):
         f.start_redis()
         upstream = f.start("demo-upstream", "--latency", "0", "--chunks", "8")
-        specs: list[tuple[str, list[str], dict[str, str], None]] = [
-            (
-                "worker",
-                ["--upstream", upstream.url, "--graceful-timeout", "1"],
-                f.env(VDM_WORKER_ID=f"w{i}"),
-                None,
-            )
-            for i in range(workers)
-        ]
-        specs.append(("stream", [], f.env(), None))
+        specs = f.hub_specs(upstream.url, workers, "--graceful-timeout", "1")
         vd = Vandamme(upstream.url, Path(tmp), hold_ms=HOLD_MS)
         pools = {n: SSEPool() for n in names}
         conns: list[Conn] = []

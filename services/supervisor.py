@@ -3,10 +3,10 @@
 ``vdm-hub up`` uses it to run every part of the hub as a separate process, the way a real
 deployment does. What it guarantees:
 
-- each child gets its own session (``start_new_session``), so a Ctrl-C to the terminal's
-  process group reaches only the supervisor, which then stops the children in a chosen order;
-- a child is "ready" when it logs ``<name> ready on <url>`` (every vdm-hub service does); the
-  wait is bounded and fails early, with the child's output, if the child exits first;
+- each child is a :class:`shared.children.Child`: a session of its own, so a Ctrl-C to the
+  terminal's process group reaches only the supervisor, which then stops the children in a
+  chosen order; "ready" when it logs ``<name> ready on <url>`` (every vdm-hub service does),
+  a bounded wait that fails early, with the child's output, if the child exits first;
 - a child that exits while the system runs is reported by name, exit code and output tail;
 - stopping is SIGTERM, then SIGKILL after a bound, stage by stage under one overall deadline;
 - nothing is left behind: the supervisor makes itself a child subreaper (Linux
@@ -26,163 +26,17 @@ import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from shared.serve import READY_LINE
+from shared.children import Child, ChildFailed, Stopped, describe_exit
 
-TAIL_LINES = 40
 _PR_SET_CHILD_SUBREAPER = 36
-
-
-class ChildFailed(RuntimeError):
-    """A child exited (or never became ready) while the system was meant to be running."""
-
-    def __init__(self, child: Child, reason: str) -> None:
-        self.child = child
-        self.reason = reason
-        super().__init__(f"{child.name} {reason}")
-
-    def report(self) -> str:
-        tail = self.child.tail()
-        shown = "\n".join(f"  {line}" for line in tail) if tail else "  (no output)"
-        return f"{self.child.name} {self.reason}; its last output:\n{shown}"
-
-
-class Stopped(Exception):
-    """Start-up was interrupted by a stop request (Ctrl-C / SIGTERM)."""
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "is still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    return f"exited with code {code}"
-
-
-class Child:
-    """One child process; its combined output is forwarded (prefixed) and its tail kept."""
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        *,
-        echo: TextIO | None = None,
-        mute: re.Pattern[str] | None = None,
-        cwd: str | None = None,
-    ) -> None:
-        self.name = name
-        self._mute = mute
-        self.argv = list(argv)
-        self.url: str | None = None
-        self._echo = echo
-        self._tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._lines: list[str] = []  # kept only until ready; the ready wait scans them
-        self._cond = threading.Condition()
-        self._eof = False
-        self.popen = subprocess.Popen(
-            self.argv,
-            env=dict(env),
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,
-        )
-        self._reader = threading.Thread(target=self._read, name=f"out-{name}", daemon=True)
-        self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def _read(self) -> None:
-        assert self.popen.stdout is not None
-        for raw in self.popen.stdout:
-            line = raw.rstrip("\n")
-            with self._cond:
-                self._tail.append(line)
-                if self.url is None:
-                    self._lines.append(line)
-                self._cond.notify_all()
-            if self._echo is not None and not (self._mute and self._mute.search(line)):
-                with contextlib.suppress(OSError, ValueError):
-                    self._echo.write(f"{self.name} | {line}\n")
-                    self._echo.flush()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def tail(self) -> list[str]:
-        with self._cond:
-            return list(self._tail)
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def wait_ready(self, timeout: float, stop: threading.Event) -> str:
-        """The URL from the ready line. Raises ChildFailed / Stopped."""
-        deadline = time.monotonic() + timeout
-        seen = 0
-        while True:
-            with self._cond:
-                for line in self._lines[seen:]:
-                    match = READY_LINE.search(line)
-                    if match:
-                        self.url = match.group(2)
-                        self._lines.clear()
-                        return self.url
-                seen = len(self._lines)
-                eof = self._eof
-                if not eof and not stop.is_set():
-                    self._cond.wait(max(0.0, min(deadline - time.monotonic(), 0.1)))
-            if stop.is_set():
-                raise Stopped
-            if eof:
-                try:
-                    code = self.popen.wait(2)
-                except subprocess.TimeoutExpired:
-                    code = None
-                raise ChildFailed(self, f"{describe_exit(code)} before it was ready")
-            if time.monotonic() >= deadline:
-                raise ChildFailed(self, f"was not ready within {timeout:g}s")
-
-    def terminate(self) -> None:
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        # The whole session's process group: a child's own helpers die with it. Still right
-        # after the child was reaped: while any member of the group lives, Linux does not
-        # reuse its id; once none does, killpg finds nothing (ESRCH).
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.popen.kill()
-
-    def close(self) -> None:
-        self._reader.join(1.0)
-        if self.popen.stdout is not None:
-            with contextlib.suppress(OSError):
-                self.popen.stdout.close()
 
 
 def become_subreaper() -> bool:
@@ -254,14 +108,28 @@ class Supervisor:
         """Start a child; with ``wait_ready`` return once it logged its ready line."""
         if self.stop_event.is_set():
             raise Stopped
-        full_env = {**env, "TMPDIR": self.tmpdir, "PYTHONUNBUFFERED": "1"}
-        child = Child(
-            name, argv, full_env, echo=self.echo if echo else None, mute=self.mute, cwd=self.cwd
-        )
+        full_env = {**env, "TMPDIR": self.tmpdir}
+        on_line = self._echo_for(name) if echo else None
+        child = Child(name, argv, full_env, cwd=self.cwd, on_line=on_line)
         self.children.append(child)
         if wait_ready:
             child.wait_ready(self.ready_timeout, self.stop_event)
         return child
+
+    def _echo_for(self, name: str) -> Callable[[str], None] | None:
+        """Writes a child's lines to ``echo``, prefixed with its name, except muted ones."""
+        out, mute = self.echo, self.mute
+        if out is None:
+            return None
+
+        def write(line: str) -> None:
+            if mute is not None and mute.search(line):
+                return
+            with contextlib.suppress(OSError, ValueError):  # a closed console must not kill us
+                out.write(f"{name} | {line}\n")
+                out.flush()
+
+        return write
 
     # -- run -----------------------------------------------------------------------------
 
@@ -293,6 +161,7 @@ class Supervisor:
             # the rest (Redis goes last and must get its turn to exit cleanly).
             budget = max(0.2, (deadline - time.monotonic()) / left)
             self._stop_stage(stage, min(deadline, time.monotonic() + budget))
+        # Pipes last: an orphan swept up above may have held one open.
         self._sweep_orphans()
         for child in self.children:
             child.close()
@@ -300,18 +169,13 @@ class Supervisor:
 
     def _stop_stage(self, stage: Sequence[Child], deadline: float) -> None:
         for child in stage:
-            child.terminate()
+            child.terminate()  # all of the stage at once: they stop in parallel
         for child in stage:
-            try:
-                child.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                if self.echo is not None:
-                    self.echo.write(f"{child.name} did not stop in time; killing it\n")
-            # SIGKILL the child's process group even after a clean exit: a helper it
-            # started in its own group and did not stop would otherwise outlive it.
+            if child.wait(deadline - time.monotonic()) is None and self.echo is not None:
+                self.echo.write(f"{child.name} did not stop in time; killing it\n")
+            # The child's process group even after a clean exit: a helper it started in its
+            # own group and did not stop would otherwise outlive it.
             child.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.popen.wait(1.0)
 
     def _sweep_orphans(self) -> None:
         known = {c.pid for c in self.children}

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
-from services.supervisor import Child, ChildFailed, Stopped, Supervisor
+from services.supervisor import Supervisor
+from shared.children import Child, ChildFailed, Stopped
 from shared.embedded_redis import free_port
 from shared.settings import Settings
 

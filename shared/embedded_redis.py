@@ -11,13 +11,14 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
 from importlib import util as import_util
 from pathlib import Path
 from types import TracebackType
+
+from shared.children import Child
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -77,7 +78,9 @@ class EmbeddedRedis:
     With ``data_dir`` the data survives a restart (``restart()`` keeps the port, so clients
     can reconnect to the same URL); without it, nothing is kept on disk. ``config_file`` and
     ``extra_args`` make the topologies of the tests (a cluster node, a replica, a sentinel:
-    ``config_file=…, extra_args=["--sentinel"]``) from the same process handling.
+    ``config_file=…, extra_args=["--sentinel"]``) from the same process handling. The process
+    is a :class:`shared.children.Child` (its own session, output kept for the start error,
+    SIGTERM then SIGKILL on stop).
     """
 
     def __init__(
@@ -98,7 +101,7 @@ class EmbeddedRedis:
         self._own_dir = data_dir is None
         self.data_dir = data_dir
         self.persist = data_dir is not None
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Child | None = None
 
     @property
     def url(self) -> str:
@@ -135,27 +138,16 @@ class EmbeddedRedis:
         for _attempt in range(5):
             if not fixed_port:
                 self.port = free_port(self.host)
-            self.process = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # a Ctrl-C to our group is ours to forward
-            )
+            # Ready is a PONG, not a line: the server's log format is not ours.
+            process = Child("redis", self._command(), os.environ)
             deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    break
+            while time.monotonic() < deadline and process.poll() is None:
                 if _ping(self.host, self.port):
+                    self.process = process
                     return self
                 time.sleep(0.02)
-            output = b""
-            if self.process.poll() is None:
-                self.process.kill()
-            if self.process.stdout is not None:
-                output = self.process.stdout.read()
-            self.process.wait()
-            text = output.decode(errors="replace").strip()
+            process.stop(0)
+            text = process.output.strip()
             if fixed_port or "bind" not in text.lower():
                 raise RedisStartError(
                     f"{self.binary} did not start on {self.host}:{self.port}: {text[-500:]}"
@@ -163,17 +155,10 @@ class EmbeddedRedis:
         raise RedisStartError(f"{self.binary}: no free port found after 5 attempts")
 
     def stop(self) -> None:
-        proc = self.process
+        process = self.process
         self.process = None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
+        if process is not None:
+            process.stop(STOP_TIMEOUT)
         if self._own_dir and self.data_dir is not None:
             shutil.rmtree(self.data_dir, ignore_errors=True)
             self.data_dir = None
@@ -192,18 +177,16 @@ class EmbeddedRedis:
         """SIGKILL, for fault tests; ``start()`` brings it back on the same port."""
         if self.process is not None:
             self.process.kill()
-            self.process.wait()
-            if self.process.stdout is not None:
-                self.process.stdout.close()
+            self.process.close()
             self.process = None
 
     def pause(self) -> None:
         if self.process is not None:
-            self.process.send_signal(signal.SIGSTOP)
+            self.process.signal(signal.SIGSTOP)
 
     def resume(self) -> None:
         if self.process is not None:
-            self.process.send_signal(signal.SIGCONT)
+            self.process.signal(signal.SIGCONT)
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()

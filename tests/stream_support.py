@@ -21,7 +21,7 @@ from shared import schema
 from shared.keys import Keys
 from shared.settings import Settings
 from shared.store import WireScripts
-from tests.worker_harness import running
+from tests.serving import running
 
 FAST = {
     "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.3",

@@ -13,11 +13,10 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-import uvicorn
 
 from services.proxy.app import WorkerApp, create_app
-from shared.serve import bind_socket, make_server, url_for
 from shared.settings import Settings
+from tests.serving import running
 
 
 class GatedUpstream:
@@ -92,29 +91,6 @@ class GatedUpstream:
             }
         )
         await send({"type": "http.response.body", "body": payload})
-
-
-@contextlib.asynccontextmanager
-async def running(app: Any, name: str) -> AsyncIterator[tuple[str, uvicorn.Server]]:
-    """Serve ``app`` on a free loopback port inside the current event loop."""
-    sock = bind_socket("127.0.0.1", 0)
-    server = make_server(app, sock, name, graceful_timeout=1.0)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
-        yield url_for(sock), server
-    finally:
-        server.should_exit = True
-        try:
-            # A shutdown that hangs is a failure worth seeing, not something to swallow.
-            async with asyncio.timeout(10):
-                await task
-        finally:
-            sock.close()
 
 
 def worker_settings(redis_url: str, key_prefix: str, **extra: str) -> Settings:

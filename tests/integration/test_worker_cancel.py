@@ -17,7 +17,8 @@ from services.proxy.app import WorkerApp
 from shared import schema
 from shared.keys import Keys
 from shared.store import read_worker_state
-from tests.worker_harness import GatedUpstream, running, running_worker, worker_settings
+from tests.serving import running
+from tests.worker_harness import GatedUpstream, running_worker, worker_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

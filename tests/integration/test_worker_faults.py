@@ -13,7 +13,8 @@ import redis.asyncio as aioredis
 from shared.embedded_redis import EmbeddedRedis
 from shared.keys import Keys
 from shared.store import read_worker_state
-from tests.worker_harness import GatedUpstream, running, running_worker, worker_settings
+from tests.serving import running
+from tests.worker_harness import GatedUpstream, running_worker, worker_settings
 
 pytestmark = pytest.mark.integration
 

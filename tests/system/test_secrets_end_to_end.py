@@ -27,6 +27,7 @@ import pytest
 import redis
 from httpx_sse import connect_sse
 
+from shared.children import ChildFailed
 from shared.embedded_redis import EmbeddedRedis
 from shared.keys import Keys
 from tests.procs import Proc, vdm_hub, wait_for
@@ -220,7 +221,7 @@ def evidence(redis_server: EmbeddedRedis) -> Iterator[Evidence]:
         stream = _start(procs, "stream", env=env)
         try:
             dashboard = _start(procs, "dashboard", env={**env, "VDM_STREAM_PUBLIC_URL": stream})
-        except TimeoutError as exc:
+        except ChildFailed as exc:
             dashboard = ""
             found.dashboard_note = f"dashboard did not start: {str(exc)[:500]}"
         sse = _SSETap(stream + STREAM)

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from services.demo.inprocess import serving
 from services.demo.upstream import create_app, pattern_bytes
+from tests.serving import running
 
 PROMPT = "Count to three, please."  # 23 characters -> 6 tokens
 PROMPT_TOKENS = 6
@@ -311,7 +311,7 @@ async def test_bytes_rejects_bad_parameters(client: httpx.AsyncClient, query: st
 async def test_stream_reaches_client_chunk_by_chunk() -> None:
     app = create_app(latency=0, chunk_delay=0.3, chunks=2)
     async with (
-        serving(app) as url,
+        running(app, "upstream") as (url, _),
         httpx.AsyncClient(base_url=url, trust_env=False) as c,
         c.stream("POST", "/v1/chat/completions", json=body(stream=True)) as r,
     ):
@@ -324,7 +324,7 @@ async def test_stream_reaches_client_chunk_by_chunk() -> None:
 
 async def test_bytes_reach_client_chunk_by_chunk() -> None:
     async with (
-        serving(create_app()) as url,
+        running(create_app(), "upstream") as (url, _),
         httpx.AsyncClient(base_url=url, trust_env=False) as c,
         c.stream("GET", "/bytes", params={"n": 300, "chunk": 100, "delay_ms": 300}) as r,
     ):

@@ -13,11 +13,11 @@ import httpx
 import pytest
 
 from services.demo import load
-from services.demo.inprocess import serving
 from services.demo.load import LoadGenerator, Shape, parse_hold
 from services.demo.loadstats import Progress, Reservoir
 from services.demo.upstream import create_app
 from shared.serve import bind_socket, url_for
+from tests.serving import running
 
 
 @dataclass
@@ -31,6 +31,9 @@ class Recorder:
     peak: int = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":  # the lifespan: the app's own business
+            await self.app(scope, receive, send)
+            return
         headers = dict(scope.get("headers", []))
         request_id = headers.get(b"x-request-id", b"").decode()
         self.seen.append(request_id)
@@ -54,7 +57,7 @@ async def until(condition: Callable[[], object], timeout: float = 10.0, what: st
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[str, Recorder]]:
     recorder = Recorder(create_app(latency=0, chunk_delay=0, chunks=4))
-    async with serving(recorder) as url:
+    async with running(recorder, "upstream") as (url, _):
         yield url, recorder
 
 
@@ -158,7 +161,10 @@ async def test_rate_limit_and_duration_bound_the_run(upstream: tuple[str, Record
 async def test_targets_are_used_round_robin(upstream: tuple[str, Recorder]) -> None:
     url, first = upstream
     second = Recorder(create_app(latency=0, chunk_delay=0))
-    async with serving(second) as url2, LoadGenerator([url, url2], requests=6) as gen:
+    async with (
+        running(second, "upstream") as (url2, _),
+        LoadGenerator([url, url2], requests=6) as gen,
+    ):
         stats = await asyncio.wait_for(gen.run(), 10)
     assert stats.ok == 6
     assert (len(first.seen), len(second.seen)) == (3, 3)
@@ -184,7 +190,7 @@ async def test_shape_picks_the_vendor_endpoints(
 
 async def test_http_errors_and_refused_connections_count_as_failures() -> None:
     async with (
-        serving(create_app(latency=0, error_rate=1.0)) as url,
+        running(create_app(latency=0, error_rate=1.0), "upstream") as (url, _),
         LoadGenerator([url], requests=3) as gen,
     ):
         stats = await asyncio.wait_for(gen.run(), 10)
