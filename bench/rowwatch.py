@@ -121,10 +121,9 @@ class Watcher(StreamClient):
             return  # stats, heartbeats, the retry hint
         body = orjson.loads(part[at + len(DATA) :])
         if kind == UPDATE:
-            new = {str(r["request_id"]): r.get("model") for r in body.get("active_requests") or []}
-            removed = [rid for rid in self.rows if rid not in new]
             upserts = body.get("active_requests") or []
-            self.rows = {}
+            kept = {str(r["request_id"]) for r in upserts}
+            removed = [rid for rid in self.rows if rid not in kept]
         elif body.get("base") != self.version:
             self.gaps += 1  # a frame that cannot be applied: this view is wrong until an update
             return

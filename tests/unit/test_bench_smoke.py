@@ -117,20 +117,24 @@ def test_row_watcher_on_deltas_stamps_the_model_and_the_removal(piece: int) -> N
             b": heartbeat\n\n",
             _frame("delta", {"version": 4, "base": 3, "remove": ["p"]}, 4),
             _frame("delta", {"version": 9, "base": 7, "remove": ["a"]}, 9),
+            # A new snapshot (a resync) without the held row removes it too.
+            _frame("update", {"active_requests": [], "version": 10}, 10),
         ]
     )
     pool = Pool()
     pool.known.update({"held", "tok"})
     pool.seen[b"tok"], pool.gone[b"tok"] = [], []
+    pool.seen[b"held"], pool.gone[b"held"] = [], []
     watcher = Watcher(pool, b"", track=True, delta=True)
-    watcher.pending.add(b"tok")
+    watcher.pending.update({b"tok", b"held"})
     for i in range(0, len(raw), piece):
         watcher.data_received(raw[i : i + piece])
     assert len(pool.seen[b"tok"]) == 1 and len(pool.gone[b"tok"]) == 1
     assert pool.gone[b"tok"][0] >= pool.seen[b"tok"][0]
     # The row shown before its model was known is a violation; the unappliable delta a gap.
     assert (pool.violations, pool.violating) == (1, {"p"})
-    assert (watcher.gaps, watcher.version, watcher.last_models) == (1, 4, ["held"])
+    assert (watcher.gaps, watcher.version, watcher.last_models) == (1, 10, [])
+    assert len(pool.seen[b"held"]) == 1 and len(pool.gone[b"held"]) == 1
 
 
 def test_result_renders_as_text_and_markdown() -> None:
