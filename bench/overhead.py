@@ -11,6 +11,9 @@ without 1,000 SSE clients connected to it (rounds: without, with, with, without)
 own CPU per request is reported next to throughput: it shows whether the worker pays for the
 clients, apart from the cores the two share on this machine.
 
+With a baseline commit (``--baseline REF``, :mod:`bench.baseline`), :func:`against_baseline`
+runs that commit's worker, instrumented and bare, next to today's two in the same rounds.
+
 Pinning (2 cores): the worker under test alone on core 1; upstream, Redis, stream service,
 SSE clients and the load client on core 0. The worker is what is compared, so it gets a core
 of its own; everything else sharing core 0 is the same for both sides of each comparison.
@@ -20,12 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from bench import baseline
 from bench.httpload import HTTPLoad
-from bench.procs import CPUS, CpuMeter, fleet
+from bench.procs import CPUS, ROOT, CpuMeter, fleet
 from bench.sseload import SSEPool
 
 WORKER_CORE, OTHER_CORE = [1], [0]
@@ -157,3 +163,61 @@ async def overhead(
         load_cores=load_cores,
         sse_clients=pool.ready,
     )
+
+
+# Today's worker and the baseline's, each instrumented and bare; a block runs them in this
+# order and back (A B C D D C B A), so each side gets two rounds a block, like A B B A above.
+BASELINE_SIDES = ("instrumented", "baseline instrumented", "bare", "baseline bare")
+
+
+@dataclass
+class BaselineResult:
+    commit: str  # as described by git: short hash and date
+    rounds: Rounds
+    concurrency: int
+    round_s: float
+
+
+async def against_baseline(
+    commit: str, *, concurrency: int, round_s: float, pairs: int
+) -> BaselineResult:
+    """The four workers of :data:`BASELINE_SIDES` in front of one upstream, each pinned alone
+    on the worker core while its round runs (they share it, but only one gets load)."""
+    run = f"b{int(time.time() * 1000) % 10**8}"
+    pinning = CPUS >= 2
+    worker_cpus = WORKER_CORE if pinning else None
+    other = OTHER_CORE if pinning else None
+    with (
+        tempfile.TemporaryDirectory(prefix="vdm-bench-baseline-") as tmp,
+        fleet(f"bench-{run}") as f,
+    ):
+        old_root = baseline.checkout(commit, Path(tmp))
+        f.start_redis(cpus=other)
+        upstream = f.start("demo-upstream", "--latency", "0", cpus=other)
+        args = ["--upstream", upstream.url, "--graceful-timeout", "1"]
+        urls: dict[str, str] = {}
+        pids: dict[str, int] = {}
+        for i, label in enumerate(BASELINE_SIDES):
+            env = f.env(VDM_WORKER_ID=f"{run}-{i}")
+            if label.endswith("bare"):
+                env["LOG_REQUEST_METRICS"] = "false"
+            root = old_root if label.startswith("baseline") else ROOT
+            worker = await asyncio.to_thread(
+                f.start, "worker", *args, env=env, cpus=worker_cpus, root=root
+            )
+            urls[label] = worker.url + "/v1/chat/completions"
+            pids[label] = worker.pid
+        load = await HTTPLoad().start(cpus=other)
+        try:
+            for url in urls.values():  # warm up, not counted
+                await load.run(url, concurrency, min(1.0, round_s))
+            rounds = Rounds()
+            order = (*BASELINE_SIDES, *reversed(BASELINE_SIDES))
+            for _ in range(pairs):
+                for label in order:
+                    rounds.add(
+                        label, await _round(load, urls[label], concurrency, round_s, pids[label])
+                    )
+        finally:
+            await load.close()
+    return BaselineResult(baseline.describe(commit), rounds, concurrency, round_s)

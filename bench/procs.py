@@ -115,14 +115,17 @@ class Service(Child):
         *args: str,
         env: Mapping[str, str] | None = None,
         cpus: Sequence[int] | None = None,
+        root: Path = ROOT,
     ) -> None:
         # Warnings, errors and reaps over the whole run (the kept tail forgets them).
         self.notable: list[str] = []
         super().__init__(
             command,
+            # ``-m`` puts the working directory first on sys.path: a ``root`` holding another
+            # commit's tree (bench/baseline.py) runs that code, with this virtualenv.
             [sys.executable, "-m", "services.cli", command, *args],
             {**os.environ, **(env or {})},
-            cwd=ROOT,
+            cwd=root,
             keep=200,  # the tail only: a chatty child must not grow us
             on_line=self._note,
         )
@@ -251,8 +254,9 @@ class Fleet:
         *args: str,
         env: Mapping[str, str] | None = None,
         cpus: Sequence[int] | None = None,
+        root: Path = ROOT,
     ) -> Service:
-        service = Service(command, "--port", "0", *args, env=env, cpus=cpus)
+        service = Service(command, "--port", "0", *args, env=env, cpus=cpus, root=root)
         self.services.append(service)
         service.wait_ready()
         return service

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from bench import scenarios
+from bench import baseline, scenarios
 from bench.procs import CPUS
 from bench.report import Result, write_doc
 from bench.soak import soak
@@ -71,7 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="tiny, short runs (development)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="overhead: also run the worker of git commit REF side by side (bench/baseline.py)",
+    )
     args = parser.parse_args(argv)
+    if args.baseline:
+        os.environ[baseline.REF_ENV] = args.baseline
     raise_fd_limit()
     names = args.scenario or list(SCENARIOS)
     command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))

@@ -8,12 +8,13 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench import baseline
 from bench.events import hub_ingest, single_publisher
 from bench.fanout import FanoutResult, fanout
 from bench.fidelity import fidelity
 from bench.instrument_cost import instrumentation_cost
 from bench.latency import E2EResult, e2e
-from bench.overhead import overhead
+from bench.overhead import BASELINE_SIDES, against_baseline, overhead
 from bench.report import Result, Table, Verdict, percentile
 from bench.rows import ModeResult, rows_scenario
 from bench.vsvandamme import VsResult, vs_vandamme
@@ -395,7 +396,64 @@ async def worker_overhead(quick: bool) -> Result:
     ]
     if t.errors or lat.errors or sse.errors:
         result.notes.append(f"{t.errors + lat.errors + sse.errors} non-200 responses")
+    commit = baseline.ref()
+    if commit:
+        await _against_baseline(result, commit, o.concurrency, quick)
     return result
+
+
+async def _against_baseline(result: Result, commit: str, concurrency: int, quick: bool) -> None:
+    """Today's worker next to ``commit``'s, both instrumented and bare, in the same rounds."""
+    b = await against_baseline(
+        commit, concurrency=concurrency, round_s=1.0 if quick else 2.0, pairs=1 if quick else 4
+    )
+    r = b.rounds
+    table = Table(
+        f"side by side with the worker of {b.commit} (bench/baseline.py): rounds A B C D D C B A,"
+        f" {b.round_s:g} s each, {b.concurrency} connections; worker pinned to core 1",
+        ["side", "rounds", "req/s (mean)", "p50 ms", "p99 ms", "worker µs CPU/request"],
+    )
+    for label in BASELINE_SIDES:
+        table.add(
+            label,
+            len(r.rps[label]),
+            r.mean("rps", label),
+            f"{r.mean('p50', label):.2f}",
+            f"{r.mean('p99', label):.2f}",
+            r.mean("cpu_us", label),
+        )
+    result.tables.append(table)
+
+    def median_blocks(which: str, a: str, c: str) -> str:
+        values = r.block_ratios(which, a, c)
+        return f"{statistics.median(values):.3f} (blocks {min(values):.3f} to {max(values):.3f})"
+
+    def added(a: str, c: str) -> float:
+        return statistics.median(r.block_differences("cpu_us", a, c))
+
+    now = statistics.median(r.block_ratios("rps", "instrumented", "bare"))
+    then = statistics.median(r.block_ratios("rps", "baseline instrumented", "baseline bare"))
+    result.verdicts += [
+        Verdict(
+            f"throughput instrumented/bare stays >= {b.commit}'s (same run)",
+            f"today {median_blocks('rps', 'instrumented', 'bare')}, then"
+            f" {median_blocks('rps', 'baseline instrumented', 'baseline bare')}",
+            now >= then,
+        ),
+        Verdict(
+            f"worker CPU per request, instrumented today / instrumented at {b.commit}",
+            median_blocks("cpu_us", "instrumented", "baseline instrumented"),
+            None,
+        ),
+        Verdict(
+            f"instrumentation's CPU per request (instrumented minus bare), today vs {b.commit}",
+            f"{added('instrumented', 'bare'):+.0f} µs vs"
+            f" {added('baseline instrumented', 'baseline bare'):+.0f} µs",
+            None,
+        ),
+    ]
+    if r.errors:
+        result.notes.append(f"baseline comparison: {r.errors} non-200 responses")
 
 
 async def event_throughput(quick: bool) -> Result:
