@@ -278,12 +278,13 @@ class Child:
 
     def kill(self) -> None:
         """SIGKILL to the child's whole process group, then reap it."""
-        # The group too: a helper the child started and did not stop dies with it. Still
-        # right after the child was reaped: while any member of the group lives, Linux does
-        # not reuse its id; once none does, killpg finds nothing (ESRCH). Once only: SIGKILL
-        # cannot be caught, so a second one finds nothing of ours, and might find a new group
-        # that happens to have the same id long after.
-        if not self._killed:
+        # The group too: a helper the child started and did not stop dies with it. Only while
+        # the child is not reaped (alive or a zombie): until then its pid, which is the
+        # group's id, cannot be given to another process. Once it is reaped and its group is
+        # empty, the id is free, and pids wrap (pid_max is 32768 here): a new process that
+        # makes itself a session leader with that id (a Redis a test started, Chromium) would
+        # get our SIGKILL. Seen: a session's Redis killed mid-suite under pytest-xdist.
+        if not self._killed and self.popen.returncode is None:
             self._killed = True
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.popen.pid, signal.SIGKILL)
@@ -299,10 +300,25 @@ class Child:
         did not end it within a bound (an uninterruptible wait in the kernel).
         """
         self.terminate()
-        self.wait(timeout)
+        self._wait_unreaped(timeout)
         self.kill()
         self.close()
         return self.popen.returncode
+
+    def _wait_unreaped(self, timeout: float) -> None:
+        """Until the child has exited or ``timeout`` passed, leaving it unreaped (a zombie keeps
+        its pid, and so its group's id, ours until :meth:`kill` has signalled the group)."""
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while self.popen.returncode is None:
+            try:
+                info = os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return  # reaped meanwhile by someone else's wait
+            if info is not None or time.monotonic() >= deadline:
+                return
+            time.sleep(delay)  # polling a child's exit: there is no fd to wait on
+            delay = min(0.05, delay * 2)
 
     def close(self) -> None:
         """Wait (bounded) for the reader to reach the end of the output and close the pipe."""

@@ -123,6 +123,8 @@ async def test_a_real_prometheus_evaluates_every_dashboard_and_alert_expression(
                     r = await client.get("/api/v1/query", params={"query": expr})
                 except httpx.TransportError:
                     return None  # still starting
+                if r.status_code == 503:
+                    return None  # listening, not ready yet ("Service Unavailable", plain text)
                 body = r.json()
                 assert r.status_code == 200 and body["status"] == "success", (expr, body)
                 result: list[Any] = body["data"]["result"]

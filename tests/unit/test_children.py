@@ -102,6 +102,32 @@ def test_stop_kills_a_child_that_ignores_sigterm_and_its_process_group() -> None
     wait_for(lambda: _dead(helper), 10, message=f"the helper {helper} to die")
 
 
+def test_a_child_that_exits_on_sigterm_still_has_its_group_killed_before_it_is_reaped() -> None:
+    """A helper left behind in the group dies even when the child itself exits in time."""
+    kid = child(
+        """
+        import signal, subprocess, sys, time
+        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leaves the helper running
+        print(f"helper {helper.pid}", flush=True)
+        time.sleep(60)
+        """
+    )
+    helper = int(kid.wait_for_line(r"helper (\d+)", 20).group(1))
+    assert kid.stop(10) == 0
+    wait_for(lambda: _dead(helper), 10, message=f"the helper {helper} to die")
+
+
+def test_a_reaped_child_s_group_id_is_never_signalled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once reaped, the child's pid (its group's id) may belong to a new process: pids wrap."""
+    kid = child("print('bye')")
+    assert kid.wait(20) == 0  # exited and reaped
+    signalled: list[int] = []
+    monkeypatch.setattr(os, "killpg", lambda pgid, sig: signalled.append(pgid))
+    assert kid.stop(1) == 0
+    assert signalled == []
+
+
 def _dead(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
