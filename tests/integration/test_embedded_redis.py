@@ -13,7 +13,9 @@ def test_a_port_another_server_holds_is_not_taken_for_ours(redis_server: Embedde
     """Another server answering PING on the port is no proof: ours must be the one answering
     (between choosing a free port and binding it, someone else can take it)."""
     late = EmbeddedRedis(port=redis_server.port)
-    with pytest.raises(RedisStartError, match="did not start"):
-        late.start()
-    assert late.process is None
-    late.stop()
+    try:
+        with pytest.raises(RedisStartError, match="did not start"):
+            late.start()
+        assert late.process is None
+    finally:
+        late.stop()  # if it did start (the test failed), it must not outlive the test
