@@ -57,6 +57,16 @@ class Rounds:
         values: list[float] = getattr(self, which)[label]
         return statistics.fmean(values)
 
+    def cells(self, label: str, digits: int = 2) -> list[object]:
+        """Rounds, mean req/s, p50 and p99 (ms, to ``digits``), CPU per request: a table row."""
+        return [
+            len(self.rps[label]),
+            self.mean("rps", label),
+            f"{self.mean('p50', label):.{digits}f}",
+            f"{self.mean('p99', label):.{digits}f}",
+            self.mean("cpu_us", label),
+        ]
+
     def _block_means(self, which: str, a: str, b: str) -> list[tuple[float, float]]:
         """(mean of ``a``, mean of ``b``) within each A B B A block (rounds 2k, 2k+1 of each
         side): drift in the machine's background load cancels inside a block, so these are the

@@ -286,34 +286,14 @@ async def worker_overhead(quick: bool) -> Result:
         ["load", "side", "rounds", "req/s (mean)", "p50 ms", "p99 ms", "worker µs CPU/request"],
     )
     for label in ("instrumented", "bare"):
-        table.add(
-            f"{o.concurrency} connections",
-            label,
-            len(t.rps[label]),
-            t.mean("rps", label),
-            f"{t.mean('p50', label):.2f}",
-            f"{t.mean('p99', label):.2f}",
-            t.mean("cpu_us", label),
-        )
+        table.add(f"{o.concurrency} connections", label, *t.cells(label))
     for label in ("instrumented", "bare"):
-        table.add(
-            "1 connection",
-            label,
-            len(lat.rps[label]),
-            lat.mean("rps", label),
-            f"{lat.mean('p50', label):.3f}",
-            f"{lat.mean('p99', label):.3f}",
-            lat.mean("cpu_us", label),
-        )
+        table.add("1 connection", label, *lat.cells(label, digits=3))
     for label in ("without", "with"):
         table.add(
             f"{o.concurrency} connections",
             f"instrumented, {label} {o.sse_clients} SSE clients",
-            len(sse.rps[label]),
-            sse.mean("rps", label),
-            f"{sse.mean('p50', label):.2f}",
-            f"{sse.mean('p99', label):.2f}",
-            sse.mean("cpu_us", label),
+            *sse.cells(label),
         )
     result.tables.append(table)
     # The same comparison without HTTP or a second process, where the noise is gone: paced to
@@ -414,14 +394,7 @@ async def _against_baseline(result: Result, commit: str, concurrency: int, quick
         ["side", "rounds", "req/s (mean)", "p50 ms", "p99 ms", "worker µs CPU/request"],
     )
     for label in BASELINE_SIDES:
-        table.add(
-            label,
-            len(r.rps[label]),
-            r.mean("rps", label),
-            f"{r.mean('p50', label):.2f}",
-            f"{r.mean('p99', label):.2f}",
-            r.mean("cpu_us", label),
-        )
+        table.add(label, *r.cells(label))
     result.tables.append(table)
 
     def median_blocks(which: str, a: str, c: str) -> str:

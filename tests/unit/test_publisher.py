@@ -361,16 +361,8 @@ async def test_an_end_right_after_a_progress_removes_a_row_sent_earlier(
     await _drain(pub)
     pub.start(_row("r3"))
     await _drain(pub)
-    pub.progress("r3", {"phase": Phase.STREAMING, "bytes_out": 5, "ttft_ms": 1.0})
-    pub.end(
-        "r3",
-        status=200,
-        outcome=Outcome.OK,
-        duration_ms=2.0,
-        bytes_out=5,
-        input_tokens=None,
-        output_tokens=None,
-    )
+    pub.progress("r3", {"phase": Phase.STREAMING, "bytes_out": 2, "ttft_ms": 1.0})
+    _end(pub, "r3")
     sent_before = pub.events_sent
     await _drain(pub)
     state = await read_worker_state(fake_redis, Keys("u"), "w1")
