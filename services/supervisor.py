@@ -92,6 +92,9 @@ class Supervisor:
         self.stop_timeout = stop_timeout
         self.cwd = cwd
         self.tmpdir = tempfile.mkdtemp(prefix="vdm-up-")
+        # Children this process had before the supervisor existed are not orphans of ours:
+        # in-process (the unit tests) the sweep SIGTERMed the test session's own Redis.
+        self._not_ours = set(_own_children())
         self.subreaper = become_subreaper()
 
     # -- start ---------------------------------------------------------------------------
@@ -178,7 +181,7 @@ class Supervisor:
             child.kill()
 
     def _sweep_orphans(self) -> None:
-        known = {c.pid for c in self.children}
+        known = {c.pid for c in self.children} | self._not_ours
         orphans = [pid for pid in _own_children() if pid not in known]
         for pid in orphans:
             with contextlib.suppress(ProcessLookupError):

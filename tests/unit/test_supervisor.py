@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import subprocess
 import sys
 import textwrap
 import threading
@@ -93,3 +94,17 @@ def test_a_stop_request_ends_a_ready_wait_and_refuses_new_children() -> None:
     finally:
         sup.stop()
     assert child.poll() is not None
+
+
+def test_children_the_process_had_before_the_supervisor_are_not_swept() -> None:
+    """In a process that already has children (a test session's Redis), stopping a supervisor
+    leaves them alone: only orphans re-parented to it are its to sweep."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        sup = Supervisor(echo=None)
+        sup.start("steady", service("steady"), dict(os.environ))
+        sup.stop()
+        assert bystander.poll() is None, "the supervisor swept a child it did not start"
+    finally:
+        bystander.kill()
+        bystander.wait(10)
