@@ -630,6 +630,16 @@ def new_page(browser: Any) -> Iterator[Any]:
             context.close()
 
 
+@pytest.fixture
+def fleet(system: System) -> Iterator[FakeFleet]:
+    """Fake workers publishing into the ``system`` of the requesting test module."""
+    f = FakeFleet(system.redis_url, system.prefix)
+    try:
+        yield f
+    finally:
+        f.close()  # its workers deregister: their rows leave the view
+
+
 @pytest.fixture(scope="module")
 def module_redis(redis_server: EmbeddedRedis) -> str:
     return redis_server.url

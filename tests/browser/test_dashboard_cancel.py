@@ -43,15 +43,6 @@ def system(module_redis: str, holder: Holder) -> Iterator[System]:
         started.stop()
 
 
-@pytest.fixture
-def fleet(system: System) -> Iterator[FakeFleet]:
-    f = FakeFleet(system.redis_url, system.prefix)
-    try:
-        yield f
-    finally:
-        f.close()
-
-
 def _open(system: System, new_page: Any) -> DashboardPage:
     page: DashboardPage = new_page(system.dashboard_url).open("/dashboard/metrics")
     page.wait_live()

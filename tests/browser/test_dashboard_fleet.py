@@ -33,15 +33,6 @@ def system(module_redis: str) -> Iterator[System]:
         started.stop()
 
 
-@pytest.fixture
-def fleet(system: System) -> Iterator[FakeFleet]:
-    f = FakeFleet(system.redis_url, system.prefix)
-    try:
-        yield f
-    finally:
-        f.close()  # its workers deregister: their rows leave the view
-
-
 def _tag() -> str:
     return f"t{next(_tags)}"
 
