@@ -7,6 +7,8 @@ COPY pyproject.toml README.md ./
 COPY shared ./shared
 COPY services ./services
 COPY dashboard ./dashboard
+# vdm_hub/ is the import package: relative links to the three folders above
+COPY vdm_hub ./vdm_hub
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim

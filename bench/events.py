@@ -26,9 +26,9 @@ import redis.asyncio as aioredis
 
 from bench.fanout import make_row, pinned_self
 from bench.procs import CPUS, ROOT, CpuMeter, cpu_seconds, fleet
-from services.proxy.publisher import Publisher
-from shared.schema import Outcome, Phase
-from shared.settings import Settings
+from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.shared.schema import Outcome, Phase
+from vdm_hub.shared.settings import Settings
 
 WINDOW = 100  # requests in flight per publisher
 HIGH_WATER = 4000  # queued events above which the generator yields to the flusher

@@ -24,9 +24,9 @@ from pathlib import Path
 from bench.procs import CPUS, CpuMeter, Profiler, fleet, pin, rss_kb
 from bench.report import percentile
 from bench.sseload import SSEPool
-from services.proxy.publisher import Publisher
-from shared.schema import Outcome, Phase, Row
-from shared.settings import Settings
+from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.shared.schema import Outcome, Phase, Row
+from vdm_hub.shared.settings import Settings
 
 STREAM_PATH = "/metrics/active-requests/stream"
 STREAM_CORE, LOAD_CORE = [1], [0]

@@ -34,7 +34,7 @@ from bench.holdload import HoldLoad
 from bench.procs import CpuMeter, fleet
 from bench.report import percentile
 from bench.sseload import SSEPool
-from shared.keys import Keys
+from vdm_hub.shared.keys import Keys
 
 STREAM_PATH = "/metrics/active-requests/stream"
 SAMPLE_S = 0.5

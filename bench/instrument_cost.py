@@ -27,10 +27,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bench.overhead import OTHER_CORE, WORKER_CORE
 from bench.procs import pin
-from services.proxy.instrument import RequestMetricsMiddleware
-from services.proxy.publisher import Publisher
-from shared.embedded_redis import EmbeddedRedis
-from shared.settings import Settings
+from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
+from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.settings import Settings
 
 REQUEST_BODY = orjson.dumps(
     {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}

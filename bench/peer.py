@@ -27,8 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from shared.children import Child, ChildFailed, describe_exit
-from shared.embedded_redis import free_port
+from vdm_hub.shared.children import Child, ChildFailed, describe_exit
+from vdm_hub.shared.embedded_redis import free_port
 
 VERSION = "2.0.9"
 PACKAGE = f"vandamme-proxy=={VERSION}"

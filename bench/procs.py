@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
-from shared.children import Child
-from shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.children import Child
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -123,7 +123,7 @@ class Service(Child):
             command,
             # ``-m`` puts the working directory first on sys.path: a ``root`` holding another
             # commit's tree (bench/baseline.py) runs that code, with this virtualenv.
-            [sys.executable, "-m", "services.cli", command, *args],
+            [sys.executable, "-m", "vdm_hub.services.cli", command, *args],
             {**os.environ, **(env or {})},
             cwd=root,
             keep=200,  # the tail only: a chatty child must not grow us

@@ -35,10 +35,10 @@ from bench.fanout import end_request, make_row, pinned_self
 from bench.procs import CPUS, CpuMeter, fleet, rss_kb
 from bench.report import percentile
 from bench.sseload import SSEPool
-from services.proxy.publisher import Publisher
-from shared.embedded_redis import free_port
-from shared.keys import Keys
-from shared.settings import Settings
+from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.shared.embedded_redis import free_port
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.settings import Settings
 
 STREAM_PATH = "/metrics/active-requests/stream"
 STREAM_CORE, LOAD_CORE = [1], [0]

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from bench.procs import fleet, rss_kb
 from bench.report import Result, Table, Verdict
-from services.demo.load import LoadGenerator
+from vdm_hub.services.demo.load import LoadGenerator
 
 STREAM_PATH = b"/metrics/active-requests/stream"
 

@@ -16,8 +16,8 @@ from typing import Any
 from dash import ClientsideFunction, Dash, Input, Output
 from flask import Flask, Response, redirect
 
-from dashboard import layout
-from shared.settings import Settings
+from vdm_hub.dashboard import layout
+from vdm_hub.shared.settings import Settings
 
 PREFIX = "/dashboard/"
 ASSETS = Path(__file__).resolve().parent / "assets"

@@ -12,7 +12,7 @@ from typing import Any
 
 from dash import dcc, html
 
-from dashboard import grids
+from vdm_hub.dashboard import grids
 
 CHART_HEIGHT = 210
 OVERVIEW_HREF = "/dashboard/"

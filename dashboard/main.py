@@ -10,8 +10,8 @@ import argparse
 import logging
 from typing import Any
 
-from shared.serve import serve
-from shared.settings import Settings
+from vdm_hub.shared.serve import serve
+from vdm_hub.shared.settings import Settings
 
 log = logging.getLogger("vdm.dashboard")
 
@@ -24,7 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     from a2wsgi import WSGIMiddleware
 
-    from dashboard.app import create_app
+    from vdm_hub.dashboard.app import create_app
 
     app = create_app(settings)
     log.info(
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )
     asgi: Any = WSGIMiddleware(app.server)
     if settings.auth_token:
-        from shared.auth import protect_dashboard
+        from vdm_hub.shared.auth import protect_dashboard
 
         # Login/logout pages in front; every other route needs the session cookie.
         asgi = protect_dashboard(asgi, settings.auth_token)

@@ -13,18 +13,27 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from shared.serve import PortInUse, configure_logging
-from shared.settings import ConfigError, Settings
+from vdm_hub.shared.serve import PortInUse, configure_logging
+from vdm_hub.shared.settings import ConfigError, Settings
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("services.up", "the whole system on one machine (Redis, workers, stream, dashboard)"),
-    "redis": ("services.redis_server", "the embedded Redis server in the foreground"),
-    "worker": ("services.proxy.main", "one instrumented worker proxy in front of an upstream"),
-    "stream": ("services.stream.main", "one stream service (merged fleet state over SSE)"),
-    "dashboard": ("dashboard.main", "the Dash dashboard"),
-    "demo-upstream": ("services.demo.upstream", "a fake OpenAI/Anthropic-compatible LLM API"),
-    "load": ("services.demo.load", "a bounded traffic generator"),
+    "up": (
+        "vdm_hub.services.up",
+        "the whole system on one machine (Redis, workers, stream, dashboard)",
+    ),
+    "redis": ("vdm_hub.services.redis_server", "the embedded Redis server in the foreground"),
+    "worker": (
+        "vdm_hub.services.proxy.main",
+        "one instrumented worker proxy in front of an upstream",
+    ),
+    "stream": ("vdm_hub.services.stream.main", "one stream service (merged fleet state over SSE)"),
+    "dashboard": ("vdm_hub.dashboard.main", "the Dash dashboard"),
+    "demo-upstream": (
+        "vdm_hub.services.demo.upstream",
+        "a fake OpenAI/Anthropic-compatible LLM API",
+    ),
+    "load": ("vdm_hub.services.demo.load", "a bounded traffic generator"),
 }
 
 

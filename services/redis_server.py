@@ -8,8 +8,8 @@ import signal
 import threading
 from types import FrameType
 
-from shared.embedded_redis import EmbeddedRedis, RedisBinaryNotFound, RedisStartError
-from shared.settings import Settings
+from vdm_hub.shared.embedded_redis import EmbeddedRedis, RedisBinaryNotFound, RedisStartError
+from vdm_hub.shared.settings import Settings
 
 log = logging.getLogger("vdm.redis")
 

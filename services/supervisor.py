@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from shared.children import Child, ChildFailed, Stopped, describe_exit
+from vdm_hub.shared.children import Child, ChildFailed, Stopped, describe_exit
 
 _PR_SET_CHILD_SUBREAPER = 36
 

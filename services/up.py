@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from types import FrameType
 from urllib.parse import urlsplit, urlunsplit
 
-from services.supervisor import Supervisor
-from shared.children import Child, ChildFailed, Stopped
-from shared.embedded_redis import free_port
-from shared.settings import Settings
+from vdm_hub.services.supervisor import Supervisor
+from vdm_hub.shared.children import Child, ChildFailed, Stopped
+from vdm_hub.shared.embedded_redis import free_port
+from vdm_hub.shared.settings import Settings
 
-VDM_HUB = [sys.executable, "-m", "services.cli"]
+VDM_HUB = [sys.executable, "-m", "vdm_hub.services.cli"]
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
 # Demo traffic: requests held open 1-5 s (x-demo-delay-ms) so rows stay long enough to watch.
 DEMO_HOLD_S = "1-5"

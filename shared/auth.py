@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, quote
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.responses import JSONResponse
+from vdm_hub.shared.responses import JSONResponse
 
 log = logging.getLogger("vdm.auth")
 

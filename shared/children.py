@@ -33,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from shared.serve import READY_LINE
+from vdm_hub.shared.serve import READY_LINE
 
 TAIL_LINES = 40
 WAIT_TIMEOUT = 30.0  # a Python child on a loaded machine: imports alone can take seconds

@@ -19,7 +19,7 @@ from importlib import util as import_util
 from pathlib import Path
 from types import TracebackType
 
-from shared.children import Child
+from vdm_hub.shared.children import Child
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0

@@ -38,7 +38,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisClusterException
 
-from shared.settings import Settings, redacted_url
+from vdm_hub.shared.settings import Settings, redacted_url
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CONNECT_TIMEOUT = 2.0

@@ -14,7 +14,7 @@ from typing import Any, Final, NotRequired, TypedDict
 
 import orjson
 
-from shared.keys import PROTOCOL_VERSION
+from vdm_hub.shared.keys import PROTOCOL_VERSION
 
 # What a reader assumes for a worker record that does not say (and the workers' defaults).
 DEFAULT_HEARTBEAT_INTERVAL_S: Final = 2.0

@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from shared.schema import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_WORKER_TTL_S
+from vdm_hub.shared.schema import DEFAULT_HEARTBEAT_INTERVAL_S, DEFAULT_WORKER_TTL_S
 
 T = TypeVar("T")
 

@@ -17,12 +17,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
-from shared import schema
-from shared.keys import Keys
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
 
 
 def _lua(name: str) -> str:
-    return resources.files("shared").joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("vdm_hub.shared").joinpath("lua", f"{name}.lua").read_text()
 
 
 log = logging.getLogger("vdm.store")

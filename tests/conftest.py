@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
 
 _prefixes = itertools.count(1)
 

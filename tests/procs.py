@@ -14,11 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from shared.children import Child
+from vdm_hub.shared.children import Child
 
 T = TypeVar("T")
 
-VDM_HUB = [sys.executable, "-m", "services.cli"]
+VDM_HUB = [sys.executable, "-m", "vdm_hub.services.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import uvicorn
 
-from shared.serve import bind_socket, make_server, url_for
+from vdm_hub.shared.serve import bind_socket, make_server, url_for
 
 
 @contextlib.asynccontextmanager

@@ -16,12 +16,12 @@ import redis.asyncio as aioredis
 from httpx_sse import ServerSentEvent, aconnect_sse
 from redis.exceptions import RedisError
 
-from services.stream.app import create_app
-from shared import schema
-from shared.keys import Keys
-from shared.settings import Settings
-from shared.store import WireScripts
 from tests.serving import running
+from vdm_hub.services.stream.app import create_app
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.store import WireScripts
 
 FAST = {
     "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.3",

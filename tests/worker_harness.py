@@ -14,9 +14,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from services.proxy.app import WorkerApp, create_app
-from shared.settings import Settings
 from tests.serving import running
+from vdm_hub.services.proxy.app import WorkerApp, create_app
+from vdm_hub.shared.settings import Settings
 
 
 class GatedUpstream:

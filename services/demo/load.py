@@ -38,11 +38,11 @@ from types import TracebackType
 
 import httpx
 
-from services.demo import vendors
-from services.demo.loadstats import LoadStats, Progress
-from services.demo.vendors import Vendor
-from services.httppool import ShardedClients
-from shared.settings import Settings
+from vdm_hub.services.demo import vendors
+from vdm_hub.services.demo.loadstats import LoadStats, Progress
+from vdm_hub.services.demo.vendors import Vendor
+from vdm_hub.services.httppool import ShardedClients
+from vdm_hub.shared.settings import Settings
 
 DEFAULT_MODELS = {
     Vendor.OPENAI: ("gpt-4o-mini", "gpt-4.1"),

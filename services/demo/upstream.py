@@ -36,11 +36,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from services.demo import vendors
-from services.demo.vendors import Vendor
-from shared.responses import JSONResponse
-from shared.serve import serve
-from shared.settings import Settings
+from vdm_hub.services.demo import vendors
+from vdm_hub.services.demo.vendors import Vendor
+from vdm_hub.shared.responses import JSONResponse
+from vdm_hub.shared.serve import serve
+from vdm_hub.shared.settings import Settings
 
 MAX_DELAY_MS = 600_000  # 10 minutes
 MAX_CHUNKS = 10_000

@@ -15,12 +15,12 @@ import redis.asyncio as aioredis
 from starlette.routing import Router
 from starlette.types import Receive, Scope, Send
 
-from services.httppool import ShardedClients
-from services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts
-from services.proxy.instrument import RequestMetricsMiddleware
-from services.proxy.publisher import Publisher
-from shared.responses import JSONResponse
-from shared.settings import Settings
+from vdm_hub.services.httppool import ShardedClients
+from vdm_hub.services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts
+from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
+from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.shared.responses import JSONResponse
+from vdm_hub.shared.settings import Settings
 
 OWN_PREFIX = "/_vdm/"
 
@@ -98,7 +98,7 @@ def create_app(
 ) -> WorkerApp:
     target = upstream or settings.upstream_url
     if not target:
-        from shared.settings import ConfigError
+        from vdm_hub.shared.settings import ConfigError
 
         raise ConfigError("VDM_UPSTREAM_URL: not set and no --upstream given")
     return WorkerApp(settings, target, redis, client)

@@ -25,8 +25,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared.redis_client import subscribed
-from shared.schema import MAX_ID_CHARS
+from vdm_hub.shared.redis_client import subscribed
+from vdm_hub.shared.schema import MAX_ID_CHARS
 
 log = logging.getLogger("vdm.cancel")
 

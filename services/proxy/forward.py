@@ -32,8 +32,8 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 import httpx
 from starlette.types import Message, Receive, Scope, Send
 
-from services.httppool import ShardedClients
-from shared.responses import JSONResponse
+from vdm_hub.services.httppool import ShardedClients
+from vdm_hub.shared.responses import JSONResponse
 
 log = logging.getLogger("vdm.proxy")
 

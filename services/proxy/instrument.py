@@ -38,9 +38,9 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.proxy import sniff
-from services.proxy.cancel import InFlight
-from shared.schema import (
+from vdm_hub.services.proxy import sniff
+from vdm_hub.services.proxy.cancel import InFlight
+from vdm_hub.shared.schema import (
     MAX_METHOD_CHARS,
     MAX_PATH_CHARS,
     Outcome,

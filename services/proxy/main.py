@@ -6,9 +6,9 @@ import argparse
 import dataclasses
 import logging
 
-from services.proxy.app import create_app
-from shared.serve import serve
-from shared.settings import ConfigError, Settings, http_url
+from vdm_hub.services.proxy.app import create_app
+from vdm_hub.shared.serve import serve
+from vdm_hub.shared.settings import ConfigError, Settings, http_url
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

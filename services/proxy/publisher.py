@@ -36,16 +36,23 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-import shared
-from services.proxy.cancel import CancelListener, InFlight
-from services.proxy.forward import public_url
-from services.proxy.resp import RawRedis, pack
-from shared import schema
-from shared.keys import Keys
-from shared.redis_client import build_client
-from shared.schema import EndEvent, EventType, Outcome, ProgressEvent, RequestEvent, Row, StartEvent
-from shared.settings import Settings
-from shared.store import NotRegistered, WireScripts
+from vdm_hub.services.proxy.cancel import CancelListener, InFlight
+from vdm_hub.services.proxy.forward import public_url
+from vdm_hub.services.proxy.resp import RawRedis, pack
+from vdm_hub.shared import __version__, schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.redis_client import build_client
+from vdm_hub.shared.schema import (
+    EndEvent,
+    EventType,
+    Outcome,
+    ProgressEvent,
+    RequestEvent,
+    Row,
+    StartEvent,
+)
+from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.store import NotRegistered, WireScripts
 
 log = logging.getLogger("vdm.publisher")
 
@@ -276,7 +283,7 @@ class Publisher:
             pid=os.getpid(),
             started_at=self.started_at,
             upstream=self.upstream,
-            version=shared.__version__,
+            version=__version__,
             epoch=self.epoch,
             heartbeat_interval=self.settings.worker_heartbeat_interval,
             ttl=self.settings.worker_ttl,

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from shared.schema import MAX_MODEL_CHARS, clamp
+from vdm_hub.shared.schema import MAX_MODEL_CHARS, clamp
 
 # Request bodies larger than this are not parsed as JSON; a regex over the first part finds
 # the model instead (LLM requests put it near the top; huge bodies are mostly prompt).

@@ -28,19 +28,19 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from services.stream.cancel import cancel_router
-from services.stream.fanout import Broadcaster
-from services.stream.hub import Hub
-from services.stream.memo import PeriodicMemo
-from services.stream.metrics import RequestMetrics, StreamMetrics
-from services.stream.sse import SSEEndpoint
-from services.stream.stats import RollingStats, flight_summary
-from services.stream.supervise import TaskSupervisor
-from shared.auth import DEFAULT_EXEMPT, RequireAuth
-from shared.keys import Keys
-from shared.redis_client import build_client
-from shared.responses import JSONResponse
-from shared.settings import Settings
+from vdm_hub.services.stream.cancel import cancel_router
+from vdm_hub.services.stream.fanout import Broadcaster
+from vdm_hub.services.stream.hub import Hub
+from vdm_hub.services.stream.memo import PeriodicMemo
+from vdm_hub.services.stream.metrics import RequestMetrics, StreamMetrics
+from vdm_hub.services.stream.sse import SSEEndpoint
+from vdm_hub.services.stream.stats import RollingStats, flight_summary
+from vdm_hub.services.stream.supervise import TaskSupervisor
+from vdm_hub.shared.auth import DEFAULT_EXEMPT, RequireAuth
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.redis_client import build_client
+from vdm_hub.shared.responses import JSONResponse
+from vdm_hub.shared.settings import Settings
 
 log = logging.getLogger("vdm.stream")
 

@@ -35,14 +35,14 @@ from fastapi import APIRouter, Request
 from redis.exceptions import RedisError
 from starlette.responses import Response
 
-from shared import schema
-from shared.auth import parse_bearer, request_is_secure, session_values
-from shared.keys import Keys
-from shared.responses import JSONResponse
-from shared.settings import Settings
+from vdm_hub.shared import schema
+from vdm_hub.shared.auth import parse_bearer, request_is_secure, session_values
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.responses import JSONResponse
+from vdm_hub.shared.settings import Settings
 
 if TYPE_CHECKING:
-    from services.stream.hub import Hub
+    from vdm_hub.services.stream.hub import Hub
 
 log = logging.getLogger("vdm.stream.cancel")
 

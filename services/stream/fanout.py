@@ -34,12 +34,12 @@ from typing import Any
 
 import orjson
 
-from services.stream import payloads
-from services.stream.frames import HEARTBEAT, encode_event
-from services.stream.hub import Hub
-from services.stream.ring import Change, ChangeRing, Span
-from services.stream.table import RowTable
-from services.stream.throttle import AdaptiveThrottle
+from vdm_hub.services.stream import payloads
+from vdm_hub.services.stream.frames import HEARTBEAT, encode_event
+from vdm_hub.services.stream.hub import Hub
+from vdm_hub.services.stream.ring import Change, ChangeRing, Span
+from vdm_hub.services.stream.table import RowTable
+from vdm_hub.services.stream.throttle import AdaptiveThrottle
 
 # A full GC pass between fan-outs once the clients grew by this factor (CPython's own rule
 # fires at ~1.25x the long-lived heap, so this one comes first), and not below this many.

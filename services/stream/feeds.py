@@ -23,8 +23,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from services.stream.fanout import Broadcaster, Client
-from services.stream.frames import HEARTBEAT, RETRY
+from vdm_hub.services.stream.fanout import Broadcaster, Client
+from vdm_hub.services.stream.frames import HEARTBEAT, RETRY
 
 # Below this, the opening pieces are joined into one chunk (one send); above it, each is sent
 # as it is (the shared bytes, no copy).

@@ -32,10 +32,10 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
-from shared import schema
-from shared.keys import Keys
-from shared.redis_client import drop_connections, ensure_topology, subscribed
-from shared.store import WireScripts, list_worker_ids, read_worker_state
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.redis_client import drop_connections, ensure_topology, subscribed
+from vdm_hub.shared.store import WireScripts, list_worker_ids, read_worker_state
 
 log = logging.getLogger("vdm.stream.hub")
 

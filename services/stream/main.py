@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from services.stream.app import create_app
-from shared.serve import serve
-from shared.settings import Settings
+from vdm_hub.services.stream.app import create_app
+from vdm_hub.shared.serve import serve
+from vdm_hub.shared.settings import Settings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -30,12 +30,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from services.stream.stats import ttft_of
-from shared import schema
+from vdm_hub.services.stream.stats import ttft_of
+from vdm_hub.shared import schema
 
 if TYPE_CHECKING:
-    from services.stream.fanout import Broadcaster
-    from services.stream.hub import Hub
+    from vdm_hub.services.stream.fanout import Broadcaster
+    from vdm_hub.services.stream.hub import Hub
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from services.stream.frames import DISABLED_MESSAGE, DISABLED_SUGGESTION
+from vdm_hub.services.stream.frames import DISABLED_MESSAGE, DISABLED_SUGGESTION
 
 if TYPE_CHECKING:
-    from services.stream.hub import Hub
+    from vdm_hub.services.stream.hub import Hub
 
 # (who is there and in what state, how many requests each holds)
 WorkerSignature = tuple[tuple[tuple[Any, ...], ...], tuple[int, ...]]

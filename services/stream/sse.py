@@ -20,10 +20,10 @@ from urllib.parse import parse_qsl
 
 from starlette.types import Receive, Scope, Send
 
-from services.stream.fanout import Broadcaster, Client
-from services.stream.feeds import delta_feed, snapshot_feed
-from services.stream.frames import disabled_frame
-from shared.responses import JSONResponse
+from vdm_hub.services.stream.fanout import Broadcaster, Client
+from vdm_hub.services.stream.feeds import delta_feed, snapshot_feed
+from vdm_hub.services.stream.frames import disabled_frame
+from vdm_hub.shared.responses import JSONResponse
 
 log = logging.getLogger("vdm.stream.sse")
 

@@ -40,8 +40,8 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from shared import schema
-from shared.keys import Keys
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
 
 log = logging.getLogger("vdm.stream.stats")
 

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from shared import schema
+from vdm_hub.shared import schema
 
 if TYPE_CHECKING:
-    from services.stream.hub import Hub, WorkerView
+    from vdm_hub.services.stream.hub import Hub, WorkerView
 
 DURATION = b',"duration_ms":%.1f}'
 

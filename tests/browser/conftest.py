@@ -29,11 +29,11 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared import schema
-from shared.embedded_redis import EmbeddedRedis, free_port
-from shared.keys import Keys
 from tests.procs import Proc, vdm_hub, wait_for
 from tests.stream_support import FakeWorker, make_row
+from vdm_hub.shared import schema
+from vdm_hub.shared.embedded_redis import EmbeddedRedis, free_port
+from vdm_hub.shared.keys import Keys
 
 T = TypeVar("T")
 

@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.browser,
     pytest.mark.system,
     pytest.mark.skipif(
-        importlib.util.find_spec("services.stream.cancel") is None,
+        importlib.util.find_spec("vdm_hub.services.stream.cancel") is None,
         reason="needs the stream service's cancel endpoint and /metrics/capabilities",
     ),
 ]
@@ -116,7 +116,7 @@ def test_a_row_becomes_stuck_after_the_services_threshold(
 
 @pytest.mark.timeout(90)
 @pytest.mark.skipif(
-    importlib.util.find_spec("services.proxy.cancel") is None,
+    importlib.util.find_spec("vdm_hub.services.proxy.cancel") is None,
     reason="needs the worker's side of cancel and its ttft_ms/chunks_out fields",
 )
 def test_a_real_stream_shows_ttft_and_chunk_rate_and_cancelling_it_ends_it(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.embedded_redis import EmbeddedRedis, RedisStartError
+from vdm_hub.shared.embedded_redis import EmbeddedRedis, RedisStartError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 

@@ -13,15 +13,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from services.proxy.resp import RawRedis, pack
-from services.stream.hub import SILENCE_LIMIT, Hub
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
-from shared.redis_client import FailoverAwareRedis, build_client
-from shared.settings import Settings
-from shared.store import WireScripts
 from tests.stream_support import FakeWorker
 from tests.system.chaos_harness import RedisLink
+from vdm_hub.services.proxy.resp import RawRedis, pack
+from vdm_hub.services.stream.hub import SILENCE_LIMIT, Hub
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.redis_client import FailoverAwareRedis, build_client
+from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.store import WireScripts
 
 pytestmark = pytest.mark.integration
 
@@ -75,7 +75,7 @@ async def test_a_unix_socket_url_works(tmp_path: Path) -> None:
 async def test_a_cluster_that_cannot_be_reached_raises_a_redis_error() -> None:
     # redis-py's own RedisClusterException is not a RedisError: every loop that survives a
     # lost Redis by catching RedisError (reaper, heartbeat) would have ended on it.
-    from shared.embedded_redis import free_port
+    from vdm_hub.shared.embedded_redis import free_port
 
     url = f"redis://127.0.0.1:{free_port()}"
     client = build_client(Settings(redis_mode="cluster", key_prefix="{v}", redis_url=url))

@@ -10,9 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from shared import schema
-from shared.keys import Keys
-from shared.store import NotRegistered, WireScripts, read_worker_state
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import NotRegistered, WireScripts, read_worker_state
 
 pytestmark = pytest.mark.integration
 

@@ -8,8 +8,6 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared import auth
-from shared.keys import Keys
 from tests.stream_support import (
     FakeWorker,
     SSEReader,
@@ -18,6 +16,8 @@ from tests.stream_support import (
     settings_for,
     wait_ready,
 )
+from vdm_hub.shared import auth
+from vdm_hub.shared.keys import Keys
 
 pytestmark = pytest.mark.integration
 

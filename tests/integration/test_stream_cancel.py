@@ -14,10 +14,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared import auth
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
 from tests.stream_support import FakeWorker, running_stream, settings_for, wait_ready, wait_until
+from vdm_hub.shared import auth
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

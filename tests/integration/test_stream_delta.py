@@ -13,8 +13,6 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared import schema
-from shared.keys import Keys
 from tests.stream_support import (
     DeltaState,
     FakeWorker,
@@ -27,6 +25,8 @@ from tests.stream_support import (
     wait_ready,
     wait_until,
 )
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -10,7 +10,6 @@ from urllib.parse import urlsplit
 import pytest
 import redis.asyncio as aioredis
 
-from shared.keys import Keys
 from tests.stream_support import (
     FakeWorker,
     SSEReader,
@@ -20,6 +19,7 @@ from tests.stream_support import (
     wait_ready,
     wait_until,
 )
+from vdm_hub.shared.keys import Keys
 
 pytestmark = pytest.mark.integration
 

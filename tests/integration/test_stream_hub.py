@@ -8,9 +8,6 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared import schema
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
 from tests.stream_support import (
     FakeWorker,
     SSEReader,
@@ -21,6 +18,9 @@ from tests.stream_support import (
     wait_ready,
     wait_until,
 )
+from vdm_hub.shared import schema
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
 
 pytestmark = pytest.mark.integration
 

@@ -21,10 +21,10 @@ import httpx
 import pytest
 import schemathesis
 
-from shared import schema as wire
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
 from tests.procs import Proc, vdm_hub, wait_for
+from vdm_hub.shared import schema as wire
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared.keys import Keys
 from tests.stream_support import FakeWorker, running_stream, settings_for, wait_ready, wait_until
+from vdm_hub.shared.keys import Keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -13,12 +13,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from services.proxy.app import WorkerApp
-from shared import schema
-from shared.keys import Keys
-from shared.store import read_worker_state
 from tests.serving import running
 from tests.worker_harness import GatedUpstream, running_worker, worker_settings
+from vdm_hub.services.proxy.app import WorkerApp
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import read_worker_state
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

@@ -10,11 +10,11 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
-from shared.store import read_worker_state
 from tests.serving import running
 from tests.worker_harness import GatedUpstream, running_worker, worker_settings
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import read_worker_state
 
 pytestmark = pytest.mark.integration
 

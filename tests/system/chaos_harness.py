@@ -26,9 +26,9 @@ import httpx
 import orjson
 from httpx_sse import aconnect_sse
 
-from services.demo.load import LoadGenerator
-from shared.embedded_redis import EmbeddedRedis
 from tests.procs import Proc, vdm_hub
+from vdm_hub.services.demo.load import LoadGenerator
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
 
 HEARTBEAT_S = 0.5
 TTL_S = 2.0

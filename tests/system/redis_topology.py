@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.embedded_redis import EmbeddedRedis, find_redis_server, free_port
+from vdm_hub.shared.embedded_redis import EmbeddedRedis, find_redis_server, free_port
 
 MASTER_NAME = "mymaster"
 

@@ -27,7 +27,6 @@ import httpx
 import orjson
 import pytest
 
-from shared.embedded_redis import EmbeddedRedis
 from tests.procs import vdm_hub
 from tests.system.chaos_harness import (
     TTL_S,
@@ -42,6 +41,7 @@ from tests.system.chaos_harness import (
     wait_sse_matches,
     wait_views_match,
 )
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.system
 

@@ -18,8 +18,8 @@ import httpx
 import orjson
 import pytest
 
-from shared.embedded_redis import EmbeddedRedis
 from tests.procs import Proc, vdm_hub
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.system
 

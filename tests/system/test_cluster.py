@@ -14,7 +14,6 @@ import orjson
 import pytest
 import redis
 
-from shared.embedded_redis import EmbeddedRedis
 from tests.procs import vdm_hub
 from tests.system.chaos_harness import (
     TTL_S,
@@ -26,6 +25,7 @@ from tests.system.chaos_harness import (
     wait_views_match,
 )
 from tests.system.redis_topology import Cluster, redis_cluster
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.system
 

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from shared.embedded_redis import free_port
 from tests.procs import ROOT, Proc, wait_for
+from vdm_hub.shared.embedded_redis import free_port
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read docker-compose.yml")
 
@@ -38,11 +38,11 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKER_COMPOSE = shutil.which("docker-compose")
 # The parts of the hub the compose file runs, by the module behind each vdm-hub command.
 COMMAND_MODULES = {
-    "worker": "services.proxy.main",
-    "stream": "services.stream.main",
-    "dashboard": "dashboard.main",
-    "demo-upstream": "services.demo.upstream",
-    "load": "services.demo.load",
+    "worker": "vdm_hub.services.proxy.main",
+    "stream": "vdm_hub.services.stream.main",
+    "dashboard": "vdm_hub.dashboard.main",
+    "demo-upstream": "vdm_hub.services.demo.upstream",
+    "load": "vdm_hub.services.demo.load",
 }
 # The public metric names (README, "The stream service"); histograms export _bucket/_sum/_count.
 CONTRACT_METRICS = {
@@ -263,7 +263,7 @@ class LocalCompose:
         command[command.index("--port") + 1] = str(port)
         env = {k: self.translate(v) for k, v in _env(self.services[name]).items()}
         env["VDM_KEY_PREFIX"] = self.key_prefix
-        proc = Proc([sys.executable, "-m", "services.cli", *command], env=env, name=name)
+        proc = Proc([sys.executable, "-m", "vdm_hub.services.cli", *command], env=env, name=name)
         self.procs.append(proc)
         return proc
 

@@ -18,10 +18,10 @@ import pytest
 import redis.asyncio as aioredis
 import yaml
 
-from shared.embedded_redis import free_port
-from shared.keys import Keys
 from tests.procs import ROOT, Proc, vdm_hub
 from tests.stream_support import FakeWorker, make_row
+from vdm_hub.shared.embedded_redis import free_port
+from vdm_hub.shared.keys import Keys
 
 pytestmark = pytest.mark.system
 

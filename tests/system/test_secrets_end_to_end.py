@@ -27,11 +27,11 @@ import pytest
 import redis
 from httpx_sse import connect_sse
 
-from shared.children import ChildFailed
-from shared.embedded_redis import EmbeddedRedis
-from shared.keys import Keys
 from tests.procs import Proc, vdm_hub, wait_for
 from tests.stream_support import FAST
+from vdm_hub.shared.children import ChildFailed
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(120)]
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from shared.keys import Keys
 from tests.procs import Proc, vdm_hub, wait_for
 from tests.stream_support import FAST, FakeWorker, request_ids, wait_until
+from vdm_hub.shared.keys import Keys
 
 pytestmark = pytest.mark.system
 

@@ -32,11 +32,11 @@ pytestmark = [
 ]
 
 PARTS = {
-    "worker": "services.proxy.main",
-    "stream": "services.stream.main",
-    "dashboard": "dashboard.main",
-    "demo-upstream": "services.demo.upstream",
-    "load": "services.demo.load",
+    "worker": "vdm_hub.services.proxy.main",
+    "stream": "vdm_hub.services.stream.main",
+    "dashboard": "vdm_hub.dashboard.main",
+    "demo-upstream": "vdm_hub.services.demo.upstream",
+    "load": "vdm_hub.services.demo.load",
 }
 MISSING = sorted(name for name, module in PARTS.items() if importlib.util.find_spec(module) is None)
 needs_every_part = pytest.mark.skipif(
@@ -231,7 +231,7 @@ def test_up_serves_live_demo_rows_and_ctrl_c_stops_everything(
     children = up.pids()
     commands = " | ".join(info.cmdline for info in children.values())
     for part in ("redis", "demo-upstream", "worker", "stream", "dashboard", "load"):
-        assert f"services.cli {part}" in commands, f"no {part} process among {commands}"
+        assert f"vdm_hub.services.cli {part}" in commands, f"no {part} process among {commands}"
     assert len(children) >= 8, children
 
     # Ctrl-C in a terminal: SIGINT to the whole foreground process group.
@@ -257,7 +257,9 @@ def test_a_child_that_dies_takes_the_others_down_and_is_named(
     # The embedded Redis's wrapper, killed hard: its valkey-server (own session) is orphaned
     # and must still be swept up.
     children = up.pids()
-    redis_pid = next(p for p, info in children.items() if "services.cli redis" in info.cmdline)
+    redis_pid = next(
+        p for p, info in children.items() if "vdm_hub.services.cli redis" in info.cmdline
+    )
     assert any(re.search(r"(valkey|redis)-server", i.cmdline) for i in children.values())
     os.kill(redis_pid, signal.SIGKILL)
 

@@ -15,10 +15,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared import schema
-from shared.keys import Keys
-from shared.store import read_worker_state
 from tests.procs import Proc, vdm_hub
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import read_worker_state
 
 pytestmark = [pytest.mark.system, pytest.mark.timeout(90)]
 

@@ -16,10 +16,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared import schema
-from shared.keys import Keys
-from shared.store import read_worker_state
 from tests.procs import Proc, vdm_hub, wait_for
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import read_worker_state
 
 pytestmark = pytest.mark.system
 

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from shared import auth
+from vdm_hub.shared import auth
 
 TOKEN = "s3cret-token-0123456789abcdef"
 ORIGIN = "http://dash.example:8050"

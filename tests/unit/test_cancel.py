@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from services.proxy.cancel import CancelListener, CancelResult, InFlight, parse_cancel
+from vdm_hub.services.proxy.cancel import CancelListener, CancelResult, InFlight, parse_cancel
 
 
 def test_cancel_calls_the_abort_hook_and_marks_who_asked() -> None:

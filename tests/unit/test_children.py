@@ -1,4 +1,4 @@
-"""shared.children on real (tiny Python) child processes: ready waits, failure reports, stop."""
+"""shared/children.py on real (tiny Python) child processes: ready waits, failure reports, stop."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.children import Child, ChildFailed, Stopped
 from tests.procs import wait_for
+from vdm_hub.shared.children import Child, ChildFailed, Stopped
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from dashboard.app import client_config, create_app
-from shared.settings import Settings
+from vdm_hub.dashboard.app import client_config, create_app
+from vdm_hub.shared.settings import Settings
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import httpx
 import orjson
 import pytest
 
-from services.demo.upstream import create_app, pattern_bytes
 from tests.serving import running
+from vdm_hub.services.demo.upstream import create_app, pattern_bytes
 
 PROMPT = "Count to three, please."  # 23 characters -> 6 tokens
 PROMPT_TOKENS = 6
@@ -175,7 +175,7 @@ async def test_responses_api_stream_follows_its_event_order(client: httpx.AsyncC
 async def test_the_sniffer_reads_what_the_demo_responses_api_sends(
     client: httpx.AsyncClient,
 ) -> None:
-    from services.proxy import sniff
+    from vdm_hub.services.proxy import sniff
 
     request = {"model": "gpt-4.1", "input": PROMPT, "stream": True}
     assert sniff.request_fields(orjson.dumps(request), complete=True) == ("gpt-4.1", True)

@@ -10,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from services.proxy.forward import ReverseProxy, public_url, request_path
+from vdm_hub.services.proxy.forward import ReverseProxy, public_url, request_path
 
 
 def _scope(raw_path: bytes, query: bytes = b"") -> dict[str, Any]:
@@ -102,8 +102,8 @@ async def test_the_row_has_its_model_even_when_the_upstream_is_slow_to_take_the_
     """The proxy reads the body's first part before it connects upstream, so the metrics
     middleware publishes the row with its model at once, not after its wait for the body
     runs out (a busy upstream pool used to make that wait run out first)."""
-    from services.proxy.instrument import RequestMetricsMiddleware
     from tests.unit.test_instrument import Recorded
+    from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
 
     recorder = Recorded()
     upstream_may_read = asyncio.Event()

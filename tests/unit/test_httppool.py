@@ -3,7 +3,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from services.httppool import ShardedClients
+from vdm_hub.services.httppool import ShardedClients
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -10,8 +10,8 @@ from typing import Any
 import orjson
 import pytest
 
-from services.proxy.instrument import RequestMetricsMiddleware
-from shared.schema import Outcome, Row
+from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
+from vdm_hub.shared.schema import Outcome, Row
 
 
 class Recorded:

@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-from services.demo import load
-from services.demo.load import LoadGenerator, Shape, parse_hold
-from services.demo.loadstats import Progress, Reservoir
-from services.demo.upstream import create_app
-from shared.serve import bind_socket, url_for
 from tests.serving import running
+from vdm_hub.services.demo import load
+from vdm_hub.services.demo.load import LoadGenerator, Shape, parse_hold
+from vdm_hub.services.demo.loadstats import Progress, Reservoir
+from vdm_hub.services.demo.upstream import create_app
+from vdm_hub.shared.serve import bind_socket, url_for
 
 
 @dataclass

@@ -11,13 +11,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from services.proxy import publisher as publisher_module
-from services.proxy.publisher import Publisher
-from shared import schema
-from shared.keys import Keys
-from shared.schema import Outcome, Phase
-from shared.settings import Settings
-from shared.store import read_worker_state
+from vdm_hub.services.proxy import publisher as publisher_module
+from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.schema import Outcome, Phase
+from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.store import read_worker_state
 
 
 def _settings() -> Settings:

@@ -9,10 +9,10 @@ import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from services.proxy.publisher import Publisher
-from services.proxy.resp import RawRedis, pack
-from shared import schema
-from shared.settings import Settings
+from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.services.proxy.resp import RawRedis, pack
+from vdm_hub.shared import schema
+from vdm_hub.shared.settings import Settings
 
 
 def test_pack_matches_redis_py() -> None:

@@ -13,10 +13,10 @@ import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import schema
-from shared.keys import Keys
-from shared.schema import MalformedMessage
-from shared.store import read_worker_state
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.schema import MalformedMessage
+from vdm_hub.shared.store import read_worker_state
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND_TRIP = settings(max_examples=150, deadline=None)

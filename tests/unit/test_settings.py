@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.settings import ConfigError, Settings, hash_tag
 from tests.procs import vdm_hub
+from vdm_hub.shared.settings import ConfigError, Settings, hash_tag
 
 
 def test_defaults_match_the_contract() -> None:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import orjson
 
-from services.proxy import sniff
+from vdm_hub.services.proxy import sniff
 
 
 def test_request_fields_from_openai_and_anthropic_bodies() -> None:

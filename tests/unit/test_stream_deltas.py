@@ -8,13 +8,13 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from services.stream.fanout import Broadcaster, Client
-from services.stream.feeds import delta_feed
-from services.stream.hub import Hub, WorkerView
-from services.stream.ring import Change, ChangeRing
-from services.stream.table import RowTable
-from shared import schema
-from shared.keys import Keys
+from vdm_hub.services.stream.fanout import Broadcaster, Client
+from vdm_hub.services.stream.feeds import delta_feed
+from vdm_hub.services.stream.hub import Hub, WorkerView
+from vdm_hub.services.stream.ring import Change, ChangeRing
+from vdm_hub.services.stream.table import RowTable
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
 
 
 def _row(rid: str, wid: str = "w", start: float | None = None) -> schema.Row:
@@ -240,7 +240,7 @@ async def test_counts_back_to_what_was_sent_leave_nothing_due(fake_redis: aiored
 
 
 def test_a_large_frame_is_written_in_pieces_that_join_to_the_same_bytes() -> None:
-    from services.stream.sse import PIECE_BYTES, pieces
+    from vdm_hub.services.stream.sse import PIECE_BYTES, pieces
 
     small = b"x" * PIECE_BYTES
     assert pieces(small) == [small]

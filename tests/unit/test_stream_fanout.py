@@ -7,8 +7,8 @@ import asyncio
 import orjson
 import pytest
 
-from services.stream.fanout import Broadcaster, Client
-from services.stream.feeds import snapshot_feed
+from vdm_hub.services.stream.fanout import Broadcaster, Client
+from vdm_hub.services.stream.feeds import snapshot_feed
 
 
 def _bc(throttle: float = 0.2, interval: float = 30.0) -> Broadcaster:

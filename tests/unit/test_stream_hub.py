@@ -6,10 +6,10 @@ import time
 
 import redis.asyncio as aioredis
 
-from services.stream.hub import Hub
-from shared import schema
-from shared.keys import Keys
-from shared.store import WireScripts
+from vdm_hub.services.stream.hub import Hub
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import WireScripts
 
 
 def _record(epoch: str) -> schema.WorkerRecord:

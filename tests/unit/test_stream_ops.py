@@ -13,15 +13,15 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
-from services.stream import metrics as metrics_mod
-from services.stream.fanout import Broadcaster
-from services.stream.hub import Hub, WorkerView
-from services.stream.metrics import RequestMetrics, StreamMetrics
-from services.stream.stats import MAX_GROUPS, OTHER, RollingStats, flight_summary
-from services.stream.supervise import TaskSupervisor
-from shared import schema
-from shared.keys import Keys
-from shared.store import WireScripts
+from vdm_hub.services.stream import metrics as metrics_mod
+from vdm_hub.services.stream.fanout import Broadcaster
+from vdm_hub.services.stream.hub import Hub, WorkerView
+from vdm_hub.services.stream.metrics import RequestMetrics, StreamMetrics
+from vdm_hub.services.stream.stats import MAX_GROUPS, OTHER, RollingStats, flight_summary
+from vdm_hub.services.stream.supervise import TaskSupervisor
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import WireScripts
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -337,7 +337,7 @@ def _request(headers: dict[str, str], scheme: str = "http") -> Any:
 
 
 def test_origin_check_allows_own_and_listed_origins_only() -> None:
-    from services.stream.cancel import origin_allowed, valid_request_id
+    from vdm_hub.services.stream.cancel import origin_allowed, valid_request_id
 
     cors = ("http://localhost:8050",)
     cookie = {"cookie": "vdm_session=v1.1.x", "host": "stream.example:8090"}

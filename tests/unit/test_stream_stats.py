@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from services.stream.stats import RollingStats, percentile
-from shared import schema
-from shared.keys import Keys
+from vdm_hub.services.stream.stats import RollingStats, percentile
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
 
 
 def _entry(

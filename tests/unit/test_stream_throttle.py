@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.stream.throttle import AdaptiveThrottle
+from vdm_hub.services.stream.throttle import AdaptiveThrottle
 
 
 def test_an_isolated_change_goes_out_at_once() -> None:

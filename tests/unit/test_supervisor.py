@@ -1,4 +1,4 @@
-"""services.supervisor on tiny Python children: echo, failure reports, staged stop, clean-up.
+"""services/supervisor.py on tiny Python children: echo, failure reports, staged stop, clean-up.
 
 The whole of ``vdm-hub up`` on real services is tests/system/test_up.py; these pin down the
 supervisor's own rules in a second or two.
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from services.supervisor import Supervisor
-from shared.children import ChildFailed, Stopped
+from vdm_hub.services.supervisor import Supervisor
+from vdm_hub.shared.children import ChildFailed, Stopped
 
 pytestmark = pytest.mark.timeout(30)
 

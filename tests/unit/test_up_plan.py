@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from services.up import busy_ports_message, configure, plan
-from shared.settings import Settings
+from vdm_hub.services.up import busy_ports_message, configure, plan
+from vdm_hub.shared.settings import Settings
 
 pytestmark = pytest.mark.timeout(10)
 
