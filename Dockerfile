@@ -16,7 +16,9 @@ ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl \
+# The image runs every role but Redis (compose has its own): the core plus the stream and
+# dashboard extras.
+RUN pip install --no-cache-dir "$(echo /wheels/*.whl)[stream,dashboard]" \
     && rm -rf /wheels \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin vdm
 USER vdm

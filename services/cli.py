@@ -2,8 +2,9 @@
 
 Each sub-command lives in its own module exposing ``configure(parser)`` and
 ``run(args, settings) -> int``; only the chosen one is imported, so ``vdm-hub worker`` does not
-pay for importing Dash. Settings are read once here: a bad value stops start-up with a message
-naming the variable (exit code 2).
+pay for importing Dash, and runs where only the core package is installed (the stream service
+and the dashboard come with extras: a missing one is named in one line). Settings are read once
+here: a bad value stops start-up with a message naming the variable (exit code 2).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# The install extra each command needs beyond the core (pyproject.toml).
+EXTRAS: dict[str, str] = {"up": "all", "stream": "stream", "dashboard": "dashboard"}
+
+
 def _top_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vdm-hub",
@@ -58,7 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name, rest = args_in[0], args_in[1:]
     module_name, text = COMMANDS[name]
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "vdm_hub" or name not in EXTRAS:
+            raise
+        extra = EXTRAS[name]
+        print(
+            f"vdm-hub {name}: needs the '{extra}' extra (no module named {exc.name!r}): "
+            f"pip install 'vdm-hub[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     parser = argparse.ArgumentParser(prog=f"vdm-hub {name}", description=text)
     parser.add_argument("--log-level", default="INFO", help="logging level [INFO]")
     module.configure(parser)

