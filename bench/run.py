@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from bench import baseline, scenarios
 from bench.procs import CPUS
 from bench.report import Result, write_doc
+from bench.shards import cluster_shards
 from bench.soak import soak
 
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
@@ -31,6 +32,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "fidelity": scenarios.view_fidelity,
     "rows": scenarios.rows_in_flight,
     "soak": soak,
+    "shards": cluster_shards,
 }
 
 
