@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from tests.serving import running
 from vdm_hub.services.stream.app import create_app
+from vdm_hub.services.stream.table import row_key
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.settings import Settings
@@ -324,14 +325,14 @@ class DeltaState:
         data = orjson.loads(event.data)
         assert event.id == str(data["version"]), "id: must carry the version"
         if event.event == "update":
-            self.rows = {row["request_id"]: row for row in data["active_requests"]}
+            self.rows = {row["key"]: row for row in data["active_requests"]}
             self.workers = data["workers"]
         else:
             assert data["base"] == self.version, f"gap: held {self.version}, got {data}"
-            for rid in data["remove"]:
-                self.rows.pop(rid, None)
+            for key in data["remove"]:
+                self.rows.pop(key, None)
             for row in data["upsert"]:
-                self.rows[row["request_id"]] = row
+                self.rows[row["key"]] = row
             if "workers" in data:
                 self.workers = data["workers"]
         self.version = data["version"]
@@ -352,11 +353,18 @@ class DeltaState:
         return len(events)
 
 
+def keyed(rows: Iterable[schema.Row]) -> dict[str, dict[str, Any]]:
+    """Rows by their row key, each with the ``key`` the stream service adds."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = row_key(row["worker_id"], row["request_id"])
+        out[key] = {**row, "key": key}
+    return out
+
+
 def hub_truth(app: Any) -> dict[str, dict[str, Any]]:
-    """Every row the app's hub holds, by request id (rows without ``duration_ms``)."""
-    return {
-        rid: dict(row) for view in app.state.hub.workers.values() for rid, row in view.rows.items()
-    }
+    """Every row the app's hub holds, by row key (rows without ``duration_ms``)."""
+    return keyed(row for view in app.state.hub.workers.values() for row in view.rows.values())
 
 
 def same_rows(state: dict[str, dict[str, Any]], truth: dict[str, dict[str, Any]]) -> bool:

@@ -85,7 +85,7 @@ def delta(
     version: int,
     base: int,
     upsert_json: bytes,
-    remove: list[str],
+    remove: list[str],  # row keys (``services/stream/table.py``), not request ids
     now: float,
     workers_json: bytes | None,
 ) -> bytes:

@@ -56,7 +56,7 @@ async def test_first_update_at_once_with_headers_id_and_retry(
             assert set(row) >= {
                 "request_id", "worker_id", "method", "path", "model", "provider",
                 "is_streaming", "start_time", "duration_ms", "phase", "bytes_out",
-                "input_tokens", "output_tokens",
+                "input_tokens", "output_tokens", "key",
             }  # fmt: skip
             (w,) = data["workers"]
             assert set(w) == {
