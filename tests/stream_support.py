@@ -68,16 +68,18 @@ class FakeWorker:
         *,
         ttl: float = 30.0,
         heartbeat_interval: float = 5.0,
+        cancellable: bool | None = None,
     ) -> None:
         self.scripts = WireScripts(redis, keys)
         self.worker_id = worker_id
+        self.cancellable = cancellable  # None: a record without the field (an older worker)
         self.ttl = ttl
         self.heartbeat_interval = heartbeat_interval
         self.epoch = ""
         self.rows: dict[str, schema.Row] = {}
 
     def record(self) -> schema.WorkerRecord:
-        return schema.WorkerRecord(
+        record = schema.WorkerRecord(
             worker_id=self.worker_id,
             host="fakehost",
             pid=4242,
@@ -88,6 +90,9 @@ class FakeWorker:
             heartbeat_interval=self.heartbeat_interval,
             ttl=self.ttl,
         )
+        if self.cancellable is not None:
+            record["cancellable"] = self.cancellable
+        return record
 
     async def register(self) -> None:
         self.epoch = uuid.uuid4().hex[:12]

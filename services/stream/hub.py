@@ -110,6 +110,12 @@ class WorkerView:
     def ttl(self) -> float:
         return self.record["ttl"] if self.record else schema.DEFAULT_WORKER_TTL_S
 
+    @property
+    def cancellable(self) -> bool:
+        """False only when the worker's record says it cannot stop its requests; a record
+        without the field is an older worker, and those all listen for cancels."""
+        return self.record is None or self.record.get("cancellable", True)
+
     def see_deadline(self, deadline_ms: float | None) -> None:
         if deadline_ms is not None:
             self.last_seen = deadline_ms / 1000.0 - self.ttl
