@@ -23,6 +23,10 @@
   const STREAM_PATH = "/metrics/active-requests/stream";
   const SNAPSHOT_PATH = "/metrics/active-requests";
   const SUMMARY_PATH = "/metrics/summary";
+  // What names a row: the stream service's `key`, unique in the fleet. A request id alone
+  // does not: ids are unique per worker only, and a client's retry can put one id on two
+  // workers at once (docs/protocol.md, SSE v2).
+  const ROW_KEY = "key";
 
   // Reconnect backoff: the formula the README and docs/troubleshooting.md give operators.
   const BACKOFF_FACTOR_MS = 750;
@@ -105,11 +109,12 @@
   /**
    * The grid transaction that turns what the grid holds into the snapshot.
    * `current`: Map (or plain object) id -> row as the grid holds it; `rows`: the snapshot.
+   * `key`: the field that names a row (`key` unless given: `worker_id` for workers).
    * Rows without an id, and repeats of an id within the snapshot, are skipped (untrusted input).
    * Never a reset: only the rows that came, changed, or went.
    */
   function diffRows(current, rows, key, ignore) {
-    const idKey = key || "request_id";
+    const idKey = key || ROW_KEY;
     const have = current instanceof Map ? current : new Map(Object.entries(current || {}));
     const seen = new Set();
     const add = [];
@@ -137,7 +142,7 @@
   /** A row's id as a string, or null for a row that has none (skipped as untrusted input). */
   function rowId(row, key) {
     if (!row || typeof row !== "object") return null;
-    const id = row[key || "request_id"];
+    const id = row[key || ROW_KEY];
     if (id === undefined || id === null || id === "") return null;
     return String(id);
   }
@@ -165,16 +170,16 @@
   }
 
   /**
-   * Apply a delta's `upsert` and `remove` to the client's row map IN PLACE (a copy of 10,000
-   * rows per frame is the cost deltas exist to avoid) and return the grid transaction that
-   * makes the grid follow: an upsert of a new id is an add, of a held id an update (only when
+   * Apply a delta's `upsert` and `remove` (row keys) to the client's row map IN PLACE (a copy
+   * of 10,000 rows per frame is the cost deltas exist to avoid) and return the grid transaction
+   * that makes the grid follow: an upsert of a new id is an add, of a held id an update (only when
    * something besides the volatile fields changed), a remove of a held id a remove. Removes
    * apply before upserts (the protocol's order), so an id in both lists ends with its upserted
    * row; one transaction never holds a remove and an add of one id. Rows without an id are
    * skipped.
    */
   function applyDelta(map, delta, key, ignore) {
-    const idKey = key || "request_id";
+    const idKey = key || ROW_KEY;
     const add = [];
     const update = [];
     const remove = [];
@@ -197,6 +202,23 @@
       else if (rowChanged(before, row, ignore)) update.push(row);
     }
     return { add, update, remove };
+  }
+
+  /**
+   * The recently finished requests (`stats.recent`, newest first), each with a `key` for the
+   * grid: a finished entry has no key of the stream's, and neither its request id (per worker)
+   * nor (worker, request id) is unique among finished ones (a client may reuse an id on the
+   * same worker later), so the key also holds its start time. Copies; entries that lack a
+   * request id or worker are skipped (untrusted input).
+   */
+  function recentRows(entries) {
+    const out = [];
+    for (const e of Array.isArray(entries) ? entries : []) {
+      if (!e || typeof e !== "object" || e.request_id == null || e.worker_id == null) continue;
+      const key = JSON.stringify([String(e.worker_id), String(e.request_id), e.start_time]);
+      out.push(Object.assign({}, e, { key: key }));
+    }
+    return out;
   }
 
   /**
@@ -449,6 +471,7 @@
     STREAM_PATH,
     SNAPSHOT_PATH,
     SUMMARY_PATH,
+    ROW_KEY,
     backoffBase,
     backoffDelay,
     shouldConnect,
@@ -461,6 +484,7 @@
     rowMapFrom,
     deltaFollows,
     applyDelta,
+    recentRows,
     batchWaitMs,
     isEmptyTransaction,
     clockOffsetMs,

@@ -3,7 +3,7 @@
  * overview poller — AG Grid value functions, grid transactions, and Dash prop updates.
  *
  * Everything on the data path stays in the browser: rows go into AG Grid as transactions
- * by `request_id` (a snapshot as one diff, deltas through AG Grid's async batching), text and
+ * by their `key` (a snapshot as one diff, deltas through AG Grid's async batching), text and
  * figures go through
  * `dash_clientside.set_props`; no Python callback runs per update.
  */
@@ -17,15 +17,15 @@
   // What the stream service says it can do (GET /metrics/capabilities, read by
   // 06_vdm_operator.js); until it answers: no cancel, the default stuck threshold.
   window.__vdmCaps = window.__vdmCaps || op.capabilitiesFrom(null);
-  // Recent chunks_out observations per streaming row, for the live chunks/s column.
+  // Recent chunks_out observations per streaming row (by row key), for the chunks/s column.
   const chunkHistory = new Map();
 
   /** Record the chunk counts of rows that arrived or changed (streaming rows only). */
   function noteChunks(rows) {
     const t = now();
     for (const row of rows) {
-      if (!row || row.is_streaming !== true || row.chunks_out == null) continue;
-      const id = String(row.request_id);
+      const id = core.rowId(row);
+      if (id === null || row.is_streaming !== true || row.chunks_out == null) continue;
       chunkHistory.set(id, op.noteChunks(chunkHistory.get(id), row.chunks_out, t));
     }
   }
@@ -36,7 +36,7 @@
       for (const id of chunkHistory.keys()) if (!keep.has(id)) chunkHistory.delete(id);
       return;
     }
-    for (const r of removed) chunkHistory.delete(String(r.request_id));
+    for (const r of removed) chunkHistory.delete(core.rowId(r));
   }
 
   /** Feed one snapshot timestamp (epoch s) into the clock estimate. */
@@ -67,7 +67,7 @@
     vdmChunkRate(params) {
       const d = params && params.data;
       if (!d) return null;
-      const history = chunkHistory.get(String(d.request_id));
+      const history = chunkHistory.get(core.rowId(d));
       return op.chunkRate(history, d, now(), window.__vdmClock.offsetMs);
     },
     vdmIsStuck(params) {
@@ -186,8 +186,8 @@
     const changed = [];
     const rendered = new Set();
     for (const node of api.getRenderedNodes()) {
-      if (!node.data) continue;
-      const id = String(node.data.request_id);
+      const id = core.rowId(node.data);
+      if (id === null) continue;
       rendered.add(id);
       const stuck = fns.vdmIsStuck({ data: node.data });
       if (stuck !== drawnStuck.has(id)) {

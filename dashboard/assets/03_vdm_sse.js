@@ -3,7 +3,7 @@
  *
  * One EventSource to `<stream base>/metrics/active-requests/stream?delta=1`, open only while
  * the tab is visible and the path contains `/dashboard/metrics`. The client keeps the rows in
- * a Map by `request_id` and the version they stand for: an `update` (full snapshot) replaces
+ * a Map by `key` and the version they stand for: an `update` (full snapshot) replaces
  * the map and the grid is diffed against it once; a `delta` whose `base` is the held version
  * is applied to the map and its upserts/removes go to AG Grid as async transactions, so what
  * the page does grows with the changes, not with the rows (docs/protocol.md, SSE v2). A delta
@@ -31,7 +31,7 @@
   const GRID_ID = "vdm-active-grid";
   const RECENT_GRID_ID = "vdm-recent-grid";
   const POLL_MS = Math.max(500, Number(cfg.pollIntervalMs) || 2000);
-  const KEY = "request_id";
+  const KEY = core.ROW_KEY; // rows by `key`: a request id is unique per worker only
   // Columns whose value depends on the clock, redrawn once a second (visible rows only:
   // AG Grid renders only the rows in view, so this costs the same at 10 or 10,000 rows).
   const CLOCK_COLUMNS = ["duration", "chunk_rate"];
@@ -302,7 +302,7 @@
     if (!stats || typeof stats !== "object") return;
     if (window.VdmCharts) window.VdmCharts.render(stats);
     if (Array.isArray(stats.recent)) {
-      dom.applyRows(RECENT_GRID_ID, stats.recent, "request_id", []).catch(function () {});
+      dom.applyRows(RECENT_GRID_ID, core.recentRows(stats.recent), KEY, []).catch(function () {});
     }
   }
 
@@ -414,7 +414,7 @@
 
   // Read-only view of what the client holds, for the detail panel (06_vdm_operator.js).
   window.VdmLive = {
-    row: (id) => rows.get(String(id)),
+    row: (key) => rows.get(String(key)),
     worker: (id) => workers.find((w) => w && w.worker_id === id) || null,
     size: () => rows.size,
     onPaint: (fn) => paintListeners.push(fn),

@@ -12,6 +12,12 @@ call and the request ends with outcome ``cancelled``. Answers (``docs/security.m
   whoever wrote the page, so the cookie path needs a same-origin check (CSRF);
 - 400 ``bad_request_id`` for an id no worker can have issued; 404 ``unknown_request`` when no
   row of this hub's view has that id;
+- ``?worker_id=W`` names the row: a request id is unique per worker only (a client's retry can
+  carry one ``X-Request-Id`` to two workers). With it, exactly W's request is cancelled (404
+  ``unknown_request`` when W holds none by that id); without it, an id that two or more
+  workers hold answers 409 ``ambiguous_request`` naming them and the parameter, never a guess;
+- 409 ``not_cancellable`` when the owning worker's record says ``"cancellable": false`` (it
+  does not listen for cancels, so nothing would stop the request);
 - 202 ``requested`` once at least one subscriber of the worker's channel received it;
   503 ``worker_unreachable`` when nobody did (the worker is gone, or does not listen for
   cancels): PUBLISH is fire-and-forget, so its receiver count is the only honest signal;
@@ -27,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -42,7 +48,7 @@ from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.settings import Settings
 
 if TYPE_CHECKING:
-    from vdm_hub.services.stream.hub import Hub
+    from vdm_hub.services.stream.hub import Hub, WorkerView
 
 log = logging.getLogger("vdm.stream.cancel")
 
@@ -109,17 +115,62 @@ def origin_allowed(request: Request, cors_origins: tuple[str, ...]) -> bool:
     return origin.rstrip("/") in allowed
 
 
-def owner_of(hub: Hub | None, request_id: str) -> str | None:
+def holders(hub: Hub | None, request_id: str) -> list[str]:
+    """The workers with a request in flight under this id, in id order (usually one)."""
     if hub is None:
-        return None
-    for worker_id, view in hub.workers.items():
-        if request_id in view.rows:
-            return worker_id
-    return None
+        return []
+    return sorted(wid for wid, view in hub.workers.items() if request_id in view.rows)
+
+
+def owner_of(hub: Hub | None, request_id: str, worker_id: str | None) -> WorkerView | Response:
+    """The view of the worker whose row the cancel names, or the answer saying why none is."""
+    if worker_id is not None:
+        view = hub.workers.get(worker_id) if hub is not None else None
+        if view is not None and request_id in view.rows:
+            return view
+        message = (
+            f"Worker {worker_id!r} has no request in flight with the id {request_id!r} "
+            "(it may have finished already)."
+        )
+        return JSONResponse({"error": "unknown_request", "message": message}, 404)
+    owners = holders(hub, request_id)
+    if len(owners) == 1 and hub is not None:
+        return hub.workers[owners[0]]
+    if not owners:
+        message = f"No request in flight has the id {request_id!r} (it may have finished already)."
+        return JSONResponse({"error": "unknown_request", "message": message}, 404)
+    body = {
+        "error": "ambiguous_request",
+        "request_id": request_id,
+        "worker_ids": owners,
+        "message": f"{len(owners)} workers have a request in flight with the id "
+        f"{request_id!r}: {', '.join(owners)}. Nothing was cancelled.",
+        "suggestion": "Name the one to cancel with the query parameter worker_id "
+        "(the row's worker_id), e.g. ?worker_id=" + quote(owners[0], safe=""),
+    }
+    return JSONResponse(body, 409)
+
+
+def not_cancellable(request_id: str, worker_id: str) -> Response:
+    body = {
+        "error": "not_cancellable",
+        "request_id": request_id,
+        "worker_id": worker_id,
+        "message": f"Worker {worker_id!r} cannot stop its requests (its record says "
+        "cancellable: false); nothing was cancelled.",
+        "suggestion": "Stop the request at its client, or run that worker with its cancel "
+        "listener on.",
+    }
+    return JSONResponse(body, 409)
 
 
 def refusal(
-    request: Request, request_id: str, settings: Settings, by: str, client: str
+    request: Request,
+    request_id: str,
+    worker_id: str | None,
+    settings: Settings,
+    by: str,
+    client: str,
 ) -> Response | None:
     """The answer to a cancel that must not go out (disabled, cross-origin, bad id), or None."""
     if not settings.cancel_enabled:
@@ -154,6 +205,13 @@ def refusal(
             "error": "bad_request_id",
             "message": f"A request id is 1-{schema.MAX_ID_CHARS} printable characters "
             "without spaces, as shown in the active-requests snapshot.",
+        }
+        return JSONResponse(body, 400)
+    if worker_id is not None and not 0 < len(worker_id) <= schema.MAX_ID_CHARS:
+        body = {
+            "error": "bad_worker_id",
+            "message": f"The query parameter worker_id is 1-{schema.MAX_ID_CHARS} "
+            "characters, as shown in the row's worker_id.",
         }
         return JSONResponse(body, 400)
     return None
@@ -221,22 +279,35 @@ def cancel_router(
         return JSONResponse(body)
 
     @router.post("/metrics/active-requests/{request_id}/cancel")
-    async def cancel(request_id: str, request: Request) -> Response:
+    async def cancel(request_id: str, request: Request, worker_id: str | None = None) -> Response:
         by = caller_of(request, auth_enabled)
         request_id = request_id[: 4 * schema.MAX_ID_CHARS]  # bounded in logs and answers
+        if worker_id is not None:
+            worker_id = worker_id[: 4 * schema.MAX_ID_CHARS]
         client = request.client.host if request.client else "-"
-        refused = refusal(request, request_id, settings, by, client)
+        refused = refusal(request, request_id, worker_id, settings, by, client)
         if refused is not None:
             return refused
-        worker_id = owner_of(hub, request_id)
-        if worker_id is None:
-            log.info("cancel of unknown request %r by %s from %s", request_id, by, client)
-            body = {
-                "error": "unknown_request",
-                "message": f"No request in flight has the id {request_id!r} (it may have "
-                "finished already).",
-            }
-            return JSONResponse(body, 404)
-        return await deliver(redis, keys, request_id, worker_id, by, client)
+        view = owner_of(hub, request_id, worker_id)
+        if isinstance(view, Response):
+            log.info(
+                "cancel of request %r (worker %s) by %s from %s: %s",
+                request_id,
+                worker_id or "not named",
+                by,
+                client,
+                "ambiguous" if view.status_code == 409 else "unknown",
+            )
+            return view
+        if not view.cancellable:
+            log.info(
+                "cancel of request %r on worker %s by %s from %s: not cancellable",
+                request_id,
+                view.worker_id,
+                by,
+                client,
+            )
+            return not_cancellable(request_id, view.worker_id)
+        return await deliver(redis, keys, request_id, view.worker_id, by, client)
 
     return router

@@ -11,11 +11,14 @@ It follows the reader rules of wire protocol v1 (``docs/protocol.md``):
 - a lost subscription -> reconnect with bounded backoff and resync everything. Nothing heals
   on a timer: the only periodic work is the reaper, which judges heartbeat deadlines.
 
-Every change of the in-memory state bumps :attr:`Hub.version` and calls the change callback
-(the fan-out's throttle decides when to publish). A batch also notes the request ids it
-touched in ``WorkerView.changed``; a resync replaces the worker's view, which the fan-out's
-row table diffs against the old one (``services/stream/table.py``). Anything read from Redis is
-untrusted: bad messages and rows are skipped, counted and logged at a bounded rate.
+Rows live in their worker's view, by request id: ids are unique per worker only (a client's
+retry can carry one id to two workers), so a row is named by (worker id, request id) wherever
+it leaves the hub. Every change of the in-memory state bumps :attr:`Hub.version` and calls the
+change callback (the fan-out's throttle decides when to publish). A batch also notes the
+request ids it touched in ``WorkerView.changed``; a resync replaces the worker's view, which
+the fan-out's row table diffs against the old one (``services/stream/table.py``). Anything read
+from Redis is untrusted: bad messages and rows are skipped, counted and logged at a bounded
+rate.
 """
 
 from __future__ import annotations
@@ -106,6 +109,12 @@ class WorkerView:
     @property
     def ttl(self) -> float:
         return self.record["ttl"] if self.record else schema.DEFAULT_WORKER_TTL_S
+
+    @property
+    def cancellable(self) -> bool:
+        """False only when the worker's record says it cannot stop its requests; a record
+        without the field is an older worker, and those all listen for cancels."""
+        return self.record is None or self.record.get("cancellable", True)
 
     def see_deadline(self, deadline_ms: float | None) -> None:
         if deadline_ms is not None:

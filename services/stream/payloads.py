@@ -21,7 +21,8 @@ WorkerSignature = tuple[tuple[tuple[Any, ...], ...], tuple[int, ...]]
 
 
 def worker_list(hub: Hub) -> list[dict[str, Any]]:
-    """Every known worker, by id. O(workers): ``active`` is the size of its row dict."""
+    """Every known worker, by id. O(workers): ``active`` is the size of its row dict.
+    ``cancellable`` tells the dashboard on whose rows to offer Cancel."""
     workers = []
     for wid in sorted(hub.workers):
         view = hub.workers[wid]
@@ -35,6 +36,7 @@ def worker_list(hub: Hub) -> list[dict[str, Any]]:
                 "last_seen": view.last_seen,
                 "status": view.status,
                 "active": len(view.rows),
+                "cancellable": view.cancellable,
             }
         )
     return workers
@@ -46,7 +48,8 @@ def signature(workers: list[dict[str, Any]]) -> WorkerSignature:
     Membership and status come apart from the ``active`` counts, which move with every
     start and end."""
     members = tuple(
-        (w["worker_id"], w["host"], w["pid"], w["started_at"], w["status"]) for w in workers
+        (w["worker_id"], w["host"], w["pid"], w["started_at"], w["status"], w["cancellable"])
+        for w in workers
     )
     return members, tuple(w["active"] for w in workers)
 
@@ -85,7 +88,7 @@ def delta(
     version: int,
     base: int,
     upsert_json: bytes,
-    remove: list[str],
+    remove: list[str],  # row keys (``services/stream/table.py``), not request ids
     now: float,
     workers_json: bytes | None,
 ) -> bytes:

@@ -204,3 +204,75 @@ async def test_cancel_with_redis_hung_answers_503_within_a_bound(key_prefix: str
                     server.resume()
         finally:
             await client.aclose()
+
+
+async def test_one_id_on_two_workers_is_cancelled_only_where_worker_id_says(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    # A client's retry that landed on another worker: one X-Request-Id, two requests (issue 20).
+    settings = settings_for(redis_url, key_prefix, VDM_CANCEL_ENABLED="true")
+    w1, w2 = FakeWorker(redis, keys, "w1"), FakeWorker(redis, keys, "w2")
+    for worker in (w1, w2):
+        await worker.register()
+        await worker.start("dup")
+    await w1.start("solo")
+    async with running_stream(settings) as (url, app), httpx.AsyncClient(base_url=url) as c:
+        await wait_ready(url)
+        hub = app.state.hub
+
+        def both_held() -> bool:
+            return all(w in hub.workers and "dup" in hub.workers[w].rows for w in ("w1", "w2"))
+
+        await wait_until(both_held, 10, "both rows in the hub")
+        async with (
+            listening(redis, keys.cancel("w1")) as to_w1,
+            listening(redis, keys.cancel("w2")) as to_w2,
+        ):
+            r = await c.post(cancel_path("dup"))
+            assert r.status_code == 409, r.text
+            body = r.json()
+            assert body["error"] == "ambiguous_request" and body["worker_ids"] == ["w1", "w2"]
+            assert "worker_id" in body["suggestion"] and body["message"]
+
+            r = await c.post(cancel_path("dup"), params={"worker_id": "w2"})
+            assert r.status_code == 202, r.text
+            assert r.json() == {"request_id": "dup", "worker_id": "w2", "status": "requested"}
+            await wait_until(lambda: to_w2, 5, "the cancel on w2's channel")
+
+            r = await c.post(cancel_path("dup"), params={"worker_id": "w3"})
+            assert (r.status_code, r.json()["error"]) == (404, "unknown_request")
+            assert "w3" in r.json()["message"]
+            r = await c.post(cancel_path("solo"), params={"worker_id": "w2"})
+            assert (r.status_code, r.json()["error"]) == (404, "unknown_request")
+            r = await c.post(cancel_path("dup"), params={"worker_id": ""})
+            assert (r.status_code, r.json()["error"]) == (400, "bad_worker_id")
+
+            # An id that one worker holds works without the parameter, as before.
+            r = await c.post(cancel_path("solo"))
+            assert r.status_code == 202 and r.json()["worker_id"] == "w1"
+            await wait_until(lambda: to_w1, 5, "the cancel on w1's channel")
+            assert to_w1 == [{"request_id": "solo", "by": "anonymous"}]
+            assert to_w2 == [{"request_id": "dup", "by": "anonymous"}]
+
+
+async def test_a_worker_that_cannot_stop_its_requests_answers_409_not_cancellable(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    settings = settings_for(redis_url, key_prefix, VDM_CANCEL_ENABLED="true")
+    fixed = FakeWorker(redis, keys, "fixed", cancellable=False)
+    await fixed.register()
+    await fixed.start("r1")
+    async with running_stream(settings) as (url, app), httpx.AsyncClient(base_url=url) as c:
+        await wait_ready(url)
+        hub = app.state.hub
+        await wait_until(lambda: "fixed" in hub.workers, 10, "the worker in the hub")
+        async with listening(redis, keys.cancel("fixed")) as received:
+            for params in ({}, {"worker_id": "fixed"}):
+                r = await c.post(cancel_path("r1"), params=params)
+                assert r.status_code == 409, r.text
+                body = r.json()
+                assert (body["error"], body["worker_id"]) == ("not_cancellable", "fixed")
+                assert body["message"] and body["suggestion"]
+            snapshot = (await c.get("/metrics/active-requests")).json()
+            assert [w["cancellable"] for w in snapshot["workers"]] == [False]
+        assert received == []  # nothing was sent to a worker that would not act on it

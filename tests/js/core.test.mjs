@@ -66,7 +66,9 @@ test("joinUrl appends endpoint paths to the server-given base", () => {
   assert.equal(core.joinUrl(null, core.SNAPSHOT_PATH), "/metrics/active-requests");
 });
 
+// Rows are named by the stream's `key` (opaque; here simply the id), not by request_id.
 const row = (id, extra = {}) => ({
+  key: id,
   request_id: id,
   worker_id: "w1",
   model: "gpt-4o",
@@ -106,13 +108,13 @@ test("diffRows: gone rows are removed by id, changed rows updated, same rows unt
     tx.update.map((r) => r.request_id),
     ["b"],
   );
-  assert.deepEqual(tx.remove, [{ request_id: "c" }]);
+  assert.deepEqual(tx.remove, [{ key: "c" }]);
 });
 
 test("diffRows: an empty snapshot removes everything", () => {
   const tx = core.diffRows({ a: row("a"), b: row("b") }, []);
   assert.deepEqual(
-    tx.remove.map((r) => r.request_id).sort(),
+    tx.remove.map((r) => r.key).sort(),
     ["a", "b"],
   );
   assert.equal(tx.add.length + tx.update.length, 0);
@@ -298,7 +300,7 @@ test("applyDelta turns upserts and removes into a transaction and updates the ma
   });
   assert.deepEqual(tx.add.map((r) => r.request_id), ["d"]);
   assert.deepEqual(tx.update.map((r) => r.request_id), ["b"]);
-  assert.deepEqual(tx.remove, [{ request_id: "c" }]);
+  assert.deepEqual(tx.remove, [{ key: "c" }]);
   assert.deepEqual([...map.keys()].sort(), ["a", "b", "d"]);
   assert.equal(map.get("b").phase, "streaming");
 });
@@ -311,7 +313,7 @@ test("applyDelta: removes go first, so an id in both lists keeps its upserted ro
   });
   assert.deepEqual(tx.add.map((r) => r.request_id), ["n"]);
   assert.deepEqual(tx.update.map((r) => r.request_id), ["a"]); // never remove + add of one id
-  assert.deepEqual(tx.remove, [{ request_id: "b" }]);
+  assert.deepEqual(tx.remove, [{ key: "b" }]);
   assert.deepEqual([...map.keys()].sort(), ["a", "n"]);
   assert.equal(map.get("a").phase, "streaming");
   map.clear();
@@ -340,7 +342,7 @@ test("a chain of deltas on a snapshot reproduces the truth", () => {
         upsert.push(r);
       }
     }
-    const delta = { base: held, version: v, upsert: upsert.filter((r) => truth.get(r.request_id) === r), remove };
+    const delta = { base: held, version: v, upsert: upsert.filter((r) => truth.get(r.key) === r), remove };
     assert.equal(core.deltaFollows(held, delta), true);
     core.applyDelta(map, delta);
     held = delta.version;
@@ -371,4 +373,41 @@ test("grid batches wait longer at fleet scale", () => {
   assert.equal(core.batchWaitMs(10000), 300);
   assert.equal(core.batchWaitMs(1e6), 300);
   assert.equal(core.batchWaitMs(undefined), 50);
+});
+
+// One X-Request-Id on two workers (a client's retry that landed elsewhere): two rows.
+const dup = (worker, extra = {}) =>
+  row("retry-1", { key: worker + "/retry-1", worker_id: worker, ...extra });
+
+test("one request id on two workers is two rows, in a snapshot and in the grid diff", () => {
+  const map = core.rowMapFrom([dup("w1"), dup("w2")]);
+  assert.deepEqual([...map.keys()], ["w1/retry-1", "w2/retry-1"]);
+  const tx = core.diffRows(new Map(), [dup("w1"), dup("w2")]);
+  assert.deepEqual(tx.add.map((r) => r.worker_id), ["w1", "w2"]);
+  // A row without a key (an older stream service's) is skipped, never merged by request id.
+  assert.equal(core.rowMapFrom([{ request_id: "retry-1", worker_id: "w3" }]).size, 0);
+});
+
+test("a delta that ends one of two rows with one request id removes exactly that key", () => {
+  const map = core.rowMapFrom([dup("w1"), dup("w2")]);
+  let tx = core.applyDelta(map, { base: 1, version: 2, upsert: [], remove: ["w1/retry-1"] });
+  assert.deepEqual(tx.remove, [{ key: "w1/retry-1" }]);
+  assert.deepEqual([...map.keys()], ["w2/retry-1"]);
+  // The one left still takes its worker's progress.
+  tx = core.applyDelta(map, { upsert: [dup("w2", { bytes_out: 9 })], remove: [] });
+  assert.deepEqual(tx.update.map((r) => [r.worker_id, r.bytes_out]), [["w2", 9]]);
+  assert.equal(map.get("w2/retry-1").bytes_out, 9);
+});
+
+test("finished requests get a grid key that tells apart one id on two workers and reuses", () => {
+  const entry = (worker, start) => ({
+    request_id: "retry-1", worker_id: worker, start_time: start, outcome: "ok",
+  });
+  const rows = core.recentRows([entry("w1", 10.5), entry("w2", 10.5), entry("w1", 20), {}, null]);
+  assert.equal(rows.length, 3);
+  assert.equal(new Set(rows.map((r) => r.key)).size, 3);
+  assert.deepEqual(rows[0], { ...entry("w1", 10.5), key: rows[0].key }); // a copy with a key
+  // The same entry in the next stats frame keeps its key: the grid updates, never re-adds.
+  assert.equal(core.recentRows([entry("w2", 10.5)])[0].key, rows[1].key);
+  assert.deepEqual(core.recentRows(undefined), []);
 });

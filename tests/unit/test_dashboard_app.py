@@ -95,7 +95,7 @@ def test_layout_has_the_contract_elements(client: Any) -> None:
         assert f'"{element_id}"' in layout
     assert "No requests in flight" in layout
     assert "No workers registered" in layout
-    assert "params.data.request_id" in layout  # getRowId
+    assert "params.data.key" in layout  # getRowId: the row key, not the per-worker request id
     # No data at layout time, and no rowData prop at all: the browser fills the grids with
     # transactions (with a rowData prop dash-ag-grid copies every row back after each batch).
     assert '"rowData"' not in layout
