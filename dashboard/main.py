@@ -10,6 +10,7 @@ import argparse
 import logging
 from typing import Any
 
+from vdm_hub.shared.options import listen_host, port
 from vdm_hub.shared.serve import serve
 from vdm_hub.shared.settings import Settings
 
@@ -17,8 +18,10 @@ log = logging.getLogger("vdm.dashboard")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="interface to bind [127.0.0.1]")
-    parser.add_argument("--port", type=int, default=8050, help="port, 0 for any free one [8050]")
+    parser.add_argument(
+        "--host", type=listen_host, default="127.0.0.1", help="interface to bind [127.0.0.1]"
+    )
+    parser.add_argument("--port", type=port, default=8050, help="port, 0 for any free one [8050]")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

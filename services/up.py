@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from vdm_hub.services.supervisor import Supervisor
 from vdm_hub.shared.children import Child, ChildFailed, Stopped
 from vdm_hub.shared.embedded_redis import free_port
+from vdm_hub.shared.options import listen_host, number, port, whole
 from vdm_hub.shared.settings import Settings
 
 VDM_HUB = [sys.executable, "-m", "vdm_hub.services.cli"]
@@ -41,22 +42,24 @@ MUTED = re.compile(r" INFO httpx: HTTP Request: ")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
-    parser.add_argument("--workers", type=int, default=2, help="worker proxies to run [2]")
+    parser.add_argument(
+        "--host", type=listen_host, default="127.0.0.1", help="bind address [127.0.0.1]"
+    )
+    parser.add_argument("--workers", type=whole(1), default=2, help="worker proxies to run [2]")
     parser.add_argument(
         "--no-demo-traffic",
         dest="demo_traffic",
         action="store_false",
         help="do not run the demo traffic generator",
     )
-    parser.add_argument("--dashboard-port", type=int, default=8050, help="[8050]")
-    parser.add_argument("--stream-port", type=int, default=8090, help="[8090]")
+    parser.add_argument("--dashboard-port", type=port, default=8050, help="[8050]")
+    parser.add_argument("--stream-port", type=port, default=8090, help="[8090]")
     parser.add_argument(
-        "--worker-base-port", type=int, default=8080, help="worker N gets base+N-1 [8080]"
+        "--worker-base-port", type=port, default=8080, help="worker N gets base+N-1 [8080]"
     )
-    parser.add_argument("--upstream-port", type=int, default=8001, help="demo upstream [8001]")
+    parser.add_argument("--upstream-port", type=port, default=8001, help="demo upstream [8001]")
     parser.add_argument(
-        "--redis-port", type=int, default=6379, help="embedded Redis, when REDIS_URL is unset"
+        "--redis-port", type=port, default=6379, help="embedded Redis, when REDIS_URL is unset"
     )
     parser.add_argument(
         "--ports",
@@ -64,10 +67,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="fixed",
         help="fixed: the ports above; auto: a free port for every part [fixed]",
     )
-    parser.add_argument("--demo-rate", type=float, default=3.0, help="demo requests per second [3]")
+    parser.add_argument(
+        "--demo-rate", type=number(0), default=3.0, help="demo requests per second [3]"
+    )
     parser.add_argument(
         "--ready-timeout",
-        type=float,
+        type=number(0.1),
         default=30.0,
         help="seconds each part may take to become ready [30]",
     )
@@ -437,9 +442,6 @@ def stop_stages(supervisor: Supervisor, parts: Sequence[Part]) -> list[list[Chil
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.workers < 1:
-        _err("--workers must be at least 1")
-        return 2
     auto = args.ports == "auto"
     host = args.host
     dashboard_port = (

@@ -42,6 +42,7 @@ from vdm_hub.services.demo import vendors
 from vdm_hub.services.demo.loadstats import LoadStats, Progress
 from vdm_hub.services.demo.vendors import Vendor
 from vdm_hub.services.httppool import ShardedClients
+from vdm_hub.shared.options import http_base_url, number, whole
 from vdm_hub.shared.settings import Settings
 
 DEFAULT_MODELS = {
@@ -388,30 +389,31 @@ class LoadGenerator:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
+        type=http_base_url,
         action="append",
         required=True,
         metavar="URL",
         help="base URL to send to (a worker proxy or the demo upstream); repeat for round robin",
     )
     parser.add_argument(
-        "--rate", type=float, default=10.0, help="requests per second, 0 = no limit [10]"
+        "--rate", type=number(0), default=10.0, help="requests per second, 0 = no limit [10]"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=10, help="requests in flight at most [10]"
+        "--concurrency", type=whole(1), default=10, help="requests in flight at most [10]"
     )
     parser.add_argument(
         "--duration",
-        type=float,
+        type=number(0),
         default=None,
         metavar="S",
         help="seconds to send for; 0 = until Ctrl-C [10 unless --requests is given]",
     )
     parser.add_argument(
-        "--requests", type=int, default=None, metavar="N", help="stop after N requests"
+        "--requests", type=whole(0), default=None, metavar="N", help="stop after N requests"
     )
     parser.add_argument(
         "--stream-share",
-        type=float,
+        type=number(0, 1),
         default=0.5,
         metavar="F",
         help="share of streaming requests [0.5]",
@@ -429,7 +431,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", action="append", default=None, metavar="NAME", help="model name(s) to use"
     )
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request [60]")
+    parser.add_argument(
+        "--timeout", type=number(0.001), default=60.0, metavar="S", help="per request [60]"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible choices")
 
 

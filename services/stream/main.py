@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 
 from vdm_hub.services.stream.app import create_app
+from vdm_hub.shared.options import listen_host, port
 from vdm_hub.shared.serve import serve
 from vdm_hub.shared.settings import Settings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
-    parser.add_argument("--port", type=int, default=8090, help="port (0: any free one) [8090]")
+    parser.add_argument(
+        "--host", type=listen_host, default="127.0.0.1", help="address to listen on [127.0.0.1]"
+    )
+    parser.add_argument("--port", type=port, default=8090, help="port (0: any free one) [8090]")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
