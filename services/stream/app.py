@@ -258,11 +258,12 @@ async def not_ready_because(service: StreamService) -> str | None:
 def _health_routes(service: StreamService) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz")
+    # HEAD too: load balancers and uptime checkers probe with it (Starlette drops the body).
+    @router.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @router.get("/readyz")
+    @router.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> Response:
         hub = service.hub
         if hub is None:
