@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
@@ -22,6 +21,7 @@ from bench import baseline, scenarios
 from bench.procs import CPUS
 from bench.report import Result, write_doc
 from bench.soak import soak
+from vdm_hub.shared.fdlimit import raise_open_file_limit
 
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "e2e": scenarios.end_to_end,
@@ -41,13 +41,6 @@ def conditions() -> str:
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {CPUS} cores, Python "
         f"{platform.python_version()}, load average before the run {load[0]:.2f}"
     )
-
-
-def raise_fd_limit() -> None:
-    """Thousands of sockets per process; children inherit the raised soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def run_all(names: Sequence[str], quick: bool) -> list[Result]:
@@ -84,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.baseline:
         os.environ[baseline.REF_ENV] = args.baseline
-    raise_fd_limit()
+    raise_open_file_limit()  # thousands of sockets per process; children inherit it
     names = args.scenario or list(SCENARIOS)
     given = sys.argv[1:] if argv is None else list(argv)
     # The recorded command is the one that reproduces the figures: without --write.

@@ -23,6 +23,8 @@ from typing import Any
 
 import uvicorn
 
+from vdm_hub.shared.fdlimit import raise_open_file_limit
+
 log = logging.getLogger("vdm.serve")
 
 # The one line every service logs once it accepts connections, and the pattern everything that
@@ -117,6 +119,7 @@ def serve(
     **config: Any,
 ) -> int:
     """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    raise_open_file_limit()  # every connection is a file descriptor (shared/fdlimit.py)
     sock = bind_socket(host, port)
     server = make_server(
         app, sock, name, on_exit=on_exit, graceful_timeout=graceful_timeout, **config

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import resource
 import signal
 import sys
 import time
@@ -42,6 +41,7 @@ from vdm_hub.services.demo import vendors
 from vdm_hub.services.demo.loadstats import LoadStats, Progress
 from vdm_hub.services.demo.vendors import Vendor
 from vdm_hub.services.httppool import ShardedClients
+from vdm_hub.shared.fdlimit import FD_RESERVE, raise_open_file_limit
 from vdm_hub.shared.options import http_base_url, number, whole
 from vdm_hub.shared.settings import Settings
 
@@ -52,8 +52,6 @@ DEFAULT_MODELS = {
 # After a stall (every slot busy) the rate limiter catches up at most this much, not in one
 # burst of everything it missed.
 MAX_CATCH_UP_S = 1.0
-# File descriptors the process keeps for itself beyond one socket per request in flight.
-FD_RESERVE = 64
 # httpcore's trace event for "the request line and headers are being written to the socket".
 SENDING = "http11.send_request_headers.started"
 
@@ -451,13 +449,7 @@ async def _main(gen: LoadGenerator) -> LoadStats:
 
 def fd_budget() -> int:
     """Raise the soft open-file limit to the hard one; return how many sockets fit under it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return max(1, soft - FD_RESERVE)
+    return max(1, raise_open_file_limit() - FD_RESERVE)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from vdm_hub.services.stream.app import create_app
+from vdm_hub.shared.fdlimit import clients_allowed, raise_open_file_limit
 from vdm_hub.shared.options import listen_host, port
 from vdm_hub.shared.serve import serve
 from vdm_hub.shared.settings import Settings
@@ -18,7 +20,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    app = create_app(settings)
+    # One descriptor per SSE client: past what the limit allows, new streams get a 503 with
+    # Retry-After (and /healthz still answers) rather than connection resets.
+    limit = raise_open_file_limit()
+    max_clients = clients_allowed(settings.max_sse_clients, limit, "VDM_MAX_SSE_CLIENTS")
+    app = create_app(dataclasses.replace(settings, max_sse_clients=max_clients))
     bc = app.state.broadcaster
     # on_exit runs first on SIGINT/SIGTERM: open streams end themselves, so Uvicorn's graceful
     # shutdown does not wait on them (sse-starlette issues 124, 128).
