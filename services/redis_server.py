@@ -15,7 +15,7 @@ from vdm_hub.shared.embedded_redis import (
     RedisStartError,
 )
 from vdm_hub.shared.options import listen_host, port
-from vdm_hub.shared.serve import PortInUse
+from vdm_hub.shared.serve import PortInUse, warn_if_open
 from vdm_hub.shared.settings import Settings
 
 log = logging.getLogger("vdm.redis")
@@ -54,6 +54,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     try:
         log.info("redis ready on %s (%s)", server.url, server.binary)
+        # Started with protected mode and no password, the server itself refuses clients
+        # from other machines: say so rather than let a remote worker time out puzzled.
+        warn_if_open(
+            "redis",
+            args.host,
+            server.url,
+            "no password is set either, so Redis's protected mode refuses clients from other "
+            "machines; for a fleet across machines run your own Redis with a password "
+            "(REDIS_URL)",
+        )
         while not stop.is_set():
             if server.process is None or server.process.poll() is not None:
                 log.error("redis server exited unexpectedly")

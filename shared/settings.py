@@ -8,6 +8,7 @@ deployment fails loudly instead of running with a surprise default.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -135,11 +136,35 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
         if origin == "*":
             continue
         parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+        any_host = parts.netloc.startswith("*")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path
+            or (any_host and (parts.hostname != "*" or port is None))
+            or ("*" in parts.netloc and not any_host)
+        ):
             raise ConfigError(
-                f"{name}: {origin!r} is not an origin (expected scheme://host[:port], or *)"
+                f"{name}: {origin!r} is not an origin (expected scheme://host[:port], "
+                "scheme://*:port for any host name on that port, or *)"
             )
     return origins
+
+
+def any_host_origin_regex(origins: tuple[str, ...]) -> str | None:
+    """One regular expression for the ``scheme://*:port`` entries of ``VDM_CORS_ORIGINS``:
+    a page served on that port under any host name (``vdm-hub up --host 0.0.0.0`` lists its
+    dashboard this way: browsers on other machines reach it by names this one cannot know)."""
+    found = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.hostname == "*":
+            found.append(f"{re.escape(parts.scheme)}://[^/@]+:{parts.port}")
+    return "|".join(f"(?:{p})" for p in found) or None
 
 
 def _token(name: str, raw: str) -> str:

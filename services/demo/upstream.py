@@ -318,4 +318,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
     app = create_app(args.latency, args.chunk_delay, args.chunks, args.error_rate)
-    return serve(app, args.host, args.port, "demo-upstream")
+    return serve(
+        app,
+        args.host,
+        args.port,
+        "demo-upstream",
+        exposed="anyone who can reach it can call this fake LLM API",
+    )

@@ -41,4 +41,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     # httpx logs every upstream request at INFO; a busy worker would flood its log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings, upstream=upstream)
-    return serve(app, args.host, args.port, "worker", graceful_timeout=args.graceful_timeout)
+    return serve(
+        app,
+        args.host,
+        args.port,
+        "worker",
+        graceful_timeout=args.graceful_timeout,
+        # A worker takes no token: it is a proxy, and its /_vdm/ endpoints are open.
+        exposed="anyone who can reach it can send requests through it to its upstream "
+        "(keep workers on an internal network; docs/security.md)",
+    )

@@ -106,7 +106,8 @@ def public_origins(settings: Settings) -> frozenset[str]:
     ``proxy_set_header Host $proxy_host``) makes the dashboard's real origin look foreign.
     """
     configured = [settings.stream_public_url or "", *settings.cors_origins]
-    return frozenset(_normal_origin(o) for o in configured if o and o != "*")
+    # Exact origins only: neither '*' nor an any-host entry (scheme://*:port) lets a page act.
+    return frozenset(_normal_origin(o) for o in configured if o and "*" not in o)
 
 
 def origin_allowed(request: Request, settings: Settings) -> bool:

@@ -28,4 +28,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     bc = app.state.broadcaster
     # on_exit runs first on SIGINT/SIGTERM: open streams end themselves, so Uvicorn's graceful
     # shutdown does not wait on them (sse-starlette issues 124, 128).
-    return serve(app, args.host, args.port, "stream", on_exit=bc.close_threadsafe)
+    return serve(
+        app, args.host, args.port, "stream", on_exit=bc.close_threadsafe, exposed=_exposed(settings)
+    )
+
+
+def _exposed(settings: Settings) -> str | None:
+    if settings.auth_token:
+        return None
+    what = "anyone who can reach it can read every request in flight"
+    if settings.cancel_enabled:
+        what += " and cancel it (VDM_CANCEL_ENABLED=true)"
+    return what + "; set VDM_AUTH_TOKEN to require one"

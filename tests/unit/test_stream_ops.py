@@ -360,5 +360,8 @@ def test_origin_check_allows_configured_origins_only() -> None:
     assert origin_allowed(_request({"host": "s"}), listed)  # a command-line client, no cookie
     anyone = Settings.from_env({"VDM_CORS_ORIGINS": "*"})
     assert not origin_allowed(_request({"host": "s", "origin": "http://evil"}), anyone)
+    # Neither does an any-host entry (read access for remote dashboards) let a page cancel.
+    any_host = Settings.from_env({"VDM_CORS_ORIGINS": "http://*:8050"})
+    assert not origin_allowed(_request({"origin": "http://evil.example:8050"}), any_host)
     assert valid_request_id("req-1:a.b_c") and not valid_request_id("")
     assert not valid_request_id("a b") and not valid_request_id("x" * 129)
