@@ -6,6 +6,11 @@ upstream; the workers and the stream service; the dashboard (it needs the stream
 demo traffic. Stop order is the reverse of use: traffic, dashboard, stream, workers (they
 deregister while Redis is still there), upstream, Redis.
 
+Addresses: every part binds ``--host`` but the embedded Redis, which stays on loopback (it has
+no password). Beyond loopback without ``VDM_AUTH_TOKEN`` the demo's cancel action stays off,
+and the dashboard's page finds the stream service on the host it was loaded from
+(``--stream-port``), so a browser on another machine sees it live.
+
 Ports: fixed defaults, checked before anything starts, so a busy port gives one clear message
 naming the option that moves it. ``--ports auto`` gives every part a free port instead (tests
 use it); the dashboard's port is then picked up front, because the stream service must know
