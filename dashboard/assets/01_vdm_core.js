@@ -67,6 +67,19 @@
   }
 
   /**
+   * The stream service's base URL for this page: `streamUrl` (VDM_STREAM_PUBLIC_URL) when set;
+   * else, with `streamPort` (the dashboard's --stream-port), that port on the host this page
+   * was loaded from, which only the browser knows (a remote viewer of `vdm-hub up --host
+   * 0.0.0.0` names the machine its own way); else "" (the same origin).
+   */
+  function streamBase(config, location) {
+    const url = String((config && config.streamUrl) || "");
+    const port = Number(config && config.streamPort);
+    if (url || !location || !Number.isInteger(port) || port < 1 || port > 65535) return url;
+    return location.protocol + "//" + location.hostname + ":" + port;
+  }
+
+  /**
    * The stream the page opens: the delta stream (`?delta=1`: one snapshot, then only what
    * changed). A stream service that predates deltas ignores the parameter and sends snapshots
    * only, which the client handles exactly as before. `resumeFrom`, the version the client
@@ -477,6 +490,7 @@
     shouldConnect,
     shouldPollOverview,
     joinUrl,
+    streamBase,
     liveStreamUrl,
     rowChanged,
     diffRows,

@@ -28,6 +28,10 @@
   const core = window.VdmCore;
   const dom = window.VdmDom;
   const cfg = window.__vdmConfig || {};
+  // Where the stream service is may depend on where this page came from (core.streamBase):
+  // settled once, here, for every reader of cfg.streamUrl (this client, the overview, cancel;
+  // their assets load after this one).
+  cfg.streamUrl = core.streamBase(cfg, window.location);
   const GRID_ID = "vdm-active-grid";
   const RECENT_GRID_ID = "vdm-recent-grid";
   const POLL_MS = Math.max(500, Number(cfg.pollIntervalMs) || 2000);

@@ -40,7 +40,7 @@ from vdm_hub.shared.auth import DEFAULT_EXEMPT, RequireAuth
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.redis_client import build_client
 from vdm_hub.shared.responses import JSONResponse
-from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.settings import Settings, any_host_origin_regex
 
 log = logging.getLogger("vdm.stream")
 
@@ -91,9 +91,11 @@ def _access_control(settings: Settings) -> list[tuple[Any, dict[str, Any]]]:
     if settings.auth_token:
         layers.append((RequireAuth, {"token": settings.auth_token, "exempt_paths": DEFAULT_EXEMPT}))
     if settings.cors_origins:
-        origins = list(settings.cors_origins)
+        origins = [o for o in settings.cors_origins if not o.startswith(("http://*", "https://*"))]
         cors = {
             "allow_origins": origins,
+            # scheme://*:port entries: any host name on that port (settings.py)
+            "allow_origin_regex": any_host_origin_regex(settings.cors_origins),
             "allow_methods": ["GET", "POST"],  # POST: the cancel action
             "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Cache-Control"],
             # Credentials only with an explicit origin list (settings refuse '*' + token).
@@ -258,11 +260,12 @@ async def not_ready_because(service: StreamService) -> str | None:
 def _health_routes(service: StreamService) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz")
+    # HEAD too: load balancers and uptime checkers probe with it (Starlette drops the body).
+    @router.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @router.get("/readyz")
+    @router.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> Response:
         hub = service.hub
         if hub is None:

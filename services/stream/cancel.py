@@ -8,8 +8,9 @@ call and the request ends with outcome ``cancelled``. Answers (``docs/security.m
 - 403 ``cancel_disabled`` unless ``VDM_CANCEL_ENABLED=true``; 401 without the token when
   ``VDM_AUTH_TOKEN`` is set (the auth middleware, before this route);
 - 403 ``cross_origin`` for a browser request without bearer token whose Origin (or Referer) is
-  neither this service nor one of ``VDM_CORS_ORIGINS``: a session cookie is sent by the browser
-  whoever wrote the page, so the cookie path needs a same-origin check (CSRF);
+  none of the configured public origins (``VDM_STREAM_PUBLIC_URL``'s, ``VDM_CORS_ORIGINS``),
+  never judged by ``Host``: a session cookie is sent by the browser whoever wrote the page, so
+  the cookie path needs an origin check (CSRF);
 - 400 ``bad_request_id`` for an id no worker can have issued; 404 ``unknown_request`` when no
   row of this hub's view has that id;
 - ``?worker_id=W`` names the row: a request id is unique per worker only (a client's retry can
@@ -42,7 +43,7 @@ from redis.exceptions import RedisError
 from starlette.responses import Response
 
 from vdm_hub.shared import schema
-from vdm_hub.shared.auth import parse_bearer, request_is_secure, session_values
+from vdm_hub.shared.auth import parse_bearer, session_values
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.settings import Settings
@@ -88,16 +89,35 @@ def request_origin(request: Request) -> str | None:
     return None
 
 
-def own_origin(request: Request) -> str | None:
-    host = request.headers.get("host")
-    if not host:
-        return None
-    scheme = "https" if request_is_secure(request.scope) else "http"
-    return f"{scheme}://{host}".lower()
+def _normal_origin(url: str) -> str:
+    """``scheme://host[:port]`` in lower case, without a default port (browsers omit it)."""
+    parts = urlsplit(url.strip().lower())
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    host = parts.hostname or ""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}" + (f":{port}" if port and port != default else "")
 
 
-def origin_allowed(request: Request, cors_origins: tuple[str, ...]) -> bool:
-    """Same-origin check for requests a browser may have sent on another site's behalf.
+def public_origins(settings: Settings) -> frozenset[str]:
+    """The origins pages that may cancel are served from: the stream service's public URL
+    (VDM_STREAM_PUBLIC_URL, when a reverse proxy serves it and the dashboard on one origin)
+    and the dashboards' origins (VDM_CORS_ORIGINS).
+
+    Never the request's ``Host``: a DNS-rebinding page sends ``Host`` and ``Origin`` both
+    ``evil.example:PORT``, and a reverse proxy that rewrites ``Host`` (nginx's default
+    ``proxy_set_header Host $proxy_host``) makes the dashboard's real origin look foreign.
+    """
+    configured = [settings.stream_public_url or "", *settings.cors_origins]
+    # Exact origins only: neither '*' nor an any-host entry (scheme://*:port) lets a page act.
+    return frozenset(_normal_origin(o) for o in configured if o and "*" not in o)
+
+
+def origin_allowed(request: Request, settings: Settings) -> bool:
+    """Origin check for requests a browser may have sent on another site's behalf (CSRF).
 
     With a session cookie the Origin (or Referer) must be present and allowed: browsers send
     Origin on every cross-origin POST, so its absence means a non-browser client, which has no
@@ -105,14 +125,10 @@ def origin_allowed(request: Request, cors_origins: tuple[str, ...]) -> bool:
     are command-line clients and pass; with one, it must be allowed, so a page on another site
     cannot drive the actuator through a visitor's browser either.
     """
-    allowed = {o.lower().rstrip("/") for o in cors_origins if o != "*"}
-    own = own_origin(request)
-    if own:
-        allowed.add(own)
     origin = request_origin(request)
     if origin is None:
         return not session_values(request.scope)
-    return origin.rstrip("/") in allowed
+    return origin != "null" and _normal_origin(origin) in public_origins(settings)
 
 
 def holders(hub: Hub | None, request_id: str) -> list[str]:
@@ -183,7 +199,7 @@ def refusal(
         }
         return JSONResponse(body, 403)
     bearer = parse_bearer(request.headers.get("authorization")) is not None
-    if not bearer and not origin_allowed(request, settings.cors_origins):
+    if not bearer and not origin_allowed(request, settings):
         origin = request_origin(request)
         log.warning(
             "cancel refused (cross-origin %r): request %r by %s from %s",
@@ -196,7 +212,8 @@ def refusal(
             "error": "cross_origin",
             "message": "This cancel came from a page of another origin; it is refused "
             "so that other sites cannot act with your session.",
-            "suggestion": "Use the dashboard whose origin is in VDM_CORS_ORIGINS, or "
+            "suggestion": "Use a dashboard whose origin is in VDM_CORS_ORIGINS (or, behind a "
+            "reverse proxy serving both on one origin, set VDM_STREAM_PUBLIC_URL to it), or "
             "send 'Authorization: Bearer <VDM_AUTH_TOKEN>' from scripts.",
         }
         return JSONResponse(body, 403)

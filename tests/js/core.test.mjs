@@ -411,3 +411,14 @@ test("finished requests get a grid key that tells apart one id on two workers an
   assert.equal(core.recentRows([entry("w2", 10.5)])[0].key, rows[1].key);
   assert.deepEqual(core.recentRows(undefined), []);
 });
+
+test("the stream's base: the public URL, else this page's host on the stream port, else same origin", () => {
+  const page = { protocol: "http:", hostname: "remote.test" };
+  assert.equal(core.streamBase({ streamUrl: "https://s.example", streamPort: 8090 }, page), "https://s.example");
+  assert.equal(core.streamBase({ streamUrl: "", streamPort: 8090 }, page), "http://remote.test:8090");
+  const v6 = { protocol: "https:", hostname: "[fd00::7]" };
+  assert.equal(core.streamBase({ streamPort: 8090 }, v6), "https://[fd00::7]:8090");
+  assert.equal(core.streamBase({ streamUrl: "", streamPort: null }, page), "");
+  assert.equal(core.streamBase({ streamPort: 70000 }, page), "");
+  assert.equal(core.streamBase({}, page), "");
+});
