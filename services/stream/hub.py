@@ -366,29 +366,38 @@ class Hub:
                 backoff = min(BACKOFF_MAX, max(BACKOFF_START, backoff * 2))
 
     async def _follow(self, pubsub: aioredis.client.PubSub) -> None:
-        """Apply messages until the subscription fails or falls silent past SILENCE_LIMIT;
-        silent past STALE_AFTER, the view is stale until Redis answers again."""
+        """Apply messages until the subscription fails or Redis leaves a PING unanswered past
+        SILENCE_LIMIT; unanswered past STALE_AFTER, the view is stale until Redis answers.
+
+        Silence counts from the first PING sent after the last reply, not from the last reply:
+        a hub whose own loop was busy for seconds on an idle channel sent no PING meanwhile,
+        and that is no sign of a frozen Redis."""
         loop = asyncio.get_running_loop()
         heard = next_ping = loop.time()
+        unanswered: float | None = None  # loop time of the first PING since the last reply
         silent = False
         while True:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PING_EVERY)
             now = loop.time()
             if msg is not None:
-                heard = now
+                heard, unanswered = now, None
                 if silent:
                     silent = False
                     self.sync.clear(READER)
                 if msg.get("type") == "message":
                     await self.handle_message(msg["data"])
-            if now - heard > STALE_AFTER and not silent:
+            waited = 0.0 if unanswered is None else now - unanswered
+            if waited > STALE_AFTER and not silent:
                 silent = True
                 # Confirmed last when the last reply came (wall time, for clients).
                 self.sync.fail(READER, NOT_ANSWERING, time.time() - (now - heard))
-            if now - heard > SILENCE_LIMIT:
-                raise ConnectionError(f"no reply on the subscription for {now - heard:.1f}s")
+            if waited > SILENCE_LIMIT:
+                # A TimeoutError (not a lost connection): the reason stays "not answering".
+                raise TimeoutError(f"no reply on the subscription for {now - heard:.1f}s")
             if now >= next_ping:
                 next_ping = now + PING_EVERY
+                if unanswered is None:
+                    unanswered = now
                 await pubsub.ping()
 
     async def reap_once(self) -> None:
