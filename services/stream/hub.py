@@ -428,11 +428,7 @@ class Hub:
     async def _probe(self) -> float | None:
         """Redis's clock (epoch ms) if Redis accepts writes; else None, and ``sync`` says why."""
         try:
-            # Bounded like the reader's PINGs: a write that waits (CLIENT PAUSE WRITE) is
-            # refused too, for as long as it waits. The client's own timeout, with its retry,
-            # would take twice its socket timeout to say so.
-            async with asyncio.timeout(STALE_AFTER):
-                now, refusal = await self.scripts.probe()
+            now, refusal = await self._bounded_probe()
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self.sync.fail(PROBE, failure_reason(exc), self._probed_at)
             raise
@@ -444,6 +440,18 @@ class Hub:
         self._probed_at = time.time()
         self.sync.clear(PROBE)
         return float(now)
+
+    async def _bounded_probe(self) -> tuple[int, str | None]:
+        """The probe, bounded like the reader's PINGs: a write that waits (CLIENT PAUSE WRITE)
+        is refused too, for as long as it waits (the client's own timeout, with its retry,
+        would take twice its socket timeout to say so). A first timeout is tried once more at
+        once: this process's own loop, stalled for seconds on a starved host, times out a
+        reply that is already waiting, and that is no sign of a Redis that does not answer."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STALE_AFTER):
+                return await self.scripts.probe()
+        async with asyncio.timeout(STALE_AFTER):
+            return await self.scripts.probe()
 
     def _judge_from(self, now: float) -> float:
         """Redis time (ms) from which deadlines count: the first probe after the last stale
