@@ -65,8 +65,8 @@ BACKOFF_MAX = 0.5
 # subscription and treats this much silence as a lost connection.
 PING_EVERY = 1.0
 SILENCE_LIMIT = 5.0
-# Two PINGs unanswered: the view can no longer be vouched for (sync goes stale) well before
-# the link is given up for lost.
+# A PING unanswered this long: the view can no longer be vouched for (sync goes stale) well
+# before the link is given up for lost. Also the bound of each of the reaper's probes.
 STALE_AFTER = 2.0
 # Workers read concurrently during a full resync (each read is one script round trip).
 RESYNC_CONCURRENCY = 32
