@@ -343,8 +343,65 @@
     return pad2(d.getHours()) + ":" + pad2(d.getMinutes()) + ":" + pad2(d.getSeconds());
   }
 
-  /** What the indicator and the header emoji show. */
-  function indicatorState(connected, disabled) {
+  // The hub's word on its view (`sync` in every update, delta and JSON snapshot): while it is
+  // "stale" the stream still flows, but the view may be out of date (Redis unreachable,
+  // frozen, refusing writes...), so the page says so rather than `● Live`.
+  const SYNC_OK = Object.freeze({ stale: false, sinceS: null, reason: null });
+  const MAX_REASON_CHARS = 120;
+
+  /**
+   * The sync state a frame announces, or `previous` when it says nothing (a stream service
+   * that predates the field is taken to be in sync). Untrusted input: only a frame that says
+   * exactly "stale" is stale; `sync_since` (epoch s) and `sync_reason` are checked.
+   */
+  function syncFrom(frame, previous) {
+    if (!frame || typeof frame !== "object" || frame.sync === undefined) {
+      return previous || SYNC_OK;
+    }
+    const since = Number(frame.sync_since);
+    const stale = frame.sync === "stale";
+    const reason = frame.sync_reason;
+    return {
+      stale: stale,
+      sinceS: Number.isFinite(since) && since > 0 ? since : null,
+      reason: stale && typeof reason === "string" && reason ? reason.slice(0, MAX_REASON_CHARS) : null,
+    };
+  }
+
+  function sameSync(a, b) {
+    const x = a || SYNC_OK;
+    const y = b || SYNC_OK;
+    return x.stale === y.stale && x.sinceS === y.sinceS && x.reason === y.reason;
+  }
+
+  /**
+   * The local time (ms) at which clock-driven cells (durations, ages, stuck marks) are
+   * computed: now, or while the view is stale no later than the last moment the hub confirmed
+   * it (`sinceS`, server clock, brought to the local clock with the offset) — a frozen view
+   * must not show its requests growing older than anything real.
+   */
+  function shownNowMs(localNowMs, offsetMs, sync) {
+    if (!sync || !sync.stale || sync.sinceS === null || sync.sinceS === undefined) {
+      return localNowMs;
+    }
+    return Math.min(localNowMs, sync.sinceS * 1000 - (offsetMs || 0));
+  }
+
+  /** "◐ Stale — Redis unreachable since 12:01:05" */
+  function staleText(sync) {
+    const why = (sync && sync.reason) || "out of sync with Redis";
+    const since = sync && sync.sinceS ? " since " + formatClock(sync.sinceS) : "";
+    return "◐ Stale — " + why + since;
+  }
+
+  /**
+   * What the indicator and the header emoji show. `sync` (from `syncFrom`) matters only while
+   * connected: a stale view is not `● Live`.
+   */
+  function indicatorState(connected, disabled, sync) {
+    if (connected && sync && sync.stale) {
+      return { text: staleText(sync), className: "vdm-indicator vdm-stale", emoji: "⚠️" };
+    }
     if (connected) return { text: "● Live", className: "vdm-indicator vdm-live", emoji: "📡" };
     if (disabled) {
       return {
@@ -511,6 +568,11 @@
     formatRate,
     formatPercent,
     formatClock,
+    SYNC_OK,
+    syncFrom,
+    sameSync,
+    shownNowMs,
+    staleText,
     indicatorState,
     statsFigures,
     workerRows,

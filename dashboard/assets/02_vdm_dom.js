@@ -12,8 +12,9 @@
   const core = window.VdmCore;
   const op = window.VdmOpCore;
 
-  // Server clock minus browser clock, estimated from snapshots' `timestamp`s.
-  window.__vdmClock = window.__vdmClock || { offsetMs: 0, samples: [] };
+  // Server clock minus browser clock, estimated from snapshots' `timestamp`s; and the hub's
+  // sync state, which stops the clock-driven cells at the last confirmed moment while stale.
+  window.__vdmClock = window.__vdmClock || { offsetMs: 0, samples: [], sync: core.SYNC_OK };
   // What the stream service says it can do (GET /metrics/capabilities, read by
   // 06_vdm_operator.js); until it answers: no cancel, the default stuck threshold.
   window.__vdmCaps = window.__vdmCaps || op.capabilitiesFrom(null);
@@ -52,28 +53,48 @@
     return Date.now();
   }
 
+  /** The local time clock-driven cells are computed at (held while the view is stale). */
+  function shownNow() {
+    const clock = window.__vdmClock;
+    return core.shownNowMs(Date.now(), clock.offsetMs, clock.sync);
+  }
+
+  /**
+   * Record the hub's sync state. While stale the active grid's rows are dimmed (a body
+   * attribute: React never re-renders <body>, so nothing resets it) and their clocks stop.
+   * Returns true when it changed.
+   */
+  function observeSync(sync) {
+    const clock = window.__vdmClock;
+    if (core.sameSync(clock.sync, sync)) return false;
+    clock.sync = sync;
+    if (sync.stale) document.body.setAttribute("data-vdm-sync", "stale");
+    else document.body.removeAttribute("data-vdm-sync");
+    return true;
+  }
+
   // Functions the grids' column definitions call by name (dash-ag-grid looks them up here).
   window.dashAgGridFunctions = Object.assign(window.dashAgGridFunctions || {}, {
     vdmLiveDuration(params) {
       const d = params && params.data;
       if (!d) return null;
-      return core.liveDurationMs(d.start_time, now(), window.__vdmClock.offsetMs);
+      return core.liveDurationMs(d.start_time, shownNow(), window.__vdmClock.offsetMs);
     },
     vdmAge(params) {
       const d = params && params.data;
       if (!d) return null;
-      return core.ageSeconds(d.last_seen, now(), window.__vdmClock.offsetMs);
+      return core.ageSeconds(d.last_seen, shownNow(), window.__vdmClock.offsetMs);
     },
     vdmChunkRate(params) {
       const d = params && params.data;
       if (!d) return null;
       const history = chunkHistory.get(core.rowId(d));
-      return op.chunkRate(history, d, now(), window.__vdmClock.offsetMs);
+      return op.chunkRate(history, d, shownNow(), window.__vdmClock.offsetMs);
     },
     vdmIsStuck(params) {
       const d = params && params.data;
       if (!d) return false;
-      return op.isStuck(d.start_time, now(), window.__vdmClock.offsetMs, window.__vdmCaps.stuckAfterS);
+      return op.isStuck(d.start_time, shownNow(), window.__vdmClock.offsetMs, window.__vdmCaps.stuckAfterS);
     },
     vdmTokensPerS(params) {
       return op.outputTokensPerS(params && params.data);
@@ -209,6 +230,7 @@
     queueTransaction,
     refreshClockColumns,
     observeServerTime,
+    observeSync,
     noteChunks,
     forgetChunks,
   };

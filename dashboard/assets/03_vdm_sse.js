@@ -12,7 +12,10 @@
  * tab, navigation) resumes with `last_event_id=<held version>`, so it costs a delta, not a
  * snapshot, when the service still has the changes. A stream service without deltas ignores
  * both parameters and sends snapshots only, which works exactly as before. `stats` feeds the
- * charts; `disabled` switches to polling the JSON endpoint.
+ * charts; `disabled` switches to polling the JSON endpoint. Every `update` and `delta` says
+ * whether the hub's view is in sync with Redis (`sync`); while it is "stale" the indicator
+ * says so instead of `● Live`, the rows are dimmed and their durations stop at the last
+ * confirmed moment.
  *
  * Reconnects: a browser EventSource retries by itself after a network error (readyState
  * CONNECTING) but gives up for good on a non-200 answer (readyState CLOSED). To have ONE retry
@@ -46,13 +49,23 @@
   let enabled = true;
   let disabledInfo = null; // set after a `disabled` event: {message, suggestion}
   let pollTimer = null;
-  const debug = { opens: 0, errors: 0, delays: [], polls: 0, snapshots: 0, deltas: 0, gaps: 0 };
+  const debug = {
+    opens: 0,
+    errors: 0,
+    delays: [],
+    polls: 0,
+    snapshots: 0,
+    deltas: 0,
+    gaps: 0,
+    syncChanges: 0,
+  };
 
   // What the client holds: the rows by id, the version they stand for, the worker list.
   let rows = new Map();
   let version = null;
   let workers = [];
   let haveData = false;
+  let sync = core.SYNC_OK; // the hub's word on its view (update/delta/snapshot `sync` fields)
   let fullSync = false; // the grid must be diffed against `rows` (after a snapshot)
   let paintPending = false;
   let paintedAt = 0;
@@ -201,6 +214,7 @@
   function acceptSnapshot(snap) {
     debug.snapshots += 1;
     dom.observeServerTime(snap.timestamp);
+    noteSync(snap);
     rows = core.rowMapFrom(snap.active_requests, KEY);
     const v = Number(snap.version);
     version = snap.version !== undefined && Number.isFinite(v) ? v : null;
@@ -230,6 +244,7 @@
     }
     debug.deltas += 1;
     dom.observeServerTime(delta.timestamp);
+    noteSync(delta);
     const tx = core.applyDelta(rows, delta, KEY);
     version = Number(delta.version);
     if (Array.isArray(delta.workers)) workers = delta.workers;
@@ -242,6 +257,19 @@
       else fullSync = true; // grid not mounted yet: it gets the whole map once it is
     }
     schedulePaint();
+  }
+
+  /**
+   * Follow the hub's sync state. A change shows at once: the indicator's next tick reads it,
+   * the rows are dimmed or restored, and durations stop (or resume) without waiting for the
+   * once-a-second redraw.
+   */
+  function noteSync(frame) {
+    sync = core.syncFrom(frame, sync);
+    if (dom.observeSync(sync)) {
+      debug.syncChanges += 1;
+      if (haveData) dom.refreshClockColumns(GRID_ID, CLOCK_COLUMNS);
+    }
   }
 
   function schedulePaint() {
@@ -447,6 +475,8 @@
         snapshots: debug.snapshots,
         deltas: debug.deltas,
         gaps: debug.gaps,
+        sync: Object.assign({}, sync),
+        syncChanges: debug.syncChanges,
         version: version,
         rows: rows.size,
         connecting: !!source && source.readyState === 0,
@@ -456,13 +486,14 @@
     },
   };
 
-  // The clientside callback behind the `● Live` / `○ Reconnecting...` indicator and the
-  // header emoji; it runs on a short dcc.Interval and only writes when something changed.
+  // The clientside callback behind the `● Live` / `◐ Stale — …` / `○ Reconnecting...`
+  // indicator and the header emoji; it runs on a short dcc.Interval and only writes when
+  // something changed.
   let lastIndicator = null;
   window.dash_clientside = Object.assign({}, window.dash_clientside);
   window.dash_clientside.vdm = Object.assign({}, window.dash_clientside.vdm, {
     syncIndicator: function () {
-      const state = core.indicatorState(isConnected(), !!disabledInfo);
+      const state = core.indicatorState(isConnected(), !!disabledInfo, sync);
       const key = state.text + "|" + state.className;
       if (key === lastIndicator) return window.dash_clientside.no_update;
       lastIndicator = key;

@@ -47,13 +47,6 @@ log = logging.getLogger("vdm.stream")
 STREAM_PATH = "/metrics/active-requests/stream"
 
 
-def _unsync(hub: Hub) -> Callable[[], None]:
-    def unsync() -> None:
-        hub.ready = False
-
-    return unsync
-
-
 def _job_name(job: Callable[[], Awaitable[None]]) -> str:
     target = job.func if isinstance(job, functools.partial) else job
     return str(getattr(target, "__qualname__", "job"))
@@ -196,7 +189,7 @@ def _supervisor(
     jobs += [bc.run_updates, bc.run_heartbeats, functools.partial(bc.run_sweeps, send_timeout)]
     for job in jobs:
         # A crashed reader leaves its view unsynced until its restart has resynced it.
-        crash = _unsync(hub) if job == hub.run else None
+        crash = hub.reader_crashed if job == hub.run else None
         supervisor.add(_job_name(job), job, crash)
     return supervisor
 
@@ -247,6 +240,8 @@ async def not_ready_because(service: StreamService) -> str | None:
     if not supervisor.healthy:
         failing = ", ".join(sorted(supervisor.failing))
         return f"background task failed, restarting: {failing} (see the log)"
+    if not hub.sync.ok:  # the reason clients are shown too (services/stream/sync.py)
+        return f"not in sync with Redis: {hub.sync.reason}"
     if not hub.ready:
         return "not in sync with Redis yet (starting, or resyncing after a lost link)"
     try:

@@ -58,7 +58,10 @@ def timestamp(now: float) -> bytes:
     return orjson.dumps(round(now, 3))
 
 
-def snapshot(rows_json: bytes, workers_json: bytes, now: float, version: int) -> bytes:
+def snapshot(
+    rows_json: bytes, workers_json: bytes, now: float, version: int, *, sync: bytes
+) -> bytes:
+    """``sync``: the hub's ``"sync":…,"sync_since":…,"sync_reason":…`` fields, pre-encoded."""
     return (
         b'{"disabled":false,"active_requests":'
         + rows_json
@@ -66,7 +69,9 @@ def snapshot(rows_json: bytes, workers_json: bytes, now: float, version: int) ->
         + workers_json
         + b',"timestamp":'
         + timestamp(now)
-        + b',"version":%d}' % version
+        + b',"version":%d,' % version
+        + sync
+        + b"}"
     )
 
 
@@ -91,7 +96,10 @@ def delta(
     remove: list[str],  # row keys (``services/stream/table.py``), not request ids
     now: float,
     workers_json: bytes | None,
+    *,
+    sync: bytes,
 ) -> bytes:
+    """Every delta carries ``sync`` (as :func:`snapshot`), so a change of it needs no rows."""
     tail = b"}" if workers_json is None else b',"workers":' + workers_json + b"}"
     return (
         b'{"version":%d,"base":%d,"upsert":' % (version, base)
@@ -100,5 +108,7 @@ def delta(
         + orjson.dumps(remove)
         + b',"timestamp":'
         + timestamp(now)
+        + b","
+        + sync
         + tail
     )

@@ -164,7 +164,13 @@ async def test_json_snapshot_summary_and_prometheus(
         await wait_ready(url)
         snap = (await client.get("/metrics/active-requests")).json()
         assert request_ids(snap) == {"a", "c"} and snap["disabled"] is False
-        assert set(snap) == {"disabled", "active_requests", "workers", "timestamp", "version"}
+        assert set(snap) == {
+            "disabled", "active_requests", "workers", "timestamp", "version",
+            "sync", "sync_since", "sync_reason",
+        }  # fmt: skip
+        # Ready means in sync: the view is vouched for since the moment it got there.
+        assert snap["sync"] == "ok" and snap["sync_reason"] is None
+        assert 0 < snap["sync_since"] <= snap["timestamp"]
 
         # rebuilt from P:completed on start, so the entry written before start counts
         summary = (await client.get("/metrics/summary")).json()

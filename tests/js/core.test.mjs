@@ -215,6 +215,47 @@ test("indicator texts and emoji", () => {
   assert.match(core.indicatorState(false, true).text, /disabled/);
 });
 
+test("a stale hub is not Live: the indicator says why and since when", () => {
+  const since = new Date(2025, 0, 1, 12, 1, 5).getTime() / 1000;
+  const sync = core.syncFrom({ sync: "stale", sync_since: since, sync_reason: "Redis unreachable" });
+  const state = core.indicatorState(true, false, sync);
+  assert.equal(state.text, "◐ Stale — Redis unreachable since 12:01:05");
+  assert.match(state.className, /vdm-stale/);
+  assert.notEqual(state.emoji, "📡");
+  // In sync, or not connected at all: the usual states.
+  assert.equal(core.indicatorState(true, false, core.syncFrom({ sync: "ok", sync_since: since })).text, "● Live");
+  assert.equal(core.indicatorState(false, false, sync).text, "○ Reconnecting...");
+  assert.equal(core.staleText({ stale: true, sinceS: null, reason: null }), "◐ Stale — out of sync with Redis");
+});
+
+test("syncFrom trusts only a well-formed stale and keeps the last word when a frame says none", () => {
+  assert.deepEqual(core.syncFrom({}), core.SYNC_OK); // a service that predates the field
+  const stale = core.syncFrom({ sync: "stale", sync_since: 100, sync_reason: "x".repeat(500) });
+  assert.equal(stale.stale, true);
+  assert.equal(stale.sinceS, 100);
+  assert.equal(stale.reason.length, 120);
+  assert.equal(core.syncFrom({ version: 3 }, stale), stale);
+  assert.equal(core.syncFrom({ sync: "STALE" }).stale, false);
+  assert.deepEqual(core.syncFrom({ sync: "stale", sync_since: "soon", sync_reason: 7 }), {
+    stale: true,
+    sinceS: null,
+    reason: null,
+  });
+  assert.equal(core.sameSync(stale, core.syncFrom({ sync: "stale", sync_since: 100, sync_reason: "x".repeat(500) })), true);
+  assert.equal(core.sameSync(stale, core.SYNC_OK), false);
+});
+
+test("durations stop at the last confirmed moment while stale, and run on when in sync", () => {
+  const offset = 2000; // the server's clock is 2 s ahead of the browser's
+  const stale = { stale: true, sinceS: 1000, reason: "Redis not answering" };
+  // Local 1,005,000 ms = server 1,007 s: held at server 1,000 s = local 998,000 ms.
+  assert.equal(core.shownNowMs(1005000, offset, stale), 998000);
+  assert.equal(core.liveDurationMs(990, core.shownNowMs(1005000, offset, stale), offset), 10000);
+  assert.equal(core.shownNowMs(990000, offset, stale), 990000); // before it: the real clock
+  assert.equal(core.shownNowMs(1005000, offset, core.SYNC_OK), 1005000);
+  assert.equal(core.shownNowMs(1005000, offset, { stale: true, sinceS: null }), 1005000);
+});
+
 test("statsFigures turns the series into four charts with aligned x values", () => {
   const figs = core.statsFigures({
     series: [

@@ -15,7 +15,7 @@ from prometheus_client import generate_latest
 
 from vdm_hub.services.stream import metrics as metrics_mod
 from vdm_hub.services.stream.fanout import Broadcaster
-from vdm_hub.services.stream.hub import Hub, WorkerView
+from vdm_hub.services.stream.hub import READER, Hub, WorkerView
 from vdm_hub.services.stream.metrics import RequestMetrics, StreamMetrics
 from vdm_hub.services.stream.stats import MAX_GROUPS, OTHER, RollingStats, flight_summary
 from vdm_hub.services.stream.supervise import TaskSupervisor
@@ -71,6 +71,7 @@ async def test_reap_once_keeps_a_worker_whose_heartbeat_beat_the_reaper(
         _record("w", "e1"), [("r1", schema.encode_row(_row("w", "r1")))], ttl_ms=-1
     )
     await hub.full_resync()
+    hub.sync.clear(READER)  # what Hub.run does once subscribed and resynced
     assert set(hub.workers["w"].rows) == {"r1"}
 
     real_remove = hub.scripts.remove
@@ -93,6 +94,7 @@ async def test_reap_once_drops_a_worker_another_reaper_removed(fake_redis: aiore
     scripts = WireScripts(fake_redis, keys)
     await scripts.register(_record("w", "e1"), [], ttl_ms=-1)
     await hub.full_resync()
+    hub.sync.clear(READER)
     real_remove = hub.scripts.remove
 
     async def other_reaper_first(worker_id: str, **kwargs: Any) -> int:
