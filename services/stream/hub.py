@@ -23,10 +23,11 @@ key) leaves the view within a tick.
 Rows live in their worker's view, by request id: ids are unique per worker only (a client's
 retry can carry one id to two workers), so a row is named by (worker id, request id) wherever
 it leaves the hub. Every change of the in-memory state bumps :attr:`Hub.version` and calls the
-change callback (the fan-out's throttle decides when to publish). A batch also notes the request ids it
-touched in ``WorkerView.changed``; a resync replaces the worker's view, which the fan-out's
-row table diffs against the old one (``services/stream/table.py``). Anything read from Redis is
-untrusted: bad messages and rows are skipped, counted and logged at a bounded rate.
+change callback (the fan-out's throttle decides when to publish). A batch also notes the
+request ids it touched in ``WorkerView.changed``; a resync replaces the worker's view, which
+the fan-out's row table diffs against the old one (``services/stream/table.py``). Anything
+read from Redis is untrusted: bad messages and rows are skipped, counted and logged at a
+bounded rate.
 """
 
 from __future__ import annotations
