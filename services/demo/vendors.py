@@ -9,6 +9,10 @@ stream carries token counts.
 
 Token counts are deterministic: input tokens from the prompt's length (about four characters a
 token, as OpenAI's rule of thumb), output tokens one per content chunk.
+
+Every stream opens with the vendor's pre-content preamble (OpenAI's role-only chunk,
+Anthropic's ``message_start``, ``content_block_start`` and ``ping``, the Responses API's
+``response.created`` and friends), which the demo upstream sends at once.
 """
 
 from __future__ import annotations
