@@ -1,0 +1,71 @@
+"""The worker's response side through a real worker, a real Redis and the demo upstream on
+real sockets: TTFT is the first token, not the preamble."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from tests.serving import running
+from tests.worker_harness import running_worker, worker_settings
+from vdm_hub.services.demo.upstream import create_app
+from vdm_hub.shared import schema
+from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.store import read_worker_state
+
+pytestmark = pytest.mark.integration
+
+FIRST_TOKEN_DELAY_MS = 1500
+
+
+@pytest.fixture
+async def demo() -> AsyncIterator[str]:
+    async with running(create_app(latency=0, chunk_delay=0, chunks=3), "demo-upstream") as (
+        url,
+        _,
+    ):
+        yield url
+
+
+async def _until(predicate: Callable[[], Awaitable[object]], timeout: float = 10.0) -> object:
+    async with asyncio.timeout(timeout):
+        while not (value := await predicate()):
+            await asyncio.sleep(0.01)
+        return value
+
+
+async def _completed(redis: aioredis.Redis, keys: Keys) -> list[schema.CompletedEntry]:
+    return [schema.decode_completed(i, f) for i, f in await redis.xrange(keys.completed)]
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/chat/completions", "/v1/responses"])
+async def test_ttft_through_a_worker_is_the_first_token_not_the_preamble(
+    redis: aioredis.Redis, redis_url: str, key_prefix: str, keys: Keys, demo: str, path: str
+) -> None:
+    """The demo upstream sends its vendor's preamble (message_start/ping, a role-only chunk,
+    response.created...) at once and the first token 1.5 s later, as vandamme-proxy and the
+    real APIs do: the row shows the stream started (ttfb) long before ttft."""
+    settings = worker_settings(redis_url, key_prefix)
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"x-request-id": "ttft-1", "x-demo-first-token-delay-ms": str(FIRST_TOKEN_DELAY_MS)}
+    async with running_worker(settings, demo) as (url, _), httpx.AsyncClient() as client:
+        call = asyncio.create_task(client.post(f"{url}{path}", json=body, headers=headers))
+
+        async def streaming_without_a_token() -> schema.Row | None:
+            row = (await read_worker_state(redis, keys, "w1")).rows.get("ttft-1")
+            return row if row is not None and row["phase"] == "streaming" else None
+
+        row = await _until(streaming_without_a_token)
+        assert isinstance(row, dict)
+        assert row["ttfb_ms"] is not None and row["ttft_ms"] is None
+        assert row["chunks_out"] and row["last_output_at"] is not None
+        response = await call
+        assert response.status_code == 200
+        (entry,) = await _until(lambda: _completed(redis, keys))  # type: ignore[misc]
+    assert entry["ttft_ms"] is not None and entry["ttfb_ms"] is not None
+    assert entry["ttft_ms"] >= FIRST_TOKEN_DELAY_MS > entry["ttfb_ms"]
+    assert entry["outcome"] == "ok" and entry["output_tokens"] == 3
