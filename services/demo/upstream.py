@@ -175,8 +175,10 @@ class DemoUpstream:
         return endpoint
 
     async def llm(self, request: Request, vendor: Vendor, responses: bool) -> Response:
+        headers = vendors.request_id_header(vendor)
+
         def error(status: int, message: str) -> Response:
-            return JSONResponse(vendors.error_body(vendor, status, message), status)
+            return JSONResponse(vendors.error_body(vendor, status, message), status, headers)
 
         try:
             over = parse_overrides(request.headers, self.config)
@@ -194,7 +196,7 @@ class DemoUpstream:
             return error(over.status, f"status {over.status} forced by x-demo-status")
         if self.config.error_rate > 0 and self.rng.random() < self.config.error_rate:
             return error(500, "injected failure (demo-upstream --error-rate)")
-        return _answer(vendor, responses, body, over)
+        return _answer(vendor, responses, body, over, headers)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(self.models_body)
@@ -248,7 +250,13 @@ class DemoUpstream:
         )
 
 
-def _answer(vendor: Vendor, responses: bool, body: dict[str, Any], over: Overrides) -> Response:
+def _answer(
+    vendor: Vendor,
+    responses: bool,
+    body: dict[str, Any],
+    over: Overrides,
+    headers: dict[str, str],
+) -> Response:
     """The vendor's answer to ``body``: a paced SSE stream or one JSON document."""
     model = vendors.model_of(body)
     prompt = vendors.input_tokens(body)
@@ -262,13 +270,15 @@ def _answer(vendor: Vendor, responses: bool, body: dict[str, Any], over: Overrid
         return StreamingResponse(
             _paced(stream, over.first_token_delay, over.chunk_delay),
             media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            headers={**SSE_HEADERS, **headers},
         )
     if responses:
-        return JSONResponse(vendors.responses_answer(model, prompt, over.chunks))
-    if vendor is Vendor.ANTHROPIC:
-        return JSONResponse(vendors.anthropic_message(model, prompt, over.chunks))
-    return JSONResponse(vendors.openai_completion(model, prompt, over.chunks))
+        answer = vendors.responses_answer(model, prompt, over.chunks)
+    elif vendor is Vendor.ANTHROPIC:
+        answer = vendors.anthropic_message(model, prompt, over.chunks)
+    else:
+        answer = vendors.openai_completion(model, prompt, over.chunks)
+    return JSONResponse(answer, headers=headers)
 
 
 async def _pattern_chunks(total: int, chunk: int, delay: float) -> AsyncIterator[bytes]:

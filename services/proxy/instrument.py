@@ -20,8 +20,10 @@ whichever comes first, so its first row already carries the model; any other req
 reported at once.
 
 Request ids are unique per worker: the client's ``X-Request-Id`` when it is a safe token that
-is not already in flight, else a fresh random id (sent back in the response's
-``X-Request-Id``).
+is not already in flight, else a fresh random id. The response carries exactly one
+``X-Request-Id``, this one: an ``X-Request-Id`` the app set (a proxied upstream's, such as
+OpenAI's) is moved to ``X-Upstream-Request-Id`` when it differs (and dropped when an
+``X-Upstream-Request-Id`` is there already: the one nearest the upstream is kept).
 
 A client that disconnects before the response is complete ends the record at once with
 outcome `client_closed`. An app reports what happened through ``scope["vdm"]``:
@@ -245,19 +247,39 @@ class _Tracker:
             self.publish_start()
 
     # -- response side
-    def on_response_start(self, message: Message) -> None:
+    def on_response_start(self, message: Message, request_id_header: bool) -> Message:
+        """Note the status and the kind of body; with ``request_id_header``, the message to
+        send instead, whose only ``X-Request-Id`` is this request's (issue: two of them
+        reached clients when the upstream sent its own, as OpenAI does)."""
         self.publish_start()
         self.status = int(message.get("status", 0))
         content_type = b""
+        theirs: bytes | None = None  # the first X-Request-Id the app set
+        has_upstream_id = False
+        headers: list[tuple[bytes, bytes]] = []
         for key, value in message.get("headers", ()):
-            if key.lower() == b"content-type":
+            name = key.lower()
+            if name == b"content-type":
                 content_type = bytes(value).lower()
-                break
+            elif name == b"x-request-id" and request_id_header:
+                if theirs is None:
+                    theirs = bytes(value)
+                continue
+            elif name == b"x-upstream-request-id":
+                has_upstream_id = True
+            headers.append((key, value))
         if b"text/event-stream" in content_type:
             self.scanner = sniff.SSEScanner()
         elif b"json" in content_type:
             self.json_response = True
             self.response_body = []
+        if not request_id_header:
+            return message
+        ours = self.request_id.encode()
+        if theirs is not None and theirs != ours and not has_upstream_id:
+            headers.append((b"x-upstream-request-id", theirs))
+        headers.append((b"x-request-id", ours))
+        return {**message, "headers": headers}
 
     def _ms_since_start(self, now: float) -> float:
         return round((now - self.started) * 1000.0, 3)
@@ -423,11 +445,7 @@ class RequestMetricsMiddleware:
                 if not message.get("more_body", False):
                     response_complete = True
             elif kind == "http.response.start":
-                tracker.on_response_start(message)
-                if self.request_id_header:
-                    headers = list(message.get("headers", ()))
-                    headers.append((b"x-request-id", tracker.request_id.encode()))
-                    message = {**message, "headers": headers}
+                message = tracker.on_response_start(message, self.request_id_header)
             try:
                 await send(message)
             except OSError:

@@ -1,5 +1,5 @@
 """The worker's response side through a real worker, a real Redis and the demo upstream on
-real sockets: TTFT is the first token, not the preamble."""
+real sockets: TTFT is the first token, not the preamble; one X-Request-Id per response."""
 
 from __future__ import annotations
 
@@ -69,3 +69,23 @@ async def test_ttft_through_a_worker_is_the_first_token_not_the_preamble(
     assert entry["ttft_ms"] is not None and entry["ttfb_ms"] is not None
     assert entry["ttft_ms"] >= FIRST_TOKEN_DELAY_MS > entry["ttfb_ms"]
     assert entry["outcome"] == "ok" and entry["output_tokens"] == 3
+
+
+async def test_the_client_gets_one_x_request_id_and_the_upstreams_under_its_own_name(
+    redis_url: str, key_prefix: str, demo: str
+) -> None:
+    settings = worker_settings(redis_url, key_prefix)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    async with running_worker(settings, demo) as (url, _), httpx.AsyncClient() as client:
+        openai = await client.post(
+            f"{url}/v1/chat/completions", json=body, headers={"x-request-id": "client-7"}
+        )
+        anthropic = await client.post(f"{url}/v1/messages", json=body)
+    # OpenAI's upstream sends its own x-request-id: moved aside, the client's id is the one.
+    assert openai.headers.get_list("x-request-id") == ["client-7"]
+    (upstream_id,) = openai.headers.get_list("x-upstream-request-id")
+    assert upstream_id.startswith("req_")
+    # Anthropic's is `request-id`, no clash: it passes as it is; the hub's id is fresh.
+    (ours,) = anthropic.headers.get_list("x-request-id")
+    assert len(ours) == 32 and "x-upstream-request-id" not in anthropic.headers
+    assert anthropic.headers["request-id"].startswith("req_")

@@ -194,6 +194,21 @@ async def test_the_sniffer_reads_what_the_demo_responses_api_sends(
     assert sniff.usage_from_json(r.content) == {"input_tokens": PROMPT_TOKENS, "output_tokens": 4}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_answer_carries_the_vendors_own_request_id_header(
+    client: httpx.AsyncClient, stream: bool
+) -> None:
+    openai = await client.post("/v1/chat/completions", json=body(stream=stream))
+    responses = await client.post("/v1/responses", json=body(stream=stream, input=PROMPT))
+    anthropic = await client.post("/v1/messages", json=body(stream=stream))
+    failed = await client.post("/v1/messages", json=body(), headers={"x-demo-status": "529"})
+    for r in (openai, responses):
+        assert r.headers["x-request-id"].startswith("req_") and "request-id" not in r.headers
+    for r in (anthropic, failed):
+        assert r.headers["request-id"].startswith("req_") and "x-request-id" not in r.headers
+    assert openai.headers["x-request-id"] != responses.headers["x-request-id"]
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
 async def test_zero_chunks_gives_empty_answer_with_zero_output_tokens(
     client: httpx.AsyncClient, path: str

@@ -1,7 +1,7 @@
 """The middleware's reports: a JSON request's first row already has its model and stream flag,
 requests without a JSON body appear at once, a stalled body still appears, request ids are
 unique while in flight; the response side reports TTFB, TTFT (the first output event of a
-stream), SSE chunks and the last output's time."""
+stream), SSE chunks and the last output's time, and sends exactly one X-Request-Id."""
 
 from __future__ import annotations
 
@@ -336,3 +336,39 @@ async def test_last_output_at_is_the_wall_clock_time_of_the_last_data_event(
     # The comment came after the progress cadence: reported, but it is no output event.
     assert second["bytes_out"] > first["bytes_out"]
     assert second["last_output_at"] == first["last_output_at"]
+
+
+@pytest.mark.parametrize(
+    ("app_headers", "expected"),
+    [
+        # The upstream's own id (OpenAI sends one) moves aside; the client sees the hub's.
+        ([(b"x-request-id", b"req_upstream")], [(b"x-upstream-request-id", b"req_upstream")]),
+        # An app that echoed the hub's id: still one header.
+        ([(b"x-request-id", b"client-1")], []),
+        # Behind another hub worker: the id nearest the upstream is kept.
+        (
+            [(b"x-upstream-request-id", b"req_openai"), (b"X-Request-Id", b"hop-2")],
+            [(b"x-upstream-request-id", b"req_openai")],
+        ),
+        ([], []),
+    ],
+)
+async def test_the_response_carries_exactly_one_x_request_id_the_hubs(
+    app_headers: list[tuple[bytes, bytes]], expected: list[tuple[bytes, bytes]]
+) -> None:
+    recorder = Recorded()
+    app = _paced_app([b"{}"], 0, b"application/json", app_headers)
+    scope = _scope("/v1/chat/completions", b"{}")
+    scope["headers"].append((b"x-request-id", b"client-1"))
+    sent = await _run(
+        RequestMetricsMiddleware(app, recorder), scope, [{"type": "http.request", "body": b"{}"}]
+    )
+    headers = [(k.lower(), v) for k, v in sent[0]["headers"] if k != b"content-type"]
+    assert sorted(headers) == sorted([*expected, (b"x-request-id", b"client-1")])
+    # Without the hub's header, the app's headers pass as they were.
+    sent = await _run(
+        RequestMetricsMiddleware(app, recorder, request_id_header=False),
+        _scope("/v1/chat/completions", b"{}"),
+        [{"type": "http.request", "body": b"{}"}],
+    )
+    assert sent[0]["headers"] == [(b"content-type", b"application/json"), *app_headers]
