@@ -1,14 +1,19 @@
 """The worker's response side through a real worker, a real Redis and the demo upstream on
-real sockets: TTFT is the first token, not the preamble; one X-Request-Id per response."""
+real sockets: TTFT is the first token, not the preamble; one X-Request-Id per response; a
+WebSocket upgrade is refused cleanly."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
+import orjson
 import pytest
 import redis.asyncio as aioredis
+import websockets
+from websockets.exceptions import InvalidStatus
 
 from tests.serving import running
 from tests.worker_harness import running_worker, worker_settings
@@ -89,3 +94,36 @@ async def test_the_client_gets_one_x_request_id_and_the_upstreams_under_its_own_
     (ours,) = anthropic.headers.get_list("x-request-id")
     assert len(ours) == 32 and "x-upstream-request-id" not in anthropic.headers
     assert anthropic.headers["request-id"].startswith("req_")
+
+
+async def test_a_websocket_upgrade_is_refused_with_403_and_one_info_line(
+    redis: aioredis.Redis,
+    redis_url: str,
+    key_prefix: str,
+    keys: Keys,
+    demo: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = worker_settings(redis_url, key_prefix)
+    caplog.set_level(logging.DEBUG)
+    async with running_worker(settings, demo) as (url, app):
+        ws_url = url.replace("http://", "ws://") + "/v1/realtime?api_key=sk-secret"
+        auth = {"authorization": "Bearer sk-secret"}
+        for _ in range(2):
+            caplog.clear()
+            with pytest.raises(InvalidStatus) as refused:
+                async with websockets.connect(ws_url, additional_headers=auth, open_timeout=5):
+                    pass
+            response = refused.value.response
+            assert response.status_code == 403
+            assert orjson.loads(response.body)["error"] == "websocket_not_supported"
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+            lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+            assert lines == ["refused a WebSocket upgrade to '/v1/realtime': the worker proxies"
+                             " HTTP only"]  # fmt: skip
+            # Neither the query string nor a header, at any level (the client's own log aside).
+            worker_side = [r for r in caplog.records if not r.name.startswith("websockets.")]
+            assert not [r for r in worker_side if "sk-secret" in r.getMessage()]
+        # Not proxied, not recorded.
+        assert app.publisher is not None and app.publisher.active == {}
+        assert await redis.xlen(keys.completed) == 0
