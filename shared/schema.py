@@ -46,7 +46,9 @@ class Phase(StrEnum):
 
 class Outcome(StrEnum):
     OK = "ok"
-    ERROR = "error"  # the upstream answered with a status >= 400
+    # The upstream answered with a status >= 400, or the worker itself broke the request off:
+    # an exception in the app, or the shutdown grace ran out while it was in flight.
+    ERROR = "error"
     CLIENT_CLOSED = "client_closed"  # the client went away before the response was complete
     UPSTREAM_ERROR = "upstream_error"  # the upstream could not be reached or broke off
     CANCELLED = "cancelled"  # an operator cancelled the request (the worker's cancel channel)

@@ -1,10 +1,11 @@
 """The worker's response side through a real worker, a real Redis and the demo upstream on
 real sockets: TTFT is the first token, not the preamble; one X-Request-Id per response; a
-WebSocket upgrade is refused cleanly."""
+WebSocket upgrade is refused cleanly; a stream cut by the shutdown grace ends as `error`."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -127,3 +128,31 @@ async def test_a_websocket_upgrade_is_refused_with_403_and_one_info_line(
         # Not proxied, not recorded.
         assert app.publisher is not None and app.publisher.active == {}
         assert await redis.xlen(keys.completed) == 0
+
+
+async def test_a_stream_cut_by_the_shutdown_grace_ends_as_error(
+    redis: aioredis.Redis, redis_url: str, key_prefix: str, keys: Keys, demo: str
+) -> None:
+    """`error` covers what the worker breaks off itself: here the graceful shutdown (1 s in
+    tests) runs out while a stream is still going. The client sees its stream cut, never a
+    clean end; the entry keeps the status that was sent."""
+    settings = worker_settings(redis_url, key_prefix)
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {"x-request-id": "cut-1", "x-demo-chunks": "1000", "x-demo-chunk-delay-ms": "200"}
+    async with contextlib.AsyncExitStack() as worker, httpx.AsyncClient() as client:
+        url, _ = await worker.enter_async_context(running_worker(settings, demo))
+        async with client.stream("POST", f"{url}/v1/messages", json=body, headers=headers) as r:
+            chunks = r.aiter_raw()
+            async with asyncio.timeout(5):
+                while b"content_block_delta" not in await anext(chunks):
+                    pass
+            # The worker shuts down with the stream in flight (its client stays).
+            shutdown = asyncio.create_task(worker.aclose())
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with asyncio.timeout(10):
+                    async for _ in chunks:
+                        pass
+            await asyncio.wait_for(shutdown, 10)
+    (entry,) = await _completed(redis, keys)
+    assert (entry["request_id"], entry["status"], entry["outcome"]) == ("cut-1", 200, "error")
+    assert entry["ttft_ms"] is not None
