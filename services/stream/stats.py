@@ -17,8 +17,8 @@ Payload of :meth:`RollingStats.summary` (also the ``stats`` SSE event and ``/met
      "recent": [CompletedEntry, ...]}              # newest first, at most 50
 
 ``error_rate`` counts every outcome other than ``ok``. Percentiles are nearest-rank and null
-when there is no sample; ``ttft_*`` (start to the first response byte) come from the entries
-that carry ``ttft_ms``. A request without a model is grouped under ``"unknown"``.
+when there is no sample; ``ttft_*`` (start to the first generated output) come from the
+entries that carry ``ttft_ms``. A request without a model is grouped under ``"unknown"``.
 
 Model names are chosen by clients, so ``by_model`` (and ``by_worker``) keep at most
 ``MAX_GROUPS`` groups, the busiest (completed plus in flight); the rest are folded into
