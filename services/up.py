@@ -166,7 +166,9 @@ def plan(
             "upstream",
             args.upstream_port,
             "--upstream-port",
-            launch.service("demo-upstream"),
+            # A realistic gap between a stream's preamble and its first token, so the demo's
+            # TTFT column is not just the first byte's time.
+            launch.service("demo-upstream", "--first-token-delay", "0.4"),
             launch.plain_env(),
         )
     )
