@@ -120,8 +120,8 @@ def _key_prefix(name: str, raw: str) -> str:
 
 
 # The placeholders VDM_WORKER_ID may hold; the serving process fills them in when its
-# publisher starts (after any fork; services/proxy/workerid.py).
-WORKER_ID_PLACEHOLDERS = ("{host}", "{pid}")
+# publisher starts (after any fork), `{index}` at registration (services/proxy/workerid.py).
+WORKER_ID_PLACEHOLDERS = ("{host}", "{pid}", "{index}")
 DEFAULT_WORKER_ID = "{host}-{pid}"
 
 
@@ -130,10 +130,15 @@ def _worker_id(name: str, raw: str) -> str:
     bare = value
     for placeholder in WORKER_ID_PLACEHOLDERS:
         bare = bare.replace(placeholder, "")
-    if not value or len(value) > 128 or any(c.isspace() or c in "{}*?[]:" for c in bare):
+    if (
+        not value
+        or len(value) > 128
+        or value.count("{index}") > 1
+        or any(c.isspace() or c in "{}*?[]:" for c in bare)
+    ):
         raise ConfigError(
             f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs; "
-            "it may hold the placeholders {host} and {pid}"
+            "it may hold the placeholders {host}, {pid} and (once) {index}"
         )
     return value
 

@@ -104,8 +104,10 @@ class Publisher:
         upstream: str | None = None,
     ) -> None:
         self.settings = settings
-        # Filled in again by start_background(), in the process that serves (after any fork).
-        self.worker_id = WorkerIdPlan.here(settings.worker_id).first()
+        # Planned again by start_background(), in the process that serves (after any fork).
+        self._plan = WorkerIdPlan.here(settings.worker_id)
+        self.worker_id = self._plan.first()
+        self.instance = os.urandom(8).hex()
         self.keys = Keys(settings.key_prefix)
         self.started_at = time.time()
         self._own_redis = redis is None
@@ -254,7 +256,9 @@ class Publisher:
     def start_tasks(self) -> None:
         """:meth:`start_background` for a caller that cannot await (it needs a running loop)."""
         self._loop = asyncio.get_running_loop()
-        self._adopt_id(WorkerIdPlan.here(self.settings.worker_id).first())
+        self._plan = WorkerIdPlan.here(self.settings.worker_id)
+        self.instance = os.urandom(8).hex()  # not the pre-fork parent's
+        self._adopt_id(self._plan.first())
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="vdm-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="vdm-heartbeat"),
@@ -342,6 +346,7 @@ class Publisher:
             heartbeat_interval=self.settings.worker_heartbeat_interval,
             ttl=self.settings.worker_ttl,
             events_dropped=self.events_dropped,
+            instance=self.instance,
         )
 
     def _ttl_ms(self) -> int:
@@ -360,14 +365,14 @@ class Publisher:
             # A (re-)registration follows a fault or a reap: the raw connection may be stale
             # (Redis restarted under it), so the next batch starts on a fresh one.
             self._raw.close()
-        rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
         previous, self.epoch = self.epoch, epoch
         try:
-            await self.scripts.register(self.record(), rows, ttl_ms=self._ttl_ms())
+            rows = await self._claim()
         except BaseException:
             self.epoch = previous
             self._needs_register = True
             raise
+        self._needs_register = False
         self._seq = 1
         self.registrations += 1
         self._registered.set()
@@ -386,6 +391,53 @@ class Publisher:
                 epoch,
                 len(rows),
             )
+
+    async def _claim(self) -> list[tuple[str, bytes]]:
+        """Register under the first id of the plan no other live process holds; the rows
+        written. The first registration of a fixed id takes it over (it may be this very
+        process's predecessor, crashed and not reaped yet); a later one, or one of an
+        ``{index}`` template, only claims a free id: a process whose id was taken over while
+        it lived moves on, and says so (workerid.py)."""
+        claim = self._plan.indexed or self.registrations > 0
+        refused: list[tuple[str, bytes]] = []  # (id, its holder's record)
+        while True:
+            rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
+            holder = await self.scripts.register(
+                self.record(), rows, ttl_ms=self._ttl_ms(), claim=claim
+            )
+            if holder is None:
+                break
+            refused.append((self.worker_id, holder))
+            tried = {wid for wid, _ in refused}
+            free = next((c for c in self._plan.candidates() if c not in tried), None)
+            if free is None:
+                raise RedisError(f"every id of VDM_WORKER_ID={self._plan.template!r} is taken")
+            self._adopt_id(free)
+        if refused:
+            self._report_taken(*refused[0])
+        return rows
+
+    def _report_taken(self, worker_id: str, holder: bytes) -> None:
+        """One line for an id this process could not have: a warning when two live processes
+        were given one id (an ``{index}`` taken meanwhile is routine)."""
+        try:
+            record = schema.decode_worker_record(holder)
+            other = f"host {record['host']}, pid {record['pid']}"
+        except schema.MalformedMessage:
+            other = "a process that left no readable record"
+        if self._plan.indexed:
+            log.info("worker id %s is held by %s; taking %s", worker_id, other, self.worker_id)
+            return
+        log.warning(
+            "worker id %s is also in use by another live process (%s); this process (host %s, "
+            "pid %d) publishes as %s from now on. Give each process its own VDM_WORKER_ID, or "
+            "put {pid} or {index} in it",
+            worker_id,
+            other,
+            self._plan.host,
+            self._plan.pid,
+            self.worker_id,
+        )
 
     def _replan(self, epoch: str, why: str, level: int = logging.WARNING) -> None:
         """Plan a rewrite because a call made under ``epoch`` failed; one per incident: a
@@ -465,7 +517,9 @@ class Publisher:
         except NotRegistered:
             self._completed.extendleft(reversed(done))
             self._replan(
-                epoch, f"worker {self.worker_id} is no longer registered (reaped or superseded)"
+                epoch,
+                f"worker {self.worker_id} is no longer registered (reaped or superseded)",
+                logging.INFO,  # the registration that follows says which, when it matters
             )
             return
         except BaseException:
@@ -605,7 +659,7 @@ class Publisher:
             log.debug("heartbeat failed (%s); retrying", exc or type(exc).__name__)
             return False
         if not alive:
-            self._replan(epoch, "heartbeat refused (reaped or superseded)")
+            self._replan(epoch, "heartbeat refused (reaped or superseded)", logging.INFO)
         return True
 
     async def _heartbeat_loop(self) -> None:
