@@ -88,7 +88,9 @@ class InstrumentedApp:
         cannot both get here first)."""
         if self._middleware is None:
             self.publisher = Publisher(self.settings)
-            self._middleware = RequestMetricsMiddleware(self.app, self.publisher)
+            self._middleware = RequestMetricsMiddleware(
+                self.app, self.publisher, exclude=self.settings.exclude_paths
+            )
             self.publisher.start_tasks()
             if not lifespan:
                 atexit.register(self._close_at_exit)

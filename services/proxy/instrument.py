@@ -19,6 +19,11 @@ Request ids are unique per worker: the client's ``X-Request-Id`` when it is a sa
 is not already in flight, else a fresh random id (sent back in the response's
 ``X-Request-Id``).
 
+Not every request is reported: paths in ``exclude`` (``VDM_EXCLUDE_PATHS``: health and metrics
+probes, API docs, static files by default) pass straight through, and a GET answered with
+``text/event-stream`` (the app's own live endpoint: an LLM stream is a POST) leaves the view as
+its response starts, with no finished entry, so it never sits in the grid as a stuck request.
+
 A client that disconnects before the response is complete ends the record at once with
 outcome `client_closed`. An app reports what happened through ``scope["vdm"]``:
 ``upstream_error`` (the proxy could not reach, or lost, its upstream) and ``cancelled`` (an
@@ -36,6 +41,7 @@ import asyncio
 import re
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import orjson
@@ -43,6 +49,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vdm_hub.services.proxy import context, sniff
 from vdm_hub.services.proxy.cancel import InFlight
+from vdm_hub.services.proxy.exclude import PathFilter
 from vdm_hub.shared.schema import (
     MAX_METHOD_CHARS,
     MAX_PATH_CHARS,
@@ -87,6 +94,8 @@ class Recorder(Protocol):
         ttft_ms: float | None = None,
     ) -> None: ...
 
+    def discard(self, request_id: str, status: int) -> None: ...
+
 
 def clamp_path(path: str) -> str:
     path = clamp(path, MAX_PATH_CHARS)
@@ -102,6 +111,14 @@ def client_request_id(raw: bytes | None) -> str | None:
         if _VALID_REQUEST_ID.fullmatch(text):
             return text
     return None
+
+
+def answers_event_stream(message: Message) -> bool:
+    """Does this response start an SSE stream (``text/event-stream``)?"""
+    for key, value in message.get("headers", ()):
+        if key.lower() == b"content-type":
+            return b"text/event-stream" in bytes(value).lower()
+    return False
 
 
 def _has_body(content_length: bytes | None, chunked: bool) -> bool:
@@ -326,6 +343,17 @@ class _Tracker:
                 else:
                     self.recorder.progress(self.request_id, {"bytes_out": self.bytes_out})
 
+    def drop(self, in_flight: InFlight) -> None:
+        """Not a request to show after all (the app's own event stream, answering a GET): out
+        of the view at once, with no finished entry, and nothing more reported."""
+        if self.ended:
+            return
+        self.ended = True
+        in_flight.release(self.request_id)
+        if self.published:
+            self.recorder.discard(self.request_id, self.status)
+        self.published = True  # so that nothing reports it later (the start bound's timer)
+
     def finish(self, outcome: Outcome | None, scope: Scope, in_flight: InFlight) -> None:
         if self.ended:
             return
@@ -405,10 +433,12 @@ class RequestMetricsMiddleware:
         request_id_header: bool = True,
         in_flight: InFlight | None = None,
         start_bound: float = START_BOUND,
+        exclude: Iterable[str] = (),
     ) -> None:
         self.app = app
         self.recorder = recorder
         self.request_id_header = request_id_header
+        self.exclude = PathFilter(exclude)
         if in_flight is None:
             # The publisher's, so its cancel listener finds these requests.
             in_flight = getattr(recorder, "in_flight", None)
@@ -416,7 +446,7 @@ class RequestMetricsMiddleware:
         self._bound = _StartBound(start_bound)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or "vdm" in scope:
+        if scope["type"] != "http" or "vdm" in scope or scope.get("path", "/") in self.exclude:
             await self.app(scope, receive, send)
             return
         in_flight = self.in_flight
@@ -441,11 +471,14 @@ class RequestMetricsMiddleware:
             nonlocal response_complete
             kind = message["type"]
             if kind == "http.response.body":  # first: it is by far the most frequent
-                tracker.on_response_body(message)
+                if not tracker.ended:
+                    tracker.on_response_body(message)
                 if not message.get("more_body", False):
                     response_complete = True
             elif kind == "http.response.start":
                 tracker.on_response_start(message)
+                if tracker.row["method"] == "GET" and answers_event_stream(message):
+                    tracker.drop(in_flight)
                 if self.request_id_header:
                     headers = list(message.get("headers", ()))
                     headers.append((b"x-request-id", tracker.request_id.encode()))

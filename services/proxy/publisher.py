@@ -235,6 +235,33 @@ class Publisher:
             self._events.append(done)
         self._wakeup.set()
 
+    def discard(self, request_id: str, status: int) -> None:
+        """Take a request out of the view with no finished entry: it turned out not to be one
+        to show (the app's own event stream). Readers get an ``end``, unless its ``start``
+        has not gone out yet, in which case neither does."""
+        if self.active.pop(request_id, None) is None:
+            return
+        pending = self._progress.pop(request_id, None)
+        if pending is not None:
+            pending["type"] = SUPERSEDED
+        start = self._starts.pop(request_id, None)
+        if start is not None:
+            start["type"] = SUPERSEDED
+            return
+        if self._admit():
+            done: EndEvent = {
+                "type": END,
+                "request_id": request_id,
+                "status": status,
+                "outcome": Outcome.OK.value,
+                "duration_ms": 0.0,
+                "input_tokens": None,
+                "output_tokens": None,
+                "bytes_out": 0,
+            }
+            self._events.append(done)
+            self._wakeup.set()
+
     def _admit(self) -> bool:
         """Should this event be queued? Not while a rewrite is due (it supersedes events);
         on overflow the event is dropped, counted, and a rewrite planned."""

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 import vdm_hub
@@ -184,6 +184,45 @@ async def test_an_app_wrapped_twice_reports_each_request_once(
 
 async def _count(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
     return len(await completed(redis, keys)) >= n
+
+
+@pytest.mark.timeout(30)
+async def test_probes_and_the_apps_own_event_stream_never_sit_in_the_view(
+    env: dict[str, str], redis: aioredis.Redis, keys: Keys
+) -> None:
+    async def events(request: Any) -> StreamingResponse:
+        async def ticks() -> AsyncIterator[bytes]:
+            while True:
+                yield b"data: tick\n\n"
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(ticks(), media_type="text/event-stream")
+
+    async def chat(request: Any) -> JSONResponse:
+        return JSONResponse({"model": (await request.json())["model"]})
+
+    routes = [
+        Route("/events", events),
+        Route("/healthz", lambda r: PlainTextResponse("ok")),
+        Route("/static/app.js", lambda r: PlainTextResponse("js")),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+    ]
+    app = vdm_hub.instrument(Starlette(routes=routes), worker_id="sse-1")
+    async with running(app, "app") as (url, _), httpx.AsyncClient() as client:
+        await until(lambda: workers(redis, keys))
+        async with client.stream("GET", f"{url}/events") as stream:
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "data: tick"
+            for path in ("/healthz", "/static/app.js"):
+                assert (await client.get(f"{url}{path}")).status_code == 200
+            chat_call = await client.post(f"{url}/v1/chat/completions", json={"model": "m"})
+            assert chat_call.status_code == 200
+            (entry,) = await until(lambda: completed(redis, keys))
+            # The event stream is still open, and not in the view; only the POST finished.
+            assert await anext(lines) in ("", "data: tick")
+            assert await redis.hgetall(keys.active("sse-1")) == {}
+            assert entry["path"] == "/v1/chat/completions"
+    assert [e["path"] for e in await completed(redis, keys)] == ["/v1/chat/completions"]
 
 
 SCRIPT = """
