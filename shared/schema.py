@@ -108,6 +108,9 @@ class WorkerRecord(TypedDict):
     # Random per process start: tells a process that re-registers its own id from another
     # live process holding the same one (register.lua).
     instance: NotRequired[str]
+    # False: this worker cannot stop its requests (it does not listen for cancels); absent
+    # means true (workers that predate the field listen).
+    cancellable: NotRequired[bool]
 
 
 class StartEvent(TypedDict):
@@ -464,6 +467,8 @@ def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
         record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]
     if "instance" in obj:
         record["instance"] = _text(obj, "instance", MAX_ID_CHARS)  # type: ignore[typeddict-item]
+    if "cancellable" in obj:
+        record["cancellable"] = _bool(obj, "cancellable")
     return record
 
 

@@ -278,6 +278,7 @@ class Settings:
     redis_sentinel_master: str = "mymaster"
     # Bring your own proxy: vdm_hub.instrument() and the worker's publisher.
     instrument: bool = True
+    cancel: bool = True
     exclude_paths: tuple[str, ...] = DEFAULT_EXCLUDE_PATHS
 
     @classmethod
@@ -376,6 +377,7 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_REDIS_SENTINELS": ("redis_sentinels", _host_ports),
     "VDM_REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _name),
     "VDM_INSTRUMENT": ("instrument", _bool),
+    "VDM_WORKER_CANCEL": ("cancel", _bool),
     "VDM_EXCLUDE_PATHS": ("exclude_paths", _exclude_paths),
 }
 

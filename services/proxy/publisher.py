@@ -125,7 +125,9 @@ class Publisher:
         self._seq = 0  # of the last batch applied in this epoch
         self._unsure: _Unsure | None = None
         self.active: dict[str, Row] = {}
-        # Requests in flight (unique ids, cancel lookup) and the channel that cancels them.
+        # Requests in flight (unique ids, cancel lookup) and the channel that cancels them,
+        # unless VDM_WORKER_CANCEL=false (the record says so, and no cancel is offered).
+        self.cancellable = settings.cancel
         self.in_flight = InFlight()
         self.cancels = CancelListener(self.redis, self.keys.cancel(self.worker_id), self.in_flight)
         # The batch being gathered: notice events, rows to write, rows to delete, finished.
@@ -289,8 +291,9 @@ class Publisher:
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="vdm-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="vdm-heartbeat"),
-            asyncio.create_task(self.cancels.run(), name="vdm-cancel"),
         ]
+        if self.cancellable:
+            self._tasks.append(asyncio.create_task(self.cancels.run(), name="vdm-cancel"))
         self._wakeup.set()
 
     async def wait_registered(self) -> None:
@@ -374,6 +377,7 @@ class Publisher:
             ttl=self.settings.worker_ttl,
             events_dropped=self.events_dropped,
             instance=self.instance,
+            cancellable=self.cancellable,
         )
 
     def _ttl_ms(self) -> int:
