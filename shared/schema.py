@@ -111,6 +111,9 @@ class WorkerRecord(TypedDict):
     # False: this worker cannot stop its requests (it does not listen for cancels); absent
     # means true (workers that predate the field listen).
     cancellable: NotRequired[bool]
+    # Finished requests this worker dropped, oldest first, because they outgrew its backlog
+    # bound during a Redis outage (VDM_COMPLETED_BACKLOG_BYTES); see services/proxy/backlog.py.
+    completed_dropped: NotRequired[int]
 
 
 class StartEvent(TypedDict):
@@ -469,6 +472,8 @@ def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
         record["instance"] = _text(obj, "instance", MAX_ID_CHARS)  # type: ignore[typeddict-item]
     if "cancellable" in obj:
         record["cancellable"] = _bool(obj, "cancellable")
+    if "completed_dropped" in obj:
+        record["completed_dropped"] = _count(obj, "completed_dropped")  # type: ignore[typeddict-item]
     return record
 
 

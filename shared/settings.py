@@ -8,6 +8,7 @@ deployment fails loudly instead of running with a surprise default.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -212,6 +213,20 @@ def _exclude_paths(name: str, raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(found))
 
 
+_BYTES = re.compile(r"(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?", re.IGNORECASE)
+
+
+def _byte_size(name: str, raw: str) -> int:
+    match = _BYTES.fullmatch(raw.strip())
+    if match is None:
+        raise ConfigError(f"{name}={raw!r}: expected a number of bytes, e.g. 33554432 or 32MiB")
+    unit = (match.group(2) or " ")[0].lower()
+    value = int(match.group(1)) * {" ": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected more than 0 bytes")
+    return value
+
+
 REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 
@@ -280,6 +295,7 @@ class Settings:
     instrument: bool = True
     cancel: bool = True
     exclude_paths: tuple[str, ...] = DEFAULT_EXCLUDE_PATHS
+    completed_backlog_bytes: int = 32 << 20
 
     @classmethod
     def from_env(
@@ -379,6 +395,7 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_INSTRUMENT": ("instrument", _bool),
     "VDM_WORKER_CANCEL": ("cancel", _bool),
     "VDM_EXCLUDE_PATHS": ("exclude_paths", _exclude_paths),
+    "VDM_COMPLETED_BACKLOG_BYTES": ("completed_backlog_bytes", _byte_size),
 }
 
 assert {a for a, _ in _VARIABLES.values()} == {f.name for f in fields(Settings)}

@@ -29,7 +29,6 @@ import os
 import socket
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -37,6 +36,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from vdm_hub.services.proxy.backlog import CompletedBacklog
 from vdm_hub.services.proxy.cancel import CancelListener, InFlight
 from vdm_hub.services.proxy.forward import public_url
 from vdm_hub.services.proxy.resp import RawRedis, pack
@@ -65,7 +65,6 @@ MAX_BATCH_EVENTS = 1_000
 ENVELOPE_ROOM = 2 * 6 * schema.MAX_ID_CHARS + 128
 MAX_BATCH_BYTES = schema.MAX_MESSAGE_BYTES - ENVELOPE_ROOM
 MAX_BATCH_COMPLETED = 500
-MAX_COMPLETED_BACKLOG = 2_000  # finished requests kept for the stream while Redis is away
 PUBLISH_TIMEOUT = 3.0  # seconds a flush may wait for Redis's reply
 UNREACHABLE_EVERY = 60.0  # seconds between two warnings that Redis cannot be reached
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
@@ -134,7 +133,8 @@ class Publisher:
         self._events: list[RequestEvent] = []
         self._starts: dict[str, StartEvent] = {}  # request_id -> its pending start event
         self._progress: dict[str, ProgressEvent] = {}  # request_id -> its pending progress
-        self._completed: deque[schema.CompletedEntry] = deque(maxlen=MAX_COMPLETED_BACKLOG)
+        # Finished requests not written yet, kept across an outage up to a bound in bytes.
+        self._completed = CompletedBacklog(settings.completed_backlog_bytes)
         self._needs_register = True
         self._closing = False
         self._wakeup = asyncio.Event()
@@ -144,6 +144,7 @@ class Publisher:
         self.connected = False
         self._down_since: float | None = None  # monotonic time of the outage's first failure
         self._warned_at: float | None = None
+        self._dropped_reported_at = float("-inf")
         # Counters (exposed on /_vdm/status; the stream service counts its own side).
         self.events_dropped = 0
         self.batches_sent = 0
@@ -320,7 +321,12 @@ class Publisher:
                 if self.epoch:
                     await self.scripts.remove(self.worker_id, reason="shutdown", epoch=self.epoch)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("shutdown: could not flush and deregister: %r", exc)
+            log.warning(
+                "shutdown: could not flush and deregister (%d finished requests not written): %r",
+                len(self._completed),
+                exc,
+            )
+        self._report_dropped()
         if self._raw is not None:
             self._raw.close()
         if self._own_redis:
@@ -378,6 +384,7 @@ class Publisher:
             events_dropped=self.events_dropped,
             instance=self.instance,
             cancellable=self.cancellable,
+            completed_dropped=self._completed.dropped,
         )
 
     def _ttl_ms(self) -> int:
@@ -496,7 +503,7 @@ class Publisher:
             log.info("the batch whose reply was lost had been applied; not sending it again")
             self.batches_sent += 1
             return
-        self._completed.extendleft(reversed(unsure.done))
+        self._completed.put_back(unsure.done)
 
     def _take_batch(self) -> tuple[bytes, int, list[tuple[str, bytes]], list[str], list[Any]]:
         """The next batch: (events JSON, event count, rows to set, rows to delete, finished)."""
@@ -530,8 +537,7 @@ class Publisher:
             if row is not None:
                 rows[rid] = row
         sets = [(rid, schema.encode_row(row)) for rid, row in rows.items()]
-        count = min(len(self._completed), MAX_BATCH_COMPLETED)
-        done = [self._completed.popleft() for _ in range(count)]
+        done = self._completed.take(MAX_BATCH_COMPLETED)
         return events_json, len(events), sets, deletes, done
 
     async def _flush_once(self) -> None:
@@ -546,7 +552,7 @@ class Publisher:
         try:
             seq = await self._apply(events_json, sets, deletes, done)
         except NotRegistered:
-            self._completed.extendleft(reversed(done))
+            self._completed.put_back(done)
             self._replan(
                 epoch,
                 f"worker {self.worker_id} is no longer registered (reaped or superseded)",
@@ -632,6 +638,9 @@ class Publisher:
                         took = time.monotonic() - self._down_since
                         log.info("Redis is back after %.1f s", took)
                         self._down_since = None
+                        self._report_dropped()
+                    elif self._completed.unreported:
+                        self._report_dropped(UNREACHABLE_EVERY)
                     self.connected = True
                     delay = RETRY_MIN
             except Exception as exc:
@@ -666,8 +675,22 @@ class Publisher:
                 "until it is back (%d finished requests kept meanwhile)",
                 where(self.settings),
                 exc or type(exc).__name__,
-                len(self._completed),
+                len(self._completed) + (len(self._unsure.done) if self._unsure else 0),
             )
+
+    def _report_dropped(self, every: float = 0.0) -> None:
+        """Say how many finished requests the backlog's bound cost: once per outage (at its
+        end, or at shutdown), at most once a minute when Redis was reachable but too slow."""
+        now = time.monotonic()
+        if self._completed.unreported and now - self._dropped_reported_at >= every:
+            log.warning(
+                "%d finished requests were dropped, the oldest first, to keep at most "
+                "VDM_COMPLETED_BACKLOG_BYTES=%d bytes of them while Redis could not take them",
+                self._completed.unreported,
+                self._completed.limit,
+            )
+            self._completed.unreported = 0
+            self._dropped_reported_at = now
 
     def _heartbeat_timeout(self) -> float:
         """A heartbeat's own bound: a fifth of the TTL (0.5-2 s), so a few retries fit in it."""
@@ -722,6 +745,9 @@ class Publisher:
             "connected": self.connected,
             "in_flight": len(self.active),
             "events_dropped": self.events_dropped,
+            "completed_kept": len(self._completed),
+            "completed_kept_bytes": self._completed.bytes,
+            "completed_dropped": self._completed.dropped,
             "events_sent": self.events_sent,
             "batches_sent": self.batches_sent,
             "flush_failures": self.flush_failures,
