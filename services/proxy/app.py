@@ -19,6 +19,7 @@ from vdm_hub.services.httppool import ShardedClients
 from vdm_hub.services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts
 from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
 from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.services.proxy.workerid import WorkerIdPlan
 from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.settings import Settings
 
@@ -86,7 +87,10 @@ class WorkerApp:
             body = (
                 self.publisher.status()
                 if self.publisher
-                else {"worker_id": self.settings.worker_id, "metrics": "disabled"}
+                else {
+                    "worker_id": WorkerIdPlan.here(self.settings.worker_id).first(),
+                    "metrics": "disabled",
+                }
             )
         else:
             status, body = 404, {"error": "not_found", "message": f"no worker endpoint {path}"}

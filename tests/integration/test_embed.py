@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import logging
 import os
 import re
 import subprocess
@@ -88,8 +89,9 @@ async def test_the_readme_examples_pasted_into_files_publish_their_requests(
 
 @pytest.mark.timeout(30)
 async def test_the_publisher_lives_inside_the_apps_own_lifespan(
-    app_env: dict[str, str], redis: aioredis.Redis, keys: Keys
+    app_env: dict[str, str], redis: aioredis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vdm.publisher")
     events: list[str] = []
 
     @contextlib.asynccontextmanager
@@ -113,6 +115,12 @@ async def test_the_publisher_lives_inside_the_apps_own_lifespan(
         await until(lambda: completed(redis, keys))
     assert events == ["app startup", "app shutdown, registered: True"]
     assert await workers(redis, keys) == set()
+    # One line says where this process publishes, and as whom.
+    lines = [r.getMessage() for r in caplog.records if "publishing requests" in r.getMessage()]
+    assert lines == [
+        f"publishing requests to {app_env['REDIS_URL']} (key prefix {keys.prefix!r}) "
+        f"as worker life-{os.getpid()}"
+    ]
 
 
 @pytest.mark.timeout(30)

@@ -4,6 +4,8 @@ and ``import vdm_hub`` stays cheap."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import subprocess
 import sys
 from typing import Any
@@ -88,3 +90,27 @@ def test_import_vdm_hub_loads_no_server_redis_or_ui_code() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=25, check=True
     ).stdout.splitlines()
     assert out == ["[]", "[]"]
+
+
+@pytest.mark.timeout(30)
+async def test_redis_unreachable_from_the_start_is_said_once_without_the_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from vdm_hub.services.proxy.publisher import Publisher
+    from vdm_hub.shared.embedded_redis import free_port
+    from vdm_hub.shared.settings import Settings
+
+    url = f"redis://:s3cr3t-pw@127.0.0.1:{free_port()}/0"  # nothing listens there
+    publisher = Publisher(Settings.from_env({"REDIS_URL": url, "VDM_WORKER_ID": "w"}))
+    caplog.set_level(logging.DEBUG)
+    await publisher.start_background()
+    try:
+        async with asyncio.timeout(20):
+            while publisher.flush_failures < 3:
+                await asyncio.sleep(0.05)
+    finally:
+        await publisher.close(grace=0.5)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    unreachable = [m for m in said if "cannot be reached" in m]
+    assert len(unreachable) == 1 and "redis://***@127.0.0.1" in unreachable[0]
+    assert "s3cr3t" not in caplog.text
