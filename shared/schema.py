@@ -249,7 +249,7 @@ def completed_values(entry: CompletedEntry) -> list[str]:
         value = entry.get(name)
         if value is None:
             out.append("")
-        elif name == "labels":
+        elif type(value) is dict:  # labels, as JSON ({} as none)
             out.append(orjson.dumps(value).decode() if value else "")
         else:
             out.append(str(value))
