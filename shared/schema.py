@@ -33,6 +33,12 @@ MAX_MODEL_CHARS: Final = 128
 MAX_METHOD_CHARS: Final = 16
 MAX_PROVIDER_CHARS: Final = 32
 MAX_TEXT_CHARS: Final = 256  # host, upstream, version, reasons
+# Labels an app attaches to its request (``vdm_hub.current_request().set_label``). The JSON
+# bound keeps a row with a maximal path, model and ids under MAX_ROW_BYTES.
+MAX_LABELS: Final = 8
+MAX_LABEL_KEY_CHARS: Final = 32
+MAX_LABEL_VALUE_CHARS: Final = 128
+MAX_LABELS_JSON_BYTES: Final = 1024
 
 
 class MalformedMessage(ValueError):
@@ -92,6 +98,8 @@ class Row(TypedDict):
     # Epoch seconds of the last output event (an SSE data event, or a body chunk of any other
     # response); refreshed with bytes_out and chunks_out.
     last_output_at: NotRequired[float | None]
+    # What the app attached (at most MAX_LABELS string pairs); null when nothing.
+    labels: NotRequired[dict[str, str] | None]
 
 
 class WorkerRecord(TypedDict):
@@ -106,9 +114,15 @@ class WorkerRecord(TypedDict):
     ttl: float
     # Notices this worker could not publish (queue overflow, Redis away); see publisher.py.
     events_dropped: NotRequired[int]
-    # False when the worker cannot stop its requests (it does not listen for cancels); a
-    # record without it (older workers, which all listen) means true.
+    # Random per process start: tells a process that re-registers its own id from another
+    # live process holding the same one (register.lua).
+    instance: NotRequired[str]
+    # False: this worker cannot stop its requests (it does not listen for cancels); absent
+    # means true (workers that predate the field listen).
     cancellable: NotRequired[bool]
+    # Finished requests this worker dropped, oldest first, because they outgrew its backlog
+    # bound during a Redis outage (VDM_COMPLETED_BACKLOG_BYTES); see services/proxy/backlog.py.
+    completed_dropped: NotRequired[int]
 
 
 class StartEvent(TypedDict):
@@ -167,6 +181,7 @@ class CompletedEntry(TypedDict):
     ttft_ms: NotRequired[float | None]
     # Milliseconds from the start to the first response body byte; null when none came.
     ttfb_ms: NotRequired[float | None]
+    labels: NotRequired[dict[str, str] | None]
     id: NotRequired[str]
 
 
@@ -183,11 +198,12 @@ PROGRESS_FIELDS: Final = frozenset(
         "chunks_out",
         "ttfb_ms",
         "last_output_at",
+        "labels",
     }
 )
 # Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
-# `ttft_ms` and `ttfb_ms` are read when an entry has them (see decode_completed); the script
-# writes these.
+# `ttft_ms`, `ttfb_ms` and `labels` are read when an entry has them (see decode_completed); the
+# script writes these.
 COMPLETED_FIELDS: Final = (
     "request_id",
     "worker_id",
@@ -203,6 +219,7 @@ COMPLETED_FIELDS: Final = (
     "bytes_out",
     "ttft_ms",
     "ttfb_ms",
+    "labels",
 )
 # The progress fields that are a duration or a time (the other numbers are counts).
 _TIME_FIELDS: Final = frozenset({"ttft_ms", "ttfb_ms", "last_output_at"})
@@ -246,7 +263,12 @@ def completed_values(entry: CompletedEntry) -> list[str]:
     out: list[str] = []
     for name in COMPLETED_FIELDS:
         value = entry.get(name)
-        out.append("" if value is None else str(value))
+        if value is None:
+            out.append("")
+        elif type(value) is dict:  # labels, as JSON ({} as none)
+            out.append(orjson.dumps(value).decode() if value else "")
+        else:
+            out.append(str(value))
     return out
 
 
@@ -309,6 +331,33 @@ def _bool(obj: dict[str, Any], name: str) -> bool:
     return value
 
 
+def _labels_ok(value: Any) -> bool:
+    if type(value) is not dict or len(value) > MAX_LABELS:
+        return False
+    for key, text in value.items():
+        if type(key) is not str or not 0 < len(key) <= MAX_LABEL_KEY_CHARS:
+            return False
+        if type(text) is not str:
+            return False
+        if len(text) > MAX_LABEL_VALUE_CHARS:
+            return False
+    return True
+
+
+def _labels(obj: dict[str, Any]) -> dict[str, str] | None:
+    """``labels``: null, absent (a field added later within v1) or a valid object."""
+    value = obj.get("labels")
+    if value is None:
+        return None
+    if not _labels_ok(value):
+        raise MalformedMessage(
+            f"'labels' must be null or an object of at most {MAX_LABELS} string pairs "
+            f"(keys of 1-{MAX_LABEL_KEY_CHARS}, values of at most {MAX_LABEL_VALUE_CHARS} "
+            "characters)"
+        )
+    return value  # type: ignore[no-any-return]
+
+
 def _phase(obj: dict[str, Any]) -> str:
     value = obj.get("phase")
     # isinstance first: `[] in frozenset` raises TypeError (unhashable), which must not escape.
@@ -330,7 +379,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
     model, provider, streaming = get("model"), get("provider"), get("is_streaming")
     start, phase, sent = get("start_time"), get("phase"), get("bytes_out")
     tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
-    ttft, chunks = get("ttft_ms"), get("chunks_out")
+    ttft, chunks, labels = get("ttft_ms"), get("chunks_out"), get("labels")
     ttfb, last_output = get("ttfb_ms"), get("last_output_at")
     if (
         type(rid) is str
@@ -356,6 +405,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
         and (chunks is None or (type(chunks) is int and 0 <= chunks < 1 << 53))
         and (ttfb is None or (type(ttfb) is float and 0 <= ttfb < math.inf))
         and (last_output is None or (type(last_output) is float and 0 <= last_output < math.inf))
+        and (labels is None or _labels_ok(labels))
     ):
         if obj.keys() == _ROW_KEYS:  # exactly the fields checked: the dict itself will do
             return obj  # type: ignore[return-value]
@@ -378,6 +428,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
             chunks_out=chunks,
             ttfb_ms=ttfb,
             last_output_at=last_output,
+            labels=labels,
         )
     return None
 
@@ -408,6 +459,7 @@ def _checked_row(obj: dict[str, Any]) -> Row:
         chunks_out=_count(obj, "chunks_out", nullable=True),
         ttfb_ms=_nonnegative(obj, "ttfb_ms"),
         last_output_at=_nonnegative(obj, "last_output_at"),
+        labels=_labels(obj),
     )
 
 
@@ -439,8 +491,12 @@ def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
     )
     if "events_dropped" in obj:
         record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]
+    if "instance" in obj:
+        record["instance"] = _text(obj, "instance", MAX_ID_CHARS)  # type: ignore[typeddict-item]
     if "cancellable" in obj:
         record["cancellable"] = _bool(obj, "cancellable")
+    if "completed_dropped" in obj:
+        record["completed_dropped"] = _count(obj, "completed_dropped")  # type: ignore[typeddict-item]
     return record
 
 
@@ -512,6 +568,8 @@ def _validate_event(obj: Any) -> dict[str, Any]:
                 out[name] = _text(obj, name, MAX_MODEL_CHARS, nullable=True)
             elif name in _TIME_FIELDS:
                 out[name] = _nonnegative(obj, name)
+            elif name == "labels":
+                out[name] = _labels(obj)
             else:
                 out[name] = _count(obj, name, nullable=True)
         return out
@@ -589,6 +647,21 @@ def _optional_millis(fields: dict[Any, Any], name: str) -> float | None:
     return value
 
 
+_LABELS_NAMES: Final = (b"labels", "labels")
+
+
+def _completed_labels(fields: dict[Any, Any]) -> dict[str, str] | None:
+    """A completed entry's ``labels`` (JSON text; absent or empty: none)."""
+    for key in _LABELS_NAMES:
+        raw = fields.get(key)
+        if raw is not None:
+            if not raw:
+                return None
+            obj = _load(raw, 2 * MAX_LABELS_JSON_BYTES)
+            return _labels({"labels": obj})
+    return None
+
+
 def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
     """One ``P:completed`` stream entry (field names and values as bytes or str)."""
 
@@ -641,4 +714,5 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         bytes_out=opt_int("bytes_out") or 0,
         ttft_ms=_optional_millis(fields, "ttft_ms"),
         ttfb_ms=_optional_millis(fields, "ttfb_ms"),
+        labels=_completed_labels(fields),
     )

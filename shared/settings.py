@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TypeVar
@@ -121,11 +120,26 @@ def _key_prefix(name: str, raw: str) -> str:
     return value
 
 
+# The placeholders VDM_WORKER_ID may hold; the serving process fills them in when its
+# publisher starts (after any fork), `{index}` at registration (services/proxy/workerid.py).
+WORKER_ID_PLACEHOLDERS = ("{host}", "{pid}", "{index}")
+DEFAULT_WORKER_ID = "{host}-{pid}"
+
+
 def _worker_id(name: str, raw: str) -> str:
     value = raw.strip()
-    if not value or len(value) > 128 or any(c.isspace() or c in "{}*?[]:" for c in value):
+    bare = value
+    for placeholder in WORKER_ID_PLACEHOLDERS:
+        bare = bare.replace(placeholder, "")
+    if (
+        not value
+        or len(value) > 128
+        or value.count("{index}") > 1
+        or any(c.isspace() or c in "{}*?[]:" for c in bare)
+    ):
         raise ConfigError(
-            f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs"
+            f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs; "
+            "it may hold the placeholders {host}, {pid} and (once) {index}"
         )
     return value
 
@@ -175,6 +189,68 @@ def _token(name: str, raw: str) -> str:
     return value
 
 
+# Requests an instrumented app does not report: health and metrics probes, the hub's own
+# endpoints, API docs, static files. An entry `/x` matches the path /x and every path below
+# it; `*.ext` matches paths ending in .ext. VDM_EXCLUDE_PATHS replaces the list; `default`
+# stands for it.
+DEFAULT_EXCLUDE_PATHS: tuple[str, ...] = (
+    "/health",
+    "/healthz",
+    "/readyz",
+    "/livez",
+    "/ping",
+    "/metrics",
+    "/_vdm",
+    "/docs",
+    "/openapi.json",
+    "/favicon.ico",
+    "/robots.txt",
+    "/static",
+    "*.css",
+    "*.js",
+    "*.map",
+    "*.png",
+    "*.svg",
+    "*.ico",
+    "*.woff2",
+)
+
+
+def _exclude_paths(name: str, raw: str) -> tuple[str, ...]:
+    found: list[str] = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        if item == "default":
+            found += DEFAULT_EXCLUDE_PATHS
+        elif item == "none":
+            continue
+        elif item.startswith("/") and "*" not in item and not any(c.isspace() for c in item):
+            found.append(item.rstrip("/") or "/")
+        elif item.startswith("*.") and len(item) > 2 and not any(c in "*/ " for c in item[1:]):
+            found.append(item)
+        else:
+            raise ConfigError(
+                f"{name}: {item!r} is not a path (/health: it and every path below it) or a "
+                "suffix (*.css); 'default' stands for the default list, 'none' for nothing"
+            )
+    return tuple(dict.fromkeys(found))
+
+
+_BYTES = re.compile(r"(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?", re.IGNORECASE)
+
+
+def _byte_size(name: str, raw: str) -> int:
+    match = _BYTES.fullmatch(raw.strip())
+    if match is None:
+        raise ConfigError(f"{name}={raw!r}: expected a number of bytes, e.g. 33554432 or 32MiB")
+    unit = (match.group(2) or " ")[0].lower()
+    value = int(match.group(1)) * {" ": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected more than 0 bytes")
+    return value
+
+
 REDIS_MODES = ("standalone", "cluster", "sentinel")
 
 
@@ -204,10 +280,6 @@ def _name(name: str, raw: str) -> str:
     if not value or any(c.isspace() for c in value):
         raise ConfigError(f"{name}={raw!r}: expected a name without spaces")
     return value
-
-
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 # The commands that read a variable, for their ``--help`` (``vdm-hub up`` passes every
@@ -253,8 +325,9 @@ class Settings:
     key_prefix: str = field(
         default="vdm", metadata=_env("VDM_KEY_PREFIX", _key_prefix, *REDIS_READERS)
     )
+    # A template: the serving process fills in its placeholders (WORKER_ID_PLACEHOLDERS).
     worker_id: str = field(
-        default="", metadata=_env("VDM_WORKER_ID", _worker_id, WORKER, shown="{hostname}-{pid}")
+        default=DEFAULT_WORKER_ID, metadata=_env("VDM_WORKER_ID", _worker_id, WORKER)
     )
     upstream_url: str | None = field(
         default=None, metadata=_env("VDM_UPSTREAM_URL", http_url, WORKER)
@@ -307,9 +380,30 @@ class Settings:
         default="mymaster",
         metadata=_env("VDM_REDIS_SENTINEL_MASTER", _name, *REDIS_READERS),
     )
+    # Bring your own proxy: vdm_hub.instrument() and the worker's publisher.
+    instrument: bool = field(default=True, metadata=_env("VDM_INSTRUMENT", _bool, WORKER))
+    cancel: bool = field(default=True, metadata=_env("VDM_WORKER_CANCEL", _bool, WORKER))
+    exclude_paths: tuple[str, ...] = field(
+        default=DEFAULT_EXCLUDE_PATHS,
+        metadata=_env("VDM_EXCLUDE_PATHS", _exclude_paths, WORKER, shown="default"),
+    )
+    completed_backlog_bytes: int = field(
+        default=32 << 20,
+        metadata=_env("VDM_COMPLETED_BACKLOG_BYTES", _byte_size, WORKER, shown="32MiB"),
+    )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, object] | None = None,
+    ) -> Settings:
+        """Read the variables from ``environ`` (``os.environ`` by default).
+
+        ``overrides`` are options by attribute name (``redis_url``, ``worker_id``...), as
+        ``vdm_hub.instrument(app, **options)`` takes them: they win over the environment and are
+        checked like their variable (a bad one is named by its option name); None means unset.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for var, (attr, parse) in _VARIABLES.items():
@@ -317,8 +411,13 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[attr] = parse(var, raw)
-        if not values.get("worker_id"):
-            values["worker_id"] = default_worker_id()
+        for attr, value in (overrides or {}).items():
+            if attr not in _PARSERS:
+                known = ", ".join(sorted(_PARSERS))
+                raise TypeError(f"unknown option {attr!r} (the options are: {known})")
+            values.pop(attr, None)
+            if value is not None:
+                values[attr] = _PARSERS[attr](attr, _option_text(attr, value))
         if values.get("auth_token") == "":
             values["auth_token"] = None
         settings = cls(**values)  # type: ignore[arg-type]
@@ -380,3 +479,23 @@ def variables_read_by(command: str) -> list[tuple[str, str]]:
             default = f"{default:g}"
         found.append((f.metadata["env"], "unset" if default in (None, ()) else str(default)))
     return found
+
+
+# Settings attribute -> its parser: an option given in code is checked like its variable.
+_PARSERS: dict[str, _Parser] = {attr: parse for attr, parse in _VARIABLES.values()}
+
+
+def _option_text(name: str, value: object) -> str:
+    """An option's value as its variable would spell it (one parser checks both)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        items = [f"{i[0]}:{i[1]}" if isinstance(i, tuple) and len(i) == 2 else i for i in value]
+        if all(isinstance(i, str) for i in items):
+            # An empty list is "nothing", which only VDM_EXCLUDE_PATHS can say.
+            return ",".join(items) if items else "none"
+    raise ConfigError(f"{name}={value!r}: expected a string, a number, true/false or a list")

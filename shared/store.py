@@ -106,7 +106,14 @@ class WireScripts:
         rows: Sequence[tuple[str, bytes]],
         *,
         ttl_ms: int,
-    ) -> None:
+        claim: bool = False,
+    ) -> bytes | None:
+        """Register ``record``'s worker with ``rows`` in flight; None when done.
+
+        ``claim``: only if no live process of another instance (``record["instance"]``) holds
+        the id; when one does, nothing is written and its record is returned (``b""`` when it
+        left none). Without ``claim`` the id is taken over, whoever held it.
+        """
         wid, epoch = record["worker_id"], record["epoch"]
         events = schema.encode([{"type": schema.EventType.WORKER_UP, "worker": record}])
         args: list[Any] = [
@@ -116,21 +123,31 @@ class WireScripts:
             ttl_ms,
             schema.envelope_prefix(wid, epoch),
             events,
+            record.get("instance", "") if claim else "",
             len(rows),
         ]
         for request_id, row in rows:
             args += (request_id, row)
         k = self.keys
         keys = [k.workers, k.alive, k.seq, k.active(wid), k.events]
-        await self._timed("register", self._register, keys, args)
+        sent = time.time()
+        result = await self._run("register", self._register, keys, args)
+        if isinstance(result, int):  # registered: Redis's clock in epoch ms
+            self._observe(sent, result)
+            return None
+        return result if isinstance(result, bytes) else str(result).encode()
+
+    def _observe(self, sent: float, now_ms: int) -> None:
+        """Measure our offset to Redis's clock from a script's answer (epoch ms, 0: refused)."""
+        if now_ms > 0:
+            self.clock.observe(sent, time.time(), now_ms)
 
     async def _timed(self, name: str, script: Any, keys: list[str], args: list[Any]) -> int:
         """Run a script that returns Redis's clock (epoch ms, 0 for "refused"), measuring our
         offset to that clock on the way."""
         sent = time.time()
         now_ms = int(await self._run(name, script, keys, args))
-        if now_ms > 0:
-            self.clock.observe(sent, time.time(), now_ms)
+        self._observe(sent, now_ms)
         return now_ms
 
     def apply_keys_args(

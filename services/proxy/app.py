@@ -23,6 +23,7 @@ from vdm_hub.services.httppool import ShardedClients
 from vdm_hub.services.proxy.forward import ReverseProxy, make_clients, quiet_deliberate_aborts
 from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
 from vdm_hub.services.proxy.publisher import Publisher
+from vdm_hub.services.proxy.workerid import WorkerIdPlan
 from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.settings import Settings
 
@@ -72,7 +73,11 @@ class WorkerApp:
         logging.getLogger("uvicorn.error").addFilter(QUIET_WEBSOCKET_REFUSALS)  # idempotent
         enabled = settings.log_request_metrics if instrument is None else instrument
         self.publisher = Publisher(settings, redis, upstream=upstream) if enabled else None
-        self.proxied = RequestMetricsMiddleware(proxy, self.publisher) if self.publisher else proxy
+        self.proxied = (
+            RequestMetricsMiddleware(proxy, self.publisher, exclude=settings.exclude_paths)
+            if self.publisher
+            else proxy
+        )
         self._lifespan_router = Router(lifespan=lambda _app: self.lifespan())
 
     @contextlib.asynccontextmanager
@@ -127,7 +132,10 @@ class WorkerApp:
             body = (
                 self.publisher.status()
                 if self.publisher
-                else {"worker_id": self.settings.worker_id, "metrics": "disabled"}
+                else {
+                    "worker_id": WorkerIdPlan.here(self.settings.worker_id).first(),
+                    "metrics": "disabled",
+                }
             )
         else:
             status, body = 404, {"error": "not_found", "message": f"no worker endpoint {path}"}

@@ -15,6 +15,9 @@ the histograms are updated as entries arrive (once per finished request).
 - ``vdm_worker_events_dropped_total{worker}``: notices the worker itself could not publish
   (its own ``events_dropped`` count, as of the worker record it last wrote: a worker rewrites
   its record whenever it re-registers, which is what follows dropped events).
+- ``vdm_completed_dropped_total{worker}``: finished requests a worker dropped because they
+  outgrew its backlog bound during a Redis outage (its ``completed_dropped``, carried the same
+  way: the re-registration that ends the outage writes it).
 - ``vdm_batches_missed_total{worker}``: batches a worker published that this hub never saw
   (sequence gaps; each gap was healed by a resync of that worker).
 - ``vdm_oldest_request_age_seconds{worker}`` and ``vdm_requests_stuck{worker}`` (requests in
@@ -89,6 +92,11 @@ class HubCollector(Collector):
             "Notices a worker could not publish (its own count, from its worker record)",
             labels=["worker"],
         )
+        completed_dropped = CounterMetricFamily(
+            "vdm_completed_dropped",
+            "Finished requests a worker dropped past its backlog bound (from its worker record)",
+            labels=["worker"],
+        )
         missed = CounterMetricFamily(
             "vdm_batches_missed",
             "Batches a worker published that this hub missed (sequence gaps, healed by resync)",
@@ -128,6 +136,7 @@ class HubCollector(Collector):
                 stuck.add_metric([wid], n_stuck)
                 record: Mapping[str, Any] = view.record or {}
                 dropped.add_metric([wid], int(record.get("events_dropped", 0)))
+                completed_dropped.add_metric([wid], int(record.get("completed_dropped", 0)))
             for (wid, model), n in _capped_in_flight(hub.in_flight()).items():
                 in_flight.add_metric([wid, model], n)
             for status, n in by_status.items():
@@ -146,6 +155,7 @@ class HubCollector(Collector):
         yield lag
         yield malformed
         yield dropped
+        yield completed_dropped
         yield missed
         yield oldest
         yield stuck

@@ -30,7 +30,7 @@ end
 local n_done = tonumber(ARGV[i]); i = i + 1
 local names = {'request_id', 'worker_id', 'model', 'method', 'path', 'status', 'outcome',
                'start_time', 'duration_ms', 'input_tokens', 'output_tokens', 'bytes_out',
-               'ttft_ms', 'ttfb_ms'}
+               'ttft_ms', 'ttfb_ms', 'labels'}
 for _ = 1, n_done do
   local args = {KEYS[3], 'MAXLEN', '~', ARGV[5], '*'}
   for f = 1, #names do

@@ -54,6 +54,7 @@ def _row(worker_id: str, request_id: str) -> schema.Row:
         chunks_out=None,
         ttfb_ms=None,
         last_output_at=None,
+        labels=None,
     )
 
 

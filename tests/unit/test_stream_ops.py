@@ -210,7 +210,7 @@ async def test_ttfb_ttft_cancelled_stuck_oldest_dropped_and_missed(
     fake_redis: aioredis.Redis,
 ) -> None:
     hub = Hub(fake_redis, Keys("m"))
-    view = WorkerView("w1", "e", 1, _record("w1", "e", events_dropped=187))
+    view = WorkerView("w1", "e", 1, _record("w1", "e", events_dropped=187, completed_dropped=42))
     view.rows = {
         "old": _row("w1", "old", age=120.0),
         "new": _row("w1", "new", age=1.0),
@@ -238,6 +238,8 @@ async def test_ttfb_ttft_cancelled_stuck_oldest_dropped_and_missed(
     # The worker's own count of what it could not publish, and the hub's gaps, apart.
     assert s[("vdm_worker_events_dropped_total", (("worker", "w1"),))] == 187
     assert s[("vdm_worker_events_dropped_total", (("worker", "w2"),))] == 0
+    assert s[("vdm_completed_dropped_total", (("worker", "w1"),))] == 42
+    assert s[("vdm_completed_dropped_total", (("worker", "w2"),))] == 0
     assert s[("vdm_batches_missed_total", (("worker", "w1"),))] == 3
     assert ("vdm_batches_missed_total", (("worker", "gone"),)) not in s
     assert b"vdm_requests_cancelled_total" in generate_latest(m.registry)
