@@ -33,6 +33,12 @@ MAX_MODEL_CHARS: Final = 128
 MAX_METHOD_CHARS: Final = 16
 MAX_PROVIDER_CHARS: Final = 32
 MAX_TEXT_CHARS: Final = 256  # host, upstream, version, reasons
+# Labels an app attaches to its request (``vdm_hub.current_request().set_label``). The JSON
+# bound keeps a row with a maximal path, model and ids under MAX_ROW_BYTES.
+MAX_LABELS: Final = 8
+MAX_LABEL_KEY_CHARS: Final = 32
+MAX_LABEL_VALUE_CHARS: Final = 128
+MAX_LABELS_JSON_BYTES: Final = 1024
 
 
 class MalformedMessage(ValueError):
@@ -83,6 +89,8 @@ class Row(TypedDict):
     ttft_ms: NotRequired[float | None]
     # SSE `data:` events forwarded so far; null for a response that is not an event stream.
     chunks_out: NotRequired[int | None]
+    # What the app attached (at most MAX_LABELS string pairs); null when nothing.
+    labels: NotRequired[dict[str, str] | None]
 
 
 class WorkerRecord(TypedDict):
@@ -153,6 +161,7 @@ class CompletedEntry(TypedDict):
     bytes_out: int
     # Milliseconds from the start to the first response byte; null when none came.
     ttft_ms: NotRequired[float | None]
+    labels: NotRequired[dict[str, str] | None]
     id: NotRequired[str]
 
 
@@ -167,10 +176,12 @@ PROGRESS_FIELDS: Final = frozenset(
         "is_streaming",
         "ttft_ms",
         "chunks_out",
+        "labels",
     }
 )
 # Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
-# `ttft_ms` is read when an entry has it (see decode_completed); the script writes these.
+# `ttft_ms` and `labels` are read when an entry has them (see decode_completed); the script
+# writes these.
 COMPLETED_FIELDS: Final = (
     "request_id",
     "worker_id",
@@ -185,6 +196,7 @@ COMPLETED_FIELDS: Final = (
     "output_tokens",
     "bytes_out",
     "ttft_ms",
+    "labels",
 )
 _PHASES: Final = frozenset(p.value for p in Phase)
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
@@ -226,7 +238,12 @@ def completed_values(entry: CompletedEntry) -> list[str]:
     out: list[str] = []
     for name in COMPLETED_FIELDS:
         value = entry.get(name)
-        out.append("" if value is None else str(value))
+        if value is None:
+            out.append("")
+        elif name == "labels":
+            out.append(orjson.dumps(value).decode() if value else "")
+        else:
+            out.append(str(value))
     return out
 
 
@@ -289,6 +306,33 @@ def _bool(obj: dict[str, Any], name: str) -> bool:
     return value
 
 
+def _labels_ok(value: Any) -> bool:
+    if type(value) is not dict or len(value) > MAX_LABELS:
+        return False
+    for key, text in value.items():
+        if type(key) is not str or not 0 < len(key) <= MAX_LABEL_KEY_CHARS:
+            return False
+        if type(text) is not str:
+            return False
+        if len(text) > MAX_LABEL_VALUE_CHARS:
+            return False
+    return True
+
+
+def _labels(obj: dict[str, Any]) -> dict[str, str] | None:
+    """``labels``: null, absent (a field added later within v1) or a valid object."""
+    value = obj.get("labels")
+    if value is None:
+        return None
+    if not _labels_ok(value):
+        raise MalformedMessage(
+            f"'labels' must be null or an object of at most {MAX_LABELS} string pairs "
+            f"(keys of 1-{MAX_LABEL_KEY_CHARS}, values of at most {MAX_LABEL_VALUE_CHARS} "
+            "characters)"
+        )
+    return value  # type: ignore[no-any-return]
+
+
 def _phase(obj: dict[str, Any]) -> str:
     value = obj.get("phase")
     # isinstance first: `[] in frozenset` raises TypeError (unhashable), which must not escape.
@@ -310,7 +354,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
     model, provider, streaming = get("model"), get("provider"), get("is_streaming")
     start, phase, sent = get("start_time"), get("phase"), get("bytes_out")
     tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
-    ttft, chunks = get("ttft_ms"), get("chunks_out")
+    ttft, chunks, labels = get("ttft_ms"), get("chunks_out"), get("labels")
     if (
         type(rid) is str
         and 0 < len(rid) <= MAX_ID_CHARS
@@ -333,6 +377,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
         and (tokens_out is None or (type(tokens_out) is int and 0 <= tokens_out < 1 << 53))
         and (ttft is None or (type(ttft) is float and 0 <= ttft < math.inf))
         and (chunks is None or (type(chunks) is int and 0 <= chunks < 1 << 53))
+        and (labels is None or _labels_ok(labels))
     ):
         if obj.keys() == _ROW_KEYS:  # exactly the fields checked: the dict itself will do
             return obj  # type: ignore[return-value]
@@ -353,6 +398,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
             output_tokens=tokens_out,
             ttft_ms=ttft,
             chunks_out=chunks,
+            labels=labels,
         )
     return None
 
@@ -381,6 +427,7 @@ def _checked_row(obj: dict[str, Any]) -> Row:
         output_tokens=_count(obj, "output_tokens", nullable=True),
         ttft_ms=_millis(obj, "ttft_ms"),
         chunks_out=_count(obj, "chunks_out", nullable=True),
+        labels=_labels(obj),
     )
 
 
@@ -483,6 +530,8 @@ def _validate_event(obj: Any) -> dict[str, Any]:
                 out[name] = _text(obj, name, MAX_MODEL_CHARS, nullable=True)
             elif name == "ttft_ms":
                 out[name] = _millis(obj, name)
+            elif name == "labels":
+                out[name] = _labels(obj)
             else:
                 out[name] = _count(obj, name, nullable=True)
         return out
@@ -539,6 +588,19 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
 
 _BYTES_NAMES: Final = {name: name.encode() for name in CompletedEntry.__annotations__}
 _TTFT_NAMES: Final = (b"ttft_ms", "ttft_ms")
+_LABELS_NAMES: Final = (b"labels", "labels")
+
+
+def _completed_labels(fields: dict[Any, Any]) -> dict[str, str] | None:
+    """A completed entry's ``labels`` (JSON text; absent or empty: none)."""
+    for key in _LABELS_NAMES:
+        raw = fields.get(key)
+        if raw is not None:
+            if not raw:
+                return None
+            obj = _load(raw, 2 * MAX_LABELS_JSON_BYTES)
+            return _labels({"labels": obj})
+    return None
 
 
 def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
@@ -605,4 +667,5 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         output_tokens=opt_int("output_tokens"),
         bytes_out=opt_int("bytes_out") or 0,
         ttft_ms=ttft_ms,
+        labels=_completed_labels(fields),
     )

@@ -8,7 +8,6 @@ deployment fails loudly instead of running with a surprise default.
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -120,11 +119,21 @@ def _key_prefix(name: str, raw: str) -> str:
     return value
 
 
+# The placeholders VDM_WORKER_ID may hold; the serving process fills them in when its
+# publisher starts (after any fork; services/proxy/workerid.py).
+WORKER_ID_PLACEHOLDERS = ("{host}", "{pid}")
+DEFAULT_WORKER_ID = "{host}-{pid}"
+
+
 def _worker_id(name: str, raw: str) -> str:
     value = raw.strip()
-    if not value or len(value) > 128 or any(c.isspace() or c in "{}*?[]:" for c in value):
+    bare = value
+    for placeholder in WORKER_ID_PLACEHOLDERS:
+        bare = bare.replace(placeholder, "")
+    if not value or len(value) > 128 or any(c.isspace() or c in "{}*?[]:" for c in bare):
         raise ConfigError(
-            f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs"
+            f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs; "
+            "it may hold the placeholders {host} and {pid}"
         )
     return value
 
@@ -181,10 +190,6 @@ def _name(name: str, raw: str) -> str:
     return value
 
 
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """All of the hub's settings. Field metadata is the single source for the README table."""
@@ -197,7 +202,7 @@ class Settings:
     # New with the distributed hub.
     redis_url: str | None = None
     key_prefix: str = "vdm"
-    worker_id: str = ""
+    worker_id: str = DEFAULT_WORKER_ID  # a template: see WORKER_ID_PLACEHOLDERS
     upstream_url: str | None = None
     worker_heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
     worker_ttl: float = DEFAULT_WORKER_TTL_S
@@ -218,9 +223,21 @@ class Settings:
     redis_mode: str = "standalone"
     redis_sentinels: tuple[tuple[str, int], ...] = ()
     redis_sentinel_master: str = "mymaster"
+    # Bring your own proxy: vdm_hub.instrument() and the worker's publisher.
+    instrument: bool = True
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, object] | None = None,
+    ) -> Settings:
+        """Read the variables from ``environ`` (``os.environ`` by default).
+
+        ``overrides`` are options by attribute name (``redis_url``, ``worker_id``...), as
+        ``vdm_hub.instrument(app, **options)`` takes them: they win over the environment and are
+        checked like their variable (a bad one is named by its option name); None means unset.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for var, (attr, parse) in _VARIABLES.items():
@@ -228,8 +245,13 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[attr] = parse(var, raw)
-        if not values.get("worker_id"):
-            values["worker_id"] = default_worker_id()
+        for attr, value in (overrides or {}).items():
+            if attr not in _PARSERS:
+                known = ", ".join(sorted(_PARSERS))
+                raise TypeError(f"unknown option {attr!r} (the options are: {known})")
+            values.pop(attr, None)
+            if value is not None:
+                values[attr] = _PARSERS[attr](attr, _option_text(attr, value))
         if values.get("auth_token") == "":
             values["auth_token"] = None
         settings = cls(**values)  # type: ignore[arg-type]
@@ -299,6 +321,24 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_REDIS_MODE": ("redis_mode", _redis_mode),
     "VDM_REDIS_SENTINELS": ("redis_sentinels", _host_ports),
     "VDM_REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _name),
+    "VDM_INSTRUMENT": ("instrument", _bool),
 }
 
 assert {a for a, _ in _VARIABLES.values()} == {f.name for f in fields(Settings)}
+# Settings attribute -> its parser: an option given in code is checked like its variable.
+_PARSERS: dict[str, _Parser] = {attr: parse for attr, parse in _VARIABLES.values()}
+
+
+def _option_text(name: str, value: object) -> str:
+    """An option's value as its variable would spell it (one parser checks both)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        items = [f"{i[0]}:{i[1]}" if isinstance(i, tuple) and len(i) == 2 else i for i in value]
+        if all(isinstance(i, str) for i in items):
+            return ",".join(items)
+    raise ConfigError(f"{name}={value!r}: expected a string, a number, true/false or a list")

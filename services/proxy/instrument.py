@@ -1,9 +1,7 @@
 """A pure ASGI middleware that reports each HTTP request's life to a :class:`Recorder`.
 
-Add it to any ASGI app in a few lines::
-
-    publisher = Publisher(settings)                # services.proxy.publisher
-    app = RequestMetricsMiddleware(app, publisher)  # and run publisher.start()/close()
+Apps use it through ``vdm_hub.instrument(app)`` (:mod:`services.proxy.embed`), which also owns
+the publisher's lifetime; the worker proxy wraps its reverse proxy in it directly.
 
 It never buffers a body on its way through and never delays a message: it only looks at
 them. From the request it takes the method, the path without its query string, and `model`
@@ -25,6 +23,11 @@ A client that disconnects before the response is complete ends the record at onc
 outcome `client_closed`. An app reports what happened through ``scope["vdm"]``:
 ``upstream_error`` (the proxy could not reach, or lost, its upstream) and ``cancelled`` (an
 operator stopped the request; see :mod:`services.proxy.cancel`).
+
+While the app handles a reported request, ``vdm_hub.current_request()`` returns a handle on it
+(:mod:`services.proxy.context`): labels, token usage and the model the app knows go on the row.
+A request that already passed through an instrumentation (``scope["vdm"]`` is set: the app is
+wrapped twice) is passed on untouched, so it is reported once.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any, Protocol
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vdm_hub.services.proxy import sniff
+from vdm_hub.services.proxy import context, sniff
 from vdm_hub.services.proxy.cancel import InFlight
 from vdm_hub.shared.schema import (
     MAX_METHOD_CHARS,
@@ -118,6 +121,7 @@ class _Tracker:
         "first_byte",
         "json_response",
         "last_progress",
+        "model_from_app",
         "published",
         "recorder",
         "request_id",
@@ -129,6 +133,7 @@ class _Tracker:
         "started",
         "status",
         "ttft_ms",
+        "usage_from_app",
     )
 
     def __init__(self, recorder: Recorder, scope: Scope, in_flight: InFlight) -> None:
@@ -163,6 +168,8 @@ class _Tracker:
         self.scanner: sniff.StreamUsageScanner | None = None
         self.json_response = False
         self.response_body: list[bytes] | None = None
+        self.model_from_app = False
+        self.usage_from_app: dict[str, int] | None = None
         # A dict literal, not Row(...): the TypedDict class call costs ~1.5 us more per request.
         self.row: Row = {
             "request_id": self.request_id,
@@ -179,6 +186,7 @@ class _Tracker:
             "output_tokens": None,
             "ttft_ms": None,
             "chunks_out": None,
+            "labels": None,
         }
         # A JSON body is worth waiting for (briefly): it names the model.
         self.published = not (json_body and _has_body(content_length, chunked))
@@ -190,6 +198,36 @@ class _Tracker:
         if not self.published:
             self.published = True
             self.recorder.start(self.row)
+
+    # -- what the app tells (context.RequestHandle); never after the end
+    @property
+    def worker_id(self) -> str:
+        return self.row["worker_id"]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.row.get("labels") or {}
+
+    def put_labels(self, labels: dict[str, str]) -> None:
+        self._put({"labels": labels or None})
+
+    def put_usage(self, input_tokens: int | None, output_tokens: int | None) -> None:
+        usage = self.usage_from_app = self.usage_from_app or {}
+        if input_tokens is not None:
+            usage["input_tokens"] = input_tokens
+        if output_tokens is not None:
+            usage["output_tokens"] = output_tokens
+        self._put(dict(usage))
+
+    def put_model(self, model: str) -> None:
+        self.model_from_app = True
+        if model != self.row["model"]:
+            self._put({"model": model})
+
+    def _put(self, fields: dict[str, Any]) -> None:
+        self.row.update(fields)  # type: ignore[typeddict-item]
+        if self.published:
+            self.recorder.progress(self.request_id, fields)
 
     # -- request side
     def on_request_body(self, message: Message) -> None:
@@ -206,6 +244,8 @@ class _Tracker:
         self.body_done = True
         model, streaming = sniff.request_fields(self.body, complete=not more)
         self.body = b""
+        if self.model_from_app:
+            model = self.row["model"]
         if not self.published:
             self.row["model"] = model
             self.row["is_streaming"] = streaming
@@ -231,7 +271,8 @@ class _Tracker:
         if self.sniffed_stream is None:
             self.sniffed_stream = sniff.stream_in(window)
         if self.sniffed_model is not None and self.sniffed_stream is not None:
-            self.row["model"] = self.sniffed_model
+            if not self.model_from_app:
+                self.row["model"] = self.sniffed_model
             self.row["is_streaming"] = self.sniffed_stream
             self.publish_start()
 
@@ -297,6 +338,8 @@ class _Tracker:
         elif self.response_body:
             usage = sniff.usage_from_json(b"".join(self.response_body))
         self.response_body = None
+        if self.usage_from_app:
+            usage = {**usage, **self.usage_from_app}
         vdm = scope["vdm"]
         if vdm.get("cancelled") is not None:
             outcome = Outcome.CANCELLED  # whatever else the cancel caused on the way out
@@ -373,7 +416,7 @@ class RequestMetricsMiddleware:
         self._bound = _StartBound(start_bound)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or "vdm" in scope:
             await self.app(scope, receive, send)
             return
         in_flight = self.in_flight
@@ -417,6 +460,7 @@ class RequestMetricsMiddleware:
             if response_complete:
                 tracker.finish(None, scope, in_flight)
 
+        token = context.enter(tracker)
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except BaseException:
@@ -432,3 +476,4 @@ class RequestMetricsMiddleware:
                 tracker.finish(
                     None if response_complete else Outcome.CLIENT_CLOSED, scope, in_flight
                 )
+            context.leave(token)

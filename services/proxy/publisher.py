@@ -23,6 +23,7 @@ The publisher also owns the worker's cancel listener (:mod:`services.proxy.cance
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -39,9 +40,10 @@ from redis.exceptions import NoScriptError, RedisError
 from vdm_hub.services.proxy.cancel import CancelListener, InFlight
 from vdm_hub.services.proxy.forward import public_url
 from vdm_hub.services.proxy.resp import RawRedis, pack
+from vdm_hub.services.proxy.workerid import WorkerIdPlan
 from vdm_hub.shared import __version__, schema
 from vdm_hub.shared.keys import Keys
-from vdm_hub.shared.redis_client import build_client
+from vdm_hub.shared.redis_client import DEFAULT_REDIS_URL, build_client
 from vdm_hub.shared.schema import (
     EndEvent,
     EventType,
@@ -51,7 +53,7 @@ from vdm_hub.shared.schema import (
     Row,
     StartEvent,
 )
-from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.settings import Settings, redacted_url
 from vdm_hub.shared.store import NotRegistered, WireScripts
 
 log = logging.getLogger("vdm.publisher")
@@ -65,11 +67,21 @@ MAX_BATCH_BYTES = schema.MAX_MESSAGE_BYTES - ENVELOPE_ROOM
 MAX_BATCH_COMPLETED = 500
 MAX_COMPLETED_BACKLOG = 2_000  # finished requests kept for the stream while Redis is away
 PUBLISH_TIMEOUT = 3.0  # seconds a flush may wait for Redis's reply
+UNREACHABLE_EVERY = 60.0  # seconds between two warnings that Redis cannot be reached
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
 # Module globals: an enum member lookup costs ~110 ns on Python 3.11, a global ~20 ns, and
 # these are read a few times per request.
 START, PROGRESS, END = EventType.START, EventType.PROGRESS, EventType.END
 SUPERSEDED = ""  # the type of a pending event left out of its batch
+
+
+def where(settings: Settings) -> str:
+    """Which Redis the settings name, for a log line (never a password)."""
+    if settings.redis_mode == "sentinel":
+        sentinels = ",".join(f"{host}:{port}" for host, port in settings.redis_sentinels)
+        return f"sentinel master {settings.redis_sentinel_master!r} via {sentinels}"
+    url = redacted_url(settings.redis_url or DEFAULT_REDIS_URL)
+    return f"{url} (cluster)" if settings.redis_mode == "cluster" else url
 
 
 @dataclass
@@ -92,7 +104,8 @@ class Publisher:
         upstream: str | None = None,
     ) -> None:
         self.settings = settings
-        self.worker_id = settings.worker_id
+        # Filled in again by start_background(), in the process that serves (after any fork).
+        self.worker_id = WorkerIdPlan.here(settings.worker_id).first()
         self.keys = Keys(settings.key_prefix)
         self.started_at = time.time()
         self._own_redis = redis is None
@@ -123,7 +136,10 @@ class Publisher:
         self._wakeup = asyncio.Event()
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = False
+        self._down_since: float | None = None  # monotonic time of the outage's first failure
+        self._warned_at: float | None = None
         # Counters (exposed on /_vdm/status; the stream service counts its own side).
         self.events_dropped = 0
         self.batches_sent = 0
@@ -194,6 +210,7 @@ class Publisher:
             "output_tokens": output_tokens,
             "bytes_out": bytes_out,
             "ttft_ms": ttft_ms,
+            "labels": row.get("labels"),
         }
         self._completed.append(entry)
         pending = self._progress.pop(request_id, None)
@@ -232,6 +249,12 @@ class Publisher:
 
     async def start_background(self) -> None:
         """Start flushing and heartbeating; returns at once even if Redis is away."""
+        self.start_tasks()
+
+    def start_tasks(self) -> None:
+        """:meth:`start_background` for a caller that cannot await (it needs a running loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._adopt_id(WorkerIdPlan.here(self.settings.worker_id).first())
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="vdm-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="vdm-heartbeat"),
@@ -268,6 +291,37 @@ class Publisher:
             self._raw.close()
         if self._own_redis:
             await self.redis.aclose()
+
+    def close_after_loop(self, grace: float = 2.0) -> None:
+        """Best effort at interpreter exit, for a publisher nothing closed (a server that sent
+        no lifespan): its loop has ended, and with it its tasks and connections, so pending
+        events are flushed and the worker deregistered over a fresh client on a loop of its
+        own. Does nothing while that loop still runs (in another thread)."""
+        if self._loop is not None and self._loop.is_running():
+            return
+        if self._raw is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed
+                self._raw.close()
+            self._raw = None
+        self._tasks = []
+        self._wakeup = asyncio.Event()
+        self.redis = build_client(self.settings, socket_timeout=PUBLISH_TIMEOUT, retries=0)
+        self._own_redis = True
+        self.scripts = WireScripts(self.redis, self.keys)
+        try:
+            asyncio.run(self.close(grace))
+        except Exception as exc:
+            log.warning("at exit: could not flush and deregister: %r", exc)
+
+    def _adopt_id(self, worker_id: str) -> None:
+        """Publish under ``worker_id`` from now on (the rows in flight move with it)."""
+        if worker_id == self.worker_id:
+            return
+        self.worker_id = worker_id
+        for row in self.active.values():
+            row["worker_id"] = worker_id
+        self.cancels.retarget(self.keys.cancel(worker_id))
+        self._needs_register = True
 
     def _has_pending(self) -> bool:
         return bool(
@@ -317,20 +371,29 @@ class Publisher:
         self._seq = 1
         self.registrations += 1
         self._registered.set()
-        log.info(
-            "registered worker %s (epoch %s, %d requests in flight)",
-            self.worker_id,
-            epoch,
-            len(rows),
-        )
+        if self.registrations == 1:
+            # The one line that says where this process publishes, and as whom.
+            log.info(
+                "publishing requests to %s (key prefix %r) as worker %s",
+                where(self.settings),
+                self.settings.key_prefix,
+                self.worker_id,
+            )
+        else:
+            log.info(
+                "registered worker %s again (epoch %s, %d requests in flight)",
+                self.worker_id,
+                epoch,
+                len(rows),
+            )
 
-    def _replan(self, epoch: str, why: str) -> None:
+    def _replan(self, epoch: str, why: str, level: int = logging.WARNING) -> None:
         """Plan a rewrite because a call made under ``epoch`` failed; one per incident: a
         failure reported for an epoch already replaced (or a rewrite already planned) is not
         another incident."""
         if epoch != self.epoch or self._needs_register:
             return
-        log.warning("%s; rewriting this worker's state", why)
+        log.log(level, "%s; rewriting this worker's state", why)
         self._needs_register = True
         self._wakeup.set()
 
@@ -480,8 +543,10 @@ class Publisher:
                     # with this task add their events to this batch, not to the next call.
                     await asyncio.sleep(0)
                     await self._flush_once()
-                    if not self.connected:
-                        log.info("connected to Redis")
+                    if self._down_since is not None:
+                        took = time.monotonic() - self._down_since
+                        log.info("Redis is back after %.1f s", took)
+                        self._down_since = None
                     self.connected = True
                     delay = RETRY_MIN
             except Exception as exc:
@@ -490,8 +555,8 @@ class Publisher:
                 self.flush_failures += 1
                 if not isinstance(exc, RedisError | OSError | TimeoutError):
                     log.exception("unexpected error while flushing; rewriting state")
-                elif self.connected:
-                    log.warning("Redis unavailable, proxying goes on unrecorded: %s", exc)
+                else:
+                    self._warn_unreachable(exc)
                 self.connected = False
                 self._needs_register = True
                 # Events gathered while Redis is away are superseded by the rewrite.
@@ -503,6 +568,21 @@ class Publisher:
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
                 self._wakeup.set()
+
+    def _warn_unreachable(self, exc: BaseException) -> None:
+        """While Redis cannot be reached, say so at most once a minute (from the start on)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if self._warned_at is None or now - self._warned_at >= UNREACHABLE_EVERY:
+            self._warned_at = now
+            log.warning(
+                "Redis at %s cannot be reached (%s): requests are served but not published "
+                "until it is back (%d finished requests kept meanwhile)",
+                where(self.settings),
+                exc or type(exc).__name__,
+                len(self._completed),
+            )
 
     def _heartbeat_timeout(self) -> float:
         """A heartbeat's own bound: a fifth of the TTL (0.5-2 s), so a few retries fit in it."""
@@ -518,11 +598,11 @@ class Publisher:
             # The connection broke: Redis may have restarted, maybe from an old snapshot that
             # still holds this epoch with rows long gone. Same rule as a failed flush.
             self.heartbeat_failures += 1
-            self._replan(epoch, f"heartbeat lost its connection to Redis ({exc})")
+            self._replan(epoch, f"heartbeat lost its connection to Redis ({exc})", logging.INFO)
             return False
         except (RedisError, OSError, TimeoutError) as exc:
             self.heartbeat_failures += 1
-            log.info("heartbeat failed (%s); retrying", exc or type(exc).__name__)
+            log.debug("heartbeat failed (%s); retrying", exc or type(exc).__name__)
             return False
         if not alive:
             self._replan(epoch, "heartbeat refused (reaped or superseded)")

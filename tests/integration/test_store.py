@@ -49,6 +49,7 @@ def _row(worker_id: str, request_id: str) -> schema.Row:
         output_tokens=None,
         ttft_ms=None,
         chunks_out=None,
+        labels=None,
     )
 
 

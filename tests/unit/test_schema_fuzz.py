@@ -43,6 +43,11 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 millis = st.floats(min_value=0, allow_nan=False, allow_infinity=False, width=64)
 phases = st.sampled_from([p.value for p in schema.Phase])
 outcomes = st.sampled_from([o.value for o in schema.Outcome])
+labels = st.dictionaries(
+    st.text(min_size=1, max_size=schema.MAX_LABEL_KEY_CHARS),
+    st.text(max_size=schema.MAX_LABEL_VALUE_CHARS),
+    max_size=schema.MAX_LABELS,
+)
 
 
 @st.composite
@@ -62,6 +67,7 @@ def rows(draw: st.DrawFn, worker_id: str | None = None) -> schema.Row:
         output_tokens=draw(st.none() | counts),
         ttft_ms=draw(st.none() | millis),
         chunks_out=draw(st.none() | counts),
+        labels=draw(st.none() | labels),
     )
 
 
@@ -101,6 +107,7 @@ def events(draw: st.DrawFn, worker_id: str) -> dict[str, Any]:
                     "is_streaming": st.booleans(),
                     "ttft_ms": st.none() | millis,
                     "chunks_out": st.none() | counts,
+                    "labels": st.none() | labels,
                 },
             )
         )
@@ -187,6 +194,7 @@ def _is_valid_row(row: Any) -> bool:
         and row["bytes_out"] >= 0
         and (row["ttft_ms"] is None or (math.isfinite(row["ttft_ms"]) and row["ttft_ms"] >= 0))
         and (row["chunks_out"] is None or row["chunks_out"] >= 0)
+        and (row["labels"] is None or schema._labels_ok(row["labels"]))
     )
 
 
@@ -311,7 +319,7 @@ def test_any_completed_entry_decodes_or_is_a_malformed_message(
 
 def test_completed_entries_with_non_ascii_digits_are_malformed() -> None:
     fields = dict.fromkeys(schema.COMPLETED_FIELDS, "1")
-    fields.update(outcome="ok", status="\u00b2")
+    fields.update(outcome="ok", status="\u00b2", labels="")
     with pytest.raises(MalformedMessage):
         schema.decode_completed(b"1-0", fields)
     fields["status"] = "200"
@@ -364,6 +372,8 @@ def test_every_completed_entry_round_trips(
     entry_id: str,
     ttft: float | None,
 ) -> None:
+    # An empty object is written as "" and read back as null, like an absent one.
+    row["labels"] = row.get("labels") or None
     entry = schema.CompletedEntry(
         request_id=row["request_id"],
         worker_id=row["worker_id"],
@@ -378,6 +388,7 @@ def test_every_completed_entry_round_trips(
         output_tokens=row["output_tokens"],
         bytes_out=row["bytes_out"],
         ttft_ms=ttft,
+        labels=row["labels"],
     )
     # As Redis hands them back: field names and values as bytes.
     fields = {
@@ -389,7 +400,7 @@ def test_every_completed_entry_round_trips(
 
 
 def test_completed_entries_without_ttft_or_with_a_bad_one() -> None:
-    fields = {name: "1" for name in schema.COMPLETED_FIELDS if name != "ttft_ms"}
+    fields = {name: "1" for name in schema.COMPLETED_FIELDS if name not in ("ttft_ms", "labels")}
     fields.update(outcome="cancelled", model="")
     entry = schema.decode_completed("1-0", fields)  # written before ttft_ms existed
     assert entry["ttft_ms"] is None and entry["outcome"] == "cancelled"
@@ -414,7 +425,7 @@ def test_a_row_from_a_writer_without_the_later_fields_decodes_with_nulls() -> No
         "output_tokens": None,
     }
     row = schema.decode_row(orjson.dumps(old))
-    assert row == {**old, "ttft_ms": None, "chunks_out": None}
+    assert row == {**old, "ttft_ms": None, "chunks_out": None, "labels": None}
     assert schema._checked_row(old) == row
     for bad in ({"ttft_ms": -1.0}, {"ttft_ms": "1"}, {"chunks_out": -1}, {"chunks_out": 1.5}):
         with pytest.raises(MalformedMessage):
@@ -535,9 +546,57 @@ def test_the_fast_paths_take_what_a_worker_sends() -> None:
         output_tokens=None,
         ttft_ms=12.5,
         chunks_out=3,
+        labels={"team": "a"},
     )
     decoded = orjson.loads(schema.encode_row(row))
     fast = schema._fast_row(decoded)
     assert fast is decoded and fast == row  # no copy for what the worker writes
     end = {"request_id": "r1", "status": 200, "outcome": "ok", "duration_ms": 5.0}
     assert schema._fast_end({**end, "input_tokens": 3, "output_tokens": None}) is not None
+
+
+def test_labels_are_checked_like_every_field() -> None:
+    row = {
+        "request_id": "r1",
+        "worker_id": "w1",
+        "method": "POST",
+        "path": "/v1/messages",
+        "model": "m",
+        "provider": None,
+        "is_streaming": False,
+        "start_time": 1.5,
+        "phase": "upstream",
+        "bytes_out": 0,
+        "input_tokens": None,
+        "output_tokens": None,
+        "labels": {"team": "a", "user": "u" * schema.MAX_LABEL_VALUE_CHARS},
+    }
+    assert schema.decode_row(orjson.dumps(row))["labels"] == row["labels"]
+    for bad in (
+        [],
+        "team=a",
+        {"team": 1},
+        {"": "a"},
+        {"k" * (schema.MAX_LABEL_KEY_CHARS + 1): "a"},
+        {"team": "v" * (schema.MAX_LABEL_VALUE_CHARS + 1)},
+        {f"k{i}": "v" for i in range(schema.MAX_LABELS + 1)},
+    ):
+        with pytest.raises(MalformedMessage, match="labels"):
+            schema.decode_row(orjson.dumps({**row, "labels": bad}))
+        with pytest.raises(MalformedMessage, match="labels"):
+            schema.decode_batch(
+                orjson.dumps(
+                    {
+                        "v": 1,
+                        "worker_id": "w1",
+                        "epoch": "e",
+                        "seq": 1,
+                        "events": [{"type": "progress", "request_id": "r1", "labels": bad}],
+                    }
+                )
+            )
+    fields = {name: "1" for name in schema.COMPLETED_FIELDS}
+    fields.update(outcome="ok", labels='{"team":"a"}')
+    assert schema.decode_completed("1-0", fields)["labels"] == {"team": "a"}
+    with pytest.raises(MalformedMessage):
+        schema.decode_completed("1-0", {**fields, "labels": '{"team":2}'})
