@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ INSTALL_TIMEOUT = 900.0
 # 2-core machine took up to 90 s (LiteLLM) in trials.
 START_TIMEOUT = 240.0
 SNAPSHOT = "/metrics/active-requests"
+STARTED = "Application startup complete."
 CANCEL_BOUND = 2.0  # seconds from the cancel to the client's stream ending (the contract)
 
 
@@ -113,6 +115,10 @@ async def answers(client: httpx.AsyncClient, url: str) -> bool:
     return False
 
 
+async def _lines(server: Child, text: str, count: int) -> bool:
+    return server.output.count(text) >= count
+
+
 @dataclass
 class View:
     """The stream service's JSON snapshot, as a dashboard's polling fallback reads it."""
@@ -130,7 +136,11 @@ class View:
         return {row["request_id"]: row for row in (await self.snapshot())["active_requests"]}
 
     async def workers_up(self, count: int, server: Child) -> list[dict[str, Any]]:
-        """Once exactly ``count`` workers are up; the server's own process is not one."""
+        """Once exactly ``count`` workers are up and every one accepts connections."""
+        # Uvicorn (also inside gunicorn) logs this line in each worker once the app's startup
+        # is over and it accepts connections; the publisher registers earlier, on the
+        # lifespan's start, while a slow app (LiteLLM) may take seconds more to get there.
+        await until(lambda: _lines(server, STARTED, count), START_TIMEOUT, STARTED, server)
 
         async def up() -> list[dict[str, Any]] | None:
             workers = [w for w in (await self.snapshot())["workers"] if w["status"] == "up"]
@@ -139,6 +149,35 @@ class View:
         workers: list[dict[str, Any]] = await until(up, START_TIMEOUT, f"{count} workers", server)
         assert len(workers) == count, workers
         return workers
+
+
+async def every_worker_answers(
+    client: httpx.AsyncClient,
+    url: str,
+    redis: aioredis.Redis,
+    key_prefix: str,
+    workers: set[str],
+    server: Child,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """GET ``url`` on a new connection each time until every one of ``workers`` has answered
+    one (its completed entry says so): a worker can be up and still busy finishing its own
+    start-up (LiteLLM's runs on for seconds), and while it is, every connection lands on the
+    other one."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + START_TIMEOUT
+    for i in itertools.count():
+        request_id = f"probe-{i}"
+        answer = await client.get(
+            url, headers={"x-request-id": request_id, "connection": "close", **(headers or {})}
+        )
+        assert answer.status_code == 200, answer.text[:300]
+        seen.add((await completed(redis, key_prefix, request_id))["worker_id"])
+        if seen >= workers:
+            return
+        if time.monotonic() > deadline or server.poll() is not None:
+            raise AssertionError(f"only {seen} of {workers} answered {i + 1} requests")
+        await asyncio.sleep(0.1)
 
 
 @dataclass
@@ -293,7 +332,9 @@ async def _done(held: Held) -> bool:
     return held.done()
 
 
-async def completed(redis: aioredis.Redis, key_prefix: str, request_id: str) -> dict[str, Any]:
+async def completed(
+    redis: aioredis.Redis, key_prefix: str, request_id: str, timeout: float = 10.0
+) -> dict[str, Any]:
     """The finished entry of ``request_id`` in the completed stream (waits for it)."""
 
     async def find() -> dict[str, Any] | None:
@@ -304,5 +345,5 @@ async def completed(redis: aioredis.Redis, key_prefix: str, request_id: str) -> 
                 return dict(entry)
         return None
 
-    entry: dict[str, Any] = await until(find, 10, f"the completed entry of {request_id}")
+    entry: dict[str, Any] = await until(find, timeout, f"the completed entry of {request_id}")
     return entry

@@ -12,6 +12,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,7 +30,7 @@ UVICORN = [sys.executable, "-m", "uvicorn", "tests.system.plain_app:app", "--hos
 
 
 async def registered(redis: aioredis.Redis, keys: Keys) -> dict[str, schema.WorkerRecord]:
-    raw = await redis.hgetall(keys.workers)
+    raw: Any = await redis.hgetall(keys.workers)
     return {k.decode(): schema.decode_worker_record(v) for k, v in raw.items()}
 
 
@@ -73,5 +74,5 @@ async def _at_least(
 
 
 async def _finished(redis: aioredis.Redis, keys: Keys, path: str) -> bool:
-    entries = await redis.xrange(keys.completed)
+    entries: Any = await redis.xrange(keys.completed)
     return path in {schema.decode_completed(i, f)["path"] for i, f in entries}

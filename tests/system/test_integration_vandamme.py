@@ -27,13 +27,12 @@ from bench.peer import VANDAMME, vandamme_env, vdm_hub_on_path
 from tests.procs import Proc, vdm_hub
 from tests.system.integration_harness import (
     CANCEL_BOUND,
-    START_TIMEOUT,
     Instrumented,
     View,
     all_rows_in_every_sample,
-    answers,
     cancel_cuts_the_client,
     completed,
+    every_worker_answers,
     holding,
     installed,
     stream_service,
@@ -122,12 +121,11 @@ async def test_vandamme_in_two_processes_shows_every_held_stream(
         async with httpx.AsyncClient(trust_env=False) as client:
             view = View(stream, client)
             workers = await view.workers_up(2, vandamme)
-            await until(
-                lambda: answers(client, url + "/health"), START_TIMEOUT, "vandamme", vandamme
-            )
             # The serving processes publish, each under its own id; the parent does not.
-            assert len({w["worker_id"] for w in workers}) == 2
+            ids = {w["worker_id"] for w in workers}
+            assert len(ids) == 2
             assert vandamme.pid not in {w["pid"] for w in workers}
+            await every_worker_answers(client, url + "/health", redis, key_prefix, ids, vandamme)
             await _held_streams(view, url, redis, key_prefix, vandamme)
     finally:
         vandamme.stop()
