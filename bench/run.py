@@ -21,6 +21,7 @@ from bench import baseline, scenarios
 from bench.procs import CPUS
 from bench.report import Result, write_doc
 from bench.soak import soak
+from bench.vandamme_cost import instrumenting_vandamme
 
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "e2e": scenarios.end_to_end,
@@ -31,6 +32,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "fidelity": scenarios.view_fidelity,
     "rows": scenarios.rows_in_flight,
     "soak": soak,
+    "vandamme": instrumenting_vandamme,
 }
 
 
