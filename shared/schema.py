@@ -105,6 +105,12 @@ class WorkerRecord(TypedDict):
     ttl: float
     # Notices this worker could not publish (queue overflow, Redis away); see publisher.py.
     events_dropped: NotRequired[int]
+    # Random per process start: tells a process that re-registers its own id from another
+    # live process holding the same one (register.lua).
+    instance: NotRequired[str]
+    # False: this worker cannot stop its requests (it does not listen for cancels); absent
+    # means true (workers that predate the field listen).
+    cancellable: NotRequired[bool]
 
 
 class StartEvent(TypedDict):
@@ -459,6 +465,10 @@ def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
     )
     if "events_dropped" in obj:
         record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]
+    if "instance" in obj:
+        record["instance"] = _text(obj, "instance", MAX_ID_CHARS)  # type: ignore[typeddict-item]
+    if "cancellable" in obj:
+        record["cancellable"] = _bool(obj, "cancellable")
     return record
 
 

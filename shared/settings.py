@@ -120,8 +120,8 @@ def _key_prefix(name: str, raw: str) -> str:
 
 
 # The placeholders VDM_WORKER_ID may hold; the serving process fills them in when its
-# publisher starts (after any fork; services/proxy/workerid.py).
-WORKER_ID_PLACEHOLDERS = ("{host}", "{pid}")
+# publisher starts (after any fork), `{index}` at registration (services/proxy/workerid.py).
+WORKER_ID_PLACEHOLDERS = ("{host}", "{pid}", "{index}")
 DEFAULT_WORKER_ID = "{host}-{pid}"
 
 
@@ -130,10 +130,15 @@ def _worker_id(name: str, raw: str) -> str:
     bare = value
     for placeholder in WORKER_ID_PLACEHOLDERS:
         bare = bare.replace(placeholder, "")
-    if not value or len(value) > 128 or any(c.isspace() or c in "{}*?[]:" for c in bare):
+    if (
+        not value
+        or len(value) > 128
+        or value.count("{index}") > 1
+        or any(c.isspace() or c in "{}*?[]:" for c in bare)
+    ):
         raise ConfigError(
             f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs; "
-            "it may hold the placeholders {host} and {pid}"
+            "it may hold the placeholders {host}, {pid} and (once) {index}"
         )
     return value
 
@@ -157,6 +162,54 @@ def _token(name: str, raw: str) -> str:
     if any(c.isspace() for c in value):
         raise ConfigError(f"{name}: the token must not contain spaces or line breaks")
     return value
+
+
+# Requests an instrumented app does not report: health and metrics probes, the hub's own
+# endpoints, API docs, static files. An entry `/x` matches the path /x and every path below
+# it; `*.ext` matches paths ending in .ext. VDM_EXCLUDE_PATHS replaces the list; `default`
+# stands for it.
+DEFAULT_EXCLUDE_PATHS: tuple[str, ...] = (
+    "/health",
+    "/healthz",
+    "/readyz",
+    "/livez",
+    "/ping",
+    "/metrics",
+    "/_vdm",
+    "/docs",
+    "/openapi.json",
+    "/favicon.ico",
+    "/robots.txt",
+    "/static",
+    "*.css",
+    "*.js",
+    "*.map",
+    "*.png",
+    "*.svg",
+    "*.ico",
+    "*.woff2",
+)
+
+
+def _exclude_paths(name: str, raw: str) -> tuple[str, ...]:
+    found: list[str] = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        if item == "default":
+            found += DEFAULT_EXCLUDE_PATHS
+        elif item == "none":
+            continue
+        elif item.startswith("/") and "*" not in item and not any(c.isspace() for c in item):
+            found.append(item.rstrip("/") or "/")
+        elif item.startswith("*.") and len(item) > 2 and not any(c in "*/ " for c in item[1:]):
+            found.append(item)
+        else:
+            raise ConfigError(
+                f"{name}: {item!r} is not a path (/health: it and every path below it) or a "
+                "suffix (*.css); 'default' stands for the default list, 'none' for nothing"
+            )
+    return tuple(dict.fromkeys(found))
 
 
 REDIS_MODES = ("standalone", "cluster", "sentinel")
@@ -225,6 +278,8 @@ class Settings:
     redis_sentinel_master: str = "mymaster"
     # Bring your own proxy: vdm_hub.instrument() and the worker's publisher.
     instrument: bool = True
+    cancel: bool = True
+    exclude_paths: tuple[str, ...] = DEFAULT_EXCLUDE_PATHS
 
     @classmethod
     def from_env(
@@ -322,6 +377,8 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_REDIS_SENTINELS": ("redis_sentinels", _host_ports),
     "VDM_REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _name),
     "VDM_INSTRUMENT": ("instrument", _bool),
+    "VDM_WORKER_CANCEL": ("cancel", _bool),
+    "VDM_EXCLUDE_PATHS": ("exclude_paths", _exclude_paths),
 }
 
 assert {a for a, _ in _VARIABLES.values()} == {f.name for f in fields(Settings)}
@@ -340,5 +397,6 @@ def _option_text(name: str, value: object) -> str:
     if isinstance(value, list | tuple):
         items = [f"{i[0]}:{i[1]}" if isinstance(i, tuple) and len(i) == 2 else i for i in value]
         if all(isinstance(i, str) for i in items):
-            return ",".join(items)
+            # An empty list is "nothing", which only VDM_EXCLUDE_PATHS can say.
+            return ",".join(items) if items else "none"
     raise ConfigError(f"{name}={value!r}: expected a string, a number, true/false or a list")

@@ -85,7 +85,14 @@ class WireScripts:
         rows: Sequence[tuple[str, bytes]],
         *,
         ttl_ms: int,
-    ) -> None:
+        claim: bool = False,
+    ) -> bytes | None:
+        """Register ``record``'s worker with ``rows`` in flight; None when done.
+
+        ``claim``: only if no live process of another instance (``record["instance"]``) holds
+        the id; when one does, nothing is written and its record is returned (``b""`` when it
+        left none). Without ``claim`` the id is taken over, whoever held it.
+        """
         wid, epoch = record["worker_id"], record["epoch"]
         events = schema.encode([{"type": schema.EventType.WORKER_UP, "worker": record}])
         args: list[Any] = [
@@ -95,13 +102,17 @@ class WireScripts:
             ttl_ms,
             schema.envelope_prefix(wid, epoch),
             events,
+            record.get("instance", "") if claim else "",
             len(rows),
         ]
         for request_id, row in rows:
             args += (request_id, row)
         k = self.keys
         keys = [k.workers, k.alive, k.seq, k.active(wid), k.events]
-        await self._run("register", self._register, keys, args)
+        result = await self._run("register", self._register, keys, args)
+        if result == 1:
+            return None
+        return result if isinstance(result, bytes) else str(result).encode()
 
     def apply_keys_args(
         self,

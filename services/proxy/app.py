@@ -45,7 +45,11 @@ class WorkerApp:
         quiet_deliberate_aborts()
         enabled = settings.log_request_metrics if instrument is None else instrument
         self.publisher = Publisher(settings, redis, upstream=upstream) if enabled else None
-        self.proxied = RequestMetricsMiddleware(proxy, self.publisher) if self.publisher else proxy
+        self.proxied = (
+            RequestMetricsMiddleware(proxy, self.publisher, exclude=settings.exclude_paths)
+            if self.publisher
+            else proxy
+        )
         self._lifespan_router = Router(lifespan=lambda _app: self.lifespan())
 
     @contextlib.asynccontextmanager

@@ -36,6 +36,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vdm_hub.services.proxy.forward import quiet_deliberate_aborts
 from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
 from vdm_hub.services.proxy.publisher import Publisher
 from vdm_hub.shared.settings import Settings
@@ -87,8 +88,11 @@ class InstrumentedApp:
         """Create and start the publisher (once; synchronous, so two first requests at once
         cannot both get here first)."""
         if self._middleware is None:
+            quiet_deliberate_aborts()  # a cancelled stream is cut on purpose: no traceback
             self.publisher = Publisher(self.settings)
-            self._middleware = RequestMetricsMiddleware(self.app, self.publisher)
+            self._middleware = RequestMetricsMiddleware(
+                self.app, self.publisher, exclude=self.settings.exclude_paths
+            )
             self.publisher.start_tasks()
             if not lifespan:
                 atexit.register(self._close_at_exit)

@@ -19,10 +19,17 @@ Request ids are unique per worker: the client's ``X-Request-Id`` when it is a sa
 is not already in flight, else a fresh random id (sent back in the response's
 ``X-Request-Id``).
 
+Not every request is reported: paths in ``exclude`` (``VDM_EXCLUDE_PATHS``: health and metrics
+probes, API docs, static files by default) pass straight through, and a GET answered with
+``text/event-stream`` (the app's own live endpoint: an LLM stream is a POST) leaves the view as
+its response starts, with no finished entry, so it never sits in the grid as a stuck request.
+
 A client that disconnects before the response is complete ends the record at once with
 outcome `client_closed`. An app reports what happened through ``scope["vdm"]``:
 ``upstream_error`` (the proxy could not reach, or lost, its upstream) and ``cancelled`` (an
-operator stopped the request; see :mod:`services.proxy.cancel`).
+operator stopped the request; see :mod:`services.proxy.cancel`). A cancellable middleware puts
+an :class:`~services.proxy.abort.Abort` in ``scope["vdm"]["abort"]``, so any app can be
+stopped the way a client disconnect stops it; an app with its own way replaces it.
 
 While the app handles a reported request, ``vdm_hub.current_request()`` returns a handle on it
 (:mod:`services.proxy.context`): labels, token usage and the model the app knows go on the row.
@@ -36,13 +43,18 @@ import asyncio
 import re
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vdm_hub.services.proxy import context, sniff
+from vdm_hub.services.proxy.abort import Abort, RequestCancelled
 from vdm_hub.services.proxy.cancel import InFlight
+from vdm_hub.services.proxy.exclude import PathFilter
+from vdm_hub.services.proxy.forward import CANCELLED_STATUS, ResponseAborted
+from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.schema import (
     MAX_METHOD_CHARS,
     MAX_PATH_CHARS,
@@ -87,6 +99,8 @@ class Recorder(Protocol):
         ttft_ms: float | None = None,
     ) -> None: ...
 
+    def discard(self, request_id: str, status: int) -> None: ...
+
 
 def clamp_path(path: str) -> str:
     path = clamp(path, MAX_PATH_CHARS)
@@ -102,6 +116,14 @@ def client_request_id(raw: bytes | None) -> str | None:
         if _VALID_REQUEST_ID.fullmatch(text):
             return text
     return None
+
+
+def answers_event_stream(message: Message) -> bool:
+    """Does this response start an SSE stream (``text/event-stream``)?"""
+    for key, value in message.get("headers", ()):
+        if key.lower() == b"content-type":
+            return b"text/event-stream" in bytes(value).lower()
+    return False
 
 
 def _has_body(content_length: bytes | None, chunked: bool) -> bool:
@@ -326,6 +348,17 @@ class _Tracker:
                 else:
                     self.recorder.progress(self.request_id, {"bytes_out": self.bytes_out})
 
+    def drop(self, in_flight: InFlight) -> None:
+        """Not a request to show after all (the app's own event stream, answering a GET): out
+        of the view at once, with no finished entry, and nothing more reported."""
+        if self.ended:
+            return
+        self.ended = True
+        in_flight.release(self.request_id)
+        if self.published:
+            self.recorder.discard(self.request_id, self.status)
+        self.published = True  # so that nothing reports it later (the start bound's timer)
+
     def finish(self, outcome: Outcome | None, scope: Scope, in_flight: InFlight) -> None:
         if self.ended:
             return
@@ -405,10 +438,18 @@ class RequestMetricsMiddleware:
         request_id_header: bool = True,
         in_flight: InFlight | None = None,
         start_bound: float = START_BOUND,
+        exclude: Iterable[str] = (),
+        cancellable: bool | None = None,
     ) -> None:
         self.app = app
         self.recorder = recorder
+        # Whether to stop a cancelled request (abort.py); by default, when the recorder listens
+        # for cancels (the publisher, unless VDM_WORKER_CANCEL=false).
+        self.cancellable = (
+            bool(getattr(recorder, "cancellable", False)) if cancellable is None else cancellable
+        )
         self.request_id_header = request_id_header
+        self.exclude = PathFilter(exclude)
         if in_flight is None:
             # The publisher's, so its cancel listener finds these requests.
             in_flight = getattr(recorder, "in_flight", None)
@@ -416,22 +457,42 @@ class RequestMetricsMiddleware:
         self._bound = _StartBound(start_bound)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or "vdm" in scope:
+        if scope["type"] != "http" or "vdm" in scope or scope.get("path", "/") in self.exclude:
             await self.app(scope, receive, send)
             return
-        in_flight = self.in_flight
         vdm: dict[str, Any] = {}
         scope["vdm"] = vdm
-        tracker = _Tracker(self.recorder, scope, in_flight)
+        tracker = _Tracker(self.recorder, scope, self.in_flight)
         vdm["request_id"] = tracker.request_id
         if not tracker.published:
             self._bound.add(tracker)
-        response_complete = False
+        stop = None
+        if self.cancellable:
+            # The app's own abort hook, if it sets one (the reverse proxy does), replaces it.
+            stop = vdm["abort"] = Abort()
+        token = context.enter(tracker)
+        try:
+            await self._serve(scope, receive, send, tracker, stop)
+        finally:
+            context.leave(token)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, tracker: _Tracker, stop: Abort | None
+    ) -> None:
+        in_flight = self.in_flight
+        response_complete = body_read = False
 
         async def receive_wrapper() -> Message:
-            message: Message = await receive()
+            nonlocal body_read
+            if stop is not None and (body_read or stop.requested):
+                message = await stop.receive(receive)
+                if message is None:  # cancelled: as a disconnect, but not the client's doing
+                    return {"type": "http.disconnect"}
+            else:
+                message = await receive()
             kind = message["type"]
             if kind == "http.request":
+                body_read = not message.get("more_body", False)
                 tracker.on_request_body(message)
             elif kind == "http.disconnect" and not response_complete:
                 tracker.finish(Outcome.CLIENT_CLOSED, scope, in_flight)
@@ -439,13 +500,18 @@ class RequestMetricsMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             nonlocal response_complete
+            if stop is not None and stop.requested:
+                raise RequestCancelled("the request was cancelled by an operator")
             kind = message["type"]
             if kind == "http.response.body":  # first: it is by far the most frequent
-                tracker.on_response_body(message)
+                if not tracker.ended:
+                    tracker.on_response_body(message)
                 if not message.get("more_body", False):
                     response_complete = True
             elif kind == "http.response.start":
                 tracker.on_response_start(message)
+                if tracker.row["method"] == "GET" and answers_event_stream(message):
+                    tracker.drop(in_flight)
                 if self.request_id_header:
                     headers = list(message.get("headers", ()))
                     headers.append((b"x-request-id", tracker.request_id.encode()))
@@ -460,20 +526,44 @@ class RequestMetricsMiddleware:
             if response_complete:
                 tracker.finish(None, scope, in_flight)
 
-        token = context.enter(tracker)
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
-        except BaseException:
-            if tracker.status == 0:
-                tracker.status = 500
-            # The flags the app left in scope["vdm"] (upstream error, cancel) decide.
-            failed = None if response_complete or vdm.get("upstream_error") else Outcome.ERROR
-            tracker.finish(failed, scope, in_flight)
-            raise
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            except BaseException as exc:
+                if stop is None or not stop.requested or _not_ours(exc, stop):
+                    if tracker.status == 0:
+                        tracker.status = 500
+                    # The flags the app left in scope["vdm"] (upstream error, cancel) decide.
+                    failed = (
+                        None
+                        if response_complete or scope["vdm"].get("upstream_error")
+                        else Outcome.ERROR
+                    )
+                    tracker.finish(failed, scope, in_flight)
+                    raise
+                # Otherwise the app stopped because of the cancel, whichever way it showed it.
+            finally:
+                if stop is not None:
+                    stop.app_returned()
+            if stop is not None and stop.requested and not response_complete:
+                await _cut(tracker, scope, receive, send)
         finally:
             # An app that returns without completing the response (or after a disconnect).
             if not tracker.ended:
                 tracker.finish(
                     None if response_complete else Outcome.CLIENT_CLOSED, scope, in_flight
                 )
-            context.leave(token)
+
+
+def _not_ours(exc: BaseException, stop: Abort) -> bool:
+    """A cancellation the abort did not cause (a server shutting down) is not swallowed."""
+    return isinstance(exc, asyncio.CancelledError) and not stop.forced
+
+
+async def _cut(tracker: _Tracker, scope: Scope, receive: Receive, send: Send) -> None:
+    """End a cancelled request's response: 499 if it had not begun, else cut it mid-way."""
+    if tracker.status:
+        raise ResponseAborted("cancelled mid-response")
+    tracker.status = CANCELLED_STATUS
+    body = {"error": "cancelled", "message": "the request was cancelled by an operator"}
+    await JSONResponse(body, CANCELLED_STATUS)(scope, receive, send)

@@ -104,8 +104,10 @@ class Publisher:
         upstream: str | None = None,
     ) -> None:
         self.settings = settings
-        # Filled in again by start_background(), in the process that serves (after any fork).
-        self.worker_id = WorkerIdPlan.here(settings.worker_id).first()
+        # Planned again by start_background(), in the process that serves (after any fork).
+        self._plan = WorkerIdPlan.here(settings.worker_id)
+        self.worker_id = self._plan.first()
+        self.instance = os.urandom(8).hex()
         self.keys = Keys(settings.key_prefix)
         self.started_at = time.time()
         self._own_redis = redis is None
@@ -123,7 +125,9 @@ class Publisher:
         self._seq = 0  # of the last batch applied in this epoch
         self._unsure: _Unsure | None = None
         self.active: dict[str, Row] = {}
-        # Requests in flight (unique ids, cancel lookup) and the channel that cancels them.
+        # Requests in flight (unique ids, cancel lookup) and the channel that cancels them,
+        # unless VDM_WORKER_CANCEL=false (the record says so, and no cancel is offered).
+        self.cancellable = settings.cancel
         self.in_flight = InFlight()
         self.cancels = CancelListener(self.redis, self.keys.cancel(self.worker_id), self.in_flight)
         # The batch being gathered: notice events, rows to write, rows to delete, finished.
@@ -233,6 +237,33 @@ class Publisher:
             self._events.append(done)
         self._wakeup.set()
 
+    def discard(self, request_id: str, status: int) -> None:
+        """Take a request out of the view with no finished entry: it turned out not to be one
+        to show (the app's own event stream). Readers get an ``end``, unless its ``start``
+        has not gone out yet, in which case neither does."""
+        if self.active.pop(request_id, None) is None:
+            return
+        pending = self._progress.pop(request_id, None)
+        if pending is not None:
+            pending["type"] = SUPERSEDED
+        start = self._starts.pop(request_id, None)
+        if start is not None:
+            start["type"] = SUPERSEDED
+            return
+        if self._admit():
+            done: EndEvent = {
+                "type": END,
+                "request_id": request_id,
+                "status": status,
+                "outcome": Outcome.OK.value,
+                "duration_ms": 0.0,
+                "input_tokens": None,
+                "output_tokens": None,
+                "bytes_out": 0,
+            }
+            self._events.append(done)
+            self._wakeup.set()
+
     def _admit(self) -> bool:
         """Should this event be queued? Not while a rewrite is due (it supersedes events);
         on overflow the event is dropped, counted, and a rewrite planned."""
@@ -254,12 +285,15 @@ class Publisher:
     def start_tasks(self) -> None:
         """:meth:`start_background` for a caller that cannot await (it needs a running loop)."""
         self._loop = asyncio.get_running_loop()
-        self._adopt_id(WorkerIdPlan.here(self.settings.worker_id).first())
+        self._plan = WorkerIdPlan.here(self.settings.worker_id)
+        self.instance = os.urandom(8).hex()  # not the pre-fork parent's
+        self._adopt_id(self._plan.first())
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="vdm-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="vdm-heartbeat"),
-            asyncio.create_task(self.cancels.run(), name="vdm-cancel"),
         ]
+        if self.cancellable:
+            self._tasks.append(asyncio.create_task(self.cancels.run(), name="vdm-cancel"))
         self._wakeup.set()
 
     async def wait_registered(self) -> None:
@@ -342,6 +376,8 @@ class Publisher:
             heartbeat_interval=self.settings.worker_heartbeat_interval,
             ttl=self.settings.worker_ttl,
             events_dropped=self.events_dropped,
+            instance=self.instance,
+            cancellable=self.cancellable,
         )
 
     def _ttl_ms(self) -> int:
@@ -360,14 +396,14 @@ class Publisher:
             # A (re-)registration follows a fault or a reap: the raw connection may be stale
             # (Redis restarted under it), so the next batch starts on a fresh one.
             self._raw.close()
-        rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
         previous, self.epoch = self.epoch, epoch
         try:
-            await self.scripts.register(self.record(), rows, ttl_ms=self._ttl_ms())
+            rows = await self._claim()
         except BaseException:
             self.epoch = previous
             self._needs_register = True
             raise
+        self._needs_register = False
         self._seq = 1
         self.registrations += 1
         self._registered.set()
@@ -386,6 +422,53 @@ class Publisher:
                 epoch,
                 len(rows),
             )
+
+    async def _claim(self) -> list[tuple[str, bytes]]:
+        """Register under the first id of the plan no other live process holds; the rows
+        written. The first registration of a fixed id takes it over (it may be this very
+        process's predecessor, crashed and not reaped yet); a later one, or one of an
+        ``{index}`` template, only claims a free id: a process whose id was taken over while
+        it lived moves on, and says so (workerid.py)."""
+        claim = self._plan.indexed or self.registrations > 0
+        refused: list[tuple[str, bytes]] = []  # (id, its holder's record)
+        while True:
+            rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
+            holder = await self.scripts.register(
+                self.record(), rows, ttl_ms=self._ttl_ms(), claim=claim
+            )
+            if holder is None:
+                break
+            refused.append((self.worker_id, holder))
+            tried = {wid for wid, _ in refused}
+            free = next((c for c in self._plan.candidates() if c not in tried), None)
+            if free is None:
+                raise RedisError(f"every id of VDM_WORKER_ID={self._plan.template!r} is taken")
+            self._adopt_id(free)
+        if refused:
+            self._report_taken(*refused[0])
+        return rows
+
+    def _report_taken(self, worker_id: str, holder: bytes) -> None:
+        """One line for an id this process could not have: a warning when two live processes
+        were given one id (an ``{index}`` taken meanwhile is routine)."""
+        try:
+            record = schema.decode_worker_record(holder)
+            other = f"host {record['host']}, pid {record['pid']}"
+        except schema.MalformedMessage:
+            other = "a process that left no readable record"
+        if self._plan.indexed:
+            log.info("worker id %s is held by %s; taking %s", worker_id, other, self.worker_id)
+            return
+        log.warning(
+            "worker id %s is also in use by another live process (%s); this process (host %s, "
+            "pid %d) publishes as %s from now on. Give each process its own VDM_WORKER_ID, or "
+            "put {pid} or {index} in it",
+            worker_id,
+            other,
+            self._plan.host,
+            self._plan.pid,
+            self.worker_id,
+        )
 
     def _replan(self, epoch: str, why: str, level: int = logging.WARNING) -> None:
         """Plan a rewrite because a call made under ``epoch`` failed; one per incident: a
@@ -465,7 +548,9 @@ class Publisher:
         except NotRegistered:
             self._completed.extendleft(reversed(done))
             self._replan(
-                epoch, f"worker {self.worker_id} is no longer registered (reaped or superseded)"
+                epoch,
+                f"worker {self.worker_id} is no longer registered (reaped or superseded)",
+                logging.INFO,  # the registration that follows says which, when it matters
             )
             return
         except BaseException:
@@ -605,7 +690,7 @@ class Publisher:
             log.debug("heartbeat failed (%s); retrying", exc or type(exc).__name__)
             return False
         if not alive:
-            self._replan(epoch, "heartbeat refused (reaped or superseded)")
+            self._replan(epoch, "heartbeat refused (reaped or superseded)", logging.INFO)
         return True
 
     async def _heartbeat_loop(self) -> None:

@@ -67,11 +67,12 @@ class WorkerIdPlan:
 
 
 def _fit(base: str, placeholder: str, value: str) -> str:
-    """``base`` with ``placeholder`` replaced by ``value``, cut to the longest id allowed (the
-    text around the placeholder is shortened, never the value that makes it unique)."""
+    """``base`` with ``placeholder`` replaced by ``value``, cut to the longest id allowed: the
+    text before the placeholder (where a long host name is) goes first, never the value that
+    makes the id unique."""
     head, _, tail = base.partition(placeholder) if placeholder else (base, "", "")
     room = MAX_ID_CHARS - len(value)
     if len(head) + len(tail) > room:
-        tail = tail[: max(0, room - len(head))]
+        tail = tail[:room]
         head = head[: room - len(tail)]
     return head + value + tail

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,42 +20,17 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from starlette.applications import Starlette
-from starlette.responses import PlainTextResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 import vdm_hub
+from tests.embed_support import completed, until, workers
 from tests.serving import running
-from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = {"VDM_WORKER_HEARTBEAT_INTERVAL": "0.2", "VDM_WORKER_TTL": "2"}
-
-
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, redis_url: str, key_prefix: str) -> dict[str, str]:
-    """The environment a user sets for their app (read when ``instrument`` is called)."""
-    values = {"REDIS_URL": redis_url, "VDM_KEY_PREFIX": key_prefix, **FAST}
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
-
-
-async def until(predicate: Callable[[], Awaitable[Any]], timeout: float = 10.0) -> Any:
-    async with asyncio.timeout(timeout):
-        while not (value := await predicate()):
-            await asyncio.sleep(0.02)
-        return value
-
-
-async def workers(redis: aioredis.Redis, keys: Keys) -> set[str]:
-    return {k.decode() for k in await redis.hkeys(keys.workers)}
-
-
-async def completed(redis: aioredis.Redis, keys: Keys) -> list[schema.CompletedEntry]:
-    return [schema.decode_completed(i, f) for i, f in await redis.xrange(keys.completed)]
 
 
 def readme_examples() -> list[str]:
@@ -86,7 +61,7 @@ async def app(scope, receive, send):
 
 @pytest.mark.timeout(30)
 async def test_the_readme_examples_pasted_into_files_publish_their_requests(
-    env: dict[str, str], redis: aioredis.Redis, keys: Keys, tmp_path: Path
+    app_env: dict[str, str], redis: aioredis.Redis, keys: Keys, tmp_path: Path
 ) -> None:
     recipe, whole = readme_examples()
     assert len(recipe.strip().splitlines()) <= 3
@@ -113,7 +88,7 @@ async def test_the_readme_examples_pasted_into_files_publish_their_requests(
 
 @pytest.mark.timeout(30)
 async def test_the_publisher_lives_inside_the_apps_own_lifespan(
-    env: dict[str, str], redis: aioredis.Redis, keys: Keys
+    app_env: dict[str, str], redis: aioredis.Redis, keys: Keys
 ) -> None:
     events: list[str] = []
 
@@ -142,7 +117,7 @@ async def test_the_publisher_lives_inside_the_apps_own_lifespan(
 
 @pytest.mark.timeout(30)
 async def test_an_app_that_does_not_speak_lifespan_gets_it_answered(
-    env: dict[str, str], redis: aioredis.Redis, keys: Keys
+    app_env: dict[str, str], redis: aioredis.Redis, keys: Keys
 ) -> None:
     async def raw(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -165,7 +140,7 @@ async def test_an_app_that_does_not_speak_lifespan_gets_it_answered(
 
 @pytest.mark.timeout(30)
 async def test_an_app_wrapped_twice_reports_each_request_once(
-    env: dict[str, str], redis: aioredis.Redis, keys: Keys
+    app_env: dict[str, str], redis: aioredis.Redis, keys: Keys
 ) -> None:
     inner = vdm_hub.instrument(Starlette(routes=[Route("/x", lambda r: PlainTextResponse("x"))]))
 
@@ -184,6 +159,45 @@ async def test_an_app_wrapped_twice_reports_each_request_once(
 
 async def _count(redis: aioredis.Redis, keys: Keys, n: int) -> bool:
     return len(await completed(redis, keys)) >= n
+
+
+@pytest.mark.timeout(30)
+async def test_probes_and_the_apps_own_event_stream_never_sit_in_the_view(
+    app_env: dict[str, str], redis: aioredis.Redis, keys: Keys
+) -> None:
+    async def events(request: Any) -> StreamingResponse:
+        async def ticks() -> AsyncIterator[bytes]:
+            while True:
+                yield b"data: tick\n\n"
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(ticks(), media_type="text/event-stream")
+
+    async def chat(request: Any) -> JSONResponse:
+        return JSONResponse({"model": (await request.json())["model"]})
+
+    routes = [
+        Route("/events", events),
+        Route("/healthz", lambda r: PlainTextResponse("ok")),
+        Route("/static/app.js", lambda r: PlainTextResponse("js")),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+    ]
+    app = vdm_hub.instrument(Starlette(routes=routes), worker_id="sse-1")
+    async with running(app, "app") as (url, _), httpx.AsyncClient() as client:
+        await until(lambda: workers(redis, keys))
+        async with client.stream("GET", f"{url}/events") as stream:
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "data: tick"
+            for path in ("/healthz", "/static/app.js"):
+                assert (await client.get(f"{url}{path}")).status_code == 200
+            chat_call = await client.post(f"{url}/v1/chat/completions", json={"model": "m"})
+            assert chat_call.status_code == 200
+            (entry,) = await until(lambda: completed(redis, keys))
+            # The event stream is still open, and not in the view; only the POST finished.
+            assert await anext(lines) in ("", "data: tick")
+            assert await redis.hgetall(keys.active("sse-1")) == {}
+            assert entry["path"] == "/v1/chat/completions"
+    assert [e["path"] for e in await completed(redis, keys)] == ["/v1/chat/completions"]
 
 
 SCRIPT = """
@@ -217,7 +231,7 @@ asyncio.run(main())
 
 @pytest.mark.timeout(60)
 def test_without_a_lifespan_the_first_request_starts_it_and_exit_closes_it(
-    env: dict[str, str], redis_url: str, keys: Keys
+    app_env: dict[str, str], redis_url: str, keys: Keys
 ) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=50, check=False

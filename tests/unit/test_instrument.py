@@ -31,6 +31,9 @@ class Recorded:
     def end(self, request_id: str, **fields: Any) -> None:
         self.calls.append(("end", request_id, fields))
 
+    def discard(self, request_id: str, status: int) -> None:
+        self.calls.append(("discard", request_id, {"status": status}))
+
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [fields for k, _, fields in self.calls if k == kind]
 

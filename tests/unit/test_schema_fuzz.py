@@ -86,6 +86,8 @@ def records(draw: st.DrawFn, worker_id: str) -> schema.WorkerRecord:
     )
     if draw(st.booleans()):
         record["events_dropped"] = draw(counts)
+    if draw(st.booleans()):
+        record["instance"] = draw(ids)
     return record
 
 
