@@ -163,7 +163,7 @@ async def every_worker_answers(
     """GET ``url`` on a new connection each time until every one of ``workers`` has answered
     one (its completed entry says so): a worker can be up and still busy finishing its own
     start-up (LiteLLM's runs on for seconds), and while it is, every connection lands on the
-    other one."""
+    other one. ``url`` must be a path the hub reports (health probes are left out)."""
     seen: set[str] = set()
     deadline = time.monotonic() + START_TIMEOUT
     for i in itertools.count():

@@ -125,7 +125,7 @@ async def test_vandamme_in_two_processes_shows_every_held_stream(
             ids = {w["worker_id"] for w in workers}
             assert len(ids) == 2
             assert vandamme.pid not in {w["pid"] for w in workers}
-            await every_worker_answers(client, url + "/health", redis, key_prefix, ids, vandamme)
+            await every_worker_answers(client, url + "/v1/models", redis, key_prefix, ids, vandamme)
             await _held_streams(view, url, redis, key_prefix, vandamme)
     finally:
         vandamme.stop()
