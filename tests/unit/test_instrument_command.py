@@ -164,3 +164,26 @@ def test_an_interpreter_without_vdm_hub_says_so_and_runs_the_command(tmp_path: P
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"vdm-hub instrument: {base} cannot import vdm_hub")
     assert line.endswith("install vdm-hub in the environment that runs the app")
+
+
+def test_a_bad_setting_in_a_serving_process_stops_it_as_uvicorn_would() -> None:
+    # The command checked the environment already; a process of the tree that changed it
+    # still fails in one line naming the variable, with uvicorn's start-up failure code.
+    done = python(
+        """
+        import os
+        os.environ["VDM_WORKER_TTL"] = "soon"
+        import uvicorn.config
+
+        async def app(scope, receive, send):
+            pass
+
+        uvicorn.config.Config(app=app, lifespan="off").load()
+        """
+    )
+    assert done.returncode == 3
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .startswith("vdm-hub instrument: configuration error: VDM_WORKER_TTL")
+    )
