@@ -159,17 +159,23 @@ async def every_worker_answers(
     workers: set[str],
     server: Child,
     headers: Mapping[str, str] | None = None,
+    body: dict[str, Any] | None = None,
 ) -> None:
-    """GET ``url`` on a new connection each time until every one of ``workers`` has answered
-    one (its completed entry says so): a worker can be up and still busy finishing its own
-    start-up (LiteLLM's runs on for seconds), and while it is, every connection lands on the
-    other one. ``url`` must be a path the hub reports (health probes are left out)."""
+    """GET ``url`` (POST ``body``, if given) on a new connection each time until every one of
+    ``workers`` has answered one (its completed entry says so): a worker can be up and still
+    busy finishing its own start-up (LiteLLM's runs on for seconds), and while it is, every
+    connection lands on the other one. ``url`` must be a path the hub reports (health probes
+    are left out)."""
     seen: set[str] = set()
     deadline = time.monotonic() + START_TIMEOUT
     for i in itertools.count():
         request_id = f"probe-{i}"
-        answer = await client.get(
-            url, headers={"x-request-id": request_id, "connection": "close", **(headers or {})}
+        answer = await client.request(
+            "GET" if body is None else "POST",
+            url,
+            json=body,
+            headers={"x-request-id": request_id, "connection": "close", **(headers or {})},
+            timeout=60,
         )
         assert answer.status_code == 200, answer.text[:300]
         seen.add((await completed(redis, key_prefix, request_id))["worker_id"])

@@ -167,14 +167,19 @@ async def view(proxy: Proxy) -> Any:
         workers = await view.workers_up(2, proxy.server)
         assert proxy.server.pid not in {w["pid"] for w in workers}  # the parent never serves
         async with aioredis.Redis.from_url(proxy.redis_url) as redis:
+            # A token count: LiteLLM loads its tokenizer (tiktoken's o200k_base, ~2 s of CPU
+            # in the event loop, once per process) the first time it counts tokens, which a
+            # cut stream makes it do; done here, the cancel's bound below times the hub's
+            # cancel, not that one-time load (docs/integrations.md).
             await every_worker_answers(
                 client,
-                proxy.url + "/v1/models",
+                proxy.url + "/utils/token_counter",
                 redis,
                 proxy.key_prefix,
                 {w["worker_id"] for w in workers},
                 proxy.server,
                 AUTH,
+                body={"model": "slow-gpt", "messages": [{"role": "user", "content": "hi"}]},
             )
         yield view
 
