@@ -6,8 +6,9 @@ with CPU to spare; the driver measures this process's CPU to show that, and the 
 needs nothing beyond the Python environment.
 
 Run as ``python -m bench.httpload`` by :class:`HTTPLoad`; stdin takes
-``run URL CONCURRENCY SECONDS [stream]`` and answers one JSON line: requests, errors, elapsed
-seconds and latency percentiles (ms). Every request is the same small chat completion that the
+``run URL CONCURRENCY SECONDS [stream]`` and answers one JSON line: requests, errors (and
+``failures``: their statuses, ``lost`` for a closed connection), elapsed seconds and latency
+percentiles (ms). Every request is the same small chat completion that the
 demo upstream answers at once (``x-demo-delay-ms: 0``): non-streaming, or with ``stream`` a
 streaming one (an SSE response read to its last chunk).
 """
@@ -120,6 +121,7 @@ async def run_load(
         await conn.roundtrip()
     latencies: list[int] = []
     errors = 0
+    failures: dict[str, int] = {}  # non-200 status (or "lost": the connection closed) -> count
     stop_at = time.monotonic() + seconds
 
     async def worker(conn: Conn) -> None:
@@ -130,6 +132,8 @@ async def run_load(
             latencies.append(time.monotonic_ns() - t0)
             if not ok:
                 errors += 1
+                why = "lost" if conn.lost else conn.status
+                failures[why] = failures.get(why, 0) + 1
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker(c) for c in conns))
@@ -141,6 +145,7 @@ async def run_load(
     return {
         "requests": len(ms),
         "errors": errors,
+        "failures": failures,
         "elapsed": elapsed,
         "rps": len(ms) / elapsed if elapsed > 0 else 0.0,
         "p50": percentile(ms, 50),

@@ -193,11 +193,12 @@ class Vandamme:
         hold_ms: int,
         held_ms: int = 600_000,
         hub: Mapping[str, str] | None = None,
+        extra: Mapping[str, str] | None = None,
     ):
         exe = ensure_installed()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = vandamme_env(upstream, home, hold_ms=hold_ms, held_ms=held_ms)
+        env = vandamme_env(upstream, home, hold_ms=hold_ms, held_ms=held_ms, **(extra or {}))
         command = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         if hub is not None:
             env |= {**hub, "PYTHONPATH": str(vdm_hub_on_path(home / "pythonpath"))}
