@@ -22,6 +22,7 @@ from bench.procs import CPUS
 from bench.report import Result, write_doc
 from bench.shards import cluster_shards
 from bench.soak import soak
+from bench.vandamme_cost import instrumenting_vandamme
 from vdm_hub.shared.fdlimit import raise_open_file_limit
 
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
@@ -34,6 +35,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "rows": scenarios.rows_in_flight,
     "soak": soak,
     "shards": cluster_shards,
+    "vandamme": instrumenting_vandamme,
 }
 
 

@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "a fake OpenAI/Anthropic-compatible LLM API",
     ),
     "load": ("vdm_hub.services.demo.load", "a bounded traffic generator"),
+    "instrument": (
+        "vdm_hub.services.instrument.main",
+        "run COMMAND with every ASGI app uvicorn serves in it publishing (-- COMMAND ARGS)",
+    ),
 }
 
 

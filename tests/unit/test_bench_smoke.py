@@ -16,6 +16,7 @@ from bench.fidelity import fidelity
 from bench.report import Result, Table, Verdict
 from bench.rows import rows_scenario
 from bench.rowwatch import Pool, Watcher
+from bench.vandamme_cost import KINDS, SIDES, vandamme_cost
 from bench.viewclient import Shared, View
 from bench.vsvandamme import vs_vandamme
 from vdm_hub.services.stream.table import row_key
@@ -70,6 +71,19 @@ async def test_tiny_side_by_side_with_vandamme_when_it_is_installed() -> None:
         assert side.missed == 0 and side.stuck == 0
         assert side.final_rows == [2, 2]  # the background rows, nothing left over
         assert side.appear and side.gone
+
+
+@pytest.mark.system
+@pytest.mark.timeout(180)
+async def test_tiny_vandamme_cost_when_it_is_installed() -> None:
+    if not peer.installed():
+        pytest.skip("vandamme-proxy is not in the bench cache (python -m bench installs it)")
+    c = await vandamme_cost(concurrency=2, round_s=0.5, pairs=1)
+    for kind in KINDS:
+        rounds = c.rounds[kind]
+        assert rounds.errors == 0
+        for side in SIDES:  # (CPU is read in 10 ms ticks: a tiny round may show none)
+            assert len(rounds.rps[side]) == 2 and min(rounds.rps[side]) > 0
 
 
 def _chunked(frames: list[bytes]) -> bytes:
