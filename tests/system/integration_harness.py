@@ -280,12 +280,25 @@ class Holds:
         assert len({row["worker_id"] for row in streaming.values()}) == workers, streaming
         return streaming
 
-    async def _all_streaming(self, view: View) -> dict[str, dict[str, Any]] | None:
+    async def first_tokens(self, view: View, server: Child) -> dict[str, dict[str, Any]]:
+        """The held rows once every one of them has its time to first token."""
+        rows: dict[str, dict[str, Any]] = await until(
+            lambda: self._all_streaming(view, "ttft_ms"), 60, "every held row's TTFT", server
+        )
+        return rows
+
+    async def _all_streaming(
+        self, view: View, known: str = "phase"
+    ) -> dict[str, dict[str, Any]] | None:
+        """The held rows when all are streaming (``known``: a field that must be set, too)."""
         failed = [(h.request_id, h.error) for h in self.streams if h.error]
         assert not failed, failed
         rows = await view.rows()
         mine = {h.request_id: rows.get(h.request_id) for h in self.streams}
-        if all(row is not None and row["phase"] == "streaming" for row in mine.values()):
+        if all(
+            row is not None and row["phase"] == "streaming" and row.get(known) is not None
+            for row in mine.values()
+        ):
             return {rid: row for rid, row in mine.items() if row is not None}
         return None
 

@@ -209,10 +209,10 @@ async def test_held_streams_carry_litellms_facts_and_cancel_cuts_the_client(
         for row in rows.values():
             assert row["model"] == "slow-gpt"  # as the client sent it, not the deployment's
             assert row["is_streaming"] is True
-            # TODO(lead): first byte on main; once TTFT is the first token ("edge" branch),
-            # assert `row["ttft_ms"] >= FIRST_TOKEN_MS` (LiteLLM sends nothing before it).
-            assert row["ttft_ms"] is not None and row["ttft_ms"] > 0
             assert row.get("labels") == {**CALLER, **DEPLOYMENT}
+        # TTFT is the first token, which the upstream holds back for FIRST_TOKEN_MS.
+        for row in (await holds.first_tokens(view, proxy.server)).values():
+            assert row["ttft_ms"] >= FIRST_TOKEN_MS, row
         victim = held[0]
         cut = await cancel_cuts_the_client(view, victim, rows[victim.request_id]["worker_id"])
         assert cut <= CANCEL_BOUND, f"the cancelled client's stream ran on for {cut:.2f}s"

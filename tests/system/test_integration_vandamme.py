@@ -145,10 +145,11 @@ async def _held_streams(
         }
         for row in rows.values():
             assert row["is_streaming"] is True
-            # TODO(lead): on main `ttft_ms` is the first *byte* (vandamme's message_start). Once
-            # the "edge" branch (TTFT = first token) is merged, assert
-            # `row["ttft_ms"] >= FIRST_TOKEN_MS` here: the upstream sends no token before it.
-            assert row["ttft_ms"] is not None and row["ttft_ms"] > 0
+        # TTFT is the first token, which the upstream holds back for FIRST_TOKEN_MS, never the
+        # first byte of vandamme's own preamble (message_start, ping).
+        for row in (await holds.first_tokens(view, server)).values():
+            assert row["ttft_ms"] >= FIRST_TOKEN_MS, row
+            assert row["ttfb_ms"] is not None and row["ttfb_ms"] <= row["ttft_ms"], row
         owners = await all_rows_in_every_sample(view, held, samples=30)
         assert len(owners) == 2, owners
         victim = held[0]
