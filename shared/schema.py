@@ -201,7 +201,7 @@ PROGRESS_FIELDS: Final = frozenset(
         "labels",
     }
 )
-# Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
+# Order of the fields of a completed entry as the apply script writes them (shared/lua/apply.lua).
 # `ttft_ms`, `ttfb_ms` and `labels` are read when an entry has them (see decode_completed); the
 # script writes these.
 COMPLETED_FIELDS: Final = (
@@ -270,6 +270,13 @@ def completed_values(entry: CompletedEntry) -> list[str]:
         else:
             out.append(str(value))
     return out
+
+
+def completed_argument(entry: CompletedEntry) -> bytes:
+    """The apply script's argument for one finished request: :func:`completed_values` as one
+    JSON array (one argument instead of 15 to pack per request; the script writes exactly
+    these strings)."""
+    return orjson.dumps(completed_values(entry))
 
 
 # --------------------------------------------------------------------------- reading
