@@ -149,6 +149,7 @@ def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> St
         keys,
         step=settings.sse_interval,
         in_flight=(lambda: flight_summary(hub.in_flight())) if hub is not None else None,
+        fleet_since=functools.partial(_fleet_since, hub) if hub is not None else None,
         on_entry=finished.observe,
         on_malformed=finished.malformed_completed,
     )
@@ -179,6 +180,13 @@ def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> St
         metrics=StreamMetrics(hub, bc, finished, stuck_after=settings.stuck_after),
         supervisor=_supervisor(hub, stats, bc, settings.sse_send_timeout),
         summary_memo=summary_memo,
+    )
+
+
+def _fleet_since(hub: Hub) -> float | None:
+    """The earliest start of a worker in view: the fleet has been serving since then."""
+    return min(
+        (view.record["started_at"] for view in hub.workers.values() if view.record), default=None
     )
 
 
