@@ -29,6 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdm_hub.services.stream.cancel import cancel_router
+from vdm_hub.services.stream.completed import completed_router
 from vdm_hub.services.stream.fanout import Broadcaster
 from vdm_hub.services.stream.hub import Hub
 from vdm_hub.services.stream.memo import PeriodicMemo
@@ -314,5 +315,6 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     app.router.routes.append(Route(STREAM_PATH, endpoint=sse, methods=["GET"]))
     app.include_router(cancel_router(settings, service.hub, service.redis, service.keys))
     app.include_router(_data_routes(service))
+    app.include_router(completed_router(service.redis, service.keys))
     app.include_router(_health_routes(service))
     return app
