@@ -214,6 +214,7 @@ class Settings:
     # Operator features.
     cancel_enabled: bool = False
     stuck_after: float = 300.0
+    stall_after: float = 30.0
     # Managed and highly available Redis.
     redis_mode: str = "standalone"
     redis_sentinels: tuple[tuple[str, int], ...] = ()
@@ -296,6 +297,7 @@ _VARIABLES: dict[str, tuple[str, _Parser]] = {
     "VDM_SSE_SNAPSHOT_MAX_BPS": ("sse_snapshot_max_bps", _positive_int),
     "VDM_CANCEL_ENABLED": ("cancel_enabled", _bool),
     "VDM_STUCK_AFTER": ("stuck_after", _seconds),
+    "VDM_STALL_AFTER": ("stall_after", _seconds),
     "VDM_REDIS_MODE": ("redis_mode", _redis_mode),
     "VDM_REDIS_SENTINELS": ("redis_sentinels", _host_ports),
     "VDM_REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _name),

@@ -178,7 +178,9 @@ def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> St
         hub=hub,
         stats=stats,
         broadcaster=bc,
-        metrics=StreamMetrics(hub, bc, finished, stuck_after=settings.stuck_after),
+        metrics=StreamMetrics(
+            hub, bc, finished, stuck_after=settings.stuck_after, stall_after=settings.stall_after
+        ),
         supervisor=_supervisor(hub, stats, bc, settings.sse_send_timeout),
         summary_memo=summary_memo,
     )

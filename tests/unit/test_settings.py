@@ -16,6 +16,7 @@ def test_defaults_match_the_contract() -> None:
     )
     assert (s.key_prefix, s.worker_heartbeat_interval, s.worker_ttl) == ("vdm", 2.0, 10.0)
     assert s.redis_url is None and s.worker_id  # host-pid
+    assert (s.stuck_after, s.stall_after) == (300.0, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -31,6 +32,7 @@ def test_defaults_match_the_contract() -> None:
         ({"VDM_KEY_PREFIX": "a b"}, "VDM_KEY_PREFIX"),
         ({"VDM_WORKER_ID": "x:y"}, "VDM_WORKER_ID"),
         ({"VDM_MAX_SSE_CLIENTS": "0"}, "VDM_MAX_SSE_CLIENTS"),
+        ({"VDM_STALL_AFTER": "soon"}, "VDM_STALL_AFTER"),
         ({"VDM_CORS_ORIGINS": "example.com"}, "VDM_CORS_ORIGINS"),
         ({"VDM_CORS_ORIGINS": "*", "VDM_AUTH_TOKEN": "t"}, "VDM_CORS_ORIGINS"),
         ({"VDM_STREAM_PUBLIC_URL": "ftp://x"}, "VDM_STREAM_PUBLIC_URL"),
