@@ -7,7 +7,7 @@ appends to a window deque and a time bucket.
 
 Payload of :meth:`RollingStats.summary` (also the ``stats`` SSE event and ``/metrics/summary``)::
 
-    {"timestamp": epoch_s, "window_s": seconds the rates cover (<= 60),
+    {"timestamp": epoch_s, "window_s": seconds the rates cover (<= 60), "step_s": series step,
      "fleet": {"requests_per_s", "error_rate", "p50_ms", "p95_ms", "p99_ms",
                "ttft_p50_ms", "ttft_p95_ms", "completed", "errors", "cancelled",
                "client_closed", "in_flight"},
@@ -391,6 +391,7 @@ class RollingStats:
         return {
             "timestamp": round(now, 3),
             "window_s": round(seconds, 3),
+            "step_s": self.step,
             "fleet": _group(fleet.durations, fleet.outcomes, seconds, flight["fleet"], fleet.ttfts),
             "by_worker": _capped(window, "worker", flight["by_worker"], seconds),
             "by_model": _capped(window, "model", flight["by_model"], seconds),

@@ -131,7 +131,7 @@ def test_a_real_stream_shows_ttft_and_chunk_rate_and_cancelling_it_ends_it(
 
     page.cell(rid, "model").click()
     expect(page.detail).to_be_visible()
-    assert page.detail_value("Time to first byte") != "—"
+    assert page.detail_value("Time to first token") != "—"
     page.page.once("dialog", lambda dialog: dialog.accept())
     page.page.locator("#vdm-detail-cancel").click()
     expect(page.page.locator("#vdm-notice")).to_contain_text(

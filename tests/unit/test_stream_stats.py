@@ -111,7 +111,7 @@ async def test_rates_are_over_the_time_observed_while_younger_than_the_window(
     for i in range(90):  # 3/s for the 30 s this service has been up
         stats.add(_entry(f"r{i}", "w1", "m1", 10, "ok", now - 30 + i / 3), now)
     young = stats.summary(now)
-    assert young["window_s"] == 30.0
+    assert young["window_s"] == 30.0 and young["step_s"] == 1.0
     assert young["fleet"]["requests_per_s"] == 3.0
     assert young["by_worker"]["w1"]["requests_per_s"] == 3.0
     # A worker in view that started before this service: the fleet has been serving (and
