@@ -46,7 +46,9 @@ class Phase(StrEnum):
 
 class Outcome(StrEnum):
     OK = "ok"
-    ERROR = "error"  # the upstream answered with a status >= 400
+    # The upstream answered with a status >= 400, or the worker itself broke the request off:
+    # an exception in the app, or the shutdown grace ran out while it was in flight.
+    ERROR = "error"
     CLIENT_CLOSED = "client_closed"  # the client went away before the response was complete
     UPSTREAM_ERROR = "upstream_error"  # the upstream could not be reached or broke off
     CANCELLED = "cancelled"  # an operator cancelled the request (the worker's cancel channel)
@@ -63,8 +65,9 @@ class EventType(StrEnum):
 class Row(TypedDict):
     """A request in flight, as stored in ``P:active:{worker_id}`` (no ``duration_ms``).
 
-    ``ttft_ms`` and ``chunks_out`` came later within v1: a decoded row always has them (null
-    when a writer did not send them), and the reference worker always writes them.
+    ``ttft_ms``, ``chunks_out``, ``ttfb_ms`` and ``last_output_at`` came later within v1: a
+    decoded row always has them (null when a writer did not send them), and the reference
+    worker always writes them.
     """
 
     request_id: str
@@ -79,10 +82,16 @@ class Row(TypedDict):
     bytes_out: int
     input_tokens: int | None
     output_tokens: int | None
-    # Milliseconds from the start to the first response body byte; null until then.
+    # Milliseconds from the start to the first generated output (time to first token): the
+    # first SSE event that carries output, or the first body byte of any other response.
     ttft_ms: NotRequired[float | None]
     # SSE `data:` events forwarded so far; null for a response that is not an event stream.
     chunks_out: NotRequired[int | None]
+    # Milliseconds from the start to the first response body byte; null until then.
+    ttfb_ms: NotRequired[float | None]
+    # Epoch seconds of the last output event (an SSE data event, or a body chunk of any other
+    # response); refreshed with bytes_out and chunks_out.
+    last_output_at: NotRequired[float | None]
 
 
 class WorkerRecord(TypedDict):
@@ -151,8 +160,10 @@ class CompletedEntry(TypedDict):
     input_tokens: int | None
     output_tokens: int | None
     bytes_out: int
-    # Milliseconds from the start to the first response byte; null when none came.
+    # Milliseconds from the start to the first generated output; null when none came.
     ttft_ms: NotRequired[float | None]
+    # Milliseconds from the start to the first response body byte; null when none came.
+    ttfb_ms: NotRequired[float | None]
     id: NotRequired[str]
 
 
@@ -167,10 +178,13 @@ PROGRESS_FIELDS: Final = frozenset(
         "is_streaming",
         "ttft_ms",
         "chunks_out",
+        "ttfb_ms",
+        "last_output_at",
     }
 )
 # Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
-# `ttft_ms` is read when an entry has it (see decode_completed); the script writes these.
+# `ttft_ms` and `ttfb_ms` are read when an entry has them (see decode_completed); the script
+# writes these.
 COMPLETED_FIELDS: Final = (
     "request_id",
     "worker_id",
@@ -185,7 +199,10 @@ COMPLETED_FIELDS: Final = (
     "output_tokens",
     "bytes_out",
     "ttft_ms",
+    "ttfb_ms",
 )
+# The progress fields that are a duration or a time (the other numbers are counts).
+_TIME_FIELDS: Final = frozenset({"ttft_ms", "ttfb_ms", "last_output_at"})
 _PHASES: Final = frozenset(p.value for p in Phase)
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
 
@@ -258,8 +275,8 @@ def _number(obj: dict[str, Any], name: str) -> float:
     return float(value)
 
 
-def _millis(obj: dict[str, Any], name: str) -> float | None:
-    """A duration in ms that may be null (or absent: a field added later within v1)."""
+def _nonnegative(obj: dict[str, Any], name: str) -> float | None:
+    """A duration or a time that may be null (or absent: a field added later within v1)."""
     value = obj.get(name)
     if value is None:
         return None
@@ -311,6 +328,7 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
     start, phase, sent = get("start_time"), get("phase"), get("bytes_out")
     tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
     ttft, chunks = get("ttft_ms"), get("chunks_out")
+    ttfb, last_output = get("ttfb_ms"), get("last_output_at")
     if (
         type(rid) is str
         and 0 < len(rid) <= MAX_ID_CHARS
@@ -333,6 +351,8 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
         and (tokens_out is None or (type(tokens_out) is int and 0 <= tokens_out < 1 << 53))
         and (ttft is None or (type(ttft) is float and 0 <= ttft < math.inf))
         and (chunks is None or (type(chunks) is int and 0 <= chunks < 1 << 53))
+        and (ttfb is None or (type(ttfb) is float and 0 <= ttfb < math.inf))
+        and (last_output is None or (type(last_output) is float and 0 <= last_output < math.inf))
     ):
         if obj.keys() == _ROW_KEYS:  # exactly the fields checked: the dict itself will do
             return obj  # type: ignore[return-value]
@@ -353,6 +373,8 @@ def _fast_row(obj: dict[str, Any]) -> Row | None:
             output_tokens=tokens_out,
             ttft_ms=ttft,
             chunks_out=chunks,
+            ttfb_ms=ttfb,
+            last_output_at=last_output,
         )
     return None
 
@@ -379,8 +401,10 @@ def _checked_row(obj: dict[str, Any]) -> Row:
         bytes_out=_count(obj, "bytes_out"),  # type: ignore[typeddict-item]
         input_tokens=_count(obj, "input_tokens", nullable=True),
         output_tokens=_count(obj, "output_tokens", nullable=True),
-        ttft_ms=_millis(obj, "ttft_ms"),
+        ttft_ms=_nonnegative(obj, "ttft_ms"),
         chunks_out=_count(obj, "chunks_out", nullable=True),
+        ttfb_ms=_nonnegative(obj, "ttfb_ms"),
+        last_output_at=_nonnegative(obj, "last_output_at"),
     )
 
 
@@ -481,8 +505,8 @@ def _validate_event(obj: Any) -> dict[str, Any]:
                 out[name] = _bool(obj, name)
             elif name == "model":
                 out[name] = _text(obj, name, MAX_MODEL_CHARS, nullable=True)
-            elif name == "ttft_ms":
-                out[name] = _millis(obj, name)
+            elif name in _TIME_FIELDS:
+                out[name] = _nonnegative(obj, name)
             else:
                 out[name] = _count(obj, name, nullable=True)
         return out
@@ -538,7 +562,26 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
 
 
 _BYTES_NAMES: Final = {name: name.encode() for name in CompletedEntry.__annotations__}
-_TTFT_NAMES: Final = (b"ttft_ms", "ttft_ms")
+
+
+def _optional_millis(fields: dict[Any, Any], name: str) -> float | None:
+    """A completed entry's duration field that entries written before it existed lack (or
+    hold empty): None then."""
+    raw = fields.get(_BYTES_NAMES[name])
+    if raw is None:
+        raw = fields.get(name)
+    if raw is None:
+        return None
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise MalformedMessage(f"completed entry {name} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise MalformedMessage(f"completed entry {name} is out of range")
+    return value
 
 
 def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
@@ -577,19 +620,6 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         raise MalformedMessage("completed entry has an unknown outcome")
     status = opt_int("status")
     model = get("model")
-    ttft_ms: float | None = None
-    for key in _TTFT_NAMES:  # optional: entries written before it existed lack it
-        raw = fields.get(key)
-        if raw is not None:
-            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            if text:
-                try:
-                    ttft_ms = float(text)
-                except ValueError:
-                    raise MalformedMessage("completed entry ttft_ms is not a number") from None
-                if not math.isfinite(ttft_ms) or ttft_ms < 0:
-                    raise MalformedMessage("completed entry ttft_ms is out of range")
-            break
     return CompletedEntry(
         id=entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
         request_id=get("request_id"),
@@ -604,5 +634,6 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         input_tokens=opt_int("input_tokens"),
         output_tokens=opt_int("output_tokens"),
         bytes_out=opt_int("bytes_out") or 0,
-        ttft_ms=ttft_ms,
+        ttft_ms=_optional_millis(fields, "ttft_ms"),
+        ttfb_ms=_optional_millis(fields, "ttfb_ms"),
     )

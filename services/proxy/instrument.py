@@ -8,9 +8,11 @@ Add it to any ASGI app in a few lines::
 It never buffers a body on its way through and never delays a message: it only looks at
 them. From the request it takes the method, the path without its query string, and `model`
 and `stream` from a JSON body (sniffed while the app reads it); from the response the status,
-the first body byte (phase `upstream` -> `streaming`, and `ttft_ms`), the byte count, the SSE
-`data:` events forwarded (`chunks_out`) and token usage. Headers, bodies and query strings are
-never passed on.
+the first body byte (phase `upstream` -> `streaming`, and `ttfb_ms`), the first generated
+output (`ttft_ms`: for an SSE response the first event that carries output, see
+:func:`services.proxy.sniff.carries_output`; for any other the first body byte), the byte
+count, the SSE `data:` events forwarded (`chunks_out`), the time of the last of them
+(`last_output_at`) and token usage. Headers, bodies and query strings are never passed on.
 
 A request with a JSON body is reported (``Recorder.start``) once `model` and `stream` are known
 from the body, the body is complete, the response starts, or :data:`START_BOUND` has passed,
@@ -18,8 +20,10 @@ whichever comes first, so its first row already carries the model; any other req
 reported at once.
 
 Request ids are unique per worker: the client's ``X-Request-Id`` when it is a safe token that
-is not already in flight, else a fresh random id (sent back in the response's
-``X-Request-Id``).
+is not already in flight, else a fresh random id. The response carries exactly one
+``X-Request-Id``, this one: an ``X-Request-Id`` the app set (a proxied upstream's, such as
+OpenAI's) is moved to ``X-Upstream-Request-Id`` when it differs (and dropped when an
+``X-Upstream-Request-Id`` is there already: the one nearest the upstream is kept).
 
 A client that disconnects before the response is complete ends the record at once with
 outcome `client_closed`. An app reports what happened through ``scope["vdm"]``:
@@ -82,6 +86,7 @@ class Recorder(Protocol):
         input_tokens: int | None,
         output_tokens: int | None,
         ttft_ms: float | None = None,
+        ttfb_ms: float | None = None,
     ) -> None: ...
 
 
@@ -117,6 +122,7 @@ class _Tracker:
         "ended",
         "first_byte",
         "json_response",
+        "last_output",
         "last_progress",
         "published",
         "recorder",
@@ -128,6 +134,7 @@ class _Tracker:
         "sniffed_stream",
         "started",
         "status",
+        "ttfb_ms",
         "ttft_ms",
     )
 
@@ -158,9 +165,11 @@ class _Tracker:
         self.status = 0
         self.ended = False
         self.first_byte = False
+        self.ttfb_ms: float | None = None
         self.ttft_ms: float | None = None
         self.last_progress = 0.0
-        self.scanner: sniff.StreamUsageScanner | None = None
+        self.last_output: float | None = None  # monotonic time of the last output event
+        self.scanner: sniff.SSEScanner | None = None
         self.json_response = False
         self.response_body: list[bytes] | None = None
         # A dict literal, not Row(...): the TypedDict class call costs ~1.5 us more per request.
@@ -179,6 +188,8 @@ class _Tracker:
             "output_tokens": None,
             "ttft_ms": None,
             "chunks_out": None,
+            "ttfb_ms": None,
+            "last_output_at": None,
         }
         # A JSON body is worth waiting for (briefly): it names the model.
         self.published = not (json_body and _has_body(content_length, chunked))
@@ -236,54 +247,85 @@ class _Tracker:
             self.publish_start()
 
     # -- response side
-    def on_response_start(self, message: Message) -> None:
+    def on_response_start(self, message: Message, request_id_header: bool) -> Message:
+        """Note the status and the kind of body; with ``request_id_header``, the message to
+        send instead, whose only ``X-Request-Id`` is this request's (issue: two of them
+        reached clients when the upstream sent its own, as OpenAI does)."""
         self.publish_start()
         self.status = int(message.get("status", 0))
         content_type = b""
+        theirs: bytes | None = None  # the first X-Request-Id the app set
+        has_upstream_id = False
+        headers: list[tuple[bytes, bytes]] = []
         for key, value in message.get("headers", ()):
-            if key.lower() == b"content-type":
+            name = key.lower()
+            if name == b"content-type":
                 content_type = bytes(value).lower()
-                break
+            elif name == b"x-request-id" and request_id_header:
+                if theirs is None:
+                    theirs = bytes(value)
+                continue
+            elif name == b"x-upstream-request-id":
+                has_upstream_id = True
+            headers.append((key, value))
         if b"text/event-stream" in content_type:
-            self.scanner = sniff.StreamUsageScanner()
+            self.scanner = sniff.SSEScanner()
         elif b"json" in content_type:
             self.json_response = True
             self.response_body = []
+        if not request_id_header:
+            return message
+        ours = self.request_id.encode()
+        if theirs is not None and theirs != ours and not has_upstream_id:
+            headers.append((b"x-upstream-request-id", theirs))
+        headers.append((b"x-request-id", ours))
+        return {**message, "headers": headers}
+
+    def _ms_since_start(self, now: float) -> float:
+        return round((now - self.started) * 1000.0, 3)
 
     def on_response_body(self, message: Message) -> None:
         chunk = message.get("body", b"")
-        if chunk:
-            self.bytes_out += len(chunk)
-            scanner = self.scanner
-            if scanner is not None:
-                scanner.feed(chunk)
-            elif self.response_body is not None:
+        if not chunk:
+            return
+        self.bytes_out += len(chunk)
+        now = time.monotonic()
+        scanner = self.scanner
+        first_output = False
+        if scanner is not None:
+            events = scanner.data_events
+            first_output = scanner.feed(chunk)
+            if scanner.data_events != events:
+                self.last_output = now
+        else:
+            self.last_output = now
+            if self.response_body is not None:
                 if self.bytes_out <= sniff.MAX_SNIFF_BYTES:
                     self.response_body.append(chunk)
                 else:
                     self.response_body = None  # too big to parse for usage
-            now = time.monotonic()
-            if not self.first_byte:
-                self.first_byte = True
-                self.last_progress = now
-                self.ttft_ms = round((now - self.started) * 1000.0, 3)
-                fields: dict[str, Any] = {
-                    "phase": Phase.STREAMING,
-                    "bytes_out": self.bytes_out,
-                    "ttft_ms": self.ttft_ms,
-                }
-                if scanner is not None:
-                    fields["chunks_out"] = scanner.data_events
-                self.recorder.progress(self.request_id, fields)
-            elif now - self.last_progress >= PROGRESS_INTERVAL:
-                self.last_progress = now
-                if scanner is not None:
-                    self.recorder.progress(
-                        self.request_id,
-                        {"bytes_out": self.bytes_out, "chunks_out": scanner.data_events},
-                    )
-                else:
-                    self.recorder.progress(self.request_id, {"bytes_out": self.bytes_out})
+        if not self.first_byte:
+            self.first_byte = True
+            self.ttfb_ms = self._ms_since_start(now)
+            fields: dict[str, Any] = {"phase": Phase.STREAMING, "ttfb_ms": self.ttfb_ms}
+            # Any other response's first byte is its first output.
+            first_output = first_output or scanner is None
+        elif not first_output and now - self.last_progress < PROGRESS_INTERVAL:
+            return
+        else:
+            fields = {}
+        # The first output is reported at once, whatever the cadence: it is what operators
+        # wait for.
+        if first_output:
+            self.ttft_ms = self._ms_since_start(now)
+            fields["ttft_ms"] = self.ttft_ms
+        self.last_progress = now
+        fields["bytes_out"] = self.bytes_out
+        if scanner is not None:
+            fields["chunks_out"] = scanner.data_events
+        if self.last_output is not None:
+            fields["last_output_at"] = round(time.time() - (now - self.last_output), 3)
+        self.recorder.progress(self.request_id, fields)
 
     def finish(self, outcome: Outcome | None, scope: Scope, in_flight: InFlight) -> None:
         if self.ended:
@@ -316,6 +358,7 @@ class _Tracker:
             input_tokens=usage.get("input_tokens"),
             output_tokens=usage.get("output_tokens"),
             ttft_ms=self.ttft_ms,
+            ttfb_ms=self.ttfb_ms,
         )
 
 
@@ -402,11 +445,7 @@ class RequestMetricsMiddleware:
                 if not message.get("more_body", False):
                     response_complete = True
             elif kind == "http.response.start":
-                tracker.on_response_start(message)
-                if self.request_id_header:
-                    headers = list(message.get("headers", ()))
-                    headers.append((b"x-request-id", tracker.request_id.encode()))
-                    message = {**message, "headers": headers}
+                message = tracker.on_response_start(message, self.request_id_header)
             try:
                 await send(message)
             except OSError:

@@ -174,6 +174,7 @@ class Publisher:
         input_tokens: int | None,
         output_tokens: int | None,
         ttft_ms: float | None = None,
+        ttfb_ms: float | None = None,
     ) -> None:
         row = self.active.pop(request_id, None)
         if row is None:
@@ -194,6 +195,7 @@ class Publisher:
             "output_tokens": output_tokens,
             "bytes_out": bytes_out,
             "ttft_ms": ttft_ms,
+            "ttfb_ms": ttfb_ms,
         }
         self._completed.append(entry)
         pending = self._progress.pop(request_id, None)

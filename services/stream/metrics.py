@@ -2,7 +2,13 @@
 
 Gauges derived from the hub's state are computed at scrape time by a collector, so the hot
 paths (batch apply, fan-out) pay nothing for them. Only the completed-requests counter and
-duration histogram are updated as entries arrive (once per finished request).
+the histograms are updated as entries arrive (once per finished request).
+
+- ``vdm_time_to_first_byte_seconds{worker,model}``: start to the first response body byte
+  (the entry's ``ttfb_ms``); ``vdm_time_to_first_token_seconds{worker,model}``: start to the
+  first generated output (``ttft_ms``: the first SSE event that carries output, or the first
+  body byte of any other response). An entry without the field (an older worker's, or a
+  request that never got that far) is not observed.
 
 - ``vdm_hub_lag_seconds``: how far behind the hub is, measured as now minus the ``start_time``
   of the newest ``start`` event applied (it includes the worker's batching delay).
@@ -40,7 +46,9 @@ if TYPE_CHECKING:
     from vdm_hub.services.stream.hub import Hub
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
-TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+# For the time to first byte and to first token alike (an LLM's first token takes from tens of
+# milliseconds to tens of seconds with reasoning).
+FIRST_RESPONSE_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 PRUNE_AFTER = 600.0  # seconds a departed worker's counters stay exported
 # Label values come from untrusted input; cap how many distinct series a bad actor can create.
 MAX_LABEL_SETS = 5000
@@ -225,9 +233,17 @@ class RequestMetrics:
         )
         self.ttfb = Histogram(
             "vdm_time_to_first_byte_seconds",
-            "Start of a finished request to the first response byte from the upstream",
+            "Start of a finished request to the first response body byte",
             ["worker", "model"],
-            buckets=TTFB_BUCKETS,
+            buckets=FIRST_RESPONSE_BUCKETS,
+            registry=None,
+        )
+        self.ttft = Histogram(
+            "vdm_time_to_first_token_seconds",
+            "Start of a finished request to its first generated output (first SSE event that"
+            " carries output; first body byte of any other response)",
+            ["worker", "model"],
+            buckets=FIRST_RESPONSE_BUCKETS,
             registry=None,
         )
         self.cancelled = Counter(
@@ -239,11 +255,11 @@ class RequestMetrics:
         # Malformed completed-stream entries (the hub counts its own).
         self.completed_malformed = [0]
         self._label_sets: set[tuple[str, str]] = set()
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
         self._last_seen: dict[str, float] = {}  # worker label -> monotonic time of life
 
     def series(self) -> list[Collector]:
-        return [self.requests, self.duration, self.ttfb, self.cancelled]
+        return [self.requests, self.duration, self.ttfb, self.ttft, self.cancelled]
 
     def observe(self, entry: schema.CompletedEntry) -> None:
         worker, model = entry["worker_id"], entry["model"] or schema.UNKNOWN_MODEL
@@ -263,13 +279,17 @@ class RequestMetrics:
                 self.requests.labels(worker, model, outcome),
                 self.duration.labels(worker, model),
                 self.ttfb.labels(worker, model),
+                self.ttft.labels(worker, model),
             )
         children[0].inc()
         children[1].observe(entry["duration_ms"] / 1000.0)
-        # Entries of workers older than the first-byte timing carry no ttft_ms.
+        # Decoded entries hold a finite number >= 0 or None (absent in older workers' entries).
+        ttfb = entry.get("ttfb_ms")
+        if ttfb is not None:
+            children[2].observe(ttfb / 1000.0)
         ttft = ttft_of(entry)
         if ttft is not None:
-            children[2].observe(ttft / 1000.0)
+            children[3].observe(ttft / 1000.0)
         if outcome == "cancelled":
             self.cancelled.labels(worker).inc()
 
@@ -288,7 +308,7 @@ class RequestMetrics:
             del self._children[key]
             with contextlib.suppress(KeyError):
                 self.requests.remove(worker, model, outcome)
-            for metric in (self.duration, self.ttfb):
+            for metric in (self.duration, self.ttfb, self.ttft):
                 with contextlib.suppress(KeyError):
                     metric.remove(worker, model)
         for wid in gone:

@@ -29,8 +29,8 @@ service's start, the oldest entry read back from the stream, and the earliest ``
 of the workers in view). Dividing the first 37 s of traffic by 60 s would show 1.6/s for 3/s.
 
 Percentiles are nearest-rank and null when there is no sample; ``ttft_*`` (start to the first
-token) come from the entries that carry ``ttft_ms``. A request without a model is grouped
-under ``"unknown"``.
+generated output) come from the entries that carry ``ttft_ms``. A request without a model is
+grouped under ``"unknown"``.
 
 Model names are chosen by clients, so ``by_model`` (and ``by_worker``) keep at most
 ``MAX_GROUPS`` groups, the busiest (completed plus in flight); the rest are folded into

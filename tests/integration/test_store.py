@@ -49,6 +49,8 @@ def _row(worker_id: str, request_id: str) -> schema.Row:
         output_tokens=None,
         ttft_ms=None,
         chunks_out=None,
+        ttfb_ms=None,
+        last_output_at=None,
     )
 
 
@@ -95,6 +97,8 @@ async def test_register_apply_remove_publish_contiguous_batches(
             input_tokens=3,
             output_tokens=None,
             bytes_out=10,
+            ttft_ms=9.5,
+            ttfb_ms=2.25,
         )
         end = schema.encode(
             [
@@ -113,7 +117,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
         assert (await _next_batch(pubsub))["seq"] == 3
         assert (await read_worker_state(redis, keys, "w1")).rows == {}
         ((entry_id, fields),) = await redis.xrange(keys.completed)
-        assert schema.decode_completed(entry_id, fields)["output_tokens"] is None
+        assert schema.decode_completed(entry_id, fields) == {**done, "id": entry_id.decode()}
 
         # A reaper does nothing while the deadline is in the future; the owner can remove.
         assert await scripts.remove("w1", reason="reaped", expired_only=True) == 0

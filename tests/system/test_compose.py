@@ -56,6 +56,7 @@ CONTRACT_METRICS = {
     "vdm_worker_events_dropped_total",
     "vdm_batches_missed_total",
     "vdm_time_to_first_byte_seconds",
+    "vdm_time_to_first_token_seconds",
     "vdm_oldest_request_age_seconds",
     "vdm_requests_stuck",
     "vdm_requests_cancelled_total",

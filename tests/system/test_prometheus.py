@@ -49,6 +49,7 @@ def test_the_alerts_cover_what_operators_need() -> None:
         assert rule["annotations"]["summary"], rule["alert"]
     exprs = " ".join(_dashboard_exprs())
     assert "vdm_time_to_first_byte_seconds_bucket" in exprs and "vdm_requests_stuck" in exprs
+    assert "vdm_time_to_first_token_seconds_bucket" in exprs
     assert "vdm_requests_stalled" in exprs
 
 

@@ -62,6 +62,8 @@ def rows(draw: st.DrawFn, worker_id: str | None = None) -> schema.Row:
         output_tokens=draw(st.none() | counts),
         ttft_ms=draw(st.none() | millis),
         chunks_out=draw(st.none() | counts),
+        ttfb_ms=draw(st.none() | millis),
+        last_output_at=draw(st.none() | millis),
     )
 
 
@@ -101,6 +103,8 @@ def events(draw: st.DrawFn, worker_id: str) -> dict[str, Any]:
                     "is_streaming": st.booleans(),
                     "ttft_ms": st.none() | millis,
                     "chunks_out": st.none() | counts,
+                    "ttfb_ms": st.none() | millis,
+                    "last_output_at": st.none() | millis,
                 },
             )
         )
@@ -187,6 +191,10 @@ def _is_valid_row(row: Any) -> bool:
         and row["bytes_out"] >= 0
         and (row["ttft_ms"] is None or (math.isfinite(row["ttft_ms"]) and row["ttft_ms"] >= 0))
         and (row["chunks_out"] is None or row["chunks_out"] >= 0)
+        and all(
+            row[name] is None or (math.isfinite(row[name]) and row[name] >= 0)
+            for name in ("ttfb_ms", "last_output_at")
+        )
     )
 
 
@@ -355,6 +363,7 @@ def test_every_valid_worker_record_round_trips(record: schema.WorkerRecord) -> N
     finite.map(abs),
     st.text(min_size=1, max_size=8),
     st.none() | millis,
+    st.none() | millis,
 )
 def test_every_completed_entry_round_trips(
     row: schema.Row,
@@ -363,6 +372,7 @@ def test_every_completed_entry_round_trips(
     duration: float,
     entry_id: str,
     ttft: float | None,
+    ttfb: float | None,
 ) -> None:
     entry = schema.CompletedEntry(
         request_id=row["request_id"],
@@ -378,6 +388,7 @@ def test_every_completed_entry_round_trips(
         output_tokens=row["output_tokens"],
         bytes_out=row["bytes_out"],
         ttft_ms=ttft,
+        ttfb_ms=ttfb,
     )
     # As Redis hands them back: field names and values as bytes.
     fields = {
@@ -385,17 +396,20 @@ def test_every_completed_entry_round_trips(
         for name, value in zip(schema.COMPLETED_FIELDS, schema.completed_values(entry), strict=True)
     }
     fields[b"ttft_ms"] = b"" if ttft is None else repr(ttft).encode()
+    fields[b"ttfb_ms"] = b"" if ttfb is None else repr(ttfb).encode()
     assert schema.decode_completed(entry_id, fields) == {**entry, "id": entry_id}
 
 
-def test_completed_entries_without_ttft_or_with_a_bad_one() -> None:
-    fields = {name: "1" for name in schema.COMPLETED_FIELDS if name != "ttft_ms"}
+@pytest.mark.parametrize("name", ["ttft_ms", "ttfb_ms"])
+def test_completed_entries_without_a_later_time_field_or_with_a_bad_one(name: str) -> None:
+    fields = {f: "1" for f in schema.COMPLETED_FIELDS if f not in ("ttft_ms", "ttfb_ms")}
     fields.update(outcome="cancelled", model="")
-    entry = schema.decode_completed("1-0", fields)  # written before ttft_ms existed
-    assert entry["ttft_ms"] is None and entry["outcome"] == "cancelled"
+    entry = schema.decode_completed("1-0", fields)  # written before the field existed
+    assert entry[name] is None and entry["outcome"] == "cancelled"  # type: ignore[literal-required]
+    assert schema.decode_completed("1-0", {**fields, name: "2.5"})[name] == 2.5  # type: ignore[literal-required]
     for bad in ("nan", "-1", "inf", "soon"):
-        with pytest.raises(MalformedMessage):
-            schema.decode_completed("1-0", {**fields, "ttft_ms": bad})
+        with pytest.raises(MalformedMessage, match=name):
+            schema.decode_completed("1-0", {**fields, name: bad})
 
 
 def test_a_row_from_a_writer_without_the_later_fields_decodes_with_nulls() -> None:
@@ -414,9 +428,18 @@ def test_a_row_from_a_writer_without_the_later_fields_decodes_with_nulls() -> No
         "output_tokens": None,
     }
     row = schema.decode_row(orjson.dumps(old))
-    assert row == {**old, "ttft_ms": None, "chunks_out": None}
+    later = {"ttft_ms": None, "chunks_out": None, "ttfb_ms": None, "last_output_at": None}
+    assert row == {**old, **later}
     assert schema._checked_row(old) == row
-    for bad in ({"ttft_ms": -1.0}, {"ttft_ms": "1"}, {"chunks_out": -1}, {"chunks_out": 1.5}):
+    for bad in (
+        {"ttft_ms": -1.0},
+        {"ttft_ms": "1"},
+        {"chunks_out": -1},
+        {"chunks_out": 1.5},
+        {"ttfb_ms": True},
+        {"last_output_at": "now"},
+        {"last_output_at": -2.0},
+    ):
         with pytest.raises(MalformedMessage):
             schema.decode_row(orjson.dumps({**old, **bad}))
 
@@ -535,6 +558,8 @@ def test_the_fast_paths_take_what_a_worker_sends() -> None:
         output_tokens=None,
         ttft_ms=12.5,
         chunks_out=3,
+        ttfb_ms=7.25,
+        last_output_at=1764036000.125,
     )
     decoded = orjson.loads(schema.encode_row(row))
     fast = schema._fast_row(decoded)

@@ -44,7 +44,12 @@ def _row(wid: str, rid: str, model: str | None = "m", age: float = 0.0) -> schem
 
 
 def _entry(
-    wid: str, model: str | None, ms: float, outcome: str = "ok", ttft: float | None = None
+    wid: str,
+    model: str | None,
+    ms: float,
+    outcome: str = "ok",
+    ttft: float | None = None,
+    ttfb: float | None = None,
 ) -> schema.CompletedEntry:
     entry = schema.CompletedEntry(
         request_id="r", worker_id=wid, model=model, method="POST", path="/v1/x",
@@ -52,7 +57,9 @@ def _entry(
         input_tokens=None, output_tokens=None, bytes_out=0,
     )  # fmt: skip
     if ttft is not None:
-        entry["ttft_ms"] = ttft  # type: ignore[typeddict-unknown-key]
+        entry["ttft_ms"] = ttft
+    if ttfb is not None:
+        entry["ttfb_ms"] = ttfb
     return entry
 
 
@@ -196,7 +203,9 @@ def _samples(m: StreamMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return out
 
 
-async def test_ttfb_cancelled_stuck_oldest_dropped_and_missed(fake_redis: aioredis.Redis) -> None:
+async def test_ttfb_ttft_cancelled_stuck_oldest_dropped_and_missed(
+    fake_redis: aioredis.Redis,
+) -> None:
     hub = Hub(fake_redis, Keys("m"))
     view = WorkerView("w1", "e", 1, _record("w1", "e", events_dropped=187))
     view.rows = {
@@ -207,14 +216,17 @@ async def test_ttfb_cancelled_stuck_oldest_dropped_and_missed(fake_redis: aiored
     hub.workers["w2"] = WorkerView("w2", "e", 1, _record("w2", "e"))
     hub.counters.dropped_by_worker.update({"w1": 3, "gone": 9})
     m, finished = _metrics_with(hub, stuck_after=60.0)
-    finished.observe(_entry("w1", "gpt", 500.0, ttft=250.0))
-    finished.observe(_entry("w1", "gpt", 800.0))  # an older worker: no ttft_ms
-    finished.observe(_entry("w1", "gpt", 900.0, outcome="cancelled", ttft=100.0))
+    finished.observe(_entry("w1", "gpt", 500.0, ttft=250.0, ttfb=20.0))
+    finished.observe(_entry("w1", "gpt", 800.0))  # an older worker: neither field
+    finished.observe(_entry("w1", "gpt", 900.0, outcome="cancelled", ttft=100.0, ttfb=30.0))
+    finished.observe(_entry("w1", "gpt", 50.0, ttfb=40.0))  # a stream cut before its first token
     s = _samples(m)
     labels = (("model", "gpt"), ("worker", "w1"))
-    assert s[("vdm_time_to_first_byte_seconds_count", labels)] == 2
-    assert s[("vdm_time_to_first_byte_seconds_sum", labels)] == pytest.approx(0.35)
-    assert s[("vdm_request_duration_seconds_count", labels)] == 3
+    assert s[("vdm_time_to_first_byte_seconds_count", labels)] == 3
+    assert s[("vdm_time_to_first_byte_seconds_sum", labels)] == pytest.approx(0.09)
+    assert s[("vdm_time_to_first_token_seconds_count", labels)] == 2
+    assert s[("vdm_time_to_first_token_seconds_sum", labels)] == pytest.approx(0.35)
+    assert s[("vdm_request_duration_seconds_count", labels)] == 4
     assert s[("vdm_requests_cancelled_total", (("worker", "w1"),))] == 1
     assert s[("vdm_requests_stuck", (("worker", "w1"),))] == 1
     assert s[("vdm_requests_stuck", (("worker", "w2"),))] == 0
