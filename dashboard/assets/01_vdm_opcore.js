@@ -332,6 +332,7 @@
     "start_time",
     "duration_ms",
     "ttft_ms",
+    "ttfb_ms",
     "last_output_at",
     "labels",
     "key",
@@ -397,6 +398,7 @@
         ttft === null || elapsed === null ? "—" : fmt.formatDuration(Math.max(0, elapsed - ttft)),
       ],
     ];
+    pushFirstByte(timings, r, ttft, fmt);
     if (r.is_streaming === true) timings.push(["Chunks / s", fmt.formatRate(chunksPerS)]);
     const silent = elapsedMs(r.last_output_at, nowMs, offsetMs);
     if (silent !== null) timings.push(["Last output", fmt.formatDuration(silent) + " ago"]);
@@ -406,7 +408,7 @@
   function finishedTimings(r, fmt) {
     const duration = num(r.duration_ms);
     const ttft = num(r.ttft_ms);
-    return [
+    const timings = [
       ["Started", fmt.formatClock(r.start_time)],
       ["Duration", fmt.formatDuration(duration)],
       ["Time to first token", ttft === null ? "—" : fmt.formatDuration(ttft)],
@@ -415,6 +417,15 @@
         ttft === null || duration === null ? "—" : fmt.formatDuration(Math.max(0, duration - ttft)),
       ],
     ];
+    pushFirstByte(timings, r, ttft, fmt);
+    return timings;
+  }
+
+  /** The first body byte, when the worker reports it and it differs from the first token (a
+   * stream's preamble: vandamme sends `message_start` at 7 ms and the first token at 2 s). */
+  function pushFirstByte(timings, r, ttft, fmt) {
+    const ttfb = num(r.ttfb_ms);
+    if (ttfb !== null && ttfb !== ttft) timings.push(["Time to first byte", fmt.formatDuration(ttfb)]);
   }
 
   // The wire allows 8 labels per request; more from a misbehaving writer are not shown.

@@ -305,8 +305,19 @@ def test_labels_show_as_chips_filter_like_a_column_and_fill_the_detail_panel(
     page.cell(ada, "model").click()
     expect(page.detail).to_be_visible()
     assert page.detail_value("team") == "ml" and page.detail_value("user") == "ada"
-    # ...and they stay with the request once it has finished.
-    fleet.end_rows("lx", ada)
-    done = _open(system, new_page, f"/dashboard/finished?request={ada}")
+    # ...and a finished request's entry carries them too (written as a worker's end writes it).
+    entry = schema.CompletedEntry(
+        request_id=f"{ada}-done", worker_id="lx", model="m-labels", method="POST", path="/v1/x",
+        status=200, outcome="ok", start_time=time.time() - 2, duration_ms=2000.0,
+        input_tokens=1, output_tokens=2, bytes_out=3,
+    )  # fmt: skip
+    entry["labels"] = {"user": "ada", "team": "ml"}  # type: ignore[typeddict-unknown-key]
+    fields = dict(zip(schema.COMPLETED_FIELDS, schema.completed_values(entry), strict=True))
+    client = redis.Redis.from_url(system.redis_url)
+    try:
+        client.xadd(Keys(system.prefix).completed, fields)  # type: ignore[arg-type]
+    finally:
+        client.close()
+    done = _open(system, new_page, f"/dashboard/finished?request={ada}-done")
     finished_chips = done.page.locator("#vdm-finished-grid .vdm-chip")
     expect(finished_chips).to_have_text(["team=ml", "user=ada"], timeout=30000)

@@ -180,6 +180,7 @@ test("the detail panel lists every field, the timings and the worker", () => {
   assert.equal(flat["future_field"], "kept"); // fields the page does not know still show
   assert.equal(flat["Running for"], "4.0 s");
   assert.equal(flat["Time to first token"], "1.5 s");
+  assert.equal(flat["Time to first byte"], undefined); // not reported: not shown
   assert.equal(flat["Streaming for"], "2.5 s");
   assert.equal(flat["Chunks / s"], "6.0/s");
   assert.equal(flat["Host"], "h1");
@@ -228,5 +229,10 @@ test("a live row's detail says when it last sent output", () => {
   const row = { worker_id: "w", start_time: 100, ttft_ms: 500, is_streaming: true, last_output_at: 101 };
   const flat = Object.fromEntries(op.detailSections(row, null, 104_000, 0, core, 0).flatMap((s) => s.items));
   assert.equal(flat["Last output"], "3.0 s ago");
+  // A stream's preamble came first: the first byte is shown beside the first token.
+  const early = { ...row, ttfb_ms: 7 };
+  const timings = Object.fromEntries(op.detailSections(early, null, 104_000, 0, core, 0).flatMap((s) => s.items));
+  assert.equal(timings["Time to first byte"], "7 ms");
+  assert.equal(timings["ttfb_ms"], undefined);
   assert.equal(flat["last_output_at"], undefined);
 });
