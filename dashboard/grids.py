@@ -350,7 +350,7 @@ def active_grid() -> Any:
     return _grid(
         "vdm-active-grid",
         ACTIVE_COLUMNS,
-        "request_id",
+        "key",  # the stream's name of a row: request ids are unique per worker only
         "No requests in flight",
         480,
         options=ACTIVE_OPTIONS,
@@ -365,7 +365,8 @@ def workers_grid() -> Any:
 
 
 def recent_grid() -> Any:
-    return _grid("vdm-recent-grid", RECENT_COLUMNS, "request_id", "No finished requests yet", 330)
+    # `key` is added by the page (VdmCore.recentRows): worker, request id and start time.
+    return _grid("vdm-recent-grid", RECENT_COLUMNS, "key", "No finished requests yet", 330)
 
 
 def finished_grid() -> Any:

@@ -106,6 +106,9 @@ class WorkerRecord(TypedDict):
     ttl: float
     # Notices this worker could not publish (queue overflow, Redis away); see publisher.py.
     events_dropped: NotRequired[int]
+    # False when the worker cannot stop its requests (it does not listen for cancels); a
+    # record without it (older workers, which all listen) means true.
+    cancellable: NotRequired[bool]
 
 
 class StartEvent(TypedDict):
@@ -436,6 +439,8 @@ def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
     )
     if "events_dropped" in obj:
         record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]
+    if "cancellable" in obj:
+        record["cancellable"] = _bool(obj, "cancellable")
     return record
 
 

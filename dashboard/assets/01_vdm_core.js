@@ -24,6 +24,10 @@
   const STREAM_PATH = "/metrics/active-requests/stream";
   const SNAPSHOT_PATH = "/metrics/active-requests";
   const SUMMARY_PATH = "/metrics/summary";
+  // What names a row: the stream service's `key`, unique in the fleet. A request id alone
+  // does not: ids are unique per worker only, and a client's retry can put one id on two
+  // workers at once (docs/protocol.md, SSE v2).
+  const ROW_KEY = "key";
 
   // Reconnect backoff: the formula the README and docs/troubleshooting.md give operators.
   const BACKOFF_FACTOR_MS = 750;
@@ -62,6 +66,19 @@
   function joinUrl(base, path) {
     const b = String(base || "").replace(/\/+$/, "");
     return b + path;
+  }
+
+  /**
+   * The stream service's base URL for this page: `streamUrl` (VDM_STREAM_PUBLIC_URL) when set;
+   * else, with `streamPort` (the dashboard's --stream-port), that port on the host this page
+   * was loaded from, which only the browser knows (a remote viewer of `vdm-hub up --host
+   * 0.0.0.0` names the machine its own way); else "" (the same origin).
+   */
+  function streamBase(config, location) {
+    const url = String((config && config.streamUrl) || "");
+    const port = Number(config && config.streamPort);
+    if (url || !location || !Number.isInteger(port) || port < 1 || port > 65535) return url;
+    return location.protocol + "//" + location.hostname + ":" + port;
   }
 
   /**
@@ -107,11 +124,12 @@
   /**
    * The grid transaction that turns what the grid holds into the snapshot.
    * `current`: Map (or plain object) id -> row as the grid holds it; `rows`: the snapshot.
+   * `key`: the field that names a row (`key` unless given: `worker_id` for workers).
    * Rows without an id, and repeats of an id within the snapshot, are skipped (untrusted input).
    * Never a reset: only the rows that came, changed, or went.
    */
   function diffRows(current, rows, key, ignore) {
-    const idKey = key || "request_id";
+    const idKey = key || ROW_KEY;
     const have = current instanceof Map ? current : new Map(Object.entries(current || {}));
     const seen = new Set();
     const add = [];
@@ -139,7 +157,7 @@
   /** A row's id as a string, or null for a row that has none (skipped as untrusted input). */
   function rowId(row, key) {
     if (!row || typeof row !== "object") return null;
-    const id = row[key || "request_id"];
+    const id = row[key || ROW_KEY];
     if (id === undefined || id === null || id === "") return null;
     return String(id);
   }
@@ -167,16 +185,16 @@
   }
 
   /**
-   * Apply a delta's `upsert` and `remove` to the client's row map IN PLACE (a copy of 10,000
-   * rows per frame is the cost deltas exist to avoid) and return the grid transaction that
-   * makes the grid follow: an upsert of a new id is an add, of a held id an update (only when
+   * Apply a delta's `upsert` and `remove` (row keys) to the client's row map IN PLACE (a copy
+   * of 10,000 rows per frame is the cost deltas exist to avoid) and return the grid transaction
+   * that makes the grid follow: an upsert of a new id is an add, of a held id an update (only when
    * something besides the volatile fields changed), a remove of a held id a remove. Removes
    * apply before upserts (the protocol's order), so an id in both lists ends with its upserted
    * row; one transaction never holds a remove and an add of one id. Rows without an id are
    * skipped.
    */
   function applyDelta(map, delta, key, ignore) {
-    const idKey = key || "request_id";
+    const idKey = key || ROW_KEY;
     const add = [];
     const update = [];
     const remove = [];
@@ -199,6 +217,23 @@
       else if (rowChanged(before, row, ignore)) update.push(row);
     }
     return { add, update, remove };
+  }
+
+  /**
+   * The recently finished requests (`stats.recent`, newest first), each with a `key` for the
+   * grid: a finished entry has no key of the stream's, and neither its request id (per worker)
+   * nor (worker, request id) is unique among finished ones (a client may reuse an id on the
+   * same worker later), so the key also holds its start time. Copies; entries that lack a
+   * request id or worker are skipped (untrusted input).
+   */
+  function recentRows(entries) {
+    const out = [];
+    for (const e of Array.isArray(entries) ? entries : []) {
+      if (!e || typeof e !== "object" || e.request_id == null || e.worker_id == null) continue;
+      const key = JSON.stringify([String(e.worker_id), String(e.request_id), e.start_time]);
+      out.push(Object.assign({}, e, { key: key }));
+    }
+    return out;
   }
 
   /**
@@ -310,8 +345,65 @@
     return pad2(d.getHours()) + ":" + pad2(d.getMinutes()) + ":" + pad2(d.getSeconds());
   }
 
-  /** What the indicator and the header emoji show. */
-  function indicatorState(connected, disabled) {
+  // The hub's word on its view (`sync` in every update, delta and JSON snapshot): while it is
+  // "stale" the stream still flows, but the view may be out of date (Redis unreachable,
+  // frozen, refusing writes...), so the page says so rather than `● Live`.
+  const SYNC_OK = Object.freeze({ stale: false, sinceS: null, reason: null });
+  const MAX_REASON_CHARS = 120;
+
+  /**
+   * The sync state a frame announces, or `previous` when it says nothing (a stream service
+   * that predates the field is taken to be in sync). Untrusted input: only a frame that says
+   * exactly "stale" is stale; `sync_since` (epoch s) and `sync_reason` are checked.
+   */
+  function syncFrom(frame, previous) {
+    if (!frame || typeof frame !== "object" || frame.sync === undefined) {
+      return previous || SYNC_OK;
+    }
+    const since = Number(frame.sync_since);
+    const stale = frame.sync === "stale";
+    const reason = frame.sync_reason;
+    return {
+      stale: stale,
+      sinceS: Number.isFinite(since) && since > 0 ? since : null,
+      reason: stale && typeof reason === "string" && reason ? reason.slice(0, MAX_REASON_CHARS) : null,
+    };
+  }
+
+  function sameSync(a, b) {
+    const x = a || SYNC_OK;
+    const y = b || SYNC_OK;
+    return x.stale === y.stale && x.sinceS === y.sinceS && x.reason === y.reason;
+  }
+
+  /**
+   * The local time (ms) at which clock-driven cells (durations, ages, stuck marks) are
+   * computed: now, or while the view is stale no later than the last moment the hub confirmed
+   * it (`sinceS`, server clock, brought to the local clock with the offset) — a frozen view
+   * must not show its requests growing older than anything real.
+   */
+  function shownNowMs(localNowMs, offsetMs, sync) {
+    if (!sync || !sync.stale || sync.sinceS === null || sync.sinceS === undefined) {
+      return localNowMs;
+    }
+    return Math.min(localNowMs, sync.sinceS * 1000 - (offsetMs || 0));
+  }
+
+  /** "◐ Stale — Redis unreachable since 12:01:05" */
+  function staleText(sync) {
+    const why = (sync && sync.reason) || "out of sync with Redis";
+    const since = sync && sync.sinceS ? " since " + formatClock(sync.sinceS) : "";
+    return "◐ Stale — " + why + since;
+  }
+
+  /**
+   * What the indicator and the header emoji show. `sync` (from `syncFrom`) matters only while
+   * connected: a stale view is not `● Live`.
+   */
+  function indicatorState(connected, disabled, sync) {
+    if (connected && sync && sync.stale) {
+      return { text: staleText(sync), className: "vdm-indicator vdm-stale", emoji: "⚠️" };
+    }
     if (connected) return { text: "● Live", className: "vdm-indicator vdm-live", emoji: "📡" };
     if (disabled) {
       return {
@@ -501,11 +593,13 @@
     STREAM_PATH,
     SNAPSHOT_PATH,
     SUMMARY_PATH,
+    ROW_KEY,
     backoffBase,
     backoffDelay,
     shouldConnect,
     shouldPollOverview,
     joinUrl,
+    streamBase,
     liveStreamUrl,
     rowChanged,
     diffRows,
@@ -513,6 +607,7 @@
     rowMapFrom,
     deltaFollows,
     applyDelta,
+    recentRows,
     batchWaitMs,
     isEmptyTransaction,
     clockOffsetMs,
@@ -525,6 +620,11 @@
     formatRate,
     formatPercent,
     formatClock,
+    SYNC_OK,
+    syncFrom,
+    sameSync,
+    shownNowMs,
+    staleText,
     indicatorState,
     statsFigures,
     workerRows,

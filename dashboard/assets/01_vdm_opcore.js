@@ -29,8 +29,24 @@
     return Number.isFinite(n) ? n : null;
   }
 
-  function cancelPath(requestId) {
-    return "/metrics/active-requests/" + encodeURIComponent(String(requestId)) + "/cancel";
+  /**
+   * The cancel of one row: its request id in the path and its worker as `worker_id`, so the
+   * stream service acts on exactly that row even when another worker holds the same request id
+   * (a client's retry; asked without a worker, such an id is refused as ambiguous).
+   */
+  function cancelPath(requestId, workerId) {
+    const path = "/metrics/active-requests/" + encodeURIComponent(String(requestId)) + "/cancel";
+    if (workerId === undefined || workerId === null || workerId === "") return path;
+    return path + "?worker_id=" + encodeURIComponent(String(workerId));
+  }
+
+  /**
+   * Whether the page offers Cancel on a row: the service allows it and the row's worker can
+   * stop its requests (`cancellable` in the stream's worker object; a worker object without
+   * it, or none yet, comes from an older service or worker, which can).
+   */
+  function cancelOffered(caps, worker) {
+    return !!caps && caps.cancelEnabled === true && !(worker && worker.cancellable === false);
   }
 
   /**
@@ -327,6 +343,7 @@
     ["outcome", "Outcome"],
     ["status", "Status"],
   ];
+  // `key` is the stream's opaque name of the row: the worker and the request id say it better.
   const DETAIL_SKIP = new Set([
     "worker_id",
     "start_time",
@@ -456,6 +473,7 @@
     URL_COLUMNS,
     DEFAULT_SORT,
     cancelPath,
+    cancelOffered,
     capabilitiesFrom,
     elapsedMs,
     isStuck,

@@ -41,14 +41,15 @@
   }
 
   /**
-   * The header emoji: 📡 while this page gets fresh data from the stream service (the live
-   * page: its stream is open; the overview: its last poll answered; the Finished view: its
-   * last search answered), ⚫ otherwise. `page` is "metrics", "overview" or "finished".
+   * The header emoji for the page shown (`page`: "metrics", "overview" or "finished"): on the
+   * live page what its stream says (`streamEmoji`: 📡 live, ⚠️ stale, ⚫ not connected); on the
+   * others 📡 while they get fresh data from the stream service (the overview: its last poll
+   * answered; the Finished view: its last search answered), ⚫ otherwise.
    */
   function headerEmoji(page, state) {
     const s = state || {};
-    const fresh =
-      page === "metrics" ? !!s.streamOpen : page === "overview" ? !!s.overviewOk : !!s.finishedOk;
+    if (page === "metrics") return s.streamEmoji || "⚫";
+    const fresh = page === "overview" ? !!s.overviewOk : !!s.finishedOk;
     return fresh ? "📡" : "⚫";
   }
 

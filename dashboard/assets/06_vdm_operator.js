@@ -4,8 +4,10 @@
  * - Reads `GET <stream>/metrics/capabilities` once per page load (retried while it cannot be
  *   read): whether the stream service allows cancelling, and after how long a row is stuck.
  * - A row click opens a detail panel: every field of the row, its timings, its worker, and,
- *   when cancel is enabled, a Cancel button (confirmation, `POST …/{request_id}/cancel`, a
- *   short notice with the answer). The panel follows the row live and says when it ended.
+ *   when cancel is enabled and the row's worker can stop its requests, a Cancel button
+ *   (confirmation, `POST …/{request_id}/cancel?worker_id=…`, so exactly that row is cancelled
+ *   even when another worker holds the same request id; a short notice with the answer). The
+ *   panel follows the row (by its `key`) live and says when it ended.
  *   `VdmOperator.openEntry(entry)` shows a finished request's completed entry in the same
  *   panel (the Finished view and Recently finished, 08_vdm_finished.js).
  * - The grid's filters and sort are mirrored into the page URL (`?model=…&worker=…&sort=…`)
@@ -88,7 +90,7 @@
   // ---- detail panel -----------------------------------------------------------------------
 
   let panel = null;
-  let openId = null;
+  let openId = null; // the open row's key
   let lastRow = null; // the row as last seen, kept on screen after it ended
   let finishedEntry = null; // a completed entry shown as it is (Finished view, Recently finished)
   let cancelState = null; // {id, text} once a cancel was asked for the open row
@@ -132,9 +134,9 @@
     });
   }
 
-  function openPanel(requestId) {
+  function openPanel(key) {
     if (!panel) buildPanel();
-    openId = String(requestId);
+    openId = String(key);
     lastRow = window.VdmLive ? window.VdmLive.row(openId) || null : null;
     finishedEntry = null;
     cancelState = null;
@@ -174,7 +176,7 @@
     if (onlyIfChanged && live === renderedRow && now - renderedAt < 1000) return;
     renderedRow = live;
     renderedAt = now;
-    const row = lastRow || { request_id: openId };
+    const row = lastRow || {};
     const worker = window.VdmLive ? window.VdmLive.worker(row.worker_id) : null;
     const offset = window.__vdmClock ? window.__vdmClock.offsetMs : 0;
     const rate = window.dashAgGridFunctions.vdmChunkRate({ data: row });
@@ -190,7 +192,7 @@
     }
     showState(stateText);
     const cancel = document.getElementById("vdm-detail-cancel");
-    cancel.hidden = !window.__vdmCaps.cancelEnabled;
+    cancel.hidden = !op.cancelOffered(window.__vdmCaps, worker);
     cancel.disabled = !live;
   }
 
@@ -231,19 +233,20 @@
   function onCancelClick() {
     const id = openId;
     const row = id === null ? null : window.VdmLive.row(id);
-    if (!row || !window.__vdmCaps.cancelEnabled) return;
+    if (!row || !op.cancelOffered(window.__vdmCaps, window.VdmLive.worker(row.worker_id))) return;
     const what = (row.model || "request") + " on " + (row.worker_id || "its worker");
     const question =
-      "Cancel request " + id + " (" + what + ")?\n\n" +
+      "Cancel request " + row.request_id + " (" + what + ")?\n\n" +
       "The worker aborts the upstream call; the client gets an aborted response.";
     if (!window.confirm(question)) return;
-    postCancel(id);
+    postCancel(id, row);
   }
 
-  function postCancel(id) {
+  // `id` is the row's key; the request goes to the row's own worker (`worker_id`).
+  function postCancel(id, row) {
     const button = document.getElementById("vdm-detail-cancel");
     if (button) button.disabled = true;
-    fetch(core.joinUrl(cfg.streamUrl, op.cancelPath(id)), {
+    fetch(core.joinUrl(cfg.streamUrl, op.cancelPath(row.request_id, row.worker_id)), {
       method: "POST",
       cache: "no-store",
       credentials: credentials(),
@@ -262,8 +265,9 @@
         return { status: 0, body: null };
       })
       .then(function (answer) {
-        const result = op.cancelNotice(answer.status, answer.body, id);
-        console.info("[vdm] cancel " + id + ": HTTP " + answer.status);
+        const result = op.cancelNotice(answer.status, answer.body, row.request_id);
+        const where = row.request_id + " on " + row.worker_id;
+        console.info("[vdm] cancel " + where + ": HTTP " + answer.status);
         showNotice(result.kind, result.text);
         if (openId === id) {
           cancelState = { id: id, text: result.text };
@@ -328,7 +332,8 @@
       api.addEventListener("filterChanged", writeUrl);
       api.addEventListener("sortChanged", writeUrl);
       api.addEventListener("rowClicked", function (ev) {
-        if (ev && ev.data) openPanel(ev.data.request_id);
+        const key = ev ? core.rowId(ev.data) : null;
+        if (key !== null) openPanel(key);
       });
       writeUrl();
     });

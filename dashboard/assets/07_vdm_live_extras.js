@@ -31,6 +31,13 @@
     return window.__vdmClock ? window.__vdmClock.offsetMs : 0;
   }
 
+  /** The local time the clock-driven cells are computed at: held while the view is stale,
+   * like the durations (02_vdm_dom.js), so no row turns stalled because nothing arrives. */
+  function nowMs() {
+    const clock = window.__vdmClock || {};
+    return core.shownNowMs(Date.now(), clock.offsetMs, clock.sync);
+  }
+
   function stallAfterS() {
     return window.__vdmCaps ? window.__vdmCaps.stallAfterS : view.DEFAULT_STALL_AFTER_S;
   }
@@ -42,17 +49,17 @@
   window.dashAgGridFunctions = Object.assign(window.dashAgGridFunctions || {}, {
     vdmPhase(params) {
       const d = data(params);
-      return d ? view.phaseShown(d, Date.now(), offsetMs(), stallAfterS()) : null;
+      return d ? view.phaseShown(d, nowMs(), offsetMs(), stallAfterS()) : null;
     },
     vdmIsStalled(params) {
       const d = data(params);
-      return !!d && view.stalled(d, Date.now(), offsetMs(), stallAfterS()) !== null;
+      return !!d && view.stalled(d, nowMs(), offsetMs(), stallAfterS()) !== null;
     },
     vdmTtftText(params) {
       if (params && params.value !== null && params.value !== undefined) {
         return core.formatDuration(params.value);
       }
-      const waited = view.waitingMs(data(params), Date.now(), offsetMs());
+      const waited = view.waitingMs(data(params), nowMs(), offsetMs());
       return waited === null ? "—" : "wait " + core.formatDuration(waited);
     },
     vdmLabels(params) {
@@ -214,10 +221,10 @@
   // ---- the header emoji -----------------------------------------------------------------------
 
   window.VdmHeader = {
-    /** 📡 or ⚫ for the page shown; `streamOpen`: the live page's stream is open. */
-    emoji(streamOpen) {
+    /** The emoji for the page shown; `streamEmoji`: what the live page's stream says. */
+    emoji(streamEmoji) {
       return view.headerEmoji(view.pageOf(window.location.pathname), {
-        streamOpen: streamOpen,
+        streamEmoji: streamEmoji,
         overviewOk: !!(window.VdmOverview && window.VdmOverview.fresh()),
         finishedOk: !!(window.VdmFinished && window.VdmFinished.fresh()),
       });

@@ -43,6 +43,7 @@ from starlette.routing import Route
 
 from vdm_hub.services.demo import vendors
 from vdm_hub.services.demo.vendors import Vendor
+from vdm_hub.shared.options import listen_host, number, port, whole
 from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.serve import serve
 from vdm_hub.shared.settings import Settings
@@ -329,42 +330,31 @@ def pattern_bytes(total: int) -> bytes:
 # --- command line ---------------------------------------------------------------------------
 
 
-def _number(low: float, high: float, kind: Callable[[str], Any] = float) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{raw} is outside {low:g}..{high:g}")
-        return value
-
-    return parse
-
-
 # The paced-answer options: flag, parser (with bounds), default, metavar, help.
 _OPTIONS: list[tuple[str, Callable[[str], Any], float, str, str]] = [
-    ("--latency", _number(0, MAX_DELAY_MS / 1000), 0.05, "S",
+    ("--latency", number(0, MAX_DELAY_MS / 1000), 0.05, "S",
      "seconds before the first response byte"),
-    ("--chunk-delay", _number(0, MAX_CHUNK_DELAY_MS / 1000), 0.02, "S",
+    ("--chunk-delay", number(0, MAX_CHUNK_DELAY_MS / 1000), 0.02, "S",
      "seconds before each streamed content chunk"),
-    ("--chunks", _number(0, MAX_CHUNKS, int), 16, "N",
+    ("--chunks", whole(0, MAX_CHUNKS), 16, "N",
      "content chunks (= output tokens) per answer"),
-    ("--error-rate", _number(0, 1), 0.0, "F",
+    ("--error-rate", number(0, 1), 0.0, "F",
      "share of LLM requests answered with HTTP 500, 0..1"),
 ]  # fmt: skip
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
-    parser.add_argument("--port", type=int, default=8001, help="port, 0 for a free one [8001]")
+    parser.add_argument(
+        "--host", type=listen_host, default="127.0.0.1", help="bind address [127.0.0.1]"
+    )
+    parser.add_argument("--port", type=port, default=8001, help="port, 0 for a free one [8001]")
     for flag, kind, default, metavar, text in _OPTIONS:
         parser.add_argument(
             flag, type=kind, default=default, metavar=metavar, help=f"{text} [{default:g}]"
         )
     parser.add_argument(
         "--first-token-delay",
-        type=_number(0, MAX_DELAY_MS / 1000),
+        type=number(0, MAX_DELAY_MS / 1000),
         default=None,
         metavar="S",
         help="seconds between a stream's pre-content preamble and its first content chunk"
@@ -380,4 +370,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         args.error_rate,
         first_token_delay=args.first_token_delay,
     )
-    return serve(app, args.host, args.port, "demo-upstream")
+    return serve(
+        app,
+        args.host,
+        args.port,
+        "demo-upstream",
+        exposed="anyone who can reach it can call this fake LLM API",
+    )

@@ -11,8 +11,9 @@ and `stream` from a JSON body (sniffed while the app reads it); from the respons
 the first body byte (phase `upstream` -> `streaming`, and `ttfb_ms`), the first generated
 output (`ttft_ms`: for an SSE response the first event that carries output, see
 :func:`services.proxy.sniff.carries_output`; for any other the first body byte), the byte
-count, the SSE `data:` events forwarded (`chunks_out`), the time of the last of them
-(`last_output_at`) and token usage. Headers, bodies and query strings are never passed on.
+count, the SSE `data:` events forwarded (`chunks_out`), the time of the last output
+(`last_output_at`: an SSE `data:` event, or a body chunk of any other response) and token
+usage. Headers, bodies and query strings are never passed on.
 
 A request with a JSON body is reported (``Recorder.start``) once `model` and `stream` are known
 from the body, the body is complete, the response starts, or :data:`START_BOUND` has passed,

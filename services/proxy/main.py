@@ -7,21 +7,25 @@ import dataclasses
 import logging
 
 from vdm_hub.services.proxy.app import create_app
+from vdm_hub.shared.options import http_base_url, listen_host, number, port
 from vdm_hub.shared.serve import serve
-from vdm_hub.shared.settings import ConfigError, Settings, http_url
+from vdm_hub.shared.settings import ConfigError, Settings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--upstream",
+        type=http_base_url,
         default=None,
         help="base URL of the upstream, e.g. http://127.0.0.1:8001 (default: VDM_UPSTREAM_URL)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
-    parser.add_argument("--port", type=int, default=8080, help="port, 0 for a free one [8080]")
+    parser.add_argument(
+        "--host", type=listen_host, default="127.0.0.1", help="bind address [127.0.0.1]"
+    )
+    parser.add_argument("--port", type=port, default=8080, help="port, 0 for a free one [8080]")
     parser.add_argument(
         "--graceful-timeout",
-        type=float,
+        type=number(0),
         default=10.0,
         help="on SIGTERM, seconds to let in-flight requests finish [10]",
     )
@@ -30,11 +34,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     upstream = settings.upstream_url
     if args.upstream:
-        upstream = http_url("--upstream", args.upstream)
+        upstream = args.upstream
     if not upstream:
         raise ConfigError("VDM_UPSTREAM_URL: not set and no --upstream given")
     settings = dataclasses.replace(settings, upstream_url=upstream)
     # httpx logs every upstream request at INFO; a busy worker would flood its log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings, upstream=upstream)
-    return serve(app, args.host, args.port, "worker", graceful_timeout=args.graceful_timeout)
+    return serve(
+        app,
+        args.host,
+        args.port,
+        "worker",
+        graceful_timeout=args.graceful_timeout,
+        # A worker takes no token: it is a proxy, and its /_vdm/ endpoints are open.
+        exposed="anyone who can reach it can send requests through it to its upstream "
+        "(keep workers on an internal network; docs/security.md)",
+    )

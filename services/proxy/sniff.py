@@ -106,28 +106,30 @@ def usage_from_json(body: bytes) -> dict[str, int]:
         return {}
 
 
-# An SSE event that may carry generated output mentions one of a few byte markers (every
-# vendor's output event does: OpenAI's chat choices[].delta and the Responses API's *.delta
-# events a "delta", Anthropic's content_block_delta a "delta", legacy completions a "text",
-# Gemini "parts"; see _has_output_marker). Only events that do are JSON-decoded.
 # The fields of an OpenAI chat `choices[].delta` that carry generated output. Reasoning counts:
 # it is generated output the client receives (as Anthropic's thinking_delta is a
 # content_block_delta); the role-only first chunk (`{"role": "assistant", "content": ""}`)
 # does not.
-_CHAT_OUTPUT = (
-    "content",
-    "tool_calls",
-    "function_call",
-    "refusal",
-    "reasoning_content",
-    "reasoning",
-    "audio",
+_CHAT_OUTPUT = frozenset(
+    {"content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning", "audio"}
 )
 
 
 def _has_output_marker(data: bytes) -> bool:
-    # Spelled out, not any(...) over a tuple: a generator costs more than the three searches.
-    return b'"delta"' in data or b'"text"' in data or b'"parts"' in data
+    """Could an event in ``data`` carry generated output? Only lines that say so are
+    JSON-decoded, and only until the first output was seen. The markers name the output
+    events themselves, so most of a preamble is skipped undecoded (message_start, ping,
+    content_block_start, response.created, response.content_part.added...): Anthropic's
+    `content_block_delta`, the Responses API's `response.*.delta` types, OpenAI's (and
+    legacy completions') `choices`, Gemini's `candidates`. The quotes make them keys or
+    whole values: inside a JSON string a quote is escaped."""
+    # Spelled out, not any(...) over a tuple: a generator costs more than the searches.
+    return (
+        b'"choices"' in data
+        or b'content_block_delta"' in data
+        or b'.delta"' in data
+        or b'"candidates"' in data
+    )
 
 
 def carries_output(event: Any) -> bool:
@@ -147,7 +149,11 @@ def carries_output(event: Any) -> bool:
     if isinstance(kind, str):
         if kind == "content_block_delta":
             delta = event.get("delta")
-            return isinstance(delta, dict) and any(v for k, v in delta.items() if k != "type")
+            if isinstance(delta, dict):
+                for name, value in delta.items():
+                    if value and name != "type":
+                        return True
+            return False
         if kind.startswith("response."):
             return kind.endswith(".delta") and bool(event.get("delta"))
     choices = event.get("choices")
@@ -156,8 +162,11 @@ def carries_output(event: Any) -> bool:
             if not isinstance(choice, dict):
                 continue
             delta = choice.get("delta")
-            if isinstance(delta, dict) and any(delta.get(name) for name in _CHAT_OUTPUT):
-                return True
+            if isinstance(delta, dict):
+                # Over the delta's own few fields: cheaper than looking up every output field.
+                for name, value in delta.items():
+                    if value and name in _CHAT_OUTPUT:
+                        return True
             if choice.get("text"):
                 return True
         return False

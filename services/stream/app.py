@@ -41,18 +41,11 @@ from vdm_hub.shared.auth import DEFAULT_EXEMPT, RequireAuth
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.redis_client import build_client
 from vdm_hub.shared.responses import JSONResponse
-from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.settings import Settings, any_host_origin_regex
 
 log = logging.getLogger("vdm.stream")
 
 STREAM_PATH = "/metrics/active-requests/stream"
-
-
-def _unsync(hub: Hub) -> Callable[[], None]:
-    def unsync() -> None:
-        hub.ready = False
-
-    return unsync
 
 
 def _job_name(job: Callable[[], Awaitable[None]]) -> str:
@@ -92,9 +85,11 @@ def _access_control(settings: Settings) -> list[tuple[Any, dict[str, Any]]]:
     if settings.auth_token:
         layers.append((RequireAuth, {"token": settings.auth_token, "exempt_paths": DEFAULT_EXEMPT}))
     if settings.cors_origins:
-        origins = list(settings.cors_origins)
+        origins = [o for o in settings.cors_origins if not o.startswith(("http://*", "https://*"))]
         cors = {
             "allow_origins": origins,
+            # scheme://*:port entries: any host name on that port (settings.py)
+            "allow_origin_regex": any_host_origin_regex(settings.cors_origins),
             "allow_methods": ["GET", "POST"],  # POST: the cancel action
             "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Cache-Control"],
             # Credentials only with an explicit origin list (settings refuse '*' + token).
@@ -205,7 +200,7 @@ def _supervisor(
     jobs += [bc.run_updates, bc.run_heartbeats, functools.partial(bc.run_sweeps, send_timeout)]
     for job in jobs:
         # A crashed reader leaves its view unsynced until its restart has resynced it.
-        crash = _unsync(hub) if job == hub.run else None
+        crash = hub.reader_crashed if job == hub.run else None
         supervisor.add(_job_name(job), job, crash)
     return supervisor
 
@@ -256,6 +251,8 @@ async def not_ready_because(service: StreamService) -> str | None:
     if not supervisor.healthy:
         failing = ", ".join(sorted(supervisor.failing))
         return f"background task failed, restarting: {failing} (see the log)"
+    if not hub.sync.ok:  # the reason clients are shown too (services/stream/sync.py)
+        return f"not in sync with Redis: {hub.sync.reason}"
     if not hub.ready:
         return "not in sync with Redis yet (starting, or resyncing after a lost link)"
     try:
@@ -269,11 +266,12 @@ async def not_ready_because(service: StreamService) -> str | None:
 def _health_routes(service: StreamService) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz")
+    # HEAD too: load balancers and uptime checkers probe with it (Starlette drops the body).
+    @router.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @router.get("/readyz")
+    @router.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> Response:
         hub = service.hub
         if hub is None:

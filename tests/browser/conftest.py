@@ -301,6 +301,7 @@ class FakeFleet:
         self.redis: aioredis.Redis = self.call(self._connect(redis_url))
         self.workers: dict[str, FleetWorker] = {}
         self.cancels: list[dict[str, Any]] = []
+        self.cancelled: list[tuple[str, str]] = []  # (worker id, request id) of each cancel
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
         self._churning = False
@@ -323,10 +324,17 @@ class FakeFleet:
         return f"{tag}-{uuid.uuid4().hex[:6]}-{next(self._ids)}"
 
     def add_worker(
-        self, worker_id: str, count: int, models: tuple[str, ...] = ("m-a",), age: float = 0.0
+        self,
+        worker_id: str,
+        count: int,
+        models: tuple[str, ...] = ("m-a",),
+        age: float = 0.0,
+        *,
+        cancellable: bool | None = None,
     ) -> FleetWorker:
-        """Register a worker already holding ``count`` rows (models round-robin), heartbeating."""
-        worker = FleetWorker(self.redis, self.keys, worker_id, ttl=30.0)
+        """Register a worker already holding ``count`` rows (models round-robin), heartbeating.
+        ``cancellable`` goes into its record (None: a record without the field)."""
+        worker = FleetWorker(self.redis, self.keys, worker_id, ttl=30.0, cancellable=cancellable)
         for i in range(count):
             rid = self.new_id(worker_id)
             worker.rows[rid] = make_row(worker_id, rid, models[i % len(models)], age=age)
@@ -415,6 +423,7 @@ class FakeFleet:
                     continue
                 ask = orjson.loads(message["data"])
                 self.cancels.append(ask)
+                self.cancelled.append((worker.worker_id, str(ask.get("request_id"))))
                 if ask.get("request_id") in worker.rows:
                     await worker.end(ask["request_id"], outcome="cancelled")
 
@@ -605,10 +614,10 @@ class DashboardPage:
             if (v !== null) e.scrollTop = v; return e.scrollTop; }"""
         return int(self.page.evaluate(script, [grid_id, value]))
 
-    def cell(self, request_id: str, col_id: str) -> Any:
-        return self.page.locator(
-            f'#vdm-active-grid .ag-row[row-id="{request_id}"] [col-id="{col_id}"]'
-        )
+    def cell(self, key: str, col_id: str) -> Any:
+        """A cell of the row whose ``key`` (the grid's row id: ``row_key(worker, request id)``)
+        is given."""
+        return self.page.locator(f'#vdm-active-grid .ag-row[row-id="{key}"] [col-id="{col_id}"]')
 
     @property
     def detail(self) -> Any:

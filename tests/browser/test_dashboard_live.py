@@ -15,6 +15,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import DashboardPage, Holder, System, start_system
 from tests.procs import Proc, vdm_hub, wait_for
+from vdm_hub.services.stream.table import row_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.system]
 
@@ -53,7 +54,8 @@ def test_rows_appear_when_requests_start_and_vanish_when_they_end(
     assert rows[held[1][0]]["model"] == "claude-sonnet-4-0"
     expect(page.page.locator("#vdm-active-count")).not_to_have_text("0")
     # The duration cell ticks in the browser between snapshots.
-    cell = page.page.locator(f'.ag-row[row-id="{held[0][0]}"] [col-id="duration"]')
+    key = row_key("w1", held[0][0])
+    cell = page.page.locator(f'.ag-row[row-id="{key}"] [col-id="duration"]')
     first = cell.inner_text()
     expect(cell).not_to_have_text(first, timeout=5000)
 
@@ -81,7 +83,7 @@ def test_user_sort_survives_updates(system: System, holder: Holder, new_page: An
     grid.locator('.ag-header-cell[col-id="model"] .ag-header-cell-text').click()
     wait_for(lambda: page.sort_state() == [("model", "asc")], 5, 0.1, "sort by model")
     charlie = first[0][0]
-    grid.locator(f'.ag-row[row-id="{charlie}"] [col-id="model"]').click()
+    grid.locator(f'.ag-row[row-id="{row_key("w1", charlie)}"] [col-id="model"]').click()
     wait_for(lambda: page.selected_ids() == [charlie], 5, 0.1, "row selection")
 
     # More requests arrive (adds) and the first ones progress (updates): sort stays.

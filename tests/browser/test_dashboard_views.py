@@ -18,6 +18,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import DashboardPage, FakeFleet, Holder, System, start_system
 from tests.procs import wait_for
+from vdm_hub.services.stream.table import row_key
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 
@@ -108,10 +109,9 @@ def test_tokens_per_second_of_a_response_that_came_at_once_are_over_its_duration
     rows = {r["request_id"]: r for r in page.grid_rows("vdm-recent-grid")}
 
     def cell(rid: str) -> str:
-        locator = page.page.locator(
-            f'#vdm-recent-grid .ag-row[row-id="{rid}"] [col-id="tokens_per_s"]'
-        )
-        return str(locator.inner_text())
+        # Recently finished rows are keyed by worker, request id and start time (JSON).
+        row = f"#vdm-recent-grid .ag-row[row-id*='\"{rid}\"']"
+        return str(page.page.locator(f'{row} [col-id="tokens_per_s"]').inner_text())
 
     # The body came at once (its first byte within a millisecond of its end): tokens over the
     # whole duration, marked so. Dividing by the time after the first byte gave 51,282/s.
@@ -207,23 +207,24 @@ def test_a_stalled_stream_is_marked_within_the_stall_threshold_plus_a_second(
             waiting: {"is_streaming": True},  # no first token yet
         },
     )
-    row = page.page.locator(f'#vdm-active-grid .ag-row[row-id="{silent}"]')
+    silent_key, waiting_key = row_key("sx", silent), row_key("sx", waiting)
+    row = page.page.locator(f'#vdm-active-grid .ag-row[row-id="{silent_key}"]')
     # When the mark appears, by the browser's clock (the same host's as t0): a Python poll
     # would add its own delay to what is measured.
-    page.page.evaluate(MARK_WATCH, silent)
+    page.page.evaluate(MARK_WATCH, silent_key)
     seen = wait_for(lambda: page.page.evaluate("() => window.__vdmStalledAt"), 15, 0.1, "a mark")
     assert STALL_AFTER <= seen / 1000 - t0 <= STALL_AFTER + 1.0, seen / 1000 - t0
     expect(row).to_have_class(STALLED)
-    expect(page.cell(silent, "phase")).to_have_text("stalled")
+    expect(page.cell(silent_key, "phase")).to_have_text("stalled")
     # Stuck is another thing (merely old): this row is seconds old.
     assert "vdm-row-stuck" not in (row.get_attribute("class") or "")
     # Before its first token a row is never stalled; it shows how long it has waited.
-    waited = page.cell(waiting, "ttft_ms")
+    waited = page.cell(waiting_key, "ttft_ms")
     expect(waited).to_have_text(re.compile(r"^wait \d"))
     first = waited.inner_text()
     expect(waited).not_to_have_text(first, timeout=5000)  # it ticks
     assert "vdm-row-stalled" not in (
-        page.page.locator(f'.ag-row[row-id="{waiting}"]').get_attribute("class") or ""
+        page.page.locator(f'.ag-row[row-id="{waiting_key}"]').get_attribute("class") or ""
     )
 
     # Filterable like any phase, and counted for Prometheus.
@@ -233,7 +234,7 @@ def test_a_stalled_stream_is_marked_within_the_stall_threshold_plus_a_second(
     assert 'vdm_requests_stalled{worker="sx"} 1.0' in text
     # Output again: no longer stalled.
     fleet.update_rows("sx", {silent: {"chunks_out": 4, "last_output_at": time.time()}})
-    expect(page.cell(silent, "phase")).to_have_text("streaming", timeout=5000)
+    expect(page.cell(silent_key, "phase")).to_have_text("streaming", timeout=5000)
 
 
 @pytest.mark.timeout(120)
@@ -296,13 +297,13 @@ def test_labels_show_as_chips_filter_like_a_column_and_fill_the_detail_panel(
     )
     page = _open(system, new_page)
     page.wait_rows(lambda shown: {ada, web, bare} <= shown, message="the labelled rows")
-    chips = page.page.locator(f'#vdm-active-grid .ag-row[row-id="{ada}"] .vdm-chip')
+    chips = page.page.locator(f'#vdm-active-grid .ag-row[row-id="{row_key("lx", ada)}"] .vdm-chip')
     expect(chips).to_have_text(["team=ml", "user=ada"], timeout=10000)
     # Filtered like any column, from the URL too.
     filtered = _open(system, new_page, "/dashboard/metrics?labels=team%3Dml")
     wait_for(lambda: filtered.row_ids() == [ada], 15, 0.1, "only the team=ml row")
     # The detail panel lists them.
-    page.cell(ada, "model").click()
+    page.cell(row_key("lx", ada), "model").click()
     expect(page.detail).to_be_visible()
     assert page.detail_value("team") == "ml" and page.detail_value("user") == "ada"
     # ...and a finished request's entry carries them too (written as a worker's end writes it).

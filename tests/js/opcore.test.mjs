@@ -25,8 +25,24 @@ test("capabilities: anything missing or malformed means no cancel and the defaul
   }
 });
 
-test("the cancel path escapes the id", () => {
+test("the cancel path escapes the id and names the row's worker", () => {
   assert.equal(op.cancelPath("ab/c d"), "/metrics/active-requests/ab%2Fc%20d/cancel");
+  assert.equal(
+    op.cancelPath("retry-1", "gw 2/a"),
+    "/metrics/active-requests/retry-1/cancel?worker_id=gw%202%2Fa",
+  );
+  assert.equal(op.cancelPath("r", ""), "/metrics/active-requests/r/cancel");
+});
+
+test("Cancel is offered only where the service allows it and the worker can stop requests", () => {
+  const on = op.capabilitiesFrom({ cancel_enabled: true });
+  const off = op.capabilitiesFrom({ cancel_enabled: false });
+  assert.equal(op.cancelOffered(on, { worker_id: "w1", cancellable: true }), true);
+  assert.equal(op.cancelOffered(on, { worker_id: "w1" }), true); // an older service or worker
+  assert.equal(op.cancelOffered(on, null), true); // worker list not there yet
+  assert.equal(op.cancelOffered(on, { worker_id: "w1", cancellable: false }), false);
+  assert.equal(op.cancelOffered(off, { worker_id: "w1", cancellable: true }), false);
+  assert.equal(op.cancelOffered(null, null), false);
 });
 
 test("a row is stuck once older than the threshold, in server time", () => {

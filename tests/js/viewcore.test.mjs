@@ -16,10 +16,12 @@ test("the badge counts the rows, and what the filter shows while one is on", () 
 });
 
 test("the header emoji says whether this page gets fresh data", () => {
-  assert.equal(view.headerEmoji("metrics", { streamOpen: true }), "📡");
-  assert.equal(view.headerEmoji("metrics", { streamOpen: false, overviewOk: true }), "⚫");
+  // The live page: what its stream says (live, stale or not connected).
+  assert.equal(view.headerEmoji("metrics", { streamEmoji: "📡" }), "📡");
+  assert.equal(view.headerEmoji("metrics", { streamEmoji: "⚠️" }), "⚠️");
+  assert.equal(view.headerEmoji("metrics", { streamEmoji: "⚫", overviewOk: true }), "⚫");
   // The overview polls instead of streaming: its header must not stay ⚫ forever.
-  assert.equal(view.headerEmoji("overview", { streamOpen: false, overviewOk: true }), "📡");
+  assert.equal(view.headerEmoji("overview", { streamEmoji: "⚫", overviewOk: true }), "📡");
   assert.equal(view.headerEmoji("overview", { overviewOk: false }), "⚫");
   assert.equal(view.headerEmoji("finished", { finishedOk: true }), "📡");
   assert.equal(view.pageOf("/dashboard/"), "overview");

@@ -18,6 +18,7 @@ from bench.rows import rows_scenario
 from bench.rowwatch import Pool, Watcher
 from bench.viewclient import Shared, View
 from bench.vsvandamme import vs_vandamme
+from vdm_hub.services.stream.table import row_key
 
 
 @pytest.mark.system
@@ -82,7 +83,17 @@ def _frame(event: str, body: dict[str, Any], version: int) -> bytes:
 
 
 def _row(rid: str, model: str | None = "m") -> dict[str, Any]:
-    return {"request_id": rid, "model": model, "phase": "upstream", "bytes_out": 0}
+    return {
+        "request_id": rid,
+        "key": _key(rid),
+        "model": model,
+        "phase": "upstream",
+        "bytes_out": 0,
+    }
+
+
+def _key(rid: str) -> str:
+    return row_key("w", rid)
 
 
 @pytest.mark.timeout(10)
@@ -92,7 +103,9 @@ def test_view_client_applies_snapshot_and_deltas_split_anywhere(piece: int) -> N
         [
             _frame("update", {"active_requests": [_row("a"), _row("b")], "version": 1}, 1),
             b": heartbeat\n\n",
-            _frame("delta", {"version": 2, "base": 1, "upsert": [_row("c")], "remove": ["a"]}, 2),
+            _frame(
+                "delta", {"version": 2, "base": 1, "upsert": [_row("c")], "remove": [_key("a")]}, 2
+            ),
             _frame("delta", {"version": 4, "base": 3, "upsert": [_row("d")], "remove": []}, 4),
         ]
     )
@@ -100,10 +113,24 @@ def test_view_client_applies_snapshot_and_deltas_split_anywhere(piece: int) -> N
     view = View(shared, b"", stamps=True)
     for i in range(0, len(raw), piece):
         view.data_received(raw[i : i + piece])
-    assert set(view.rows) == {"b", "c"}  # the delta with the wrong base was not applied
+    assert set(view.rows) == {_key("b"), _key("c")}  # the delta with the wrong base was not applied
     assert (view.version, view.gaps, view.frames) == (2, 1, 3)  # the heartbeat is no frame
     assert set(shared.first) == {"a", "b", "c"} and set(shared.gone) == {"a"}
     assert view.waiting_for_update  # until the next full update
+
+
+@pytest.mark.timeout(10)
+def test_view_client_keeps_one_request_id_on_two_workers_apart() -> None:
+    dup = [{**_row("dup"), "worker_id": w, "key": row_key(w, "dup")} for w in ("w1", "w2")]
+    raw = _chunked(
+        [
+            _frame("update", {"active_requests": dup, "version": 1}, 1),
+            _frame("delta", {"version": 2, "base": 1, "remove": [row_key("w1", "dup")]}, 2),
+        ]
+    )
+    view = View(Shared("\0"), b"", stamps=False)
+    view.data_received(raw)
+    assert [(r["worker_id"], r["request_id"]) for r in view.rows.values()] == [("w2", "dup")]
 
 
 @pytest.mark.timeout(10)
@@ -115,8 +142,8 @@ def test_row_watcher_on_deltas_stamps_the_model_and_the_removal(piece: int) -> N
             _frame("delta", {"version": 2, "base": 1, "upsert": [_row("p", None)]}, 2),
             _frame("delta", {"version": 3, "base": 2, "upsert": [_row("p", "tok")]}, 3),
             b": heartbeat\n\n",
-            _frame("delta", {"version": 4, "base": 3, "remove": ["p"]}, 4),
-            _frame("delta", {"version": 9, "base": 7, "remove": ["a"]}, 9),
+            _frame("delta", {"version": 4, "base": 3, "remove": [_key("p")]}, 4),
+            _frame("delta", {"version": 9, "base": 7, "remove": [_key("a")]}, 9),
             # A new snapshot (a resync) without the held row removes it too.
             _frame("update", {"active_requests": [], "version": 10}, 10),
         ]

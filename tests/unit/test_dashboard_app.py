@@ -38,6 +38,7 @@ def test_pages_are_served_with_the_stream_url_from_settings(client: Any, path: s
     html = response.get_data(as_text=True)
     assert _config_in(html) == {
         "streamUrl": "http://stream.example:8090",
+        "streamPort": None,
         "pollIntervalMs": 2000,
         "withCredentials": False,
         "loginUrl": "",
@@ -71,10 +72,24 @@ def test_assets_load_in_dependency_order(client: Any) -> None:
 
 def test_default_stream_url_is_same_origin() -> None:
     assert client_config(Settings.from_env({}))["streamUrl"] == ""
+    assert client_config(Settings.from_env({}))["streamPort"] is None
     interval = Settings.from_env({"VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5"})
     assert client_config(interval)["pollIntervalMs"] == 500
     token = Settings.from_env({"VDM_AUTH_TOKEN": "x" * 32})
     assert client_config(token)["withCredentials"] is True
+
+
+def test_with_a_stream_port_the_page_derives_the_stream_from_its_own_host() -> None:
+    assert client_config(Settings.from_env({}), 8090) == {
+        **client_config(Settings.from_env({})),
+        "streamPort": 8090,
+    }
+    # An explicit public URL wins: the port is not passed on.
+    public = Settings.from_env({"VDM_STREAM_PUBLIC_URL": "https://hub.example/stream"})
+    assert client_config(public, 8090)["streamPort"] is None
+    client = create_app(Settings(), 8090).server.test_client()
+    layout = client.get("/dashboard/_dash-layout").get_data(as_text=True)
+    assert "stream: this host, port 8090" in layout
 
 
 def test_config_cannot_break_out_of_its_script_tag() -> None:
@@ -99,7 +114,7 @@ def test_layout_has_the_contract_elements(client: Any) -> None:
         assert f'"{element_id}"' in layout
     assert "No requests in flight" in layout
     assert "No workers registered" in layout
-    assert "params.data.request_id" in layout  # getRowId
+    assert "params.data.key" in layout  # getRowId: the row key, not the per-worker request id
     # No data at layout time, and no rowData prop at all: the browser fills the grids with
     # transactions (with a rowData prop dash-ag-grid copies every row back after each batch).
     assert '"rowData"' not in layout

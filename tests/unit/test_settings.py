@@ -34,6 +34,8 @@ def test_defaults_match_the_contract() -> None:
         ({"VDM_MAX_SSE_CLIENTS": "0"}, "VDM_MAX_SSE_CLIENTS"),
         ({"VDM_STALL_AFTER": "soon"}, "VDM_STALL_AFTER"),
         ({"VDM_CORS_ORIGINS": "example.com"}, "VDM_CORS_ORIGINS"),
+        ({"VDM_CORS_ORIGINS": "http://*"}, "VDM_CORS_ORIGINS"),  # any host: on a port only
+        ({"VDM_CORS_ORIGINS": "http://a*.example:1"}, "VDM_CORS_ORIGINS"),
         ({"VDM_CORS_ORIGINS": "*", "VDM_AUTH_TOKEN": "t"}, "VDM_CORS_ORIGINS"),
         ({"VDM_STREAM_PUBLIC_URL": "ftp://x"}, "VDM_STREAM_PUBLIC_URL"),
         ({"REDIS_URL": "redis://h:63a9/0"}, "REDIS_URL"),
@@ -133,3 +135,12 @@ def test_sentinel_mode_reads_its_sentinels() -> None:
     )
     assert s.redis_sentinels == (("a", 26379), ("::1", 26380))
     assert s.redis_sentinel_master == "mymaster"
+
+
+def test_an_any_host_origin_becomes_one_pattern() -> None:
+    from vdm_hub.shared.settings import any_host_origin_regex
+
+    s = Settings.from_env({"VDM_CORS_ORIGINS": "http://*:8050, https://ops.example"})
+    assert s.cors_origins == ("http://*:8050", "https://ops.example")
+    assert any_host_origin_regex(s.cors_origins) == "(?:http://[^/@]+:8050)"
+    assert any_host_origin_regex(("https://ops.example",)) is None

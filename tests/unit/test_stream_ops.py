@@ -15,12 +15,13 @@ from prometheus_client import generate_latest
 
 from vdm_hub.services.stream import metrics as metrics_mod
 from vdm_hub.services.stream.fanout import Broadcaster
-from vdm_hub.services.stream.hub import Hub, WorkerView
+from vdm_hub.services.stream.hub import READER, Hub, WorkerView
 from vdm_hub.services.stream.metrics import RequestMetrics, StreamMetrics
 from vdm_hub.services.stream.stats import MAX_GROUPS, OTHER, RollingStats, flight_summary
 from vdm_hub.services.stream.supervise import TaskSupervisor
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.settings import Settings
 from vdm_hub.shared.store import WireScripts
 
 pytestmark = pytest.mark.timeout(30)
@@ -77,6 +78,7 @@ async def test_reap_once_keeps_a_worker_whose_heartbeat_beat_the_reaper(
         _record("w", "e1"), [("r1", schema.encode_row(_row("w", "r1")))], ttl_ms=-1
     )
     await hub.full_resync()
+    hub.sync.clear(READER)  # what Hub.run does once subscribed and resynced
     assert set(hub.workers["w"].rows) == {"r1"}
 
     real_remove = hub.scripts.remove
@@ -99,6 +101,7 @@ async def test_reap_once_drops_a_worker_another_reaper_removed(fake_redis: aiore
     scripts = WireScripts(fake_redis, keys)
     await scripts.register(_record("w", "e1"), [], ttl_ms=-1)
     await hub.full_resync()
+    hub.sync.clear(READER)
     real_remove = hub.scripts.remove
 
     async def other_reaper_first(worker_id: str, **kwargs: Any) -> int:
@@ -376,22 +379,31 @@ def _request(headers: dict[str, str], scheme: str = "http") -> Any:
     return Request({"type": "http", "scheme": scheme, "headers": raw, "method": "POST"})
 
 
-def test_origin_check_allows_own_and_listed_origins_only() -> None:
+def test_origin_check_allows_configured_origins_only() -> None:
     from vdm_hub.services.stream.cancel import origin_allowed, valid_request_id
 
-    cors = ("http://localhost:8050",)
+    listed = Settings.from_env({"VDM_CORS_ORIGINS": "http://localhost:8050"})
     cookie = {"cookie": "vdm_session=v1.1.x", "host": "stream.example:8090"}
-    assert origin_allowed(_request({**cookie, "origin": "http://LOCALHOST:8050"}), cors)
-    assert origin_allowed(_request({**cookie, "origin": "http://stream.example:8090"}), cors)
-    assert origin_allowed(_request({**cookie, "referer": "http://localhost:8050/dashboard/"}), cors)
-    assert not origin_allowed(_request({**cookie, "origin": "http://localhost:8051"}), cors)
-    assert not origin_allowed(_request({**cookie, "origin": "null"}), cors)
-    assert not origin_allowed(_request({**cookie, "referer": "garbage"}), cors)
-    assert not origin_allowed(_request(cookie), cors)  # a cookie without any origin
-    # Behind a TLS-terminating proxy the service's own origin is https.
-    tls = {**cookie, "x-forwarded-proto": "https", "origin": "https://stream.example:8090"}
-    assert origin_allowed(_request(tls), cors)
-    assert origin_allowed(_request({"host": "s"}), cors)  # a command-line client, no cookie
-    assert not origin_allowed(_request({"host": "s", "origin": "http://evil"}), ("*",))
+    assert origin_allowed(_request({**cookie, "origin": "http://LOCALHOST:8050"}), listed)
+    assert origin_allowed(
+        _request({**cookie, "referer": "http://localhost:8050/dashboard/"}), listed
+    )
+    assert not origin_allowed(_request({**cookie, "origin": "http://localhost:8051"}), listed)
+    assert not origin_allowed(_request({**cookie, "origin": "null"}), listed)
+    assert not origin_allowed(_request({**cookie, "referer": "garbage"}), listed)
+    assert not origin_allowed(_request(cookie), listed)  # a cookie without any origin
+    # The Host header is never the judge: a page of the service's own Host is not trusted...
+    assert not origin_allowed(_request({**cookie, "origin": "http://stream.example:8090"}), listed)
+    # ...unless that origin is the configured public URL (a proxy serving both on one origin),
+    # written with or without its default port.
+    public = Settings.from_env({"VDM_STREAM_PUBLIC_URL": "https://hub.example:443/"})
+    rewritten = {**cookie, "host": "stream:8090", "origin": "https://hub.example"}
+    assert origin_allowed(_request(rewritten), public)
+    assert origin_allowed(_request({"host": "s"}), listed)  # a command-line client, no cookie
+    anyone = Settings.from_env({"VDM_CORS_ORIGINS": "*"})
+    assert not origin_allowed(_request({"host": "s", "origin": "http://evil"}), anyone)
+    # Neither does an any-host entry (read access for remote dashboards) let a page cancel.
+    any_host = Settings.from_env({"VDM_CORS_ORIGINS": "http://*:8050"})
+    assert not origin_allowed(_request({"origin": "http://evil.example:8050"}), any_host)
     assert valid_request_id("req-1:a.b_c") and not valid_request_id("")
     assert not valid_request_id("a b") and not valid_request_id("x" * 129)
