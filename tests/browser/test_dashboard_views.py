@@ -108,10 +108,14 @@ def test_tokens_per_second_of_a_response_that_came_at_once_are_over_its_duration
     rows = {r["request_id"]: r for r in page.grid_rows("vdm-recent-grid")}
 
     def cell(rid: str) -> str:
-        locator = page.page.locator(
-            f'#vdm-recent-grid .ag-row[row-id="{rid}"] [col-id="tokens_per_s"]'
-        )
-        return str(locator.inner_text())
+        """The Tok/s cell's text, as the grid formats it (found by the row's data, whatever
+        the grid's row id)."""
+        script = """(rid) => { const api = window.dash_ag_grid.getApi('vdm-recent-grid');
+            let node = null;
+            api.forEachNode((n) => { if (n.data && n.data.request_id === rid) node = n; });
+            return api.getCellValue({rowNode: node, colKey: 'tokens_per_s', useFormatter: true});
+        }"""
+        return str(page.page.evaluate(script, rid))
 
     # The body came at once (its first byte within a millisecond of its end): tokens over the
     # whole duration, marked so. Dividing by the time after the first byte gave 51,282/s.
