@@ -109,8 +109,8 @@ def test_tokens_per_second_of_a_response_that_came_at_once_are_over_its_duration
     rows = {r["request_id"]: r for r in page.grid_rows("vdm-recent-grid")}
 
     def cell(rid: str) -> str:
-        """The Tok/s cell's text, as the grid formats it (rows are keyed by worker, request
-        id and start time: found by their data instead)."""
+        """The Tok/s cell's text, as the grid formats it (found by the row's data, whatever
+        the grid's row id)."""
         script = """(rid) => { const api = window.dash_ag_grid.getApi('vdm-recent-grid');
             let node = null;
             api.forEachNode((n) => { if (n.data && n.data.request_id === rid) node = n; });
