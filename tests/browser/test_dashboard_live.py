@@ -203,8 +203,8 @@ def demo_load(system: System) -> Iterator[Proc]:
 
 def _charted(page: DashboardPage, graph_id: str, points: int = 3) -> bool:
     script = """([id, n]) => { const g = document.querySelector('#' + id + ' .js-plotly-plot');
-        return !!g && !!g.data && g.data.length > 0 && g.data[0].x.length >= n
-            && g.data[0].y.some((v) => v > 0); }"""
+        return !!g && !!g.data && g.data.length > 0
+            && g.data[0].y.filter((v) => v > 0).length >= n; }"""
     return bool(page.page.evaluate(script, [graph_id, points]))
 
 
@@ -246,6 +246,8 @@ def test_overview_and_screenshots_under_load(system: System, holder: Holder, new
         wait_for(lambda: len(page.row_ids()) >= 6, 10, 0.1, "rows under load")
         for graph in ("vdm-chart-inflight", "vdm-chart-rate", "vdm-chart-latency"):
             wait_for(lambda g=graph: _charted(page, g), 20, 0.2, f"data in {graph}")
+        # Enough traffic on the charts that the screenshot shows what traffic looks like.
+        wait_for(lambda: _charted(page, "vdm-chart-rate", 16), 30, 0.2, "a rate history")
         expect(page.page.locator("#vdm-m-kpi-rate")).not_to_have_text(re.compile(r"^(—|0\.0/s)$"))
         expect(page.page.locator("#vdm-m-kpi-p95")).not_to_have_text("—")
         wait_for(lambda: len(page.row_ids("vdm-recent-grid")) >= 5, 15, 0.2, "finished rows")
