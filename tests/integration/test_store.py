@@ -103,6 +103,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
             bytes_out=10,
             ttft_ms=9.5,
             ttfb_ms=2.25,
+            labels={"team": "a"},
         )
         end = schema.encode(
             [
