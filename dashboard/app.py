@@ -1,11 +1,13 @@
 """The dashboard's Dash app: ``create_app(settings) -> Dash``, served under ``/dashboard/``.
 
-Pages: ``/dashboard/`` (fleet overview) and ``/dashboard/metrics`` (Active Requests); ``/``
-redirects to ``/dashboard/``. The page learns the stream service's base URL from the server
-(``VDM_STREAM_PUBLIC_URL``; else, with ``--stream-port``, that port on the host the page came
-from; else the same origin) through ``window.__vdmConfig``, rendered into the HTML before any
-asset runs; the browser client appends the endpoint paths. Live data never
-passes through this process or a Python callback: the browser talks to the stream service.
+Pages: ``/dashboard/`` (fleet overview), ``/dashboard/metrics`` (Active Requests) and
+``/dashboard/finished`` (search the finished requests); ``/`` redirects to ``/dashboard/``.
+The page learns the stream service's base URL from the server (``VDM_STREAM_PUBLIC_URL``;
+else, with ``--stream-port``, that port on the host the page came from; else the same origin)
+through ``window.__vdmConfig``, rendered into the HTML before any asset runs; the browser
+client appends the endpoint paths. Live data never passes through this process or a Python
+callback: the browser talks to the stream service. Dash writes the viewport meta tag itself
+(the template had a second one).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ _INDEX = """<!DOCTYPE html>
 <html lang="en">
   <head>
     {%metas%}
-    <meta name="viewport" content="width=device-width, initial-scale=1">
     <meta name="color-scheme" content="dark">
     <title>{%title%}</title>
     {%favicon%}
@@ -48,17 +49,20 @@ _INDEX = """<!DOCTYPE html>
 # Shows the page the URL names; both are in the layout (see dashboard/layout.py).
 _ROUTE_JS = """
 function (pathname) {
-    const metrics = String(pathname || "").includes("/dashboard/metrics");
+    const page = window.VdmViewCore.pageOf(pathname);
     const on = "vdm-nav-link vdm-nav-active", off = "vdm-nav-link";
     // Charts drawn while their page was hidden have no width to fit: re-measure once shown.
     window.setTimeout(function () {
         if (window.VdmCharts) window.VdmCharts.fitAll();
     }, 50);
+    const show = (name) => ({display: page === name ? "block" : "none"});
     return [
-        {display: metrics ? "none" : "block"},
-        {display: metrics ? "block" : "none"},
-        metrics ? off : on,
-        metrics ? on : off,
+        show("overview"),
+        show("metrics"),
+        show("finished"),
+        page === "overview" ? on : off,
+        page === "metrics" ? on : off,
+        page === "finished" ? on : off,
     ];
 }
 """
@@ -125,8 +129,10 @@ def create_app(settings: Settings, stream_port: int | None = None) -> Dash:
         _ROUTE_JS,
         Output("vdm-page-overview", "style"),
         Output("vdm-page-metrics", "style"),
+        Output("vdm-page-finished", "style"),
         Output("vdm-nav-overview", "className"),
         Output("vdm-nav-metrics", "className"),
+        Output("vdm-nav-finished", "className"),
         Input("vdm-url", "pathname"),
     )
     # `● Live` / `○ Reconnecting...` and the header emoji, kept in sync with the client.

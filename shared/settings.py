@@ -369,6 +369,7 @@ class Settings:
     # Operator features.
     cancel_enabled: bool = field(default=False, metadata=_env("VDM_CANCEL_ENABLED", _bool, STREAM))
     stuck_after: float = field(default=300.0, metadata=_env("VDM_STUCK_AFTER", _seconds, STREAM))
+    stall_after: float = field(default=30.0, metadata=_env("VDM_STALL_AFTER", _seconds, STREAM))
     # Managed and highly available Redis.
     redis_mode: str = field(
         default="standalone", metadata=_env("VDM_REDIS_MODE", _redis_mode, *REDIS_READERS)

@@ -20,6 +20,7 @@
   "use strict";
 
   const METRICS_PATH = "/dashboard/metrics";
+  const FINISHED_PATH = "/dashboard/finished";
   const STREAM_PATH = "/metrics/active-requests/stream";
   const SNAPSHOT_PATH = "/metrics/active-requests";
   const SUMMARY_PATH = "/metrics/summary";
@@ -54,10 +55,11 @@
     return visibilityState === "visible" && String(pathname || "").includes(METRICS_PATH);
   }
 
-  /** The overview page polls the JSON endpoints instead: visible, under /dashboard, not metrics. */
+  /** The overview page polls the JSON endpoints instead: visible, neither metrics nor finished. */
   function shouldPollOverview(visibilityState, pathname) {
     const path = String(pathname || "");
-    return visibilityState === "visible" && !path.includes(METRICS_PATH);
+    const other = path.includes(METRICS_PATH) || path.includes(FINISHED_PATH);
+    return visibilityState === "visible" && !other;
   }
 
   /** Base URL from the server (may be "" = same origin) + an endpoint path. */
@@ -423,31 +425,60 @@
     errors: "#f85149",
     ttftP50: "#a371f7",
     ttftP95: "#db61a2",
+    cancelled: "#d29922",
+    closed: "#8b949e",
   };
 
-  function chartLayout(yTitle, yRange) {
-    return {
-      margin: { l: 48, r: 12, t: 8, b: 28 },
+  /**
+   * A chart's layout. Legible on any screen: x labels are horizontal clock times, at most a
+   * few of them (a narrow chart had them rotated and cut to "000"); a legend, when the chart
+   * has more than one series, sits under the plot where it cannot cover a line.
+   */
+  function chartLayout(yTitle, options) {
+    const o = options || {};
+    const legend = !!o.legend;
+    const layout = {
+      margin: { l: 48, r: o.y2Title ? 44 : 12, t: 8, b: legend ? 58 : 28 },
       paper_bgcolor: "rgba(0,0,0,0)",
       plot_bgcolor: "rgba(0,0,0,0)",
       font: { color: "#9aa7b4", size: 12 },
-      showlegend: true,
-      legend: { orientation: "h", x: 0, y: 1.12, font: { size: 11 } },
-      xaxis: { type: "date", tickformat: "%H:%M:%S", gridcolor: "#212a35", zeroline: false, showline: false },
+      showlegend: legend,
+      legend: { orientation: "h", x: 0, xanchor: "left", y: -0.24, yanchor: "top", font: { size: 11 } },
+      xaxis: {
+        type: "date",
+        tickformat: "%H:%M:%S",
+        tickangle: 0,
+        nticks: 5,
+        gridcolor: "#212a35",
+        zeroline: false,
+        showline: false,
+      },
       yaxis: {
         title: { text: yTitle, font: { size: 11 } },
         gridcolor: "#212a35",
         zeroline: false,
         rangemode: "tozero",
-        range: yRange,
+        range: o.yRange,
         fixedrange: true,
       },
       uirevision: "vdm", // keep the user's zoom across updates
       height: 210,
     };
+    if (o.y2Title) {
+      layout.yaxis2 = {
+        title: { text: o.y2Title, font: { size: 11 } },
+        overlaying: "y",
+        side: "right",
+        showgrid: false,
+        zeroline: false,
+        rangemode: "tozero",
+        fixedrange: true,
+      };
+    }
+    return layout;
   }
 
-  function line(name, xs, ys, color, fill, dash) {
+  function line(name, xs, ys, color, fill, dash, unit) {
     return {
       type: "scatter",
       mode: "lines",
@@ -457,8 +488,19 @@
       line: { color: color, width: 2, shape: "linear", dash: dash || "solid" },
       fill: fill ? "tozeroy" : "none",
       fillcolor: fill ? color + "22" : undefined,
-      hovertemplate: "%{y}<extra>" + name + "</extra>",
+      hovertemplate: "%{y:.3~f}" + (unit || "") + "<extra>" + name + "</extra>",
     };
+  }
+
+  /** Seconds between series points: the stats' `step_s`, else the points' own spacing. */
+  function seriesStep(stats, series) {
+    const step = Number(stats && stats.step_s);
+    if (Number.isFinite(step) && step > 0) return step;
+    for (let i = 1; i < series.length; i += 1) {
+      const gap = Number(series[i].t) - Number(series[i - 1].t);
+      if (gap > 0) return gap;
+    }
+    return 1;
   }
 
   function statsFigures(stats) {
@@ -468,31 +510,39 @@
     const xs = series.map((p) => new Date(Number(p.t) * 1000).toISOString());
     const col = (name, scale) =>
       series.map((p) => (p[name] === null || p[name] === undefined ? null : p[name] * (scale || 1)));
+    // Durations in seconds: "4000" on a latency axis read as a count, "4 s" does not.
     const latency = [
-      line("p50", xs, col("p50_ms"), CHART_COLORS.p50, false),
-      line("p95", xs, col("p95_ms"), CHART_COLORS.p95, false),
-      line("p99", xs, col("p99_ms"), CHART_COLORS.p99, false),
+      line("p50", xs, col("p50_ms", 0.001), CHART_COLORS.p50, false, null, " s"),
+      line("p95", xs, col("p95_ms", 0.001), CHART_COLORS.p95, false, null, " s"),
+      line("p99", xs, col("p99_ms", 0.001), CHART_COLORS.p99, false, null, " s"),
     ];
     // Time to first token, dashed on the same axis, only when the stream service reports it
     // (older services do not; an empty line in the legend would suggest a zero).
     const hasTtft = series.some((p) => p.ttft_p50_ms != null || p.ttft_p95_ms != null);
     if (hasTtft) {
-      latency.push(line("TTFT p50", xs, col("ttft_p50_ms"), CHART_COLORS.ttftP50, false, "dot"));
-      latency.push(line("TTFT p95", xs, col("ttft_p95_ms"), CHART_COLORS.ttftP95, false, "dot"));
+      const ttft50 = col("ttft_p50_ms", 0.001);
+      const ttft95 = col("ttft_p95_ms", 0.001);
+      latency.push(line("TTFT p50", xs, ttft50, CHART_COLORS.ttftP50, false, "dot", " s"));
+      latency.push(line("TTFT p95", xs, ttft95, CHART_COLORS.ttftP95, false, "dot", " s"));
+    }
+    // Cancelled and client-closed requests are not errors: their own series, per second like
+    // the request rate, only when the stream service counts them (older ones do not).
+    const rate = [line("finished/s", xs, col("requests_per_s"), CHART_COLORS.rate, true, null, "/s")];
+    if (series.some((p) => p.cancelled != null || p.client_closed != null)) {
+      const perS = 1 / seriesStep(stats, series);
+      rate.push(line("cancelled/s", xs, col("cancelled", perS), CHART_COLORS.cancelled, false, null, "/s"));
+      rate.push(line("client closed/s", xs, col("client_closed", perS), CHART_COLORS.closed, false, "dot", "/s"));
     }
     return {
       inflight: {
         data: [line("in flight", xs, col("in_flight"), CHART_COLORS.inflight, true)],
         layout: chartLayout("requests"),
       },
-      rate: {
-        data: [line("req/s", xs, col("requests_per_s"), CHART_COLORS.rate, true)],
-        layout: chartLayout("req/s"),
-      },
-      latency: { data: latency, layout: chartLayout("ms") },
+      rate: { data: rate, layout: chartLayout("req/s", { legend: rate.length > 1 }) },
+      latency: { data: latency, layout: chartLayout("seconds", { legend: true }) },
       errors: {
-        data: [line("error %", xs, col("error_rate", 100), CHART_COLORS.errors, true)],
-        layout: chartLayout("%"),
+        data: [line("error %", xs, col("error_rate", 100), CHART_COLORS.errors, true, null, "%")],
+        layout: chartLayout("% of finished"),
       },
     };
   }
@@ -531,6 +581,8 @@
       inFlight: rows.length,
       requestsPerS: fleet.requests_per_s === undefined ? null : fleet.requests_per_s,
       errorRate: fleet.error_rate === undefined ? null : fleet.error_rate,
+      cancelled: fleet.cancelled === undefined ? null : fleet.cancelled,
+      clientClosed: fleet.client_closed === undefined ? null : fleet.client_closed,
       p95Ms: fleet.p95_ms === undefined ? null : fleet.p95_ms,
       completed: fleet.completed === undefined ? null : fleet.completed,
     };

@@ -96,9 +96,6 @@
       if (!d) return false;
       return op.isStuck(d.start_time, shownNow(), window.__vdmClock.offsetMs, window.__vdmCaps.stuckAfterS);
     },
-    vdmTokensPerS(params) {
-      return op.outputTokensPerS(params && params.data);
-    },
     vdmDuration: (ms) => core.formatDuration(ms),
     vdmAgeText: (s) => (s === null || s === undefined ? "—" : core.formatDuration(s * 1000)),
     vdmBytes: (n) => core.formatBytes(n),

@@ -314,7 +314,6 @@
     }
     paintedAt = Date.now();
     const n = rows.size;
-    dom.setProps("vdm-active-count", { children: String(n) });
     const up = workers.filter((w) => w && w.status === "up").length;
     dom.setProps("vdm-m-kpi-inflight", { children: core.formatCount(n) });
     dom.setProps("vdm-m-kpi-workers", {
@@ -494,10 +493,12 @@
   window.dash_clientside.vdm = Object.assign({}, window.dash_clientside.vdm, {
     syncIndicator: function () {
       const state = core.indicatorState(isConnected(), !!disabledInfo, sync);
-      const key = state.text + "|" + state.className;
+      // The header emoji follows the page shown (the overview polls, it does not stream).
+      const emoji = window.VdmHeader ? window.VdmHeader.emoji(state.emoji) : state.emoji;
+      const key = state.text + "|" + state.className + "|" + emoji;
       if (key === lastIndicator) return window.dash_clientside.no_update;
       lastIndicator = key;
-      return [state.text, state.className, state.emoji];
+      return [state.text, state.className, emoji];
     },
   });
 })();

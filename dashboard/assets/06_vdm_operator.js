@@ -8,6 +8,8 @@
  *   (confirmation, `POST …/{request_id}/cancel?worker_id=…`, so exactly that row is cancelled
  *   even when another worker holds the same request id; a short notice with the answer). The
  *   panel follows the row (by its `key`) live and says when it ended.
+ *   `VdmOperator.openEntry(entry)` shows a finished request's completed entry in the same
+ *   panel (the Finished view and Recently finished, 08_vdm_finished.js).
  * - The grid's filters and sort are mirrored into the page URL (`?model=…&worker=…&sort=…`)
  *   with history.replaceState and restored from it on load, so a link shows the same view.
  *   The live client re-evaluates its connection on replaceState; only the query changes
@@ -90,6 +92,7 @@
   let panel = null;
   let openId = null; // the open row's key
   let lastRow = null; // the row as last seen, kept on screen after it ended
+  let finishedEntry = null; // a completed entry shown as it is (Finished view, Recently finished)
   let cancelState = null; // {id, text} once a cancel was asked for the open row
 
   function el(tag, className, text) {
@@ -135,14 +138,24 @@
     if (!panel) buildPanel();
     openId = String(key);
     lastRow = window.VdmLive ? window.VdmLive.row(openId) || null : null;
+    finishedEntry = null;
     cancelState = null;
     panel.hidden = false;
+    renderPanel();
+  }
+
+  /** The same panel for a request that has finished: its completed entry, as it is. */
+  function openEntry(entry) {
+    if (!entry || typeof entry !== "object") return;
+    openPanel(entry.request_id);
+    finishedEntry = entry;
     renderPanel();
   }
 
   function closePanel() {
     openId = null;
     lastRow = null;
+    finishedEntry = null;
     if (panel) panel.hidden = true;
   }
 
@@ -152,6 +165,11 @@
   /** Redraw the open panel; `onlyIfChanged` skips it when neither the row nor a second moved. */
   function renderPanel(onlyIfChanged) {
     if (!panel || openId === null) return;
+    if (finishedEntry) {
+      if (!onlyIfChanged || renderedRow !== finishedEntry) renderFinished(finishedEntry);
+      renderedRow = finishedEntry; // an entry does not change: drawn once
+      return;
+    }
     const live = window.VdmLive ? window.VdmLive.row(openId) : undefined;
     if (live) lastRow = live;
     const now = Date.now();
@@ -163,6 +181,38 @@
     const offset = window.__vdmClock ? window.__vdmClock.offsetMs : 0;
     const rate = window.dashAgGridFunctions.vdmChunkRate({ data: row });
     const sections = op.detailSections(row, worker, now, offset, core, rate);
+    fillPanel(row, sections);
+    let stateText = "";
+    if (!live) stateText = "This request is no longer in flight.";
+    else if (cancelState && cancelState.id === openId) stateText = cancelState.text;
+    else if (window.dashAgGridFunctions.vdmIsStuck({ data: row })) {
+      stateText = "Stuck: running longer than " + core.formatDuration(window.__vdmCaps.stuckAfterS * 1000) + ".";
+    } else if (window.dashAgGridFunctions.vdmIsStalled({ data: row })) {
+      stateText = "Stalled: no output for longer than " + core.formatDuration(window.__vdmCaps.stallAfterS * 1000) + " after its first token.";
+    }
+    showState(stateText);
+    const cancel = document.getElementById("vdm-detail-cancel");
+    cancel.hidden = !op.cancelOffered(window.__vdmCaps, worker);
+    cancel.disabled = !live;
+  }
+
+  function renderFinished(entry) {
+    const sections = op.detailSections(entry, null, Date.now(), 0, core, null);
+    const rate = window.VdmViewCore.tokensPerS(entry);
+    const timings = sections.find((s) => s.title === "Timings");
+    if (timings) timings.items.push(["Tokens / s", window.VdmViewCore.tokensPerSText(rate, core.formatRate)]);
+    fillPanel(entry, sections);
+    showState("Finished: " + entry.outcome + (entry.status ? ", HTTP " + entry.status : "") + ".");
+    document.getElementById("vdm-detail-cancel").hidden = true;
+  }
+
+  function showState(text) {
+    const state = document.getElementById("vdm-detail-state");
+    state.textContent = text;
+    state.className = "vdm-detail-state" + (text ? " vdm-detail-state-shown" : "");
+  }
+
+  function fillPanel(row, sections) {
     document.getElementById("vdm-detail-title").textContent =
       (row.model ? row.model + " · " : "") + (row.method || "") + " " + (row.path || "");
     const body = document.getElementById("vdm-detail-body");
@@ -178,18 +228,6 @@
       }
       body.append(list);
     }
-    const state = document.getElementById("vdm-detail-state");
-    let stateText = "";
-    if (!live) stateText = "This request is no longer in flight.";
-    else if (cancelState && cancelState.id === openId) stateText = cancelState.text;
-    else if (window.dashAgGridFunctions.vdmIsStuck({ data: row })) {
-      stateText = "Stuck: running longer than " + core.formatDuration(window.__vdmCaps.stuckAfterS * 1000) + ".";
-    }
-    state.textContent = stateText;
-    state.className = "vdm-detail-state" + (stateText ? " vdm-detail-state-shown" : "");
-    const cancel = document.getElementById("vdm-detail-cancel");
-    cancel.hidden = !op.cancelOffered(window.__vdmCaps, worker);
-    cancel.disabled = !live;
   }
 
   function onCancelClick() {
@@ -328,6 +366,7 @@
 
   window.VdmOperator = {
     open: openPanel,
+    openEntry: openEntry,
     close: closePanel,
     capabilitiesKnown: () => capsKnown,
   };

@@ -376,4 +376,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         args.port,
         "demo-upstream",
         exposed="anyone who can reach it can call this fake LLM API",
+        # Like a real LLM API's front end, idle connections outlive the worker's pool expiry
+        # (httpx: 5 s): with Uvicorn's own 5 s the two raced, and a worker that reused a
+        # connection the upstream was closing answered 502 (~1 request in 3,000 under load).
+        timeout_keep_alive=75,
     )

@@ -31,6 +31,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+KEEP_ALIVE_S = 75  # seconds an idle client connection stays open (nginx's default)
+
+
 def run(args: argparse.Namespace, settings: Settings) -> int:
     upstream = settings.upstream_url
     if args.upstream:
@@ -47,6 +50,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         args.port,
         "worker",
         graceful_timeout=args.graceful_timeout,
+        # Longer than the idle timeout of the load balancers in front of workers (AWS ALB: 60 s):
+        # with Uvicorn's 5 s, a balancer can reuse a connection the worker is just closing,
+        # and its client gets a 502 for a request the worker never saw.
+        timeout_keep_alive=KEEP_ALIVE_S,
         # A worker takes no token: it is a proxy, and its /_vdm/ endpoints are open.
         exposed="anyone who can reach it can send requests through it to its upstream "
         "(keep workers on an internal network; docs/security.md)",

@@ -29,6 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdm_hub.services.stream.cancel import cancel_router
+from vdm_hub.services.stream.completed import completed_router
 from vdm_hub.services.stream.fanout import Broadcaster
 from vdm_hub.services.stream.hub import Hub
 from vdm_hub.services.stream.memo import PeriodicMemo
@@ -144,6 +145,7 @@ def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> St
         keys,
         step=settings.sse_interval,
         in_flight=(lambda: flight_summary(hub.in_flight())) if hub is not None else None,
+        fleet_since=functools.partial(_fleet_since, hub) if hub is not None else None,
         on_entry=finished.observe,
         on_malformed=finished.malformed_completed,
     )
@@ -171,9 +173,18 @@ def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> St
         hub=hub,
         stats=stats,
         broadcaster=bc,
-        metrics=StreamMetrics(hub, bc, finished, stuck_after=settings.stuck_after),
+        metrics=StreamMetrics(
+            hub, bc, finished, stuck_after=settings.stuck_after, stall_after=settings.stall_after
+        ),
         supervisor=_supervisor(hub, stats, bc, settings.sse_send_timeout),
         summary_memo=summary_memo,
+    )
+
+
+def _fleet_since(hub: Hub) -> float | None:
+    """The earliest start of a worker in view: the fleet has been serving since then."""
+    return min(
+        (view.record["started_at"] for view in hub.workers.values() if view.record), default=None
     )
 
 
@@ -304,5 +315,6 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     app.router.routes.append(Route(STREAM_PATH, endpoint=sse, methods=["GET"]))
     app.include_router(cancel_router(settings, service.hub, service.redis, service.keys))
     app.include_router(_data_routes(service))
+    app.include_router(completed_router(service.redis, service.keys))
     app.include_router(_health_routes(service))
     return app

@@ -291,6 +291,7 @@ def cancel_router(
         body = {
             "cancel_enabled": settings.cancel_enabled,
             "stuck_after_s": settings.stuck_after,
+            "stall_after_s": settings.stall_after,
             "delta": True,
         }
         return JSONResponse(body)

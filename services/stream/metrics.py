@@ -22,6 +22,8 @@ the histograms are updated as entries arrive (once per finished request).
   (sequence gaps; each gap was healed by a resync of that worker).
 - ``vdm_oldest_request_age_seconds{worker}`` and ``vdm_requests_stuck{worker}`` (requests in
   flight for longer than ``VDM_STUCK_AFTER``): judged on this host's clock at scrape time.
+- ``vdm_requests_stalled{worker}``: streams that got their first token and have sent nothing
+  for longer than ``VDM_STALL_AFTER`` (the row's ``last_output_at``, see :func:`is_stalled`).
 
 Series of a worker that left the view are dropped ``PRUNE_AFTER`` seconds after its last
 sign of life (gauges at once: they describe the present), so a fleet whose worker ids change on
@@ -71,16 +73,35 @@ def _capped_in_flight(counts: Mapping[str, Mapping[str, int]]) -> dict[tuple[str
     return capped
 
 
+def is_stalled(row: Mapping[str, object], silent_since: float) -> bool:
+    """A stream (asked for, or answered as SSE) that got its first token and whose last output
+    is older than ``silent_since``: silent for longer than ``VDM_STALL_AFTER``. A row without
+    ``last_output_at`` (a worker older than the field) is never called stalled. The browser
+    decides the same way (assets/01_vdm_viewcore.js ``stalled``)."""
+    if row.get("ttft_ms") is None:
+        return False
+    if row.get("is_streaming") is not True and row.get("chunks_out") is None:
+        return False
+    last = row.get("last_output_at")
+    return isinstance(last, int | float) and not isinstance(last, bool) and last < silent_since
+
+
 class HubCollector(Collector):
     """The gauges of the hub's present state, computed at scrape time."""
 
     def __init__(
-        self, hub: Hub | None, bc: Broadcaster, requests: RequestMetrics, stuck_after: float
+        self,
+        hub: Hub | None,
+        bc: Broadcaster,
+        requests: RequestMetrics,
+        stuck_after: float,
+        stall_after: float = 30.0,
     ) -> None:
         self.hub = hub
         self.bc = bc
         self.requests = requests
         self.stuck_after = stuck_after
+        self.stall_after = stall_after
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         in_flight = GaugeMetricFamily(
@@ -112,6 +133,11 @@ class HubCollector(Collector):
             "Requests in flight for longer than VDM_STUCK_AFTER",
             labels=["worker"],
         )
+        stalled = GaugeMetricFamily(
+            "vdm_requests_stalled",
+            "Streams silent for longer than VDM_STALL_AFTER after their first token",
+            labels=["worker"],
+        )
         lag = GaugeMetricFamily("vdm_hub_lag_seconds", "Now minus the newest applied start")
         malformed = CounterMetricFamily(
             "vdm_messages_malformed", "Malformed messages and hash entries skipped"
@@ -123,17 +149,20 @@ class HubCollector(Collector):
         if hub is not None:
             now = time.time()
             stuck_before = now - self.stuck_after
+            silent_since = now - self.stall_after
             by_status = {"up": 0, "stale": 0}
             for wid, view in hub.workers.items():
                 by_status[view.status] = by_status.get(view.status, 0) + 1
                 first = now
-                n_stuck = 0
+                n_stuck = n_stalled = 0
                 for row in view.rows.values():
                     start = row["start_time"]
                     first = min(first, start)
                     n_stuck += start < stuck_before
+                    n_stalled += is_stalled(row, silent_since)
                 oldest.add_metric([wid], max(0.0, now - first))
                 stuck.add_metric([wid], n_stuck)
+                stalled.add_metric([wid], n_stalled)
                 record: Mapping[str, Any] = view.record or {}
                 dropped.add_metric([wid], int(record.get("events_dropped", 0)))
                 completed_dropped.add_metric([wid], int(record.get("completed_dropped", 0)))
@@ -159,6 +188,7 @@ class HubCollector(Collector):
         yield missed
         yield oldest
         yield stuck
+        yield stalled
 
 
 class _Pruner(Collector):
@@ -184,13 +214,14 @@ class StreamMetrics:
         requests: RequestMetrics,
         *,
         stuck_after: float = 300.0,
+        stall_after: float = 30.0,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         if hub is not None:
             self.registry.register(_Pruner(hub, requests))
         for series in requests.series():
             self.registry.register(series)
-        self.registry.register(HubCollector(hub, bc, requests, stuck_after))
+        self.registry.register(HubCollector(hub, bc, requests, stuck_after, stall_after))
 
 
 class RequestMetrics:

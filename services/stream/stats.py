@@ -7,18 +7,30 @@ appends to a window deque and a time bucket.
 
 Payload of :meth:`RollingStats.summary` (also the ``stats`` SSE event and ``/metrics/summary``)::
 
-    {"timestamp": epoch_s, "window_s": 60,
+    {"timestamp": epoch_s, "window_s": seconds the rates cover (<= 60), "step_s": series step,
      "fleet": {"requests_per_s", "error_rate", "p50_ms", "p95_ms", "p99_ms",
-               "ttft_p50_ms", "ttft_p95_ms", "completed", "in_flight"},
+               "ttft_p50_ms", "ttft_p95_ms", "completed", "errors", "cancelled",
+               "client_closed", "in_flight"},
      "by_worker": {worker_id: {same keys}}, "by_model": {model: {same keys}},
-     "series": [{"t", "in_flight", "requests_per_s", "error_rate",
-                 "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms"}],
-                                                   # oldest first, one per step, ~10 min
+     "series": [{"t", "in_flight", "requests_per_s", "error_rate", "errors", "cancelled",
+                 "client_closed", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms",
+                 "ttft_p95_ms"}],                  # oldest first, one per step, ~10 min
      "recent": [CompletedEntry, ...]}              # newest first, at most 50
 
-``error_rate`` counts every outcome other than ``ok``. Percentiles are nearest-rank and null
-when there is no sample; ``ttft_*`` (start to the first generated output) come from the
-entries that carry ``ttft_ms``. A request without a model is grouped under ``"unknown"``.
+Outcomes are split (README, "Outcomes"): ``errors`` counts ``error`` and ``upstream_error``,
+and ``error_rate`` is ``errors`` over every finished request; ``cancelled`` (an operator
+cancelled it) and ``client_closed`` (the client went away) are counted on their own and never
+move the error rate: neither says the upstream or the hub failed. Counts are over the window
+(groups) or the step (series points).
+
+Rates are over the time the service can speak for: the window, or less while the service is
+younger than it and nothing says the fleet is older (``observed_since``: the earliest of this
+service's start, the oldest entry read back from the stream, and the earliest ``started_at``
+of the workers in view). Dividing the first 37 s of traffic by 60 s would show 1.6/s for 3/s.
+
+Percentiles are nearest-rank and null when there is no sample; ``ttft_*`` (start to the first
+generated output) come from the entries that carry ``ttft_ms``. A request without a model is
+grouped under ``"unknown"``.
 
 Model names are chosen by clients, so ``by_model`` (and ``by_worker``) keep at most
 ``MAX_GROUPS`` groups, the busiest (completed plus in flight); the rest are folded into
@@ -54,6 +66,11 @@ BUCKET_SAMPLES = 2048  # durations kept per series bucket (reservoir)
 UNKNOWN_MODEL = schema.UNKNOWN_MODEL
 MAX_GROUPS = 100  # groups per by_worker / by_model; the rest fold into OTHER
 OTHER = "other"
+# What the error rate counts: the upstream answered >= 400, or could not be reached or broke
+# off. A cancel or a client that left is not a failure of the service (README, "Outcomes").
+ERROR_OUTCOMES = frozenset({schema.Outcome.ERROR.value, schema.Outcome.UPSTREAM_ERROR.value})
+CANCELLED = schema.Outcome.CANCELLED.value
+CLIENT_CLOSED = schema.Outcome.CLIENT_CLOSED.value
 
 
 class Done(NamedTuple):
@@ -61,22 +78,47 @@ class Done(NamedTuple):
     worker: str
     model: str
     duration_ms: float
-    error: bool
+    outcome: str
     ttft_ms: float | None = None
+
+
+@dataclass
+class Outcomes:
+    """How many finished requests ended in error, were cancelled, or lost their client."""
+
+    errors: int = 0
+    cancelled: int = 0
+    client_closed: int = 0
+
+    def count(self, outcome: str) -> None:
+        if outcome in ERROR_OUTCOMES:
+            self.errors += 1
+        elif outcome == CANCELLED:
+            self.cancelled += 1
+        elif outcome == CLIENT_CLOSED:
+            self.client_closed += 1
+
+    def fields(self, finished: int) -> dict[str, Any]:
+        return {
+            "error_rate": round(self.errors / finished, 4) if finished else 0.0,
+            "errors": self.errors,
+            "cancelled": self.cancelled,
+            "client_closed": self.client_closed,
+        }
 
 
 @dataclass
 class Bucket:
     count: int = 0
-    errors: int = 0
+    outcomes: Outcomes = field(default_factory=Outcomes)
     durations: list[float] = field(default_factory=list)
     in_flight: int | None = None
     ttft_count: int = 0
     ttfts: list[float] = field(default_factory=list)
 
-    def add(self, duration_ms: float, error: bool, ttft_ms: float | None = None) -> None:
+    def add(self, duration_ms: float, outcome: str, ttft_ms: float | None = None) -> None:
         self.count += 1
-        self.errors += error
+        self.outcomes.count(outcome)
         _sample(self.durations, self.count, duration_ms)
         if ttft_ms is not None:
             self.ttft_count += 1
@@ -110,7 +152,7 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
 
 def _group(
     durations: list[float],
-    errors: int,
+    outcomes: Outcomes,
     seconds: float,
     in_flight: int | None,
     ttfts: list[float] | None = None,
@@ -120,7 +162,7 @@ def _group(
     n = len(durations)
     return {
         "requests_per_s": round(n / seconds, 4),
-        "error_rate": round(errors / n, 4) if n else 0.0,
+        **outcomes.fields(n),
         "p50_ms": percentile(durations, 0.50),
         "p95_ms": percentile(durations, 0.95),
         "p99_ms": percentile(durations, 0.99),
@@ -135,12 +177,12 @@ def _group(
 class _Acc:
     durations: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
-    errors: int = 0
+    outcomes: Outcomes = field(default_factory=Outcomes)
     in_flight: int = 0
 
     def add(self, done: Done) -> None:
         self.durations.append(done.duration_ms)
-        self.errors += done.error
+        self.outcomes.count(done.outcome)
         if done.ttft_ms is not None:
             self.ttfts.append(done.ttft_ms)
 
@@ -176,7 +218,7 @@ def _capped(
             acc = groups[key] = _Acc()
         acc.in_flight += n
     return {
-        k: _group(a.durations, a.errors, seconds, a.in_flight, a.ttfts)
+        k: _group(a.durations, a.outcomes, seconds, a.in_flight, a.ttfts)
         for k, a in sorted(groups.items())
     }
 
@@ -201,8 +243,10 @@ class RollingStats:
         step: float = 2.0,
         window_s: float = WINDOW_S,
         in_flight: Callable[[], dict[str, Any]] | None = None,
+        fleet_since: Callable[[], float | None] | None = None,
         on_entry: Callable[[schema.CompletedEntry], None] | None = None,
         on_malformed: Callable[[object], None] | None = None,
+        started: float | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -210,6 +254,11 @@ class RollingStats:
         self.window_s = window_s
         # () -> {"fleet": n, "by_worker": {wid: n}, "by_model": {model: n}}
         self._in_flight = in_flight or (lambda: flight_summary({}))
+        # () -> the earliest `started_at` of the workers in view (None: none known).
+        self._fleet_since = fleet_since or (lambda: None)
+        # Since when this service can speak for the fleet's finished requests: its own start,
+        # moved back by the oldest entry the rebuild reads (see observed_since).
+        self.since = time.time() if started is None else started
         self._on_entry = on_entry or (lambda e: None)
         self._on_malformed = on_malformed or (lambda d: None)
         self.window: deque[Done] = deque(maxlen=WINDOW_MAX)
@@ -223,18 +272,18 @@ class RollingStats:
     def add(self, entry: schema.CompletedEntry, now: float) -> None:
         end = min(now, entry["start_time"] + entry["duration_ms"] / 1000.0)
         model = entry["model"] or UNKNOWN_MODEL
-        error = entry["outcome"] != schema.Outcome.OK
+        outcome = entry["outcome"]
         ttft = ttft_of(entry)
         if end >= now - self.window_s:
             self.window.append(
-                Done(end, entry["worker_id"], model, entry["duration_ms"], error, ttft)
+                Done(end, entry["worker_id"], model, entry["duration_ms"], outcome, ttft)
             )
         if end >= now - HISTORY_S:
             index = int(end // self.step)
             bucket = self.buckets.get(index)
             if bucket is None:
                 bucket = self.buckets[index] = Bucket()
-            bucket.add(entry["duration_ms"], error, ttft)
+            bucket.add(entry["duration_ms"], outcome, ttft)
         self.recent.appendleft(entry)
 
     def _decode(self, entry_id: Any, fields: dict[Any, Any]) -> schema.CompletedEntry | None:
@@ -258,6 +307,7 @@ class RollingStats:
             self.last_id = first.decode() if isinstance(first, bytes) else str(first)
         for entry in reversed(entries):
             self.add(entry, now)
+            self.since = min(self.since, entry["start_time"] + entry["duration_ms"] / 1000.0)
         self.rebuilt = True
 
     async def run(self) -> None:
@@ -306,6 +356,18 @@ class RollingStats:
         bucket.in_flight = flight["fleet"]
         return self.summary(now, flight)
 
+    def observed_since(self) -> float:
+        """Since when the rates can speak for the fleet: this service's start, or earlier when
+        the stream held older entries or a worker in view started earlier (it was serving)."""
+        fleet = self._fleet_since()
+        return self.since if fleet is None else min(self.since, fleet)
+
+    def window_seconds(self, now: float) -> float:
+        """The window the rates are over: the full window, or the time observed so far (at
+        least one step, so the first finished request is not divided by a few milliseconds)."""
+        observed = now - self.observed_since()
+        return min(self.window_s, max(self.step, observed))
+
     def summary(self, now: float, flight: dict[str, Any] | None = None) -> dict[str, Any]:
         flight = flight or self._in_flight()
         horizon = now - self.window_s
@@ -313,22 +375,24 @@ class RollingStats:
         fleet = _Acc()
         for done in window:
             fleet.add(done)
-        seconds = self.window_s
+        seconds = self.window_seconds(now)
         current = int(now // self.step)
         series = []
         for index in sorted(self.buckets):
             if index >= current:
                 continue  # the current bucket is still filling
             b = self.buckets[index]
-            point = _group(list(b.durations), b.errors, self.step, b.in_flight, list(b.ttfts))
+            point = _group(list(b.durations), b.outcomes, self.step, b.in_flight, list(b.ttfts))
+            # The durations are a sample of at most BUCKET_SAMPLES: counts come from b.count.
             point["requests_per_s"] = round(b.count / self.step, 4)
-            point["error_rate"] = round(b.errors / b.count, 4) if b.count else 0.0
+            point.update(b.outcomes.fields(b.count))
             del point["completed"]
             series.append({"t": round((index + 1) * self.step, 3), **point})
         return {
             "timestamp": round(now, 3),
-            "window_s": int(seconds),
-            "fleet": _group(fleet.durations, fleet.errors, seconds, flight["fleet"], fleet.ttfts),
+            "window_s": round(seconds, 3),
+            "step_s": self.step,
+            "fleet": _group(fleet.durations, fleet.outcomes, seconds, flight["fleet"], fleet.ttfts),
             "by_worker": _capped(window, "worker", flight["by_worker"], seconds),
             "by_model": _capped(window, "model", flight["by_model"], seconds),
             "series": series,

@@ -55,6 +55,33 @@ SCREENSHOTS = (
     if os.environ.get("VDM_UPDATE_SCREENSHOTS") == "1"
     else Path(tempfile.gettempdir()) / "vdm-screenshots"
 )
+# Screenshots that are evidence, not documentation (every page at every screen width): kept
+# after the run for a person to look at, never in the checkout.
+ARTIFACTS = Path(os.environ.get("VDM_TEST_ARTIFACTS", tempfile.gettempdir())) / "vdm-screens"
+
+# Every element that sticks out past the viewport's right edge and is not clipped by an
+# ancestor that scrolls or hides its overflow (a grid's columns scroll inside the grid: fine).
+# Returns at most 5 of them, described, so a failure says what spills.
+OVERFLOWING = """() => {
+  const width = document.documentElement.clientWidth;
+  const clipped = (el) => {
+    for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+      const o = getComputedStyle(a).overflowX;
+      if (o !== "visible" && a.getBoundingClientRect().right <= width + 1) return true;
+    }
+    return false;
+  };
+  const out = [];
+  for (const el of document.querySelectorAll("body *")) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0 || r.right <= width + 1) continue;
+    if (clipped(el)) continue;
+    out.push(el.tagName + (el.id ? "#" + el.id : "") + "." + String(el.className).slice(0, 40)
+      + " in #" + ((el.closest("[id]") || {}).id || "?") + " right=" + Math.round(r.right));
+    if (out.length >= 5) break;
+  }
+  return {scrollWidth: document.documentElement.scrollWidth, width: width, out: out};
+}"""
 
 # Records every EventSource the page creates (when, which URL, whether it was closed), so a
 # test can see connection attempts and their spacing without trusting the client's own report.
@@ -319,8 +346,16 @@ class FakeFleet:
     def start_rows(self, worker_id: str, *request_ids: str, model: str = "m-a") -> None:
         self.call(self.workers[worker_id].start(*request_ids, model=model))
 
-    def end_rows(self, worker_id: str, *request_ids: str) -> None:
-        self.call(self.workers[worker_id].end(*request_ids))
+    def end_rows(
+        self, worker_id: str, *request_ids: str, outcome: str = "ok", duration_ms: float = 120.0
+    ) -> None:
+        self.call(
+            self.workers[worker_id].end(*request_ids, outcome=outcome, duration_ms=duration_ms)
+        )
+
+    def update_rows(self, worker_id: str, changes: dict[str, dict[str, Any]]) -> None:
+        """Progress on rows: ``{request_id: {field: value}}`` (a progress event per row)."""
+        self.call(self.workers[worker_id].progress(changes))
 
     def row_ids(self) -> set[str]:
         async def ids() -> set[str]:  # read on the loop: churn mutates the dicts there
@@ -428,6 +463,7 @@ class DashboardPage:
         self._console: list[str] = []
         self._requests: list[str] = []
         page.on("console", lambda msg: self._console.append(msg.text))
+        page.on("pageerror", lambda error: self._console.append(f"[pageerror] {error}"))
         page.on("request", lambda req: self._requests.append(req.url))
 
     # Playwright's sync API delivers events only while Python is inside one of its calls, so
@@ -596,6 +632,17 @@ class DashboardPage:
         self.page.screenshot(path=str(path), full_page=True)
         return path
 
+    def artifact(self, name: str) -> Path:
+        """A full-page screenshot kept after the run (ARTIFACTS), for a person to check."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def overflowing(self) -> dict[str, Any]:
+        """What sticks out past the viewport (see OVERFLOWING)."""
+        return dict(self.page.evaluate(OVERFLOWING))
+
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
@@ -624,8 +671,10 @@ def new_page(browser: Any) -> Iterator[Any]:
     """A fresh browser context per test (own storage, own EventSource log)."""
     contexts: list[Any] = []
 
-    def make(base_url: str, *, hidden: bool = False) -> DashboardPage:
-        context = browser.new_context(viewport={"width": 1600, "height": 1200})
+    def make(
+        base_url: str, *, hidden: bool = False, width: int = 1600, height: int = 1200
+    ) -> DashboardPage:
+        context = browser.new_context(viewport={"width": width, "height": height})
         contexts.append(context)
         context.add_init_script(TRACK_EVENTSOURCE)
         if hidden:

@@ -16,6 +16,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import DashboardPage, Holder, System, start_system
+from vdm_hub.services.stream.table import row_key
 from vdm_hub.shared.embedded_redis import EmbeddedRedis
 
 pytestmark = [pytest.mark.browser, pytest.mark.system]
@@ -39,11 +40,11 @@ def system(own_redis: EmbeddedRedis, holder: Holder) -> Iterator[System]:
         started.stop()
 
 
-def _dimmed(page: DashboardPage, request_id: str) -> float:
+def _dimmed(page: DashboardPage, key: str) -> float:
     script = """(id) => { const row = document.querySelector(
         '#vdm-active-grid .ag-row[row-id="' + id + '"]');
         return row ? Number(getComputedStyle(row).opacity) : -1; }"""
-    return float(page.page.evaluate(script, request_id))
+    return float(page.page.evaluate(script, key))
 
 
 def _steady_text(cell: Any, seconds: float) -> str:
@@ -64,8 +65,9 @@ def test_a_frozen_redis_turns_the_page_stale_and_back_to_live(
     page.wait_live()
     rid, done = holder.hold(system.workers["w1"], 20000)
     page.wait_rows(lambda shown: rid in shown, message="the held request's row")
-    cell = page.cell(rid, "duration")
-    assert _dimmed(page, rid) == 1.0
+    key = row_key("w1", rid)  # the grid's row id
+    cell = page.cell(key, "duration")
+    assert _dimmed(page, key) == 1.0
 
     own_redis.pause()  # SIGSTOP: the stream service is fine, its Redis answers nothing
     try:
@@ -74,7 +76,7 @@ def test_a_frozen_redis_turns_the_page_stale_and_back_to_live(
         expect(page.header_emoji).not_to_have_text("📡")
         assert page.is_connected(), "the stream itself is up: stale is not reconnecting"
         expect(page.page.locator("body")).to_have_attribute("data-vdm-sync", "stale")
-        assert 0 < _dimmed(page, rid) < 1.0
+        assert 0 < _dimmed(page, key) < 1.0
         held = _steady_text(cell, 2.5)  # durations stop at the last confirmed moment
         assert page.debug()["sync"]["stale"] is True
     finally:
@@ -83,6 +85,6 @@ def test_a_frozen_redis_turns_the_page_stale_and_back_to_live(
     page.wait_live(timeout=20000)
     expect(page.page.locator("body")).not_to_have_attribute("data-vdm-sync", "stale")
     expect(cell).not_to_have_text(held, timeout=5000)  # ticking again
-    assert _dimmed(page, rid) == 1.0
+    assert _dimmed(page, key) == 1.0
     assert rid in page.row_ids(), "the live worker's row survived the freeze"
     assert done.result(timeout=40) == 200

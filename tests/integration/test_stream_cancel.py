@@ -69,7 +69,7 @@ async def _stream_with_row(
 async def test_cancel_is_refused_unless_enabled_and_capabilities_say_so(
     redis_url: str, key_prefix: str
 ) -> None:
-    settings = settings_for(redis_url, key_prefix, VDM_STUCK_AFTER="42")
+    settings = settings_for(redis_url, key_prefix, VDM_STUCK_AFTER="42", VDM_STALL_AFTER="7")
     async with running_stream(settings) as (url, _app), httpx.AsyncClient(base_url=url) as c:
         r = await c.post(cancel_path("r1"))
         assert r.status_code == 403
@@ -77,7 +77,12 @@ async def test_cancel_is_refused_unless_enabled_and_capabilities_say_so(
         assert body["error"] == "cancel_disabled" and body["message"]
         assert "VDM_CANCEL_ENABLED" in body["suggestion"]
         caps = (await c.get("/metrics/capabilities")).json()
-        assert caps == {"cancel_enabled": False, "stuck_after_s": 42.0, "delta": True}
+        assert caps == {
+            "cancel_enabled": False,
+            "stuck_after_s": 42.0,
+            "stall_after_s": 7.0,
+            "delta": True,
+        }
 
 
 async def test_cancel_reaches_the_owning_worker_and_answers_404_400_503_honestly(

@@ -55,6 +55,7 @@ test("the overview polls only when visible and not on the metrics page", () => {
   assert.equal(core.shouldPollOverview("visible", "/dashboard/"), true);
   assert.equal(core.shouldPollOverview("hidden", "/dashboard/"), false);
   assert.equal(core.shouldPollOverview("visible", "/dashboard/metrics"), false);
+  assert.equal(core.shouldPollOverview("visible", "/dashboard/finished"), false);
 });
 
 test("joinUrl appends endpoint paths to the server-given base", () => {
@@ -268,9 +269,33 @@ test("statsFigures turns the series into four charts with aligned x values", () 
   assert.deepEqual(figs.inflight.data[0].y, [2, 3]);
   assert.equal(figs.inflight.data[0].x[0], new Date(100000).toISOString());
   assert.deepEqual(figs.latency.data.map((t) => t.name), ["p50", "p95", "p99"]);
-  assert.deepEqual(figs.latency.data[0].y, [5, null]);
+  assert.deepEqual(figs.latency.data[0].y, [0.005, null]); // seconds
+  assert.equal(figs.latency.layout.yaxis.title.text, "seconds");
   assert.deepEqual(figs.errors.data[0].y, [10, 0]); // percent
   assert.deepEqual(core.statsFigures(undefined).rate.data[0].y, []);
+  // Legible on a narrow chart: horizontal x labels, a legend only where there are series to
+  // tell apart, and then under the plot (it covered the TTFT lines).
+  assert.equal(figs.inflight.layout.xaxis.tickangle, 0);
+  assert.equal(figs.inflight.layout.showlegend, false);
+  assert.equal(figs.latency.layout.showlegend, true);
+  assert.ok(figs.latency.layout.legend.y < 0);
+});
+
+test("cancelled and client-closed requests are their own series on the rate chart", () => {
+  const figs = core.statsFigures({
+    step_s: 2,
+    series: [
+      { t: 100, requests_per_s: 3, error_rate: 0, cancelled: 2, client_closed: 0 },
+      { t: 102, requests_per_s: 1, error_rate: 0.5, cancelled: 0, client_closed: 4 },
+    ],
+  });
+  assert.deepEqual(figs.rate.data.map((t) => t.name), ["finished/s", "cancelled/s", "client closed/s"]);
+  assert.deepEqual(figs.rate.data[1].y, [1, 0]); // per second: 2 in a 2 s step
+  assert.deepEqual(figs.rate.data[2].y, [0, 2]);
+  assert.deepEqual(figs.errors.data[0].y, [0, 50]);
+  // A stream service that does not count them: no empty series in the legend.
+  const old = core.statsFigures({ series: [{ t: 1, requests_per_s: 1 }] });
+  assert.deepEqual(old.rate.data.map((t) => t.name), ["finished/s"]);
 });
 
 test("workerRows joins workers with per-worker stats; fleetTotals counts", () => {
@@ -403,8 +428,8 @@ test("the latency chart gains TTFT lines only when stats carry them", () => {
   });
   const names = withTtft.latency.data.map((t) => t.name);
   assert.deepEqual(names, ["p50", "p95", "p99", "TTFT p50", "TTFT p95"]);
-  assert.deepEqual(withTtft.latency.data[3].y, [2, null]);
-  assert.deepEqual(withTtft.latency.data[4].y, [4, 3]);
+  assert.deepEqual(withTtft.latency.data[3].y, [0.002, null]);
+  assert.deepEqual(withTtft.latency.data[4].y, [0.004, 0.003]);
 });
 
 test("grid batches wait longer at fleet scale", () => {

@@ -63,6 +63,7 @@ CONTRACT_METRICS = {
     "vdm_time_to_first_token_seconds",
     "vdm_oldest_request_age_seconds",
     "vdm_requests_stuck",
+    "vdm_requests_stalled",
     "vdm_requests_cancelled_total",
 }
 PROFILES = ["--profile", "monitoring", "--profile", "demo"]

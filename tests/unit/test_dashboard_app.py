@@ -31,7 +31,7 @@ def test_root_and_bare_prefix_redirect_to_the_dashboard(client: Any) -> None:
         assert response.headers["Location"].endswith("/dashboard/")
 
 
-@pytest.mark.parametrize("path", ["/dashboard/", "/dashboard/metrics"])
+@pytest.mark.parametrize("path", ["/dashboard/", "/dashboard/metrics", "/dashboard/finished"])
 def test_pages_are_served_with_the_stream_url_from_settings(client: Any, path: str) -> None:
     response = client.get(path)
     assert response.status_code == 200
@@ -52,10 +52,14 @@ def test_assets_load_in_dependency_order(client: Any) -> None:
     names = [
         "01_vdm_core.js",
         "01_vdm_opcore.js",
+        "01_vdm_viewcore.js",
         "02_vdm_dom.js",
         "03_vdm_sse.js",
         "04_vdm_charts.js",
+        "05_vdm_overview.js",
         "06_vdm_operator.js",
+        "07_vdm_live_extras.js",
+        "08_vdm_finished.js",
     ]
     positions = [html.index(name) for name in names]
     assert positions == sorted(positions)
@@ -139,9 +143,14 @@ def test_active_grid_takes_batched_deltas_and_marks_stuck_rows(client: Any) -> N
     options = grid["dashGridOptions"]
     # Deltas arrive as async transactions; a batch re-sorts only the rows it touched.
     assert options["deltaSort"] is True and options["asyncTransactionWaitMillis"] > 0
-    assert grid["rowClassRules"] == {"vdm-row-stuck": "vdmIsStuck(params)"}
-    columns = {c.get("colId") or c.get("field") for c in grid["columnDefs"]}
-    assert {"duration", "ttft_ms", "chunk_rate", "request_id"} <= columns
+    assert grid["rowClassRules"] == {
+        "vdm-row-stuck": "vdmIsStuck(params)",
+        "vdm-row-stalled": "vdmIsStalled(params)",
+    }
+    columns = [c.get("colId") or c.get("field") for c in grid["columnDefs"]]
+    assert {"duration", "ttft_ms", "chunk_rate", "request_id", "labels"} <= set(columns)
+    # The key columns first: on a phone they are what shows, the rest scrolls in the grid.
+    assert columns[:4] == ["duration", "model", "worker_id", "phase"]
     recent = find(layout, "vdm-recent-grid")
     assert recent is not None
     assert {"ttft_ms", "tokens_per_s"} <= {
@@ -152,3 +161,16 @@ def test_active_grid_takes_batched_deltas_and_marks_stuck_rows(client: Any) -> N
 
 def test_healthz(client: Any) -> None:
     assert client.get("/healthz").status_code == 200
+
+
+def test_the_viewport_meta_tag_is_there_once(client: Any) -> None:
+    # Dash writes one itself; the page template had a second.
+    html = client.get("/dashboard/metrics").get_data(as_text=True)
+    assert html.count('name="viewport"') == 1
+
+
+def test_the_layout_has_the_three_pages_and_their_nav_links(client: Any) -> None:
+    layout = client.get("/dashboard/_dash-layout").get_data(as_text=True)
+    for name in ("overview", "metrics", "finished"):
+        assert f"vdm-page-{name}" in layout and f"vdm-nav-{name}" in layout
+    assert "vdm-finished-grid" in layout and "vdm-m-kpi-aborted" in layout

@@ -17,6 +17,7 @@ def test_defaults_match_the_contract() -> None:
     assert (s.key_prefix, s.worker_heartbeat_interval, s.worker_ttl) == ("vdm", 2.0, 10.0)
     assert s.redis_url is None and s.worker_id == "{host}-{pid}"  # filled in when serving
     assert (s.instrument, s.cancel, s.completed_backlog_bytes) == (True, True, 32 << 20)
+    assert (s.stuck_after, s.stall_after) == (300.0, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -32,6 +33,7 @@ def test_defaults_match_the_contract() -> None:
         ({"VDM_KEY_PREFIX": "a b"}, "VDM_KEY_PREFIX"),
         ({"VDM_WORKER_ID": "x:y"}, "VDM_WORKER_ID"),
         ({"VDM_MAX_SSE_CLIENTS": "0"}, "VDM_MAX_SSE_CLIENTS"),
+        ({"VDM_STALL_AFTER": "soon"}, "VDM_STALL_AFTER"),
         ({"VDM_CORS_ORIGINS": "example.com"}, "VDM_CORS_ORIGINS"),
         ({"VDM_CORS_ORIGINS": "http://*"}, "VDM_CORS_ORIGINS"),  # any host: on a port only
         ({"VDM_CORS_ORIGINS": "http://a*.example:1"}, "VDM_CORS_ORIGINS"),

@@ -245,6 +245,34 @@ async def test_ttfb_ttft_cancelled_stuck_oldest_dropped_and_missed(
     assert b"vdm_requests_cancelled_total" in generate_latest(m.registry)
 
 
+async def test_stalled_streams_are_counted_per_worker(fake_redis: aioredis.Redis) -> None:
+    hub = Hub(fake_redis, Keys("m"))
+    now = time.time()
+
+    def stream(rid: str, **fields: Any) -> schema.Row:
+        row = _row("w1", rid, age=120.0)
+        row.update({"is_streaming": True, "phase": "streaming", "ttft_ms": 800.0,  # type: ignore[typeddict-item]
+                    "chunks_out": 5, **fields})  # fmt: skip
+        return row
+
+    view = WorkerView("w1", "e", 1, _record("w1", "e"))
+    view.rows = {
+        "silent": stream("silent", last_output_at=now - 45),  # silent 45 s: stalled
+        "talking": stream("talking", last_output_at=now - 2),
+        "waiting": stream("waiting", ttft_ms=None, last_output_at=None),  # no first token yet
+        "old-worker": stream("old-worker"),  # no last_output_at at all: never stalled
+        "plain": _row("w1", "plain", age=120.0),  # not a stream
+    }
+    view.rows["sse"] = stream("sse", is_streaming=False, last_output_at=now - 40)  # SSE answer
+    hub.workers["w1"] = view
+    hub.workers["w2"] = WorkerView("w2", "e", 1, _record("w2", "e"))
+    finished = RequestMetrics()
+    bc = Broadcaster(hub, interval=30, heartbeat=30, throttle=0.1, max_clients=1)
+    s = _samples(StreamMetrics(hub, bc, finished, stall_after=30.0))
+    assert s[("vdm_requests_stalled", (("worker", "w1"),))] == 2
+    assert s[("vdm_requests_stalled", (("worker", "w2"),))] == 0
+
+
 async def test_series_of_departed_workers_are_pruned(
     fake_redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
