@@ -6,6 +6,7 @@ grace. The response is cut (started) or answered with 499 (not started); outcome
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from typing import Any
 
@@ -204,4 +205,68 @@ async def test_an_interrupted_wait_leaves_the_task_uncancelled_and_a_timeout_its
         (request_id,) = in_flight._requests
         assert in_flight.cancel(request_id, "test") is CancelResult.ABORTED
         await run
+    assert seen == ["http.disconnect", 0]
+
+
+async def test_a_shutdown_at_the_moment_of_an_interrupt_still_cancels_the_task() -> None:
+    """The interruption is taken back only when it is the task's sole cancellation: a server
+    that cancels the request while the cancel interrupts its receive() still stops it."""
+    in_flight = InFlight()
+    started = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # the body
+        started.set()
+        await receive()  # waits for a disconnect
+
+    mw = RequestMetricsMiddleware(app, Recorded(), in_flight=in_flight, cancellable=True)
+    messages = [{"type": "http.request", "body": b"{}"}]
+    run = asyncio.create_task(_run(mw, _scope("/v1/messages", b"{}"), messages))
+    async with asyncio.timeout(5):
+        await started.wait()
+        await asyncio.sleep(0)  # the app now waits in its second receive()
+        (request_id,) = in_flight._requests
+        assert in_flight.cancel(request_id, "test") is CancelResult.ABORTED
+        run.cancel()  # the server, at the same moment
+        with pytest.raises(asyncio.CancelledError):
+            await run
+    assert run.cancelled()
+
+
+async def test_a_receive_that_swallows_the_interrupt_leaves_no_cancellation_behind() -> None:
+    """A server's receive() may catch the CancelledError itself and answer a disconnect; the
+    interruption is taken back all the same, so the task is not left cancelling."""
+    in_flight = InFlight()
+    started = asyncio.Event()
+    seen: list[object] = []
+    delivered = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"{}"}
+        with contextlib.suppress(asyncio.CancelledError):  # a server that swallows it
+            await asyncio.Event().wait()
+        return {"type": "http.disconnect"}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        started.set()
+        seen.append((await receive())["type"])
+        task = asyncio.current_task()
+        assert task is not None
+        seen.append(task.cancelling())
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    mw = RequestMetricsMiddleware(app, Recorded(), in_flight=in_flight, cancellable=True)
+    run = asyncio.create_task(mw(_scope("/v1/messages", b"{}"), receive, send))
+    async with asyncio.timeout(5):
+        await started.wait()
+        await asyncio.sleep(0)
+        (request_id,) = in_flight._requests
+        assert in_flight.cancel(request_id, "test") is CancelResult.ABORTED
+        await run  # answered with 499: the response had not begun
     assert seen == ["http.disconnect", 0]
