@@ -1,8 +1,12 @@
 """Wire schema v1: the one place that encodes and decodes what crosses Redis.
 
-Writers (the worker) use the ``encode_*``/``make_*`` helpers; readers (the stream service, tests,
-third-party tools) use the ``decode_*`` functions, which treat their input as untrusted: any
-bytes in, either a valid value out or :class:`MalformedMessage`. Nothing else escapes.
+Writers (the worker) build the ``TypedDict`` shapes (:class:`Row`, ...) and use the
+``encode_*`` helpers; readers (the stream service, tests, third-party tools) use the
+``decode_*`` functions, which treat their input as untrusted: any bytes in, either a valid
+value out or :class:`MalformedMessage`. Nothing else escapes. The readers' rules are msgspec
+structs (:class:`WireRow`, :class:`Batch` and its events), one line per field with its limits:
+a new row field is a line in :class:`Row` and one in :class:`WireRow` (a test holds the two
+to the same fields), plus one in :class:`Progress` when progress events may carry it.
 See ``docs/protocol.md`` for the prose version of this module.
 """
 
@@ -10,9 +14,12 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Any, Final, NotRequired, TypedDict
+from typing import Annotated, Any, ClassVar, Final, Literal, NotRequired, TypedDict, TypeVar
 
+import msgspec
 import orjson
+from msgspec import UNSET, Meta, Struct, UnsetType, to_builtins
+from msgspec.structs import asdict
 
 from vdm_hub.shared.keys import PROTOCOL_VERSION
 
@@ -33,6 +40,8 @@ MAX_MODEL_CHARS: Final = 128
 MAX_METHOD_CHARS: Final = 16
 MAX_PROVIDER_CHARS: Final = 32
 MAX_TEXT_CHARS: Final = 256  # host, upstream, version, reasons
+
+_T = TypeVar("_T")
 
 
 class MalformedMessage(ValueError):
@@ -130,14 +139,6 @@ class EndEvent(TypedDict):
 RequestEvent = StartEvent | ProgressEvent | EndEvent
 
 
-class Batch(TypedDict):
-    v: int
-    worker_id: str
-    epoch: str
-    seq: int
-    events: list[dict[str, Any]]
-
-
 class CompletedEntry(TypedDict):
     request_id: str
     worker_id: str
@@ -157,18 +158,6 @@ class CompletedEntry(TypedDict):
 
 
 ROW_FIELDS: Final = tuple(Row.__annotations__)
-PROGRESS_FIELDS: Final = frozenset(
-    {
-        "phase",
-        "bytes_out",
-        "input_tokens",
-        "output_tokens",
-        "model",
-        "is_streaming",
-        "ttft_ms",
-        "chunks_out",
-    }
-)
 # Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
 # `ttft_ms` is read when an entry has it (see decode_completed); the script writes these.
 COMPLETED_FIELDS: Final = (
@@ -186,7 +175,6 @@ COMPLETED_FIELDS: Final = (
     "bytes_out",
     "ttft_ms",
 )
-_PHASES: Final = frozenset(p.value for p in Phase)
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
 
 
@@ -231,295 +219,172 @@ def completed_values(entry: CompletedEntry) -> list[str]:
 
 
 # --------------------------------------------------------------------------- reading
+#
+# Readers decode with msgspec: each message is parsed and checked against the typed structs
+# below in one C pass (types, lengths, ranges, allowed values), instead of being parsed into
+# dicts and checked field by field in Python. The structs ARE the reader's rules: a field and
+# its limits are one line. JSON has no NaN or infinity and msgspec refuses numbers that
+# overflow a double, so every decoded number is finite. Unknown fields are ignored (new optional
+# fields may be added within v1); a float field also takes an integer, an integer field never
+# takes a float or a bool.
+
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+Count = Annotated[int, Meta(ge=0, lt=1 << 53)]
+Millis = Annotated[float, Meta(ge=0)]
+Model = Annotated[str, Meta(max_length=MAX_MODEL_CHARS)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
 
 
-def _load(raw: bytes | str, limit: int) -> Any:
+class WireRow(Struct, kw_only=True, gc=False):
+    """A row as readers accept it (:class:`Row`); ``as_row`` is the dict the reader keeps.
+
+    Fields that may be null may also be absent (null): ``ttft_ms`` and ``chunks_out`` came
+    later within v1, and readers have always taken a missing nullable field as null.
+    """
+
+    request_id: Id
+    worker_id: Id
+    method: Annotated[str, Meta(min_length=1, max_length=MAX_METHOD_CHARS)]
+    path: Annotated[str, Meta(min_length=1, max_length=MAX_PATH_CHARS)]
+    model: Model | None = None
+    provider: Annotated[str, Meta(max_length=MAX_PROVIDER_CHARS)] | None = None
+    is_streaming: bool
+    start_time: float
+    phase: Phase
+    bytes_out: Count
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    ttft_ms: Millis | None = None
+    chunks_out: Count | None = None
+
+    def as_row(self) -> Row:
+        return asdict(self)  # type: ignore[return-value]
+
+
+class WireRecord(Struct, gc=False):
+    worker_id: Id
+    host: Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+    pid: Count
+    started_at: float
+    epoch: Id
+    upstream: Text | None = None
+    version: Text | None = None
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    ttl: float = DEFAULT_WORKER_TTL_S
+    events_dropped: Count | UnsetType = UNSET
+
+    def as_record(self) -> WorkerRecord:
+        record = WorkerRecord(
+            worker_id=self.worker_id,
+            host=self.host,
+            pid=self.pid,
+            started_at=self.started_at,
+            upstream=self.upstream or "",
+            version=self.version or "",
+            epoch=self.epoch,
+            heartbeat_interval=self.heartbeat_interval,
+            ttl=self.ttl,
+        )
+        if self.events_dropped is not UNSET:
+            record["events_dropped"] = self.events_dropped
+        return record
+
+
+# The events of a batch, told apart by their "type". ``type`` is also a class attribute, so
+# ``event.type`` reads as it does in the JSON.
+
+
+class Start(Struct, tag=EventType.START.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.START.value
+    row: WireRow
+
+
+class Progress(Struct, tag=EventType.PROGRESS.value, tag_field="type", gc=False):
+    """The fields a progress event may change; those it does not carry stay UNSET."""
+
+    type: ClassVar[str] = EventType.PROGRESS.value
+    request_id: Id
+    phase: Phase | UnsetType = UNSET
+    bytes_out: Count | UnsetType = UNSET
+    input_tokens: Count | UnsetType | None = UNSET
+    output_tokens: Count | UnsetType | None = UNSET
+    model: Model | UnsetType | None = UNSET
+    is_streaming: bool | UnsetType = UNSET
+    ttft_ms: Millis | UnsetType | None = UNSET
+    chunks_out: Count | UnsetType | None = UNSET
+
+    def changes(self) -> dict[str, Any]:
+        """The row fields this event carries, by name."""
+        fields: dict[str, Any] = to_builtins(self)
+        del fields["type"], fields["request_id"]
+        return fields
+
+
+class End(Struct, tag=EventType.END.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.END.value
+    request_id: Id
+    status: Count
+    outcome: Outcome
+    duration_ms: float
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+
+
+class WorkerUp(Struct, tag=EventType.WORKER_UP.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.WORKER_UP.value
+    worker: WireRecord
+
+
+class WorkerDown(Struct, tag=EventType.WORKER_DOWN.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.WORKER_DOWN.value
+    worker_id: Id
+    reason: Text | None = None
+
+
+Event = Start | Progress | End | WorkerUp | WorkerDown
+
+
+class Batch(Struct, gc=False):
+    """A ``P:events`` message as readers accept it."""
+
+    v: Literal[1]  # PROTOCOL_VERSION
+    worker_id: Id
+    epoch: Id
+    seq: Count
+    events: Annotated[list[Event], Meta(max_length=MAX_EVENTS_PER_BATCH)]
+
+
+PROGRESS_FIELDS: Final = frozenset(Progress.__struct_fields__) - {"request_id"}
+
+_batch_decoder: Final = msgspec.json.Decoder(Batch)
+_row_decoder: Final = msgspec.json.Decoder(WireRow)
+_record_decoder: Final = msgspec.json.Decoder(WireRecord)
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], raw: bytes | str, limit: int) -> _T:
     if len(raw) > limit:
         raise MalformedMessage(f"message of {len(raw)} bytes is over the {limit}-byte limit")
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedMessage(f"not JSON: {exc}") from None
-
-
-def _text(obj: dict[str, Any], name: str, limit: int, *, nullable: bool = False) -> str | None:
-    value = obj.get(name)
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str) or len(value) > limit or (not nullable and not value):
-        raise MalformedMessage(f"{name!r} must be a string of at most {limit} characters")
-    return value
-
-
-def _number(obj: dict[str, Any], name: str) -> float:
-    value = obj.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise MalformedMessage(f"{name!r} must be a finite number")
-    return float(value)
-
-
-def _millis(obj: dict[str, Any], name: str) -> float | None:
-    """A duration in ms that may be null (or absent: a field added later within v1)."""
-    value = obj.get(name)
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise MalformedMessage(f"{name!r} must be a non-negative number or null")
-    return float(value)
-
-
-def _count(obj: dict[str, Any], name: str, *, nullable: bool = False) -> int | None:
-    value = obj.get(name)
-    if value is None and nullable:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 53:
-        raise MalformedMessage(f"{name!r} must be a non-negative integer")
-    return value
-
-
-def _bool(obj: dict[str, Any], name: str) -> bool:
-    value = obj.get(name)
-    if not isinstance(value, bool):
-        raise MalformedMessage(f"{name!r} must be true or false")
-    return value
-
-
-def _phase(obj: dict[str, Any]) -> str:
-    value = obj.get("phase")
-    # isinstance first: `[] in frozenset` raises TypeError (unhashable), which must not escape.
-    if not isinstance(value, str) or value not in _PHASES:
-        raise MalformedMessage(f"'phase' must be one of {sorted(_PHASES)}")
-    return str(value)
-
-
-_ROW_KEYS: Final = frozenset(Row.__annotations__)
-
-
-def _fast_row(obj: dict[str, Any]) -> Row | None:
-    """The row when every field is well-formed, checked in one pass of exact type checks (the
-    hub validates every start event it ingests: tens of thousands a second); None sends
-    anything unusual (ints where floats are expected, bad values) down the field-by-field
-    path below, which decides and names what is wrong."""
-    get = obj.get
-    rid, wid, method, path = get("request_id"), get("worker_id"), get("method"), get("path")
-    model, provider, streaming = get("model"), get("provider"), get("is_streaming")
-    start, phase, sent = get("start_time"), get("phase"), get("bytes_out")
-    tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
-    ttft, chunks = get("ttft_ms"), get("chunks_out")
-    if (
-        type(rid) is str
-        and 0 < len(rid) <= MAX_ID_CHARS
-        and type(wid) is str
-        and 0 < len(wid) <= MAX_ID_CHARS
-        and type(method) is str
-        and 0 < len(method) <= MAX_METHOD_CHARS
-        and type(path) is str
-        and 0 < len(path) <= MAX_PATH_CHARS
-        and (model is None or (type(model) is str and len(model) <= MAX_MODEL_CHARS))
-        and (provider is None or (type(provider) is str and len(provider) <= MAX_PROVIDER_CHARS))
-        and type(streaming) is bool
-        and type(start) is float
-        and math.isfinite(start)
-        and type(phase) is str
-        and phase in _PHASES
-        and type(sent) is int
-        and 0 <= sent < 1 << 53
-        and (tokens_in is None or (type(tokens_in) is int and 0 <= tokens_in < 1 << 53))
-        and (tokens_out is None or (type(tokens_out) is int and 0 <= tokens_out < 1 << 53))
-        and (ttft is None or (type(ttft) is float and 0 <= ttft < math.inf))
-        and (chunks is None or (type(chunks) is int and 0 <= chunks < 1 << 53))
-    ):
-        if obj.keys() == _ROW_KEYS:  # exactly the fields checked: the dict itself will do
-            return obj  # type: ignore[return-value]
-        # Fields a later protocol version added are dropped; ones an earlier writer did not
-        # send yet are null.
-        return Row(
-            request_id=rid,
-            worker_id=wid,
-            method=method,
-            path=path,
-            model=model,
-            provider=provider,
-            is_streaming=streaming,
-            start_time=start,
-            phase=phase,
-            bytes_out=sent,
-            input_tokens=tokens_in,
-            output_tokens=tokens_out,
-            ttft_ms=ttft,
-            chunks_out=chunks,
-        )
-    return None
-
-
-def validate_row(obj: Any) -> Row:
-    if not isinstance(obj, dict):
-        raise MalformedMessage("a row must be a JSON object")
-    fast = _fast_row(obj)
-    return fast if fast is not None else _checked_row(obj)
-
-
-def _checked_row(obj: dict[str, Any]) -> Row:
-    """Field by field: slower than :func:`_fast_row`, and names the first bad field."""
-    return Row(
-        request_id=_text(obj, "request_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        method=_text(obj, "method", MAX_METHOD_CHARS),  # type: ignore[typeddict-item]
-        path=_text(obj, "path", MAX_PATH_CHARS),  # type: ignore[typeddict-item]
-        model=_text(obj, "model", MAX_MODEL_CHARS, nullable=True),
-        provider=_text(obj, "provider", MAX_PROVIDER_CHARS, nullable=True),
-        is_streaming=_bool(obj, "is_streaming"),
-        start_time=_number(obj, "start_time"),
-        phase=_phase(obj),
-        bytes_out=_count(obj, "bytes_out"),  # type: ignore[typeddict-item]
-        input_tokens=_count(obj, "input_tokens", nullable=True),
-        output_tokens=_count(obj, "output_tokens", nullable=True),
-        ttft_ms=_millis(obj, "ttft_ms"),
-        chunks_out=_count(obj, "chunks_out", nullable=True),
-    )
-
-
-def decode_row(raw: bytes | str) -> Row:
-    return validate_row(_load(raw, MAX_ROW_BYTES))
-
-
-def decode_worker_record(raw: bytes | str) -> WorkerRecord:
-    obj = _load(raw, MAX_RECORD_BYTES)
-    if not isinstance(obj, dict):
-        raise MalformedMessage("a worker record must be a JSON object")
-    return _validate_record(obj)
-
-
-def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
-    pid = _count(obj, "pid")
-    record = WorkerRecord(
-        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        host=_text(obj, "host", MAX_TEXT_CHARS),  # type: ignore[typeddict-item]
-        pid=pid,  # type: ignore[typeddict-item]
-        started_at=_number(obj, "started_at"),
-        upstream=_text(obj, "upstream", MAX_TEXT_CHARS, nullable=True) or "",
-        version=_text(obj, "version", MAX_TEXT_CHARS, nullable=True) or "",
-        epoch=_text(obj, "epoch", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        heartbeat_interval=_number(obj, "heartbeat_interval")
-        if "heartbeat_interval" in obj
-        else DEFAULT_HEARTBEAT_INTERVAL_S,
-        ttl=_number(obj, "ttl") if "ttl" in obj else DEFAULT_WORKER_TTL_S,
-    )
-    if "events_dropped" in obj:
-        record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]
-    return record
-
-
-def _fast_end(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """An `end` event in one pass of exact type checks (see :func:`_fast_row`)."""
-    get = obj.get
-    rid, status, outcome = get("request_id"), get("status"), get("outcome")
-    took = get("duration_ms")
-    tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
-    if (
-        type(rid) is str
-        and 0 < len(rid) <= MAX_ID_CHARS
-        and type(status) is int
-        and 0 <= status < 1 << 53
-        and type(outcome) is str
-        and outcome in _OUTCOMES
-        and type(took) is float
-        and math.isfinite(took)
-        and (tokens_in is None or (type(tokens_in) is int and 0 <= tokens_in < 1 << 53))
-        and (tokens_out is None or (type(tokens_out) is int and 0 <= tokens_out < 1 << 53))
-    ):
-        return {
-            "type": EventType.END.value,
-            "request_id": rid,
-            "status": status,
-            "outcome": outcome,
-            "duration_ms": took,
-            "input_tokens": tokens_in,
-            "output_tokens": tokens_out,
-        }
-    return None
-
-
-def _checked_end(obj: dict[str, Any]) -> dict[str, Any]:
-    """Field by field: slower than :func:`_fast_end`, and names the first bad field."""
-    outcome = obj.get("outcome")
-    if not isinstance(outcome, str) or outcome not in _OUTCOMES:
-        raise MalformedMessage(f"'outcome' must be one of {sorted(_OUTCOMES)}")
-    return {
-        "type": EventType.END.value,
-        "request_id": _text(obj, "request_id", MAX_ID_CHARS),
-        "status": _count(obj, "status"),
-        "outcome": outcome,
-        "duration_ms": _number(obj, "duration_ms"),
-        "input_tokens": _count(obj, "input_tokens", nullable=True),
-        "output_tokens": _count(obj, "output_tokens", nullable=True),
-    }
-
-
-def _validate_event(obj: Any) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise MalformedMessage("an event must be a JSON object")
-    kind = obj.get("type")
-    if kind == EventType.START:
-        return {"type": kind, "row": validate_row(obj.get("row"))}
-    if kind == EventType.PROGRESS:
-        out: dict[str, Any] = {
-            "type": kind,
-            "request_id": _text(obj, "request_id", MAX_ID_CHARS),
-        }
-        for name in PROGRESS_FIELDS.intersection(obj):
-            if name == "phase":
-                out[name] = _phase(obj)
-            elif name == "bytes_out":
-                out[name] = _count(obj, name)
-            elif name == "is_streaming":
-                out[name] = _bool(obj, name)
-            elif name == "model":
-                out[name] = _text(obj, name, MAX_MODEL_CHARS, nullable=True)
-            elif name == "ttft_ms":
-                out[name] = _millis(obj, name)
-            else:
-                out[name] = _count(obj, name, nullable=True)
-        return out
-    if kind == EventType.END:
-        fast = _fast_end(obj)
-        return fast if fast is not None else _checked_end(obj)
-    if kind == EventType.WORKER_UP:
-        worker = obj.get("worker")
-        if not isinstance(worker, dict):
-            raise MalformedMessage("'worker' must be a JSON object")
-        return {"type": kind, "worker": _validate_record(worker)}
-    if kind == EventType.WORKER_DOWN:
-        return {
-            "type": kind,
-            "worker_id": _text(obj, "worker_id", MAX_ID_CHARS),
-            "reason": _text(obj, "reason", MAX_TEXT_CHARS, nullable=True),
-        }
-    raise MalformedMessage(f"unknown event type {str(kind)[:32]!r}")
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeEncodeError) as exc:
+        # DecodeError includes ValidationError; a ``str`` holding a lone surrogate cannot be
+        # encoded to the UTF-8 the decoder reads. The message may quote the offending value:
+        # keep log lines short.
+        raise MalformedMessage(str(exc)[:200]) from None
 
 
 def decode_batch(raw: bytes | str) -> Batch:
-    obj = _load(raw, MAX_MESSAGE_BYTES)
-    if not isinstance(obj, dict):
-        raise MalformedMessage("a batch must be a JSON object")
-    if obj.get("v") != PROTOCOL_VERSION:
-        raise MalformedMessage(f"unsupported protocol version {str(obj.get('v'))[:16]!r}")
-    events = obj.get("events")
-    if not isinstance(events, list) or len(events) > MAX_EVENTS_PER_BATCH:
-        raise MalformedMessage(f"'events' must be a list of at most {MAX_EVENTS_PER_BATCH}")
-    seq = _count(obj, "seq")
-    return Batch(
-        v=PROTOCOL_VERSION,
-        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        epoch=_text(obj, "epoch", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        seq=seq,  # type: ignore[typeddict-item]
-        events=[_validate_event(e) for e in events],
-    )
+    """One ``P:events`` message. A bad event makes the whole batch malformed: the reader
+    skips it, counts it once, and the next batch's sequence gap resyncs that worker."""
+    return _decode(_batch_decoder, raw, MAX_MESSAGE_BYTES)
+
+
+def decode_row(raw: bytes | str) -> Row:
+    return _decode(_row_decoder, raw, MAX_ROW_BYTES).as_row()
+
+
+def decode_worker_record(raw: bytes | str) -> WorkerRecord:
+    return _decode(_record_decoder, raw, MAX_RECORD_BYTES).as_record()
 
 
 def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
