@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
-from vdm_hub.services.stream.stats import RollingStats, percentile
+from vdm_hub.services.stream import stats as stats_module
+from vdm_hub.services.stream.stats import OTHER, RollingStats, percentile
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 
@@ -75,3 +77,36 @@ async def test_rebuild_from_the_stream_and_bad_entries_are_counted(
     s = stats.summary(time.time())
     assert s["fleet"]["completed"] == 3 and s["fleet"]["p50_ms"] == 20.0
     assert [e["request_id"] for e in s["recent"]] == ["r2", "r1", "r0"]
+
+
+def test_a_busy_step_weighs_by_its_requests_not_by_its_reservoir() -> None:
+    # 10,000 requests of 100 ms in one step and 200 of 900 ms in the next: 2% are slow, so
+    # p95 is 100 ms. Reservoirs merged as they are (2,048 + 200 values) would make it 900.
+    stats = RollingStats(None, Keys("u3"), step=1.0)  # type: ignore[arg-type]
+    now = 10_000.0
+    for i in range(10_000):
+        stats.add(_entry(f"a{i}", "w1", "m", 100.0, "ok", now - 10.5), now)
+    for i in range(200):
+        stats.add(_entry(f"b{i}", "w1", "m", 900.0, "ok", now - 9.5), now)
+    s = stats.summary(now, {"fleet": 0, "by_worker": {}, "by_model": {}})
+    for group in (s["fleet"], s["by_worker"]["w1"], s["by_model"]["m"]):
+        assert group["completed"] == 10_200
+        assert (group["p50_ms"], group["p95_ms"], group["p99_ms"]) == (100.0, 100.0, 900.0)
+
+
+def test_ingest_keeps_aggregates_per_step_and_group_not_per_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(stats_module, "MAX_WINDOW_GROUPS", 3)
+    stats = RollingStats(None, Keys("u4"), step=1.0)  # type: ignore[arg-type]
+    now = 10_000.0
+    for i in range(5_000):
+        stats.add(_entry(f"r{i}", f"w{i % 2}", f"m{i % 4}", float(i % 100), "ok", now - 2.5), now)
+    (step,) = stats.steps.values()
+    assert len(step.fleet.durations) == stats_module.STEP_SAMPLES
+    # w0, w1 and m0 fill the bound: every later group counts under "other".
+    assert sorted(step.workers) == ["w0", "w1"] and sorted(step.models) == ["m0", OTHER]
+    assert all(len(a.durations) <= stats_module.GROUP_SAMPLES for a in step.models.values())
+    s = stats.summary(now, {"fleet": 0, "by_worker": {}, "by_model": {}})
+    assert sum(g["completed"] for g in s["by_model"].values()) == 5_000
+    assert s["by_model"][OTHER]["completed"] == 3_750
