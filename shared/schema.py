@@ -402,72 +402,78 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
     return epoch, int(seq)
 
 
-_BYTES_NAMES: Final = {name: name.encode() for name in CompletedEntry.__annotations__}
-_TTFT_NAMES: Final = (b"ttft_ms", "ttft_ms")
+# The fields every completed entry has, as redis-py hands back their names; `ttft_ms` came
+# later within v1 and may be missing.
+_REQUIRED: Final = tuple(name.encode() for name in COMPLETED_FIELDS if name != "ttft_ms")
+_TTFT: Final = b"ttft_ms"
 
 
 def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
-    """One ``P:completed`` stream entry (field names and values as bytes or str)."""
+    """One ``P:completed`` stream entry: names and values as redis-py gives them (bytes), or as
+    text (test doubles, other clients). Every value is at most ``MAX_PATH_CHARS`` characters;
+    counts are ASCII digits or empty (null), times finite numbers.
 
-    def get(name: str) -> str:
-        # Field names come as bytes from redis-py (as text from test doubles). The hub decodes
-        # every finished request, so the bytes names are made once (_BYTES_NAMES).
-        value = fields.get(_BYTES_NAMES[name])
-        if value is None:
-            value = fields.get(name)
-        if value is None:
-            raise MalformedMessage(f"completed entry lacks {name!r}")
-        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        if len(text) > MAX_PATH_CHARS:
-            raise MalformedMessage(f"completed entry field {name!r} is too long")
-        return text
-
-    def opt_int(name: str) -> int | None:
-        text = get(name)
-        if text == "":
-            return None
-        if not (text.isascii() and text.isdigit()):
-            raise MalformedMessage(f"completed entry field {name!r} is not a count")
-        return int(text)
-
+    The stream service decodes every finished request, so the values are read with one C-level
+    ``map`` and numbers parsed from the bytes as they come.
+    """
+    values: list[Any] = list(map(fields.get, _REQUIRED))
     try:
-        start_time = float(get("start_time"))
-        duration_ms = float(get("duration_ms"))
+        b"".join(values)  # a TypeError unless every value is there and bytes: the cheap check
+    except TypeError:
+        fields = {_as_bytes(k): _as_bytes(v) for k, v in fields.items() if v is not None}
+        values = list(map(fields.get, _REQUIRED))
+        if None in values:
+            missing = _REQUIRED[values.index(None)].decode()
+            raise MalformedMessage(f"completed entry lacks {missing!r}") from None
+    rid, wid, model, method, path, status, outcome, start, took, tokens_in, tokens_out, sent = (
+        values
+    )
+    ttft = fields.get(_TTFT)
+    ttft = b"" if ttft is None else _as_bytes(ttft)
+    texts = [v.decode(errors="replace") for v in (rid, wid, model, method, path, outcome)]
+    numbers = (status, start, took, tokens_in, tokens_out, sent, ttft)
+    if max(map(len, texts)) > MAX_PATH_CHARS or max(map(len, numbers)) > MAX_PATH_CHARS:
+        raise MalformedMessage("completed entry field is too long")
+    try:
+        start_time, duration_ms = float(start), float(took)
+        ttft_ms = float(ttft) if ttft else None
     except ValueError:
         raise MalformedMessage("completed entry times are not numbers") from None
     if not (math.isfinite(start_time) and math.isfinite(duration_ms)) or duration_ms < 0:
         raise MalformedMessage("completed entry times are out of range")
-    outcome = get("outcome")
-    if outcome not in _OUTCOMES:
+    if ttft_ms is not None and not (math.isfinite(ttft_ms) and ttft_ms >= 0):
+        raise MalformedMessage("completed entry ttft_ms is out of range")
+    if texts[5] not in _OUTCOMES:
         raise MalformedMessage("completed entry has an unknown outcome")
-    status = opt_int("status")
-    model = get("model")
-    ttft_ms: float | None = None
-    for key in _TTFT_NAMES:  # optional: entries written before it existed lack it
-        raw = fields.get(key)
-        if raw is not None:
-            text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            if text:
-                try:
-                    ttft_ms = float(text)
-                except ValueError:
-                    raise MalformedMessage("completed entry ttft_ms is not a number") from None
-                if not math.isfinite(ttft_ms) or ttft_ms < 0:
-                    raise MalformedMessage("completed entry ttft_ms is out of range")
-            break
-    return CompletedEntry(
-        id=entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
-        request_id=get("request_id"),
-        worker_id=get("worker_id"),
-        model=model or None,
-        method=get("method"),
-        path=get("path"),
-        status=status or 0,
-        outcome=outcome,
-        start_time=start_time,
-        duration_ms=duration_ms,
-        input_tokens=opt_int("input_tokens"),
-        output_tokens=opt_int("output_tokens"),
-        bytes_out=opt_int("bytes_out") or 0,
-        ttft_ms=ttft_ms,
-    )
+    # A dict literal: calling the TypedDict with keywords costs more, once per finished request.
+    return {
+        "id": entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
+        "request_id": texts[0],
+        "worker_id": texts[1],
+        "model": texts[2] or None,
+        "method": texts[3],
+        "path": texts[4],
+        "status": _count_or_none(status) or 0,
+        "outcome": texts[5],
+        "start_time": start_time,
+        "duration_ms": duration_ms,
+        "input_tokens": _count_or_none(tokens_in),
+        "output_tokens": _count_or_none(tokens_out),
+        "bytes_out": _count_or_none(sent) or 0,
+        "ttft_ms": ttft_ms,
+    }
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode(errors="surrogatepass")
+
+
+def _count_or_none(raw: bytes) -> int | None:
+    """An empty value is null; otherwise ASCII digits (``bytes.isdigit`` knows no others)."""
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise MalformedMessage("completed entry count is not a count")
+    return int(raw)

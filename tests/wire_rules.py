@@ -2,10 +2,13 @@
 ``shared/schema.py``'s decoder.
 
 This is the hand-written validator the stream service used before its decoder became msgspec
-structs, kept as plain Python so a property test can ask, for any input, whether the decoder
-accepts exactly what these rules accept and gives the same values: the limits (lengths,
-ranges, allowed values) stay what they were. One deliberate change: ``v`` must be the integer
-1 (the old check ``v != 1`` also let ``1.0`` and ``true`` through; no writer sends those).
+structs (and its completed-entry decoder read values by name, one at a time), kept as plain
+Python so a property test can ask, for any input, whether the decoder accepts exactly what
+these rules accept and gives the same values: the limits (lengths, ranges, allowed values)
+stay what they were. Deliberate changes: ``v`` must be the integer 1 (the old check
+``v != 1`` also let ``1.0`` and ``true`` through; no writer sends those); a completed entry's
+numbers are ASCII (``float()`` of text also took other scripts' digits) and ``ttft_ms`` is held
+to the same length limit as the other values.
 
 Every function returns plain JSON values or raises :class:`Reject`.
 """
@@ -194,3 +197,60 @@ def load(raw: bytes, limit: int) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise Reject("json") from None
+
+
+def completed(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
+    """A ``P:completed`` entry: every value text of at most ``MAX_PATH_CHARS`` characters;
+    counts ASCII digits or empty (null); times finite numbers, ``duration_ms`` and ``ttft_ms``
+    not negative; ``ttft_ms`` may be missing or empty."""
+
+    def get(name: str) -> str:
+        value = fields.get(name.encode())
+        if value is None:
+            value = fields.get(name)
+        if value is None:
+            raise Reject(name)
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        if len(text) > schema.MAX_PATH_CHARS:
+            raise Reject(name)
+        return text
+
+    def opt_count(name: str) -> int | None:
+        text = get(name)
+        if text == "":
+            return None
+        if not (text.isascii() and text.isdigit()):
+            raise Reject(name)
+        return int(text)
+
+    def finite(name: str, text: str) -> float:
+        if not text.isascii():
+            raise Reject(name)
+        try:
+            value = float(text)
+        except ValueError:
+            raise Reject(name) from None
+        if not math.isfinite(value):
+            raise Reject(name)
+        return value
+
+    ttft_text = "" if fields.get(b"ttft_ms", fields.get("ttft_ms")) is None else get("ttft_ms")
+    outcome = get("outcome")
+    if outcome not in OUTCOMES:
+        raise Reject("outcome")
+    return {
+        "id": entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
+        "request_id": get("request_id"),
+        "worker_id": get("worker_id"),
+        "model": get("model") or None,
+        "method": get("method"),
+        "path": get("path"),
+        "status": opt_count("status") or 0,
+        "outcome": outcome,
+        "start_time": finite("start_time", get("start_time")),
+        "duration_ms": nonnegative(finite("duration_ms", get("duration_ms")), "duration_ms"),
+        "input_tokens": opt_count("input_tokens"),
+        "output_tokens": opt_count("output_tokens"),
+        "bytes_out": opt_count("bytes_out") or 0,
+        "ttft_ms": nonnegative(finite("ttft_ms", ttft_text), "ttft_ms") if ttft_text else None,
+    }

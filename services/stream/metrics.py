@@ -21,14 +21,16 @@ every restart does not grow the exposition forever.
 
 from __future__ import annotations
 
-import contextlib
+import bisect
+import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from vdm_hub.services.stream.stats import ttft_of
 from vdm_hub.shared import schema
@@ -170,77 +172,117 @@ class StreamMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         if hub is not None:
             self.registry.register(_Pruner(hub, requests))
-        for series in requests.series():
-            self.registry.register(series)
+        self.registry.register(requests)
         self.registry.register(HubCollector(hub, bc, requests, stuck_after))
 
 
-class RequestMetrics:
-    """Counter and histograms of finished requests, fed by the completed-stream reader."""
+class _Finished:
+    """The finished requests of one (worker, model) label set, as plain numbers."""
+
+    __slots__ = ("duration_sum", "durations", "outcomes", "ttfb_sum", "ttfbs")
 
     def __init__(self) -> None:
-        self.requests = Counter(
-            "vdm_requests",
-            "Finished requests",
-            ["worker", "model", "outcome"],
-            registry=None,
-        )
-        self.duration = Histogram(
-            "vdm_request_duration_seconds",
-            "Duration of finished requests",
-            ["worker", "model"],
-            buckets=DURATION_BUCKETS,
-            registry=None,
-        )
-        self.ttfb = Histogram(
-            "vdm_time_to_first_byte_seconds",
-            "Start of a finished request to the first response byte from the upstream",
-            ["worker", "model"],
-            buckets=TTFB_BUCKETS,
-            registry=None,
-        )
-        self.cancelled = Counter(
-            "vdm_requests_cancelled",
-            "Requests cancelled by an operator (outcome cancelled)",
-            ["worker"],
-            registry=None,
-        )
+        self.outcomes: dict[str, int] = {}
+        # Histogram bucket counts (not cumulative; the last one is +Inf) and sums, seconds.
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.ttfbs = [0] * (len(TTFB_BUCKETS) + 1)
+        self.ttfb_sum = 0.0
+
+
+def _le(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """Bucket bounds as the exposition spells them ("0.05", "1.0", "+Inf")."""
+    return tuple(floatToGoString(b) for b in (*bounds, math.inf))  # type: ignore[no-untyped-call]
+
+
+DURATION_LE = _le(DURATION_BUCKETS)
+TTFB_LE = _le(TTFB_BUCKETS)
+
+
+def _cumulative(le: tuple[str, ...], counts: list[int]) -> list[tuple[str, float]]:
+    out = []
+    total = 0
+    for bound, n in zip(le, counts, strict=True):
+        total += n
+        out.append((bound, float(total)))
+    return out
+
+
+class RequestMetrics(Collector):
+    """Counter and histograms of finished requests, fed by the completed-stream reader.
+
+    ``observe`` runs once per finished request of the whole fleet, so it only adds to plain
+    numbers (a histogram bucket is one ``bisect``); the Prometheus families are built from them
+    at scrape time, like the hub's gauges (``prometheus_client``'s custom-collector way, in
+    place of its ``Counter``/``Histogram`` objects, whose every update takes a lock and walks
+    the buckets in Python).
+    """
+
+    def __init__(self) -> None:
         # Malformed completed-stream entries (the hub counts its own).
         self.completed_malformed = [0]
-        self._label_sets: set[tuple[str, str]] = set()
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
+        self._series: dict[tuple[str, str], _Finished] = {}
+        self._cancelled: dict[str, int] = {}
         self._last_seen: dict[str, float] = {}  # worker label -> monotonic time of life
-
-    def series(self) -> list[Collector]:
-        return [self.requests, self.duration, self.ttfb, self.cancelled]
 
     def observe(self, entry: schema.CompletedEntry) -> None:
         worker, model = entry["worker_id"], entry["model"] or schema.UNKNOWN_MODEL
-        if (worker, model) not in self._label_sets:
-            if len(self._label_sets) >= MAX_LABEL_SETS:
+        series = self._series.get((worker, model))
+        if series is None:
+            if len(self._series) >= MAX_LABEL_SETS:
                 worker, model = OTHER, OTHER
-            else:
-                self._label_sets.add((worker, model))
+            series = self._series.get((worker, model))
+            if series is None:
+                series = self._series[(worker, model)] = _Finished()
         self._last_seen[worker] = time.monotonic()
-        # `labels()` validates and looks up its arguments on every call; the hub observes every
-        # finished request, so the children are kept (bounded like the label sets themselves).
         outcome = entry["outcome"]
-        key = (worker, model, outcome)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.requests.labels(worker, model, outcome),
-                self.duration.labels(worker, model),
-                self.ttfb.labels(worker, model),
-            )
-        children[0].inc()
-        children[1].observe(entry["duration_ms"] / 1000.0)
+        outcomes = series.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        seconds = entry["duration_ms"] / 1000.0
+        series.durations[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        series.duration_sum += seconds
         # Entries of workers older than the first-byte timing carry no ttft_ms.
         ttft = ttft_of(entry)
         if ttft is not None:
-            children[2].observe(ttft / 1000.0)
+            seconds = ttft / 1000.0
+            series.ttfbs[bisect.bisect_left(TTFB_BUCKETS, seconds)] += 1
+            series.ttfb_sum += seconds
         if outcome == "cancelled":
-            self.cancelled.labels(worker).inc()
+            self._cancelled[worker] = self._cancelled.get(worker, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        labels = ["worker", "model"]
+        requests = CounterMetricFamily(
+            "vdm_requests", "Finished requests", labels=[*labels, "outcome"]
+        )
+        duration = HistogramMetricFamily(
+            "vdm_request_duration_seconds", "Duration of finished requests", labels=labels
+        )
+        ttfb = HistogramMetricFamily(
+            "vdm_time_to_first_byte_seconds",
+            "Start of a finished request to the first response byte from the upstream",
+            labels=labels,
+        )
+        cancelled = CounterMetricFamily(
+            "vdm_requests_cancelled",
+            "Requests cancelled by an operator (outcome cancelled)",
+            labels=["worker"],
+        )
+        for (worker, model), series in sorted(self._series.items()):
+            for outcome, n in sorted(series.outcomes.items()):
+                requests.add_metric([worker, model, outcome], n)
+            duration.add_metric(
+                [worker, model],
+                _cumulative(DURATION_LE, series.durations),
+                series.duration_sum,
+            )
+            ttfb.add_metric([worker, model], _cumulative(TTFB_LE, series.ttfbs), series.ttfb_sum)
+        for worker, n in sorted(self._cancelled.items()):
+            cancelled.add_metric([worker], n)
+        yield requests
+        yield duration
+        yield ttfb
+        yield cancelled
 
     def prune(self, present: set[str], now: float | None = None) -> None:
         """Forget the series of workers absent from the view for ``PRUNE_AFTER`` seconds."""
@@ -252,18 +294,9 @@ class RequestMetrics:
             return
         for wid in gone:
             del self._last_seen[wid]
-        for key in [k for k in self._children if k[0] in gone]:
-            worker, model, outcome = key
-            del self._children[key]
-            with contextlib.suppress(KeyError):
-                self.requests.remove(worker, model, outcome)
-            for metric in (self.duration, self.ttfb):
-                with contextlib.suppress(KeyError):
-                    metric.remove(worker, model)
-        for wid in gone:
-            with contextlib.suppress(KeyError):
-                self.cancelled.remove(wid)
-        self._label_sets = {k for k in self._label_sets if k[0] not in gone}
+            self._cancelled.pop(wid, None)
+        for key in [k for k in self._series if k[0] in gone]:
+            del self._series[key]
 
     def malformed_completed(self, _detail: object) -> None:
         self.completed_malformed[0] += 1

@@ -317,13 +317,13 @@ class RollingStats:
                     now = time.time()
                     for _stream, items in reply or ():
                         for entry_id, fields in items:
-                            self.last_id = (
-                                entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
-                            )
                             entry = self._decode(entry_id, fields)
                             if entry is not None:
                                 self.add(entry, now)
                                 self._on_entry(entry)
+                        if items:
+                            last = items[-1][0]
+                            self.last_id = last.decode() if isinstance(last, bytes) else str(last)
             except (RedisError, OSError) as exc:
                 log.warning("completed stream: lost Redis (%s); retrying in %.2fs", exc, backoff)
                 await asyncio.sleep(backoff)

@@ -314,6 +314,49 @@ def test_any_completed_entry_decodes_or_is_a_malformed_message(
         assert isinstance(entry["status"], int)
 
 
+COMPLETED = {
+    "request_id": "r1", "worker_id": "w1", "model": "m", "method": "POST", "path": "/v1/x",
+    "status": "200", "outcome": "ok", "start_time": "1764036000.5", "duration_ms": "12.5",
+    "input_tokens": "3", "output_tokens": "", "bytes_out": "10", "ttft_ms": "4.25",
+}  # fmt: skip
+completed_values = (
+    st.sampled_from(["", "0", "12", "-1", "1.5", "-0.5", "1e3", "nan", "inf", " 7", "x" * 513])
+    | st.sampled_from([o.value for o in schema.Outcome])
+    | st.text(alphabet=st.characters(codec="ascii"), max_size=12)
+    | json_scalars
+)
+
+
+@st.composite
+def completed_entries(draw: st.DrawFn) -> dict[Any, Any]:
+    """A valid entry with some values replaced or dropped, as bytes (redis-py) or text."""
+    fields: dict[str, Any] = dict(COMPLETED)
+    for name in draw(st.lists(st.sampled_from(sorted(COMPLETED)), max_size=3)):
+        if draw(st.booleans()):
+            fields[name] = draw(completed_values)
+        else:
+            fields.pop(name, None)
+    if draw(st.booleans()):
+        return fields
+    return {k.encode(): v.encode() if isinstance(v, str) else v for k, v in fields.items()}
+
+
+@FUZZ
+@given(completed_entries())
+def test_the_completed_decoder_accepts_exactly_what_the_field_rules_do(
+    fields: dict[Any, Any],
+) -> None:
+    try:
+        got: Any = schema.decode_completed(b"1-0", fields)
+    except MalformedMessage:
+        got = wire_rules.Reject
+    try:
+        expected: Any = wire_rules.completed(b"1-0", fields)
+    except wire_rules.Reject:
+        expected = wire_rules.Reject
+    assert got == expected
+
+
 def test_completed_entries_with_non_ascii_digits_are_malformed() -> None:
     fields = dict.fromkeys(schema.COMPLETED_FIELDS, "1")
     fields.update(outcome="ok", status="\u00b2")
