@@ -6,6 +6,7 @@ import asyncio
 import math
 import statistics
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
 
 from bench import baseline
@@ -17,7 +18,7 @@ from bench.latency import E2EResult, e2e
 from bench.overhead import BASELINE_SIDES, against_baseline, overhead
 from bench.procs import ROOT
 from bench.report import Result, Table, Verdict, percentile
-from bench.rows import ModeResult, rows_scenario
+from bench.rows import ModeResult, RowsResult, rows_scenario
 from bench.vsvandamme import VsResult, vs_vandamme
 
 
@@ -724,18 +725,47 @@ ROWS_HEADERS = [
 ]
 
 
+def _rows_vs_baseline(now: list[ModeResult], then: list[ModeResult], commit: str) -> Table:
+    """Today's delta mode next to the baseline commit's, at each row count (same churn)."""
+    table = Table(
+        f"delta mode, today and the stream service of {commit} (bench/baseline.py), run one"
+        " after the other under the same churn",
+        ["rows", "stream service", "KB/s per client", "new row p50 ms", "p99 ms",
+         "RSS KB/client", "stream cores", "gaps", "final == truth"],
+    )  # fmt: skip
+    for label, runs in (("today", now), (commit, then)):
+        for r in runs:
+            if r.mode == "delta":
+                table.add(
+                    r.rows, label, r.bytes_per_client_s / 1000, r.p50, r.p99,
+                    r.rss_per_client_kb, f"{r.stream_cores:.2f}", r.gaps,
+                    f"{r.final_ok}/{r.tracking}",
+                )  # fmt: skip
+    return table
+
+
 async def rows_in_flight(quick: bool) -> Result:
     result = Result("rows", "8. Rows in flight: snapshot mode vs delta mode")
     churn = 100.0 if quick else 300.0
+
+    def run(browser_s: float = 0.0, root: Path = ROOT) -> Awaitable[RowsResult]:
+        return rows_scenario(
+            levels=[100, 1000] if quick else [100, 1000, 10_000],
+            churn_rate=churn,
+            delta_clients=40 if quick else 1000,
+            snapshot_clients=4 if quick else 10,
+            window_s=2.0 if quick else 8.0,
+            browser_s=browser_s,
+            root=root,
+        )
+
     runs: list[ModeResult]
-    runs, page = await rows_scenario(
-        levels=[100, 1000] if quick else [100, 1000, 10_000],
-        churn_rate=churn,
-        delta_clients=40 if quick else 1000,
-        snapshot_clients=4 if quick else 10,
-        window_s=2.0 if quick else 8.0,
-        browser_s=0.0 if quick else 10.0,
-    )
+    runs, page = await run(browser_s=0.0 if quick else 10.0)
+    commit = baseline.ref()
+    then: list[ModeResult] = []
+    if commit:
+        with tempfile.TemporaryDirectory(prefix="vdm-bench-baseline-") as tmp:
+            then, _ = await run(root=baseline.checkout(commit, Path(tmp)))
     table = Table(
         f"one stream service (pinned to core 1), fake workers in Redis, {churn:g} requests/s"
         " churn (start + progress + end); the modes take turns at each row count",
@@ -775,6 +805,8 @@ async def rows_in_flight(quick: bool) -> Result:
             f"{b.stream_cores / max(a.stream_cores, 1e-3):.1f}x",
         )
     result.tables.append(growth)
+    if commit:
+        result.tables.append(_rows_vs_baseline(runs, then, baseline.describe(commit)))
     result.verdicts += [
         Verdict(
             f"delta client <= 200 KB/s at {top:,} rows",
