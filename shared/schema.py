@@ -408,14 +408,54 @@ _REQUIRED: Final = tuple(name.encode() for name in COMPLETED_FIELDS if name != "
 _TTFT: Final = b"ttft_ms"
 
 
+class Finished(Struct, gc=False):
+    """What rolling statistics and metrics take of a finished request (a completed entry)."""
+
+    worker_id: str
+    model: str | None
+    outcome: str
+    start_time: float
+    duration_ms: float
+    ttft_ms: float | None
+
+
+def finished_of(fields: dict[Any, Any]) -> Finished:
+    """Check a whole ``P:completed`` entry (see :func:`decode_completed`) and return what
+    statistics need of it. The stream service does this for every finished request of the
+    fleet, and builds the full entry only for the few it keeps (:func:`decode_completed`)."""
+    return _checked_completed(*_completed_values(fields))[0]
+
+
 def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
     """One ``P:completed`` stream entry: names and values as redis-py gives them (bytes), or as
     text (test doubles, other clients). Every value is at most ``MAX_PATH_CHARS`` characters;
-    counts are ASCII digits or empty (null), times finite numbers.
+    counts are ASCII digits or empty (null), times finite numbers, ``duration_ms`` and
+    ``ttft_ms`` not negative; ``ttft_ms`` may be missing (it came later within v1)."""
+    values, ttft = _completed_values(fields)
+    done, counts = _checked_completed(values, ttft)
+    rid, _, _, method, path = values[:5]
+    status, tokens_in, tokens_out, sent = (int(c) if c else None for c in counts)
+    # A dict literal: calling the TypedDict with keywords costs more.
+    return {
+        "id": entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
+        "request_id": rid.decode(errors="replace"),
+        "worker_id": done.worker_id,
+        "model": done.model,
+        "method": method.decode(errors="replace"),
+        "path": path.decode(errors="replace"),
+        "status": status or 0,
+        "outcome": done.outcome,
+        "start_time": done.start_time,
+        "duration_ms": done.duration_ms,
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "bytes_out": sent or 0,
+        "ttft_ms": done.ttft_ms,
+    }
 
-    The stream service decodes every finished request, so the values are read with one C-level
-    ``map`` and numbers parsed from the bytes as they come.
-    """
+
+def _completed_values(fields: dict[Any, Any]) -> tuple[list[bytes], bytes]:
+    """The required values in ``_REQUIRED`` order and ``ttft_ms`` (b"" when absent), as bytes."""
     values: list[Any] = list(map(fields.get, _REQUIRED))
     try:
         b"".join(values)  # a TypeError unless every value is there and bytes: the cheap check
@@ -425,15 +465,32 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         if None in values:
             missing = _REQUIRED[values.index(None)].decode()
             raise MalformedMessage(f"completed entry lacks {missing!r}") from None
+    ttft = fields.get(_TTFT)
+    return values, b"" if ttft is None else _as_bytes(ttft)
+
+
+def _checked_completed(values: list[bytes], ttft: bytes) -> tuple[Finished, list[bytes]]:
+    """Every rule of a completed entry; its :class:`Finished` and its four counts' bytes.
+
+    Text is decoded only where it is needed (worker, model, outcome) or where its bytes exceed
+    the limit (UTF-8 never has more characters than bytes): ``errors="replace"`` makes any
+    bytes valid text, so the rest need no decoding to be checked.
+    """
     rid, wid, model, method, path, status, outcome, start, took, tokens_in, tokens_out, sent = (
         values
     )
-    ttft = fields.get(_TTFT)
-    ttft = b"" if ttft is None else _as_bytes(ttft)
-    texts = [v.decode(errors="replace") for v in (rid, wid, model, method, path, outcome)]
-    numbers = (status, start, took, tokens_in, tokens_out, sent, ttft)
-    if max(map(len, texts)) > MAX_PATH_CHARS or max(map(len, numbers)) > MAX_PATH_CHARS:
-        raise MalformedMessage("completed entry field is too long")
+    if max(map(len, values)) > MAX_PATH_CHARS or len(ttft) > MAX_PATH_CHARS:
+        for text in (rid, wid, model, method, path, outcome):
+            if len(text.decode(errors="replace")) > MAX_PATH_CHARS:
+                raise MalformedMessage("completed entry field is too long")
+        if max(len(v) for v in (status, start, took, tokens_in, tokens_out, sent, ttft)) > (
+            MAX_PATH_CHARS
+        ):
+            raise MalformedMessage("completed entry field is too long")
+    counts = [status, tokens_in, tokens_out, sent]
+    digits = b"".join(counts)
+    if digits and not digits.isdigit():  # each one empty (null) or ASCII digits
+        raise MalformedMessage("completed entry count is not a count")
     try:
         start_time, duration_ms = float(start), float(took)
         ttft_ms = float(ttft) if ttft else None
@@ -443,37 +500,22 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
         raise MalformedMessage("completed entry times are out of range")
     if ttft_ms is not None and not (math.isfinite(ttft_ms) and ttft_ms >= 0):
         raise MalformedMessage("completed entry ttft_ms is out of range")
-    if texts[5] not in _OUTCOMES:
+    outcome_text = outcome.decode(errors="replace")
+    if outcome_text not in _OUTCOMES:
         raise MalformedMessage("completed entry has an unknown outcome")
-    # A dict literal: calling the TypedDict with keywords costs more, once per finished request.
-    return {
-        "id": entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
-        "request_id": texts[0],
-        "worker_id": texts[1],
-        "model": texts[2] or None,
-        "method": texts[3],
-        "path": texts[4],
-        "status": _count_or_none(status) or 0,
-        "outcome": texts[5],
-        "start_time": start_time,
-        "duration_ms": duration_ms,
-        "input_tokens": _count_or_none(tokens_in),
-        "output_tokens": _count_or_none(tokens_out),
-        "bytes_out": _count_or_none(sent) or 0,
-        "ttft_ms": ttft_ms,
-    }
+    model_text = model.decode(errors="replace")
+    done = Finished(
+        wid.decode(errors="replace"),
+        model_text or None,
+        outcome_text,
+        start_time,
+        duration_ms,
+        ttft_ms,
+    )
+    return done, counts
 
 
 def _as_bytes(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
     return str(value).encode(errors="surrogatepass")
-
-
-def _count_or_none(raw: bytes) -> int | None:
-    """An empty value is null; otherwise ASCII digits (``bytes.isdigit`` knows no others)."""
-    if not raw:
-        return None
-    if not raw.isdigit():
-        raise MalformedMessage("completed entry count is not a count")
-    return int(raw)

@@ -32,7 +32,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from vdm_hub.services.stream.stats import ttft_of
 from vdm_hub.shared import schema
 
 if TYPE_CHECKING:
@@ -225,8 +224,8 @@ class RequestMetrics(Collector):
         self._cancelled: dict[str, int] = {}
         self._last_seen: dict[str, float] = {}  # worker label -> monotonic time of life
 
-    def observe(self, entry: schema.CompletedEntry) -> None:
-        worker, model = entry["worker_id"], entry["model"] or schema.UNKNOWN_MODEL
+    def observe(self, done: schema.Finished) -> None:
+        worker, model = done.worker_id, done.model or schema.UNKNOWN_MODEL
         series = self._series.get((worker, model))
         if series is None:
             if len(self._series) >= MAX_LABEL_SETS:
@@ -235,16 +234,15 @@ class RequestMetrics(Collector):
             if series is None:
                 series = self._series[(worker, model)] = _Finished()
         self._last_seen[worker] = time.monotonic()
-        outcome = entry["outcome"]
+        outcome = done.outcome
         outcomes = series.outcomes
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        seconds = entry["duration_ms"] / 1000.0
+        seconds = done.duration_ms / 1000.0
         series.durations[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         series.duration_sum += seconds
         # Entries of workers older than the first-byte timing carry no ttft_ms.
-        ttft = ttft_of(entry)
-        if ttft is not None:
-            seconds = ttft / 1000.0
+        if done.ttft_ms is not None:
+            seconds = done.ttft_ms / 1000.0
             series.ttfbs[bisect.bisect_left(TTFB_BUCKETS, seconds)] += 1
             series.ttfb_sum += seconds
         if outcome == "cancelled":

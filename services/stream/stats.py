@@ -39,7 +39,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -115,14 +115,6 @@ class Step:
 
 
 _random = random.random
-
-
-def ttft_of(entry: Mapping[str, Any]) -> float | None:
-    """``ttft_ms`` of an entry or row: None when absent (older workers) or not a sane number."""
-    value = entry.get("ttft_ms")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 def percentile(sorted_values: list[float], q: float) -> float | None:
@@ -225,7 +217,7 @@ class RollingStats:
         step: float = 2.0,
         window_s: float = WINDOW_S,
         in_flight: Callable[[], dict[str, Any]] | None = None,
-        on_entry: Callable[[schema.CompletedEntry], None] | None = None,
+        on_entry: Callable[[schema.Finished], None] | None = None,
         on_malformed: Callable[[object], None] | None = None,
     ) -> None:
         self.redis = redis
@@ -237,18 +229,34 @@ class RollingStats:
         self._on_entry = on_entry or (lambda e: None)
         self._on_malformed = on_malformed or (lambda d: None)
         self.steps: dict[int, Step] = {}
-        self.recent: deque[schema.CompletedEntry] = deque(maxlen=RECENT)
+        # The newest valid entries as read, (id, fields), newest first.
+        self.recent: deque[tuple[Any, Any]] = deque(maxlen=RECENT)
         self.last_id: str = "0-0"
         self.rebuilt = False
         self._groups = 0  # worker and model aggregates held (MAX_WINDOW_GROUPS)
 
     # ----------------------------------------------------------------- ingest
 
-    def add(self, entry: schema.CompletedEntry, now: float) -> None:
+    def ingest(self, items: Iterable[tuple[Any, Any]], now: float, *, observe: bool = True) -> None:
+        """Stream entries ``(id, fields)``, oldest first: each valid one into the aggregates
+        (and to ``on_entry`` when ``observe``) and, as it came, into ``recent`` (decoded whole
+        only when a summary shows it). A malformed one is skipped and counted."""
+        recent = self.recent
+        for item in items:
+            try:
+                done = schema.finished_of(item[1])
+            except schema.MalformedMessage as exc:
+                self._on_malformed(exc)
+                continue
+            self.add(done, now)
+            if observe:
+                self._on_entry(done)
+            recent.appendleft(item)
+
+    def add(self, done: schema.Finished, now: float) -> None:
         """One finished request: O(1), three aggregates (fleet, worker, model) of its step."""
-        self.recent.appendleft(entry)
-        duration = entry["duration_ms"]
-        end = entry["start_time"] + duration / 1000.0
+        duration = done.duration_ms
+        end = done.start_time + duration / 1000.0
         if end > now:
             end = now
         elif end < now - HISTORY_S:
@@ -258,16 +266,16 @@ class RollingStats:
         if step is None:
             step = self.steps[index] = Step()
         step.point = None  # a late entry changes a step that is over
-        error = entry["outcome"] != OK
-        ttft = entry.get("ttft_ms")
+        error = done.outcome != OK
+        ttft = done.ttft_ms
         step.fleet.add(duration, error, ttft)
         if end < now - self.window_s and index < (now - self.window_s) // self.step:
             return  # before the window's first step: in the series only
         groups = step.workers
-        key = entry["worker_id"]
+        key = done.worker_id
         (groups.get(key) or self._new_group(groups, key)).add(duration, error, ttft)
         groups = step.models
-        key = entry["model"] or UNKNOWN_MODEL
+        key = done.model or UNKNOWN_MODEL
         (groups.get(key) or self._new_group(groups, key)).add(duration, error, ttft)
 
     def _new_group(self, groups: dict[str, Agg], key: str) -> Agg:
@@ -280,27 +288,13 @@ class RollingStats:
         self._groups += 1
         return agg
 
-    def _decode(self, entry_id: Any, fields: dict[Any, Any]) -> schema.CompletedEntry | None:
-        try:
-            return schema.decode_completed(entry_id, fields)
-        except schema.MalformedMessage as exc:
-            self._on_malformed(exc)
-            return None
-
     async def rebuild(self) -> None:
-        """Load the recent past newest-first, then add it oldest-first."""
+        """Load the recent past (newest first from Redis), add it oldest first."""
         raw: Any = await self.redis.xrevrange(self.keys.completed, count=REBUILD_MAX)
-        now = time.time()
-        entries = []
-        for entry_id, fields in raw:
-            entry = self._decode(entry_id, fields)
-            if entry is not None:
-                entries.append(entry)
         if raw:
             first = raw[0][0]
             self.last_id = first.decode() if isinstance(first, bytes) else str(first)
-        for entry in reversed(entries):
-            self.add(entry, now)
+        self.ingest(reversed(raw), time.time(), observe=False)
         self.rebuilt = True
 
     async def run(self) -> None:
@@ -316,11 +310,7 @@ class RollingStats:
                     backoff = 0.05
                     now = time.time()
                     for _stream, items in reply or ():
-                        for entry_id, fields in items:
-                            entry = self._decode(entry_id, fields)
-                            if entry is not None:
-                                self.add(entry, now)
-                                self._on_entry(entry)
+                        self.ingest(items, now)
                         if items:
                             last = items[-1][0]
                             self.last_id = last.decode() if isinstance(last, bytes) else str(last)
@@ -379,5 +369,5 @@ class RollingStats:
             "by_worker": _capped(window, "workers", flight["by_worker"], seconds),
             "by_model": _capped(window, "models", flight["by_model"], seconds),
             "series": series,
-            "recent": list(self.recent),
+            "recent": [schema.decode_completed(i, fields) for i, fields in self.recent],
         }

@@ -355,6 +355,18 @@ def test_the_completed_decoder_accepts_exactly_what_the_field_rules_do(
     except wire_rules.Reject:
         expected = wire_rules.Reject
     assert got == expected
+    # What the stream service reads of every entry: the same verdict, the same values.
+    try:
+        done: Any = schema.finished_of(fields)
+    except MalformedMessage:
+        done = wire_rules.Reject
+    if got is wire_rules.Reject:
+        assert done is wire_rules.Reject
+    else:
+        assert msgspec.structs.asdict(done) == {
+            name: got[name]
+            for name in ("worker_id", "model", "outcome", "start_time", "duration_ms", "ttft_ms")
+        }
 
 
 def test_completed_entries_with_non_ascii_digits_are_malformed() -> None:

@@ -21,6 +21,16 @@ def _entry(
     )  # fmt: skip
 
 
+def _fields(entry: schema.CompletedEntry) -> dict[bytes, bytes]:
+    """As the reader gets it from redis-py."""
+    values = schema.completed_values(entry)
+    return {k.encode(): v.encode() for k, v in zip(schema.COMPLETED_FIELDS, values, strict=True)}
+
+
+def _add(stats: RollingStats, now: float, *entries: schema.CompletedEntry) -> None:
+    stats.ingest([(f"{i}-0".encode(), _fields(e)) for i, e in enumerate(entries)], now)
+
+
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.50) == 50.0
@@ -33,10 +43,14 @@ async def test_summary_groups_by_worker_and_model(fake_redis: aioredis.Redis) ->
     flight = {"fleet": 2, "by_worker": {"w1": 2}, "by_model": {"m1": 2}}
     stats = RollingStats(fake_redis, Keys("u"), step=1.0, in_flight=lambda: flight)
     now = 10_000.0
-    stats.add(_entry("a", "w1", "m1", 100, "ok", now - 5), now)
-    stats.add(_entry("b", "w1", "m1", 200, "error", now - 4), now)
-    stats.add(_entry("c", "w2", None, 300, "client_closed", now - 3), now)
-    stats.add(_entry("old", "w2", "m1", 999, "ok", now - 120), now)  # outside the window
+    _add(
+        stats,
+        now,
+        _entry("a", "w1", "m1", 100, "ok", now - 5),
+        _entry("b", "w1", "m1", 200, "error", now - 4),
+        _entry("c", "w2", None, 300, "client_closed", now - 3),
+        _entry("old", "w2", "m1", 999, "ok", now - 120),  # outside the window
+    )
     s = stats.tick(now)
     assert s["window_s"] == 60 and s["timestamp"] == now
     fleet = s["fleet"]
@@ -84,10 +98,8 @@ def test_a_busy_step_weighs_by_its_requests_not_by_its_reservoir() -> None:
     # p95 is 100 ms. Reservoirs merged as they are (2,048 + 200 values) would make it 900.
     stats = RollingStats(None, Keys("u3"), step=1.0)  # type: ignore[arg-type]
     now = 10_000.0
-    for i in range(10_000):
-        stats.add(_entry(f"a{i}", "w1", "m", 100.0, "ok", now - 10.5), now)
-    for i in range(200):
-        stats.add(_entry(f"b{i}", "w1", "m", 900.0, "ok", now - 9.5), now)
+    _add(stats, now, *(_entry(f"a{i}", "w1", "m", 100.0, "ok", now - 10.5) for i in range(10_000)))
+    _add(stats, now, *(_entry(f"b{i}", "w1", "m", 900.0, "ok", now - 9.5) for i in range(200)))
     s = stats.summary(now, {"fleet": 0, "by_worker": {}, "by_model": {}})
     for group in (s["fleet"], s["by_worker"]["w1"], s["by_model"]["m"]):
         assert group["completed"] == 10_200
@@ -100,8 +112,12 @@ def test_ingest_keeps_aggregates_per_step_and_group_not_per_request(
     monkeypatch.setattr(stats_module, "MAX_WINDOW_GROUPS", 3)
     stats = RollingStats(None, Keys("u4"), step=1.0)  # type: ignore[arg-type]
     now = 10_000.0
-    for i in range(5_000):
-        stats.add(_entry(f"r{i}", f"w{i % 2}", f"m{i % 4}", float(i % 100), "ok", now - 2.5), now)
+    _add(
+        stats,
+        now,
+        *(_entry(f"r{i}", f"w{i % 2}", f"m{i % 4}", float(i % 100), "ok", now - 2.5)
+          for i in range(5_000)),
+    )  # fmt: skip
     (step,) = stats.steps.values()
     assert len(step.fleet.durations) == stats_module.STEP_SAMPLES
     # w0, w1 and m0 fill the bound: every later group counts under "other".
