@@ -176,6 +176,9 @@ class IngestResult:
     # the publishers' queues; growing means the hub is behind.
     backlog: list[int]
     drain: float  # seconds after the publishers exited until the hub had applied everything
+    # Completed entries the hub never read: the capped stream (VDM_COMPLETED_MAXLEN) dropped
+    # them while the hub was behind.
+    unread: int
     hub_cpu: float  # CPU seconds of the hub from the publishers' start until drained
     hub_cores: float  # while the publishers ran
     redis_cores: float
@@ -239,27 +242,36 @@ async def hub_ingest(
                 backlog.append(await _hub_backlog(redis, stream.pid))
             hub, redis_cpu = (m.stop() for m in meters)
             results = await task
-            drain = await _drained(http, sum(r["ended"] for r in results))
+            drain, unread = await _drained(http, sum(r["ended"] for r in results))
         hub_cpu = cpu_seconds(stream.pid) - cpu0[0]
     offered = sum(r["sent"] / r["seconds"] for r in results)
-    return IngestResult(results, offered, lag, backlog, drain, hub_cpu, hub.share, redis_cpu.share)
+    return IngestResult(
+        results, offered, lag, backlog, drain, unread, hub_cpu, hub.share, redis_cpu.share
+    )
 
 
-async def _drained(http: httpx.AsyncClient, completed: int, limit: float = 30.0) -> float:
-    """Seconds until the hub has applied every batch and counted every completed entry.
+async def _drained(
+    http: httpx.AsyncClient, completed: int, limit: float = 30.0
+) -> tuple[float, int]:
+    """Seconds until the hub has applied every batch and read every completed entry.
 
     Each publisher deregisters as it exits (a ``worker_down`` after its last batch), so the
     batches are in once the hub knows no workers any more; the completed entries once the
-    finished-request counters add up to what the publishers ended. NaN past ``limit``.
+    finished-request counters add up to what the publishers ended, or (the capped stream
+    dropped some the hub had not read yet) stop moving. Returns the seconds (NaN past
+    ``limit``) and how many completed entries the hub never counted.
     """
     t0 = time.monotonic()
+    counted, still = -1.0, 0
     while time.monotonic() - t0 < limit:
         body = (await http.get("/metrics/active-requests")).content
-        counted = _metrics(await http.get("/metrics")).get("vdm_requests_total", 0.0)
-        if b'"workers":[]' in body and counted >= completed:
-            return time.monotonic() - t0
-        await asyncio.sleep(0.05)
-    return math.nan
+        now = _metrics(await http.get("/metrics")).get("vdm_requests_total", 0.0)
+        still = still + 1 if now == counted else 0
+        counted = now
+        if b'"workers":[]' in body and (counted >= completed or still >= 3):
+            return time.monotonic() - t0, completed - int(counted)
+        await asyncio.sleep(0.2)
+    return math.nan, completed - int(counted)
 
 
 def _metrics(response: httpx.Response) -> dict[str, float]:

@@ -499,6 +499,7 @@ def _hub_table(
             "lag max ms",
             "backlog max KB",
             "drain s",
+            "completed entries unread",
         ],
     )
     for side, runs in rounds.items():
@@ -514,6 +515,7 @@ def _hub_table(
             max(max(r.lag or [0]) for r in runs) * 1000,
             f"{max(max(r.backlog or [0]) for r in runs) / 1024:,.0f}",
             max(r.drain for r in runs),
+            sum(r.unread for r in runs),
         )
     return table
 

@@ -406,6 +406,8 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
 # later within v1 and may be missing.
 _REQUIRED: Final = tuple(name.encode() for name in COMPLETED_FIELDS if name != "ttft_ms")
 _TTFT: Final = b"ttft_ms"
+# Every field name in the order shared/lua/apply.lua writes them.
+_WRITTEN: Final = [name.encode() for name in COMPLETED_FIELDS]
 
 
 class Finished(Struct, gc=False):
@@ -419,18 +421,19 @@ class Finished(Struct, gc=False):
     ttft_ms: float | None
 
 
-def finished_of(fields: dict[Any, Any]) -> Finished:
+def finished_of(fields: Any) -> Finished:
     """Check a whole ``P:completed`` entry (see :func:`decode_completed`) and return what
     statistics need of it. The stream service does this for every finished request of the
     fleet, and builds the full entry only for the few it keeps (:func:`decode_completed`)."""
     return _checked_completed(*_completed_values(fields))[0]
 
 
-def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
-    """One ``P:completed`` stream entry: names and values as redis-py gives them (bytes), or as
-    text (test doubles, other clients). Every value is at most ``MAX_PATH_CHARS`` characters;
-    counts are ASCII digits or empty (null), times finite numbers, ``duration_ms`` and
-    ``ttft_ms`` not negative; ``ttft_ms`` may be missing (it came later within v1)."""
+def decode_completed(entry_id: bytes | str, fields: Any) -> CompletedEntry:
+    """One ``P:completed`` stream entry: names and values as redis-py gives them (bytes; a dict,
+    or Redis's flat list), or as text (test doubles, other clients). Every value is at most
+    ``MAX_PATH_CHARS`` characters; counts are ASCII digits or empty (null), times finite
+    numbers, ``duration_ms`` and ``ttft_ms`` not negative; ``ttft_ms`` may be missing (it came
+    later within v1)."""
     values, ttft = _completed_values(fields)
     done, counts = _checked_completed(values, ttft)
     rid, _, _, method, path = values[:5]
@@ -454,9 +457,24 @@ def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> Completed
     }
 
 
-def _completed_values(fields: dict[Any, Any]) -> tuple[list[bytes], bytes]:
-    """The required values in ``_REQUIRED`` order and ``ttft_ms`` (b"" when absent), as bytes."""
-    values: list[Any] = list(map(fields.get, _REQUIRED))
+def _completed_values(fields: Any) -> tuple[list[bytes], bytes]:
+    """The required values in ``_REQUIRED`` order and ``ttft_ms`` (b"" when absent), as bytes.
+
+    ``fields`` is a mapping, or Redis's flat ``[name, value, ...]`` list: in the order the
+    apply script writes (every current writer) the values are taken by position.
+    """
+    values: list[Any]
+    if isinstance(fields, list):
+        if fields[0::2] == _WRITTEN:
+            values = fields[1::2]
+            try:
+                b"".join(values)  # all bytes (a TypeError otherwise)
+            except TypeError:
+                pass
+            else:
+                return values[:-1], values[-1]
+        fields = dict(zip(fields[0::2], fields[1::2], strict=False))
+    values = list(map(fields.get, _REQUIRED))
     try:
         b"".join(values)  # a TypeError unless every value is there and bytes: the cheap check
     except TypeError:

@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.redis_client import unparsed_twin
 
 log = logging.getLogger("vdm.stream.stats")
 
@@ -228,6 +229,9 @@ class RollingStats:
         self._in_flight = in_flight or (lambda: flight_summary({}))
         self._on_entry = on_entry or (lambda e: None)
         self._on_malformed = on_malformed or (lambda d: None)
+        # Reads each entry as Redis sent it: a list of names and values, not a dict per entry
+        # (shared/schema.py takes them by position).
+        self._reader = unparsed_twin(redis, "XREAD", "XREVRANGE") or redis
         self.steps: dict[int, Step] = {}
         # The newest valid entries as read, (id, fields), newest first.
         self.recent: deque[tuple[Any, Any]] = deque(maxlen=RECENT)
@@ -290,7 +294,7 @@ class RollingStats:
 
     async def rebuild(self) -> None:
         """Load the recent past (newest first from Redis), add it oldest first."""
-        raw: Any = await self.redis.xrevrange(self.keys.completed, count=REBUILD_MAX)
+        raw: Any = await self._reader.xrevrange(self.keys.completed, count=REBUILD_MAX)
         if raw:
             first = raw[0][0]
             self.last_id = first.decode() if isinstance(first, bytes) else str(first)
@@ -304,12 +308,15 @@ class RollingStats:
                 if not self.rebuilt:
                     await self.rebuild()
                 while True:
-                    reply: Any = await self.redis.xread(
+                    reply: Any = await self._reader.xread(
                         {self.keys.completed: self.last_id}, block=1000, count=1000
                     )
                     backoff = 0.05
                     now = time.time()
-                    for _stream, items in reply or ():
+                    # Redis's reply as it comes: [[stream, items]], {stream: items} (RESP3)
+                    # or, from a cluster client, redis-py's [[stream, items]].
+                    streams = reply.items() if isinstance(reply, dict) else reply or ()
+                    for _stream, items in streams:
                         self.ingest(items, now)
                         if items:
                             last = items[-1][0]

@@ -93,10 +93,12 @@ async def test_rebuild_from_the_stream_and_bad_entries_are_counted(
     assert [e["request_id"] for e in s["recent"]] == ["r2", "r1", "r0"]
 
 
-def test_a_busy_step_weighs_by_its_requests_not_by_its_reservoir() -> None:
+def test_a_busy_step_weighs_by_its_requests_not_by_its_reservoir(
+    fake_redis: aioredis.Redis,
+) -> None:
     # 10,000 requests of 100 ms in one step and 200 of 900 ms in the next: 2% are slow, so
     # p95 is 100 ms. Reservoirs merged as they are (2,048 + 200 values) would make it 900.
-    stats = RollingStats(None, Keys("u3"), step=1.0)  # type: ignore[arg-type]
+    stats = RollingStats(fake_redis, Keys("u3"), step=1.0)
     now = 10_000.0
     _add(stats, now, *(_entry(f"a{i}", "w1", "m", 100.0, "ok", now - 10.5) for i in range(10_000)))
     _add(stats, now, *(_entry(f"b{i}", "w1", "m", 900.0, "ok", now - 9.5) for i in range(200)))
@@ -107,10 +109,10 @@ def test_a_busy_step_weighs_by_its_requests_not_by_its_reservoir() -> None:
 
 
 def test_ingest_keeps_aggregates_per_step_and_group_not_per_request(
-    monkeypatch: pytest.MonkeyPatch,
+    fake_redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(stats_module, "MAX_WINDOW_GROUPS", 3)
-    stats = RollingStats(None, Keys("u4"), step=1.0)  # type: ignore[arg-type]
+    stats = RollingStats(fake_redis, Keys("u4"), step=1.0)
     now = 10_000.0
     _add(
         stats,
