@@ -233,6 +233,10 @@ Count = Annotated[int, Meta(ge=0, lt=1 << 53)]
 Millis = Annotated[float, Meta(ge=0)]
 Model = Annotated[str, Meta(max_length=MAX_MODEL_CHARS)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+# The values of Phase and Outcome, as plain strings (a decoded row holds text, as it always has;
+# a test holds these to the enums).
+PhaseName = Literal["upstream", "streaming"]
+OutcomeName = Literal["ok", "error", "client_closed", "upstream_error", "cancelled"]
 
 
 class WireRow(Struct, kw_only=True, gc=False):
@@ -250,7 +254,7 @@ class WireRow(Struct, kw_only=True, gc=False):
     provider: Annotated[str, Meta(max_length=MAX_PROVIDER_CHARS)] | None = None
     is_streaming: bool
     start_time: float
-    phase: Phase
+    phase: PhaseName
     bytes_out: Count
     input_tokens: Count | None = None
     output_tokens: Count | None = None
@@ -304,7 +308,7 @@ class Progress(Struct, tag=EventType.PROGRESS.value, tag_field="type", gc=False)
 
     type: ClassVar[str] = EventType.PROGRESS.value
     request_id: Id
-    phase: Phase | UnsetType = UNSET
+    phase: PhaseName | UnsetType = UNSET
     bytes_out: Count | UnsetType = UNSET
     input_tokens: Count | UnsetType | None = UNSET
     output_tokens: Count | UnsetType | None = UNSET
@@ -324,7 +328,7 @@ class End(Struct, tag=EventType.END.value, tag_field="type", gc=False):
     type: ClassVar[str] = EventType.END.value
     request_id: Id
     status: Count
-    outcome: Outcome
+    outcome: OutcomeName
     duration_ms: float
     input_tokens: Count | None = None
     output_tokens: Count | None = None

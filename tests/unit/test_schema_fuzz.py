@@ -6,7 +6,7 @@ accepts exactly what the protocol's field rules accept (``tests/wire_rules.py``)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import orjson
@@ -717,6 +717,8 @@ def test_the_decoder_knows_every_row_field_and_progress_changes_only_row_fields(
     # A field added to Row (what writers build) must be added to WireRow (what readers take).
     assert schema.WireRow.__struct_fields__ == schema.ROW_FIELDS
     assert set(schema.ROW_FIELDS) >= schema.PROGRESS_FIELDS
+    assert set(get_args(schema.PhaseName)) == {p.value for p in schema.Phase}
+    assert set(get_args(schema.OutcomeName)) == {o.value for o in schema.Outcome}
 
 
 def test_a_progress_event_changes_exactly_the_fields_it_carries() -> None:
