@@ -6,9 +6,11 @@ with CPU to spare; the driver measures this process's CPU to show that, and the 
 needs nothing beyond the Python environment.
 
 Run as ``python -m bench.httpload`` by :class:`HTTPLoad`; stdin takes
-``run URL CONCURRENCY SECONDS`` and answers one JSON line: requests, errors, elapsed seconds
-and latency percentiles (ms). Every request is the same small non-streaming chat completion
-that the demo upstream answers at once (``x-demo-delay-ms: 0``).
+``run URL CONCURRENCY SECONDS [stream]`` and answers one JSON line: requests, errors (and
+``failures``: their statuses, ``lost`` for a closed connection), elapsed seconds and latency
+percentiles (ms). Every request is the same small chat completion that the
+demo upstream answers at once (``x-demo-delay-ms: 0``): non-streaming, or with ``stream`` a
+streaming one (an SSE response read to its last chunk).
 """
 
 from __future__ import annotations
@@ -29,15 +31,19 @@ from bench.report import percentile
 BODY = orjson.dumps(
     {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
 )
+STREAM_BODY = orjson.dumps({**orjson.loads(BODY), "stream": True})
 
 
-def build_request(host: str, port: int, path: str, headers: dict[str, str] | None = None) -> bytes:
+def build_request(
+    host: str, port: int, path: str, headers: dict[str, str] | None = None, stream: bool = False
+) -> bytes:
     extra = {"x-demo-delay-ms": "0", "x-demo-chunks": "8", **(headers or {})}
     lines = "".join(f"{k}: {v}\r\n" for k, v in extra.items())
+    body = STREAM_BODY if stream else BODY
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n{lines}\r\n"
-    ).encode() + BODY
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{lines}\r\n"
+    ).encode() + body
 
 
 class Conn(asyncio.Protocol):
@@ -100,10 +106,12 @@ async def connect(url: str, request: bytes = b"") -> Conn:
     return conn
 
 
-async def run_load(url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+async def run_load(
+    url: str, concurrency: int, seconds: float, stream: bool = False
+) -> dict[str, Any]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    request = build_request(host, port, parts.path or "/v1/chat/completions")
+    request = build_request(host, port, parts.path or "/v1/chat/completions", stream=stream)
     loop = asyncio.get_running_loop()
     conns: list[Conn] = []
     for _ in range(concurrency):
@@ -113,6 +121,7 @@ async def run_load(url: str, concurrency: int, seconds: float) -> dict[str, Any]
         await conn.roundtrip()
     latencies: list[int] = []
     errors = 0
+    failures: dict[str, int] = {}  # non-200 status (or "lost": the connection closed) -> count
     stop_at = time.monotonic() + seconds
 
     async def worker(conn: Conn) -> None:
@@ -123,6 +132,8 @@ async def run_load(url: str, concurrency: int, seconds: float) -> dict[str, Any]
             latencies.append(time.monotonic_ns() - t0)
             if not ok:
                 errors += 1
+                why = "lost" if conn.lost else conn.status
+                failures[why] = failures.get(why, 0) + 1
 
     t0 = time.monotonic()
     await asyncio.gather(*(worker(c) for c in conns))
@@ -134,6 +145,7 @@ async def run_load(url: str, concurrency: int, seconds: float) -> dict[str, Any]
     return {
         "requests": len(ms),
         "errors": errors,
+        "failures": failures,
         "elapsed": elapsed,
         "rps": len(ms) / elapsed if elapsed > 0 else 0.0,
         "p50": percentile(ms, 50),
@@ -150,7 +162,8 @@ async def serve_commands() -> None:
     while line := await reader.readline():
         words = line.decode().split()
         if words[:1] == ["run"]:
-            result = await run_load(words[1], int(words[2]), float(words[3]))
+            stream = words[4:5] == ["stream"]
+            result = await run_load(words[1], int(words[2]), float(words[3]), stream)
             out.write(orjson.dumps(result) + b"\n")
             out.flush()
         elif words[:1] == ["close"]:
@@ -173,10 +186,11 @@ class HTTPLoad(CommandProcess):
         await self.spawn("bench.httpload", "--cpus", ",".join(str(c) for c in cpus or ()))
         return self
 
-    async def run(self, url: str, concurrency: int, seconds: float) -> dict[str, Any]:
-        result: dict[str, Any] = await self.command(
-            f"run {url} {concurrency} {seconds}", timeout=seconds + 60
-        )
+    async def run(
+        self, url: str, concurrency: int, seconds: float, stream: bool = False
+    ) -> dict[str, Any]:
+        line = f"run {url} {concurrency} {seconds}" + (" stream" if stream else "")
+        result: dict[str, Any] = await self.command(line, timeout=seconds + 60)
         return result
 
 

@@ -11,10 +11,17 @@ on loopback), interleaved A B B A, and reads ``time.process_time()`` around each
 difference is what instrumentation adds per request: the middleware, the publisher's
 bookkeeping, and its share of the Lua calls (whose batching depends on the request rate, so
 the stand-in is paced to the rate the real worker reached).
+
+With ``stream=True`` the stand-in answers as a streamed chat completion does instead: the demo
+upstream's OpenAI SSE frames (the role-only preamble, 16 content chunks, the finish and usage
+chunks, ``[DONE]``), one body message each, so the SSE scanner's cost per chunk is in it.
+
+Run alone: ``python -m bench.instrument_cost [--stream] [--rate R] [--concurrency C]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import statistics
@@ -27,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bench.overhead import OTHER_CORE, WORKER_CORE
 from bench.procs import pin
+from vdm_hub.services.demo import vendors
 from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
 from vdm_hub.services.proxy.publisher import Publisher
 from vdm_hub.shared.embedded_redis import EmbeddedRedis
@@ -44,6 +52,8 @@ RESPONSE_BODY = orjson.dumps(
         "usage": {"prompt_tokens": 3, "completion_tokens": 8, "total_tokens": 11},
     }
 )
+# A streamed answer as the demo upstream sends it, one frame per body message.
+SSE_FRAMES = list(vendors.openai_stream("gpt-4o-mini", 3, 16).frames())
 HEADERS = [
     (b"host", b"127.0.0.1"),
     (b"content-type", b"application/json"),
@@ -51,8 +61,10 @@ HEADERS = [
 ]
 
 
-def stand_in(upstream_s: float) -> ASGIApp:
+def stand_in(upstream_s: float, stream: bool = False) -> ASGIApp:
     """The proxy's ASGI conversation, with the upstream replaced by a wait."""
+    content_type = b"text/event-stream" if stream else b"application/json"
+    bodies = SSE_FRAMES if stream else [RESPONSE_BODY]
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await receive()
@@ -61,10 +73,11 @@ def stand_in(upstream_s: float) -> ASGIApp:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"application/json")],
+                "headers": [(b"content-type", content_type)],
             }
         )
-        await send({"type": "http.response.body", "body": RESPONSE_BODY, "more_body": True})
+        for body in bodies:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
@@ -123,7 +136,7 @@ class CostResult:
 
 
 def instrumentation_cost(
-    loads: list[tuple[int, float]], requests: int, blocks: int
+    loads: list[tuple[int, float]], requests: int, blocks: int, stream: bool = False
 ) -> list[CostResult]:
     """For each (concurrency, request rate): bare and instrumented CPU per request.
 
@@ -140,7 +153,7 @@ def instrumentation_cost(
     try:
         if redis.process is not None:
             pin(redis.process.pid, OTHER_CORE)
-        return uvloop.run(_measure(redis.url, loads, requests, blocks))
+        return uvloop.run(_measure(redis.url, loads, requests, blocks, stream))
     finally:
         # This is a pooled thread (asyncio.to_thread): later scenarios start processes from it,
         # and those would inherit the pinning.
@@ -149,7 +162,7 @@ def instrumentation_cost(
 
 
 async def _measure(
-    redis_url: str, loads: list[tuple[int, float]], requests: int, blocks: int
+    redis_url: str, loads: list[tuple[int, float]], requests: int, blocks: int, stream: bool
 ) -> list[CostResult]:
     settings = Settings.from_env(
         {
@@ -164,7 +177,7 @@ async def _measure(
         await publisher.wait_registered()
     results = []
     for concurrency, rate in loads:
-        app = stand_in(concurrency / rate)
+        app = stand_in(concurrency / rate, stream)
         instrumented = RequestMetricsMiddleware(app, publisher)
         sides: dict[str, ASGIApp] = {"instrumented": instrumented, "bare": app}
         for side in sides.values():  # warm up
@@ -193,3 +206,25 @@ async def _measure(
         )
     await publisher.close()
     return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.instrument_cost", description=__doc__)
+    parser.add_argument("--stream", action="store_true", help="answer as an SSE stream")
+    parser.add_argument("--rate", type=float, default=800.0, help="requests/s to pace to [800]")
+    parser.add_argument("--concurrency", type=int, default=16, help="closed loops [16]")
+    parser.add_argument("--requests", type=int, default=1000, help="per round [1000]")
+    parser.add_argument("--blocks", type=int, default=3, help="A B B A blocks [3]")
+    args = parser.parse_args()
+    loads = [(args.concurrency, args.rate)]
+    for r in instrumentation_cost(loads, args.requests, args.blocks, args.stream):
+        print(
+            f"{'sse' if args.stream else 'json'} c={r.concurrency} rate={r.rate:g}:"
+            f" bare {r.bare_us:.1f} us, instrumented {r.instrumented_us:.1f} us,"
+            f" added {r.added:.1f} us (blocks {', '.join(f'{a:.1f}' for a in r.added_us)}),"
+            f" Lua calls/request {r.lua_calls_per_request:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -16,8 +16,8 @@ At each row count the two modes take turns on the same service and the same chur
 Per mode: bytes/s per client, new row visible (from ``Publisher.start`` to the first frame
 that holds the row, complete: a start carries the whole row) p50/p99, gaps (a delta whose base
 was not the version held), whether every tracking client's final state equals the truth (the
-publishers' own rows: request id, model, phase, bytes out), the stream service's CPU and its RSS
-growth per client.
+publishers' own rows: worker, request id, model, phase, bytes out), the stream service's CPU
+and its RSS growth per client.
 """
 
 from __future__ import annotations
@@ -135,7 +135,8 @@ class Churn:
 
     def truth_digest(self) -> str:
         parts = sorted(
-            f"{rid}|{row.get('model')}|{row.get('phase')}|{row.get('bytes_out')}"
+            f"{row.get('worker_id')}|{rid}|{row.get('model')}|{row.get('phase')}|"
+            f"{row.get('bytes_out')}"
             for pub in self.pubs
             for rid, row in pub.active.items()
         )

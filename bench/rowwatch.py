@@ -8,8 +8,8 @@ command loop are :mod:`bench.sseclients`). Two ways to read a stream:
   full snapshots: vandamme-proxy's, and ours without ``delta=1``.
 - *Deltas* (``--delta``, with a ``?delta=1`` URL): what our dashboard reads. Every client keeps
   the rows as the dashboard does: an ``update`` replaces them, a ``delta`` must start from the
-  version held (else it is counted as a gap), removes its ``remove`` ids and puts its
-  ``upsert`` rows.
+  version held (else it is counted as a gap), removes the rows its ``remove`` names and puts
+  its ``upsert`` rows, both by the row's ``key`` (a request id is unique per worker only).
 
 A probe is identified by its model name, a token the driver chose (the stream of a peer that
 makes up its own request ids has nothing else in common with the request). For each watched
@@ -69,7 +69,7 @@ class Watcher(StreamClient):
         self.pool: Pool = pool
         self.track = track
         self.delta = delta
-        # Delta mode: the rows held (request_id -> model) and the version they are at.
+        # Delta mode: the rows held (row key -> model) and the version they are at.
         self.rows: dict[str, str | None] = {}
         self.version: int | None = None
         self.gaps = 0
@@ -122,26 +122,26 @@ class Watcher(StreamClient):
         body = orjson.loads(part[at + len(DATA) :])
         if kind == UPDATE:
             upserts = body.get("active_requests") or []
-            kept = {str(r["request_id"]) for r in upserts}
-            removed = [rid for rid in self.rows if rid not in kept]
+            kept = {str(r["key"]) for r in upserts}
+            removed = [key for key in self.rows if key not in kept]
         elif body.get("base") != self.version:
             self.gaps += 1  # a frame that cannot be applied: this view is wrong until an update
             return
         else:
-            removed = [str(rid) for rid in body.get("remove") or []]
+            removed = [str(key) for key in body.get("remove") or []]
             upserts = body.get("upsert") or []
         self.version = body.get("version")
         self.frames += 1
         self.became_ready()
-        for rid in removed:
-            model = self.rows.pop(rid, None)
+        for key in removed:
+            model = self.rows.pop(key, None)
             tok = model.encode() if isinstance(model, str) else None
             if tok is not None and tok in self.showing:
                 self.showing.discard(tok)
                 self.pool.gone[tok].append(now)
         for row in upserts:
             model = row.get("model")
-            self.rows[str(row["request_id"])] = model if isinstance(model, str) else None
+            self.rows[str(row["key"])] = model if isinstance(model, str) else None
             tok = model.encode() if isinstance(model, str) else None
             if tok is not None and tok in self.pending:
                 self.pending.discard(tok)

@@ -1,8 +1,9 @@
-"""``python -m bench [--scenario NAME ...] [--quick] [--no-write]``: run the benchmarks.
+"""``python -m bench [--scenario NAME ...] [--quick] [--write]``: run the benchmarks.
 
-Each scenario starts its own processes on loopback, is bounded in time and count, prints its
-tables, and (unless ``--no-write``; ``--quick`` runs never write) replaces its block in the
-results section of ``docs/performance.md`` together with the exact command and the conditions.
+Each scenario starts its own processes on loopback, is bounded in time and count and prints
+its tables. Only with ``--write`` (never with ``--quick``) does it replace its block in the
+results section of the tracked ``docs/performance.md``, together with the exact command and
+the conditions: a user reproducing the figures should not find the repository modified.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import argparse
 import asyncio
 import os
 import platform
-import resource
 import shlex
 import sys
 import time
@@ -20,7 +20,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from bench import baseline, scenarios
 from bench.procs import CPUS
 from bench.report import Result, write_doc
+from bench.shards import cluster_shards
 from bench.soak import soak
+from bench.vandamme_cost import instrumenting_vandamme
+from vdm_hub.shared.fdlimit import raise_open_file_limit
 
 SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "e2e": scenarios.end_to_end,
@@ -31,6 +34,8 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "fidelity": scenarios.view_fidelity,
     "rows": scenarios.rows_in_flight,
     "soak": soak,
+    "shards": cluster_shards,
+    "vandamme": instrumenting_vandamme,
 }
 
 
@@ -40,13 +45,6 @@ def conditions() -> str:
         f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {CPUS} cores, Python "
         f"{platform.python_version()}, load average before the run {load[0]:.2f}"
     )
-
-
-def raise_fd_limit() -> None:
-    """Thousands of sockets per process; children inherit the raised soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def run_all(names: Sequence[str], quick: bool) -> list[Result]:
@@ -70,7 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run only this scenario (repeatable) [all]",
     )
     parser.add_argument("--quick", action="store_true", help="tiny, short runs (development)")
-    parser.add_argument("--no-write", action="store_true", help="do not update docs/performance.md")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="replace the scenarios' blocks in docs/performance.md with this run's results",
+    )
     parser.add_argument(
         "--baseline",
         metavar="REF",
@@ -80,15 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.baseline:
         os.environ[baseline.REF_ENV] = args.baseline
-    raise_fd_limit()
+    raise_open_file_limit()  # thousands of sockets per process; children inherit it
     names = args.scenario or list(SCENARIOS)
-    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    given = sys.argv[1:] if argv is None else list(argv)
+    # The recorded command is the one that reproduces the figures: without --write.
+    command = "python -m bench " + shlex.join(a for a in given if a != "--write")
     before = conditions()
     t0 = time.monotonic()
     results = asyncio.run(run_all(names, args.quick))
     total = time.monotonic() - t0
     print(f"total {total:.0f} s")
-    if not (args.quick or args.no_write):
+    if args.write and not args.quick:
         write_doc(results, command.strip(), f"{before}; this scenario set took {total:.0f} s")
         print("results written to docs/performance.md")
+    elif args.write:
+        print("--quick runs are not written to docs/performance.md")
     return 0

@@ -4,17 +4,20 @@ Run as a child process (``python -m bench.viewclient URL N``) through
 :class:`bench.sseload.SSEPool` (``module="bench.viewclient"``; the clients' connection and the
 command loop are :mod:`bench.sseclients`). Each of its ``N`` clients
 decodes the HTTP chunked body, parses every frame and applies it: an ``update`` replaces the
-state; a ``delta`` (``?delta=1``) must have ``base`` equal to the version held, then its
-``remove`` ids go and its ``upsert`` rows replace theirs by ``request_id``. A delta whose base
+state; a ``delta`` (``?delta=1``) must have ``base`` equal to the version held, then the rows
+its ``remove`` names go and its ``upsert`` rows replace theirs, both by the row's ``key`` (the
+stream's fleet-wide name of a row: a request id is unique per worker only). A delta whose base
 is not the version held is a *gap* (counted; the client then waits for the next ``update``).
 
-A row's key is its model when the model is one of the run's tokens (``--prefix``; the driver
-gives every request a model of its own, which survives a worker choosing its own request ids),
-else its ``request_id``. Per key the first client stamps when it first appeared, and when it
-was gone (``time.monotonic_ns``); a worker that leaves the ``workers`` list is counted as lost.
+What the driver tracks a row by (its *token*) is its model when the model is one of the run's
+tokens (``--prefix``; the driver gives every request a model of its own, which survives a
+worker choosing its own request ids), else its ``request_id``. Per token the first client
+stamps when it first appeared, and when it was gone (``time.monotonic_ns``); a worker that
+leaves the ``workers`` list is counted as lost.
 
-Commands on stdin (one JSON line back each): ``sample`` (the keys the first client holds now,
-its version); ``report`` (stamps, counters, every client's state digest); ``close``.
+Commands on stdin (one JSON line back each): ``sample`` (the tokens the first client holds now
+as ``keys``, its version); ``report`` (stamps, counters, every client's state digest);
+``close``.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ class View(StreamClient):
         self.chunk_left = 0  # body bytes left in the current HTTP chunk
         self.skip_crlf = False  # the CRLF that ends a chunk is due
         self.body = b""
-        self.rows: dict[str, dict[str, Any]] = {}
-        self.keys: dict[str, str] = {}  # request_id -> key
+        self.rows: dict[str, dict[str, Any]] = {}  # row key -> row
+        self.keys: dict[str, str] = {}  # row key -> the token the driver tracks it by
         self.workers: set[str] = set()
         self.version = -1
         self.frames = 0
@@ -113,7 +116,7 @@ class View(StreamClient):
 
     # --- state ------------------------------------------------------------------------
 
-    def key(self, row: dict[str, Any]) -> str:
+    def token(self, row: dict[str, Any]) -> str:
         model = row.get("model")
         if isinstance(model, str) and model.startswith(self.shared.prefix):
             return model
@@ -138,9 +141,9 @@ class View(StreamClient):
         self.became_ready()
 
     def apply_update(self, body: dict[str, Any], now: int) -> None:
-        rows = {str(r["request_id"]): r for r in body.get("active_requests") or []}
-        for rid in [rid for rid in self.rows if rid not in rows]:
-            self.drop(rid, now)
+        rows = {str(r["key"]): r for r in body.get("active_requests") or []}
+        for key in [key for key in self.rows if key not in rows]:
+            self.drop(key, now)
         for row in rows.values():
             self.put(row, now)
         self.set_workers(body.get("workers"), now)
@@ -153,8 +156,8 @@ class View(StreamClient):
             self.gaps += 1
             self.waiting_for_update = True
             return
-        for rid in body.get("remove") or []:
-            self.drop(str(rid), now)
+        for key in body.get("remove") or []:
+            self.drop(str(key), now)
         for row in body.get("upsert") or []:
             self.put(row, now)
         if "workers" in body:
@@ -162,23 +165,23 @@ class View(StreamClient):
         self.version = int(body["version"])
 
     def put(self, row: dict[str, Any], now: int) -> None:
-        rid = str(row["request_id"])
+        key = str(row["key"])
         if row.get("model") is None:
             self.null_model += 1
-        key = self.key(row)
-        old = self.keys.get(rid)
-        if old is not None and old != key and self.stamps:
+        token = self.token(row)
+        old = self.keys.get(key)
+        if old is not None and old != token and self.stamps:
             self.shared.gone.setdefault(old, now)
-        self.rows[rid] = row
-        self.keys[rid] = key
+        self.rows[key] = row
+        self.keys[key] = token
         if self.stamps:
-            self.shared.first.setdefault(key, now)
+            self.shared.first.setdefault(token, now)
 
-    def drop(self, rid: str, now: int) -> None:
-        self.rows.pop(rid, None)
-        key = self.keys.pop(rid, None)
-        if key is not None and self.stamps:
-            self.shared.gone.setdefault(key, now)
+    def drop(self, key: str, now: int) -> None:
+        self.rows.pop(key, None)
+        token = self.keys.pop(key, None)
+        if token is not None and self.stamps:
+            self.shared.gone.setdefault(token, now)
 
     def set_workers(self, workers: Any, now: int) -> None:
         if not isinstance(workers, list):
@@ -189,10 +192,11 @@ class View(StreamClient):
         self.workers = ids
 
     def digest(self) -> str:
-        """Order-free digest of the rows held (request id, model, phase, bytes out)."""
+        """Order-free digest of the rows held (worker, request id, model, phase, bytes out)."""
         parts = sorted(
-            f"{rid}|{r.get('model')}|{r.get('phase')}|{r.get('bytes_out')}"
-            for rid, r in self.rows.items()
+            f"{r.get('worker_id')}|{r.get('request_id')}|{r.get('model')}|{r.get('phase')}|"
+            f"{r.get('bytes_out')}"
+            for r in self.rows.values()
         )
         return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 

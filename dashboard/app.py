@@ -1,10 +1,13 @@
 """The dashboard's Dash app: ``create_app(settings) -> Dash``, served under ``/dashboard/``.
 
-Pages: ``/dashboard/`` (fleet overview) and ``/dashboard/metrics`` (Active Requests); ``/``
-redirects to ``/dashboard/``. The page learns the stream service's base URL from the server
-(``VDM_STREAM_PUBLIC_URL``, default same origin) through ``window.__vdmConfig``, rendered into
-the HTML before any asset runs; the browser client appends the endpoint paths. Live data never
-passes through this process or a Python callback: the browser talks to the stream service.
+Pages: ``/dashboard/`` (fleet overview), ``/dashboard/metrics`` (Active Requests) and
+``/dashboard/finished`` (search the finished requests); ``/`` redirects to ``/dashboard/``.
+The page learns the stream service's base URL from the server (``VDM_STREAM_PUBLIC_URL``;
+else, with ``--stream-port``, that port on the host the page came from; else the same origin)
+through ``window.__vdmConfig``, rendered into the HTML before any asset runs; the browser
+client appends the endpoint paths. Live data never passes through this process or a Python
+callback: the browser talks to the stream service. Dash writes the viewport meta tag itself
+(the template had a second one).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ _INDEX = """<!DOCTYPE html>
 <html lang="en">
   <head>
     {%metas%}
-    <meta name="viewport" content="width=device-width, initial-scale=1">
     <meta name="color-scheme" content="dark">
     <title>{%title%}</title>
     {%favicon%}
@@ -47,26 +49,33 @@ _INDEX = """<!DOCTYPE html>
 # Shows the page the URL names; both are in the layout (see dashboard/layout.py).
 _ROUTE_JS = """
 function (pathname) {
-    const metrics = String(pathname || "").includes("/dashboard/metrics");
+    const page = window.VdmViewCore.pageOf(pathname);
     const on = "vdm-nav-link vdm-nav-active", off = "vdm-nav-link";
     // Charts drawn while their page was hidden have no width to fit: re-measure once shown.
     window.setTimeout(function () {
         if (window.VdmCharts) window.VdmCharts.fitAll();
     }, 50);
+    const show = (name) => ({display: page === name ? "block" : "none"});
     return [
-        {display: metrics ? "none" : "block"},
-        {display: metrics ? "block" : "none"},
-        metrics ? off : on,
-        metrics ? on : off,
+        show("overview"),
+        show("metrics"),
+        show("finished"),
+        page === "overview" ? on : off,
+        page === "metrics" ? on : off,
+        page === "finished" ? on : off,
     ];
 }
 """
 
 
-def client_config(settings: Settings) -> dict[str, Any]:
+def client_config(settings: Settings, stream_port: int | None = None) -> dict[str, Any]:
     """What the browser client needs from the server, nothing secret."""
     return {
-        "streamUrl": settings.stream_public_url or "",  # "" = same origin
+        "streamUrl": settings.stream_public_url or "",  # "" = same origin, unless streamPort
+        # Without VDM_STREAM_PUBLIC_URL and with --stream-port, the page connects to that port
+        # of the host it was loaded from (03_vdm_sse.js): what the browser calls this machine
+        # is known only in the browser (a remote viewer of `vdm-hub up --host 0.0.0.0`).
+        "streamPort": None if settings.stream_public_url else stream_port,
         "pollIntervalMs": round(settings.sse_interval * 1000),
         # With VDM_AUTH_TOKEN the stream service takes a session cookie (an EventSource cannot
         # send headers); cross-origin, the browser sends it only on credentialed requests.
@@ -96,7 +105,13 @@ def _add_routes(server: Flask) -> None:
     server.add_url_rule("/healthz", "vdm_healthz", healthz)
 
 
-def create_app(settings: Settings) -> Dash:
+def stream_label(settings: Settings, stream_port: int | None = None) -> str:
+    if settings.stream_public_url:
+        return f"stream: {settings.stream_public_url}"
+    return f"stream: this host, port {stream_port}" if stream_port else "stream: same origin"
+
+
+def create_app(settings: Settings, stream_port: int | None = None) -> Dash:
     app = Dash(
         __name__,
         requests_pathname_prefix=PREFIX,
@@ -106,16 +121,18 @@ def create_app(settings: Settings) -> Dash:
         update_title="",  # no "Updating..." flicker in the tab title
         serve_locally=True,  # works offline and behind strict egress
     )
-    app.index_string = _INDEX.replace("__CONFIG__", _script_json(client_config(settings)))
-    stream_label = f"stream: {settings.stream_public_url or 'same origin'}"
-    app.layout = layout.build(stream_label)
+    config = client_config(settings, stream_port)
+    app.index_string = _INDEX.replace("__CONFIG__", _script_json(config))
+    app.layout = layout.build(stream_label(settings, stream_port))
 
     app.clientside_callback(  # type: ignore[no-untyped-call]
         _ROUTE_JS,
         Output("vdm-page-overview", "style"),
         Output("vdm-page-metrics", "style"),
+        Output("vdm-page-finished", "style"),
         Output("vdm-nav-overview", "className"),
         Output("vdm-nav-metrics", "className"),
+        Output("vdm-nav-finished", "className"),
         Input("vdm-url", "pathname"),
     )
     # `● Live` / `○ Reconnecting...` and the header emoji, kept in sync with the client.

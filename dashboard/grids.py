@@ -1,4 +1,4 @@
-"""The dashboard's three AG Grids: column definitions and the shared dark theme.
+"""The dashboard's four AG Grids: column definitions and the shared dark theme.
 
 Grids start empty (no data at import or layout time, no ``rowData`` prop at all); the browser
 client fills them with transactions keyed by ``getRowId``. Value getters and formatters are
@@ -45,6 +45,20 @@ def _options(empty_text: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+# Labels an app attached to the request (user, team, key_alias, deployment...): shown as k=v
+# chips, filtered as the text "k=v k=v" (?labels=team=ml).
+LABELS_COLUMN: dict[str, Any] = {
+    "colId": "labels",
+    "headerName": "Labels",
+    "valueGetter": _fn("vdmLabels(params)"),
+    "cellRenderer": "VdmLabelChips",
+    "filter": "agTextColumnFilter",
+    "minWidth": 130,
+    "flex": 1,
+}
+
+# The key columns come first (duration, model, worker, phase): on a narrow screen they are what
+# shows, and the rest scrolls inside the grid (assets/07_vdm_live_extras.js fits their widths).
 ACTIVE_COLUMNS: list[dict[str, Any]] = [
     {
         "colId": "duration",
@@ -56,33 +70,40 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
         "cellClass": "vdm-mono vdm-strong",
         "width": 110,
     },
+    # Small minimum widths: a phone gives the four key columns ~340 px between them.
+    {"field": "model", "headerName": "Model", "minWidth": 90, "flex": 2},
+    {"field": "worker_id", "headerName": "Worker", "minWidth": 70, "flex": 1},
     {
-        "field": "ttft_ms",
-        "headerName": "TTFT",
-        "headerTooltip": "Time to first token: start to the first response byte",
-        "type": "rightAligned",
-        "width": 90,
-        "valueFormatter": _fn("vdmMs(params.value)"),
-        "filter": "agNumberColumnFilter",
-        "cellClass": "vdm-mono",
-    },
-    {"field": "model", "headerName": "Model", "minWidth": 130, "flex": 2},
-    {"field": "worker_id", "headerName": "Worker", "minWidth": 90, "flex": 1},
-    {"field": "method", "headerName": "Method", "width": 88},
-    {"field": "path", "headerName": "Path", "minWidth": 130, "flex": 2, "cellClass": "vdm-mono"},
-    {
-        "field": "phase",
+        # "stalled" for a stream silent longer than VDM_STALL_AFTER after its first token
+        # (01_vdm_viewcore.js): filterable like the other phases (?phase=stalled).
+        "colId": "phase",
         "headerName": "Phase",
+        "valueGetter": _fn("vdmPhase(params)"),
+        "headerTooltip": "upstream: waiting for the first byte; streaming: sending; "
+        "stalled: a stream silent for longer than VDM_STALL_AFTER",
         "width": 105,
         "cellClassRules": {
             "vdm-phase-streaming": "params.value === 'streaming'",
             "vdm-phase-upstream": "params.value === 'upstream'",
+            "vdm-phase-stalled": "params.value === 'stalled'",
         },
+    },
+    {
+        "field": "ttft_ms",
+        "headerName": "TTFT",
+        "headerTooltip": "Time to first token (first byte for a response that is not a "
+        "stream); until then, how long the request has waited for it",
+        "type": "rightAligned",
+        "width": 124,
+        "valueFormatter": _fn("vdmTtftText(params)"),
+        "filter": "agNumberColumnFilter",
+        "cellClass": "vdm-mono",
+        "cellClassRules": {"vdm-waiting": "params.value == null"},
     },
     {
         "field": "is_streaming",
         "headerName": "Stream",
-        "width": 90,
+        "width": 82,
         "cellDataType": False,  # text, not AG Grid's checkbox renderer for booleans
         "valueFormatter": _fn("params.value ? 'yes' : 'no'"),
         "cellClassRules": {"vdm-phase-streaming": "params.value === true"},
@@ -95,15 +116,17 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
         "valueGetter": _fn("vdmChunkRate(params)"),
         "valueFormatter": _fn("vdmRate(params.value)"),
         "type": "rightAligned",
-        "width": 100,
+        "width": 96,
         "filter": False,
         "cellClass": "vdm-mono",
     },
+    {"field": "method", "headerName": "Method", "width": 84},
+    {"field": "path", "headerName": "Path", "minWidth": 130, "flex": 2, "cellClass": "vdm-mono"},
     {
         "field": "bytes_out",
         "headerName": "Bytes",
         "type": "rightAligned",
-        "width": 95,
+        "width": 90,
         "valueFormatter": _fn("vdmBytes(params.value)"),
         "filter": "agNumberColumnFilter",
     },
@@ -111,16 +134,17 @@ ACTIVE_COLUMNS: list[dict[str, Any]] = [
         "field": "input_tokens",
         "headerName": "Tok in",
         "type": "rightAligned",
-        "width": 88,
+        "width": 82,
         "valueFormatter": _fn("vdmCount(params.value)"),
     },
     {
         "field": "output_tokens",
         "headerName": "Tok out",
         "type": "rightAligned",
-        "width": 92,
+        "width": 88,
         "valueFormatter": _fn("vdmCount(params.value)"),
     },
+    {**LABELS_COLUMN, "hide": True},  # shown once a row carries labels (07_vdm_live_extras.js)
     {
         "field": "start_time",
         "headerName": "Started",
@@ -247,13 +271,16 @@ RECENT_COLUMNS: list[dict[str, Any]] = [
     {
         "colId": "tokens_per_s",
         "headerName": "Tok/s",
-        "headerTooltip": "Output tokens per second after the first byte",
+        "headerTooltip": "Output tokens per second. A stream: from the first token to the end "
+        "(its generation speed). Marked avg: a response that came at once, tokens over its "
+        "whole duration",
         "valueGetter": _fn("vdmTokensPerS(params)"),
-        "valueFormatter": _fn("vdmRate(params.value)"),
+        "valueFormatter": _fn("vdmTokensPerSText(params)"),
         "type": "rightAligned",
-        "width": 100,
+        "width": 110,
         "filter": False,
     },
+    {**LABELS_COLUMN, "hide": True},
     {
         "field": "request_id",
         "headerName": "Request ID",
@@ -313,14 +340,17 @@ ACTIVE_OPTIONS: dict[str, Any] = {
     "asyncTransactionWaitMillis": 50,
     "tooltipShowDelay": 300,
 }
-ACTIVE_ROW_CLASS_RULES = {"vdm-row-stuck": "vdmIsStuck(params)"}
+ACTIVE_ROW_CLASS_RULES = {
+    "vdm-row-stuck": "vdmIsStuck(params)",
+    "vdm-row-stalled": "vdmIsStalled(params)",
+}
 
 
 def active_grid() -> Any:
     return _grid(
         "vdm-active-grid",
         ACTIVE_COLUMNS,
-        "request_id",
+        "key",  # the stream's name of a row: request ids are unique per worker only
         "No requests in flight",
         480,
         options=ACTIVE_OPTIONS,
@@ -335,4 +365,19 @@ def workers_grid() -> Any:
 
 
 def recent_grid() -> Any:
-    return _grid("vdm-recent-grid", RECENT_COLUMNS, "request_id", "No finished requests yet", 330)
+    # `key` is added by the page (VdmCore.recentRows): worker, request id and start time.
+    return _grid("vdm-recent-grid", RECENT_COLUMNS, "key", "No finished requests yet", 330)
+
+
+def finished_grid() -> Any:
+    # Rows are completed entries, keyed by their stream entry id (unique, unlike request ids
+    # across workers). The search is the server's (the form above the grid), so no floating
+    # filters here that would only filter the page already fetched.
+    return _grid(
+        "vdm-finished-grid",
+        RECENT_COLUMNS,
+        "id",
+        "Search the finished requests: an id prefix, a worker, a model, an outcome, a time",
+        560,
+        filters=False,
+    )

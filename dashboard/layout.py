@@ -1,6 +1,6 @@
-"""The page skeleton: header, fleet overview, and the Active Requests page.
+"""The page skeleton: header, fleet overview, the Active Requests page and the Finished view.
 
-Both pages are in the layout at once and a clientside callback on the URL shows one, so moving
+All pages are in the layout at once and a clientside callback on the URL shows one, so moving
 between them costs no server round trip and the grids keep their state. Every value that
 changes is a placeholder here ("—", empty grids, empty charts) filled in the browser; sizes are
 fixed up front so nothing jumps when data arrives.
@@ -17,6 +17,11 @@ from vdm_hub.dashboard import grids
 CHART_HEIGHT = 210
 OVERVIEW_HREF = "/dashboard/"
 METRICS_HREF = "/dashboard/metrics"
+FINISHED_HREF = "/dashboard/finished"
+
+
+ERRORS_HINT = "error + upstream_error over finished requests, last 60 s"
+ABORTED_HINT = "requests cancelled by an operator · whose client went away, last 60 s"
 
 
 def _kpi(label: str, value_id: str, hint: str = "") -> Any:
@@ -27,6 +32,7 @@ def _kpi(label: str, value_id: str, hint: str = "") -> Any:
             html.Div(hint, className="vdm-kpi-hint"),
         ],
         className="vdm-kpi",
+        title=hint or None,
     )
 
 
@@ -108,6 +114,12 @@ def header(stream_label: str) -> Any:
                         id="vdm-nav-metrics",
                         className="vdm-nav-link",
                     ),
+                    dcc.Link(
+                        "Finished",
+                        href=FINISHED_HREF,
+                        id="vdm-nav-finished",
+                        className="vdm-nav-link",
+                    ),
                 ],
                 className="vdm-nav",
             ),
@@ -127,7 +139,8 @@ def overview_page() -> Any:
                     _kpi("In flight", "vdm-kpi-inflight"),
                     _kpi("Requests / s", "vdm-kpi-rate"),
                     _kpi("p95 latency", "vdm-kpi-p95"),
-                    _kpi("Error rate", "vdm-kpi-errors"),
+                    _kpi("Error rate", "vdm-kpi-errors", ERRORS_HINT),
+                    _kpi("Cancelled · closed", "vdm-kpi-aborted", ABORTED_HINT),
                 ],
                 className="vdm-kpis",
             ),
@@ -175,7 +188,8 @@ def metrics_page() -> Any:
                     _kpi("Requests / s", "vdm-m-kpi-rate"),
                     _kpi("p95 latency", "vdm-m-kpi-p95"),
                     _kpi("TTFT p95", "vdm-m-kpi-ttft", "time to first token"),
-                    _kpi("Error rate", "vdm-m-kpi-errors"),
+                    _kpi("Error rate", "vdm-m-kpi-errors", ERRORS_HINT),
+                    _kpi("Cancelled · closed", "vdm-m-kpi-aborted", ABORTED_HINT),
                 ],
                 className="vdm-kpis",
             ),
@@ -193,7 +207,7 @@ def metrics_page() -> Any:
             html.Div(
                 [
                     _chart("In flight", "vdm-chart-inflight"),
-                    _chart("Requests per second", "vdm-chart-rate"),
+                    _chart("Finished per second", "vdm-chart-rate"),
                     _chart("Duration p50 / p95 / p99 · TTFT", "vdm-chart-latency"),
                     _chart("Error rate", "vdm-chart-errors"),
                 ],
@@ -206,6 +220,30 @@ def metrics_page() -> Any:
     )
 
 
+def finished_page() -> Any:
+    # The search form and the "Load more" button are built by assets/08_vdm_finished.js into
+    # these placeholders (plain inputs, outside React: the page reads and writes their values,
+    # and the URL, itself).
+    return html.Div(
+        _card(
+            "Finished requests",
+            html.Div(id="vdm-finished-form", className="vdm-finished-form"),
+            html.Div("", id="vdm-finished-status", className="vdm-finished-status", role="status"),
+            grids.finished_grid(),
+            html.Div(id="vdm-finished-actions", className="vdm-actions vdm-finished-actions"),
+            extra=[
+                html.Span("", className="vdm-spacer"),
+                html.Span(
+                    "the last VDM_COMPLETED_MAXLEN finished requests, newest first",
+                    className="vdm-card-note",
+                ),
+            ],
+        ),
+        id="vdm-page-finished",
+        className="vdm-page",
+    )
+
+
 def build(stream_label: str) -> Any:
     return html.Div(
         [
@@ -213,7 +251,7 @@ def build(stream_label: str) -> Any:
             # Drives the indicator's clientside callback; never reaches the server.
             dcc.Interval(id="vdm-indicator-tick", interval=500),
             header(stream_label),
-            html.Main([overview_page(), metrics_page()], className="vdm-main"),
+            html.Main([overview_page(), metrics_page(), finished_page()], className="vdm-main"),
         ],
         className="vdm-app",
     )

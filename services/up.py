@@ -6,6 +6,11 @@ upstream; the workers and the stream service; the dashboard (it needs the stream
 demo traffic. Stop order is the reverse of use: traffic, dashboard, stream, workers (they
 deregister while Redis is still there), upstream, Redis.
 
+Addresses: every part binds ``--host`` but the embedded Redis, which stays on loopback (it has
+no password). Beyond loopback without ``VDM_AUTH_TOKEN`` the demo's cancel action stays off,
+and the dashboard's page finds the stream service on the host it was loaded from
+(``--stream-port``), so a browser on another machine sees it live.
+
 Ports: fixed defaults, checked before anything starts, so a busy port gives one clear message
 naming the option that moves it. ``--ports auto`` gives every part a free port instead (tests
 use it); the dashboard's port is then picked up front, because the stream service must know
@@ -30,10 +35,13 @@ from urllib.parse import urlsplit, urlunsplit
 from vdm_hub.services.supervisor import Supervisor
 from vdm_hub.shared.children import Child, ChildFailed, Stopped
 from vdm_hub.shared.embedded_redis import free_port
+from vdm_hub.shared.options import listen_host, number, port, whole
+from vdm_hub.shared.serve import beyond_loopback
 from vdm_hub.shared.settings import Settings
 
 VDM_HUB = [sys.executable, "-m", "vdm_hub.services.cli"]
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}
+LOOPBACK = "127.0.0.1"
 # Demo traffic: requests held open 1-5 s (x-demo-delay-ms) so rows stay long enough to watch.
 DEMO_HOLD_S = "1-5"
 # One line per proxied request (httpx logs at INFO) would bury everything else on the console.
@@ -41,22 +49,24 @@ MUTED = re.compile(r" INFO httpx: HTTP Request: ")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
-    parser.add_argument("--workers", type=int, default=2, help="worker proxies to run [2]")
+    parser.add_argument(
+        "--host", type=listen_host, default="127.0.0.1", help="bind address [127.0.0.1]"
+    )
+    parser.add_argument("--workers", type=whole(1), default=2, help="worker proxies to run [2]")
     parser.add_argument(
         "--no-demo-traffic",
         dest="demo_traffic",
         action="store_false",
         help="do not run the demo traffic generator",
     )
-    parser.add_argument("--dashboard-port", type=int, default=8050, help="[8050]")
-    parser.add_argument("--stream-port", type=int, default=8090, help="[8090]")
+    parser.add_argument("--dashboard-port", type=port, default=8050, help="[8050]")
+    parser.add_argument("--stream-port", type=port, default=8090, help="[8090]")
     parser.add_argument(
-        "--worker-base-port", type=int, default=8080, help="worker N gets base+N-1 [8080]"
+        "--worker-base-port", type=port, default=8080, help="worker N gets base+N-1 [8080]"
     )
-    parser.add_argument("--upstream-port", type=int, default=8001, help="demo upstream [8001]")
+    parser.add_argument("--upstream-port", type=port, default=8001, help="demo upstream [8001]")
     parser.add_argument(
-        "--redis-port", type=int, default=6379, help="embedded Redis, when REDIS_URL is unset"
+        "--redis-port", type=port, default=6379, help="embedded Redis, when REDIS_URL is unset"
     )
     parser.add_argument(
         "--ports",
@@ -64,10 +74,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="fixed",
         help="fixed: the ports above; auto: a free port for every part [fixed]",
     )
-    parser.add_argument("--demo-rate", type=float, default=3.0, help="demo requests per second [3]")
+    parser.add_argument(
+        "--demo-rate", type=number(0), default=3.0, help="demo requests per second [3]"
+    )
     parser.add_argument(
         "--ready-timeout",
-        type=float,
+        type=number(0.1),
         default=30.0,
         help="seconds each part may take to become ready [30]",
     )
@@ -98,6 +110,7 @@ class Part:
     needs: tuple[str, ...] = ()  # parts whose URLs argv/env read: they must be ready first
     echo: bool = True
     auto_port: bool = True  # in auto mode the part binds port 0 (a free port)
+    host: str = ""  # its bind address when not the run's --host (the embedded Redis's)
 
     def port_arg(self, auto: bool) -> str:
         return "0" if auto and self.auto_port else str(self.port)
@@ -110,8 +123,8 @@ class _Launch:
     host: str
     env: Mapping[str, str]
 
-    def service(self, command: str, *extra: str) -> Callable[[Urls], list[str]]:
-        return lambda urls: [*VDM_HUB, command, *extra, "--host", self.host]
+    def service(self, command: str, *extra: str, host: str = "") -> Callable[[Urls], list[str]]:
+        return lambda urls: [*VDM_HUB, command, *extra, "--host", host or self.host]
 
     def plain_env(self) -> Callable[[Urls], dict[str, str]]:
         return lambda urls: dict(self.env)
@@ -132,6 +145,8 @@ def plan(
     launch = _Launch(args.host, env)
     parts: list[Part] = []
     if settings.redis_url is None:
+        # Loopback whatever --host says: the embedded Redis has no password, and only this
+        # machine's parts use it (a fleet across machines brings its own Redis: REDIS_URL).
         parts.append(
             Part(
                 "redis",
@@ -139,8 +154,9 @@ def plan(
                 "redis",
                 args.redis_port,
                 "--redis-port",
-                launch.service("redis"),
+                launch.service("redis", host=LOOPBACK),
                 launch.plain_env(),
+                host=LOOPBACK,
             )
         )
     parts.append(
@@ -150,7 +166,9 @@ def plan(
             "upstream",
             args.upstream_port,
             "--upstream-port",
-            launch.service("demo-upstream"),
+            # A realistic gap between a stream's preamble and its first token, so the demo's
+            # TTFT column is not just the first byte's time.
+            launch.service("demo-upstream", "--first-token-delay", "0.4"),
             launch.plain_env(),
         )
     )
@@ -187,12 +205,11 @@ def _stream_part(
     args: argparse.Namespace, settings: Settings, launch: _Launch, dashboard_port: int
 ) -> Part:
     cors = [*settings.cors_origins, *dashboard_origins(launch.host, dashboard_port)]
-    stream_env = {
-        "VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors)),
+    stream_env = {"VDM_CORS_ORIGINS": ",".join(dict.fromkeys(cors))}
+    if cancel_by_default(launch.host, settings, launch.env):
         # A local demo is for trying things: the dashboard's cancel action is on unless the
         # caller says otherwise (a deployment leaves it off by default; docs/security.md).
-        "VDM_CANCEL_ENABLED": launch.env.get("VDM_CANCEL_ENABLED", "true"),
-    }
+        stream_env["VDM_CANCEL_ENABLED"] = "true"
     return Part(
         "stream",
         "stream service",
@@ -207,19 +224,21 @@ def _stream_part(
 
 def _dashboard_part(launch: _Launch, port: int, worker_names: Sequence[str]) -> Part:
     # The browser reaches the stream service directly (its CORS origins: _stream_part); the
-    # dashboard's port is known up front, because the stream service needs that origin.
+    # dashboard's port is known up front, because the stream service needs that origin. The
+    # page finds the stream on the host it was loaded from, at the stream's port, so a
+    # browser on another machine finds it too (unless VDM_STREAM_PUBLIC_URL says otherwise).
+    def argv(urls: Urls) -> list[str]:
+        stream_port = str(urlsplit(urls["stream"]).port)
+        return [*VDM_HUB, "dashboard", "--stream-port", stream_port, "--host", launch.host]
+
     return Part(
         "dashboard",
         "dashboard",
         "dashboard",
         port,
         "--dashboard-port",
-        launch.service("dashboard"),
-        lambda urls: {
-            **launch.env,
-            "REDIS_URL": urls["redis"],
-            "VDM_STREAM_PUBLIC_URL": urls["stream"],
-        },
+        argv,
+        launch.with_redis(),
         needs=("redis", "stream", *worker_names),
         auto_port=False,
     )
@@ -285,17 +304,17 @@ def busy_ports_message(host: str, parts: Sequence[Part]) -> str | None:
                 f"port {part.port} is wanted by both the {other.label} and the {part.label}; "
                 f"move one with {part.option} or {other.option} PORT"
             )
-    busy = [p for p in listening if port_busy(host, p.port)]
+    busy = [p for p in listening if port_busy(p.host or host, p.port)]
     if not busy:
         return None
     lines = [
-        f"port {p.port} on {host} is in use (wanted by the {p.label}); "
+        f"port {p.port} on {p.host or host} is in use (wanted by the {p.label}); "
         f"choose another with {p.option} PORT"
         for p in busy
     ]
     for p in busy:
         if p.name == "redis":
-            url = f"redis://{reachable_host(host)}:{p.port}/0"
+            url = f"redis://{reachable_host(p.host or host)}:{p.port}/0"
             lines.append(f"if that is a Redis you want to use, set REDIS_URL={url}")
     lines.append("or run with --ports auto to give every part a free port")
     return "\n".join(lines)
@@ -327,14 +346,30 @@ def origin_of(url: str) -> str:
 
 
 def dashboard_origins(host: str, port: int) -> list[str]:
-    """Origins a browser on this machine may use for the dashboard (for the stream's CORS)."""
+    """Origins a browser may use for the dashboard (for the stream's CORS).
+
+    On loopback, this machine's names for it. Beyond loopback, also any host name on the
+    dashboard's port (``http://*:PORT``): a browser on another machine calls this one by a
+    name only it knows. Cancel never trusts that entry (services/stream/cancel.py).
+    """
     origins = [f"http://{reachable_host(host)}:{port}"]
     if host in WILDCARD_HOSTS or host in ("127.0.0.1", "localhost", "::1"):
         for name in ("localhost", "127.0.0.1"):
             origin = f"http://{name}:{port}"
             if origin not in origins:
                 origins.append(origin)
+    if beyond_loopback(host):
+        origins.append(f"http://*:{port}")
     return origins
+
+
+def cancel_by_default(host: str, settings: Settings, env: Mapping[str, str]) -> bool:
+    """Does ``up`` turn the cancel action on for its demo? Not when the caller decided
+    (VDM_CANCEL_ENABLED set), and not when it is reachable from other machines without a
+    token: then anyone on the network could cancel (docs/security.md)."""
+    if "VDM_CANCEL_ENABLED" in env:
+        return False
+    return not beyond_loopback(host) or settings.auth_token is not None
 
 
 def masked(url: str) -> str:
@@ -379,9 +414,28 @@ def _port_hint(child: Child, parts: Sequence[Part]) -> str:
     return f"\nits port is taken: choose another with {part.option} PORT, or use --ports auto"
 
 
-def _banner(
-    parts: Sequence[Part], urls: Urls, args: argparse.Namespace, cancel_by_default: bool
-) -> str:
+def _access_lines(urls: Urls, host: str, cancel_on: bool) -> list[str]:
+    """Who can reach the parts, and whether cancel is on."""
+    lines = []
+    if beyond_loopback(host):
+        name = socket.gethostname() if host in WILDCARD_HOSTS else reachable_host(host)
+        port = urlsplit(urls["dashboard"]).port
+        lines += [
+            f"  from other machines: http://{name}:{port}/dashboard/metrics "
+            "(or any name of this machine)",
+            f"  listening on {host}, except redis: it stays on 127.0.0.1",
+        ]
+    if cancel_on:
+        lines.append("  cancel: on for this demo (VDM_CANCEL_ENABLED=false turns it off)")
+    elif beyond_loopback(host) and "VDM_CANCEL_ENABLED" not in os.environ:
+        lines.append(
+            "  cancel: off, as the hub is open to the network without VDM_AUTH_TOKEN "
+            "(VDM_CANCEL_ENABLED=true turns it on anyway)"
+        )
+    return lines
+
+
+def _banner(parts: Sequence[Part], urls: Urls, args: argparse.Namespace, cancel_on: bool) -> str:
     workers = [(p.label, urls[p.name]) for p in parts if p.role == "worker"]
     first = workers[0][1]
     lines = [
@@ -394,8 +448,7 @@ def _banner(
         f"  upstream: {urls['upstream']} (demo LLM API)",
         f"  point an LLM client at a worker: OPENAI_BASE_URL={first}/v1 ANTHROPIC_BASE_URL={first}",
     ]
-    if cancel_by_default:
-        lines.append("  cancel: on for this demo (VDM_CANCEL_ENABLED=false turns it off)")
+    lines += _access_lines(urls, args.host, cancel_on)
     if args.demo_traffic:
         lines.append(f"  demo traffic: {args.demo_rate:g} requests/s over the workers")
     else:
@@ -437,9 +490,6 @@ def stop_stages(supervisor: Supervisor, parts: Sequence[Part]) -> list[list[Chil
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    if args.workers < 1:
-        _err("--workers must be at least 1")
-        return 2
     auto = args.ports == "auto"
     host = args.host
     dashboard_port = (
@@ -463,7 +513,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     code = 0
     try:
         start_parts(supervisor, parts, urls, auto, args.ready_timeout)
-        _say(_banner(parts, urls, args, "VDM_CANCEL_ENABLED" not in os.environ))
+        cancel_on = cancel_by_default(host, settings, os.environ)
+        _say(_banner(parts, urls, args, cancel_on))
         supervisor.watch()
     except Stopped:
         pass

@@ -285,15 +285,37 @@ _CHALLENGES = {
 }
 
 
+# The dashboard's look (dashboard/assets/vdm.css), inline: the page's CSP allows inline styles
+# only, and it is served before any asset may be (the assets need the session too).
 _LOGIN_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="dark light"><title>vdm-hub · log in</title>
-<style>body{{font:16px system-ui,sans-serif;display:grid;place-items:center;min-height:90vh}}
-form{{display:grid;gap:.75rem;min-width:20rem}}input{{font:inherit;padding:.5rem}}
-.error{{color:#e5484d}}</style></head>
+<meta name="color-scheme" content="dark"><title>vdm-hub · log in</title>
+<style>
+*{{box-sizing:border-box}}
+body{{margin:0;min-height:100vh;display:grid;place-items:center;padding:16px;
+background:#0a0e13;color:#d6dee8;
+font:16px Inter,"Segoe UI",Roboto,"DejaVu Sans",Helvetica,Arial,sans-serif}}
+form{{display:grid;gap:14px;width:min(100%,24rem);padding:28px 28px 24px;
+background:#0f141b;border:1px solid #232d3a;border-radius:10px;
+box-shadow:0 12px 32px rgba(0,0,0,.45)}}
+h1{{margin:0;font-size:24px;letter-spacing:.02em}}
+h1 span{{color:#7d8b99;font-size:15px;font-weight:400;margin-left:8px}}
+p{{margin:0;color:#9aa7b4;line-height:1.45}}
+code{{font:14px "DejaVu Sans Mono",Menlo,Consolas,monospace;color:#d6dee8}}
+label{{color:#7d8b99;font-size:13px;letter-spacing:.08em;text-transform:uppercase}}
+input{{width:100%;font:inherit;padding:10px 12px;color:#d6dee8;background:#161d26;
+border:1px solid #232d3a;border-radius:6px}}
+input:focus{{outline:2px solid #58a6ff;outline-offset:-1px}}
+button{{font:inherit;font-weight:700;padding:11px 18px;border:0;border-radius:8px;
+background:#1f6feb;color:#fff;cursor:pointer}}
+button:hover{{background:#388bfd}}
+.error{{color:#f85149;border-left:4px solid #f85149;padding:6px 10px;
+background:rgba(248,81,73,.08);border-radius:4px}}
+</style></head>
 <body><form method="post" action="{action}">
-<h1>vdm-hub</h1><p>This dashboard needs the access token (<code>VDM_AUTH_TOKEN</code>).</p>
+<h1>vdm-hub<span>fleet live metrics</span></h1>
+<p>This dashboard needs the access token (<code>VDM_AUTH_TOKEN</code>).</p>
 {error}<label for="token">Token</label>
 <input id="token" name="token" type="password" autocomplete="current-password" autofocus required>
 <input type="hidden" name="next" value="{next}">

@@ -33,6 +33,10 @@ class RedisStartError(RuntimeError):
     pass
 
 
+class RedisPortInUse(RedisStartError):
+    """The fixed port asked for is taken (by another Redis, often)."""
+
+
 def find_redis_server() -> str:
     """Path of a Redis-compatible server binary; PATH first, then pip-shipped ones."""
     override = os.environ.get("VDM_REDIS_SERVER")
@@ -153,6 +157,13 @@ class EmbeddedRedis:
         if self.data_dir is None:
             self.data_dir = tempfile.mkdtemp(prefix="vdm-redis-")
         Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            return self._start()
+        except BaseException:
+            self._remove_own_dir()  # a failed start leaves nothing behind
+            raise
+
+    def _start(self) -> EmbeddedRedis:
         fixed_port = self.port != 0
         for _attempt in range(5):
             if not fixed_port:
@@ -167,20 +178,25 @@ class EmbeddedRedis:
                 time.sleep(0.02)
             process.stop(0)
             text = process.output.strip()
+            if fixed_port and "address already in use" in text.lower():
+                raise RedisPortInUse(f"port {self.port} on {self.host} is in use")
             if fixed_port or "bind" not in text.lower():
                 raise RedisStartError(
                     f"{self.binary} did not start on {self.host}:{self.port}: {text[-500:]}"
                 )
         raise RedisStartError(f"{self.binary}: no free port found after 5 attempts")
 
+    def _remove_own_dir(self) -> None:
+        if self._own_dir and self.data_dir is not None:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.data_dir = None
+
     def stop(self) -> None:
         process = self.process
         self.process = None
         if process is not None:
             process.stop(STOP_TIMEOUT)
-        if self._own_dir and self.data_dir is not None:
-            shutil.rmtree(self.data_dir, ignore_errors=True)
-            self.data_dir = None
+        self._remove_own_dir()
 
     def restart(self) -> None:
         """Stop and start again on the same port (and data dir, if it persists)."""

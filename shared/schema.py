@@ -40,6 +40,12 @@ MAX_MODEL_CHARS: Final = 128
 MAX_METHOD_CHARS: Final = 16
 MAX_PROVIDER_CHARS: Final = 32
 MAX_TEXT_CHARS: Final = 256  # host, upstream, version, reasons
+# Labels an app attaches to its request (``vdm_hub.current_request().set_label``). The JSON
+# bound keeps a row with a maximal path, model and ids under MAX_ROW_BYTES.
+MAX_LABELS: Final = 8
+MAX_LABEL_KEY_CHARS: Final = 32
+MAX_LABEL_VALUE_CHARS: Final = 128
+MAX_LABELS_JSON_BYTES: Final = 1024
 
 _T = TypeVar("_T")
 
@@ -55,7 +61,9 @@ class Phase(StrEnum):
 
 class Outcome(StrEnum):
     OK = "ok"
-    ERROR = "error"  # the upstream answered with a status >= 400
+    # The upstream answered with a status >= 400, or the worker itself broke the request off:
+    # an exception in the app, or the shutdown grace ran out while it was in flight.
+    ERROR = "error"
     CLIENT_CLOSED = "client_closed"  # the client went away before the response was complete
     UPSTREAM_ERROR = "upstream_error"  # the upstream could not be reached or broke off
     CANCELLED = "cancelled"  # an operator cancelled the request (the worker's cancel channel)
@@ -72,8 +80,9 @@ class EventType(StrEnum):
 class Row(TypedDict):
     """A request in flight, as stored in ``P:active:{worker_id}`` (no ``duration_ms``).
 
-    ``ttft_ms`` and ``chunks_out`` came later within v1: a decoded row always has them (null
-    when a writer did not send them), and the reference worker always writes them.
+    ``ttft_ms``, ``chunks_out``, ``ttfb_ms`` and ``last_output_at`` came later within v1: a
+    decoded row always has them (null when a writer did not send them), and the reference
+    worker always writes them.
     """
 
     request_id: str
@@ -88,10 +97,18 @@ class Row(TypedDict):
     bytes_out: int
     input_tokens: int | None
     output_tokens: int | None
-    # Milliseconds from the start to the first response body byte; null until then.
+    # Milliseconds from the start to the first generated output (time to first token): the
+    # first SSE event that carries output, or the first body byte of any other response.
     ttft_ms: NotRequired[float | None]
     # SSE `data:` events forwarded so far; null for a response that is not an event stream.
     chunks_out: NotRequired[int | None]
+    # Milliseconds from the start to the first response body byte; null until then.
+    ttfb_ms: NotRequired[float | None]
+    # Epoch seconds of the last output event (an SSE data event, or a body chunk of any other
+    # response); refreshed with bytes_out and chunks_out.
+    last_output_at: NotRequired[float | None]
+    # What the app attached (at most MAX_LABELS string pairs); null when nothing.
+    labels: NotRequired[dict[str, str] | None]
 
 
 class WorkerRecord(TypedDict):
@@ -106,6 +123,15 @@ class WorkerRecord(TypedDict):
     ttl: float
     # Notices this worker could not publish (queue overflow, Redis away); see publisher.py.
     events_dropped: NotRequired[int]
+    # Random per process start: tells a process that re-registers its own id from another
+    # live process holding the same one (register.lua).
+    instance: NotRequired[str]
+    # False: this worker cannot stop its requests (it does not listen for cancels); absent
+    # means true (workers that predate the field listen).
+    cancellable: NotRequired[bool]
+    # Finished requests this worker dropped, oldest first, because they outgrew its backlog
+    # bound during a Redis outage (VDM_COMPLETED_BACKLOG_BYTES); see services/proxy/backlog.py.
+    completed_dropped: NotRequired[int]
 
 
 class StartEvent(TypedDict):
@@ -152,14 +178,18 @@ class CompletedEntry(TypedDict):
     input_tokens: int | None
     output_tokens: int | None
     bytes_out: int
-    # Milliseconds from the start to the first response byte; null when none came.
+    # Milliseconds from the start to the first generated output; null when none came.
     ttft_ms: NotRequired[float | None]
+    # Milliseconds from the start to the first response body byte; null when none came.
+    ttfb_ms: NotRequired[float | None]
+    labels: NotRequired[dict[str, str] | None]
     id: NotRequired[str]
 
 
 ROW_FIELDS: Final = tuple(Row.__annotations__)
 # Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
-# `ttft_ms` is read when an entry has it (see decode_completed); the script writes these.
+# `ttft_ms`, `ttfb_ms` and `labels` came later within v1: they are read when an entry has them
+# (see decode_completed); the script writes them all.
 COMPLETED_FIELDS: Final = (
     "request_id",
     "worker_id",
@@ -174,6 +204,8 @@ COMPLETED_FIELDS: Final = (
     "output_tokens",
     "bytes_out",
     "ttft_ms",
+    "ttfb_ms",
+    "labels",
 )
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
 
@@ -214,7 +246,12 @@ def completed_values(entry: CompletedEntry) -> list[str]:
     out: list[str] = []
     for name in COMPLETED_FIELDS:
         value = entry.get(name)
-        out.append("" if value is None else str(value))
+        if value is None:
+            out.append("")
+        elif type(value) is dict:  # labels, as JSON ({} as none)
+            out.append(orjson.dumps(value).decode() if value else "")
+        else:
+            out.append(str(value))
     return out
 
 
@@ -230,9 +267,16 @@ def completed_values(entry: CompletedEntry) -> list[str]:
 
 Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
 Count = Annotated[int, Meta(ge=0, lt=1 << 53)]
-Millis = Annotated[float, Meta(ge=0)]
+NonNegative = Annotated[float, Meta(ge=0)]  # a duration in ms, or a time in epoch s
 Model = Annotated[str, Meta(max_length=MAX_MODEL_CHARS)]
 Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+Labels = Annotated[
+    dict[
+        Annotated[str, Meta(min_length=1, max_length=MAX_LABEL_KEY_CHARS)],
+        Annotated[str, Meta(max_length=MAX_LABEL_VALUE_CHARS)],
+    ],
+    Meta(max_length=MAX_LABELS),
+]
 # The values of Phase and Outcome, as plain strings (a decoded row holds text, as it always has;
 # a test holds these to the enums).
 PhaseName = Literal["upstream", "streaming"]
@@ -242,8 +286,9 @@ OutcomeName = Literal["ok", "error", "client_closed", "upstream_error", "cancell
 class WireRow(Struct, kw_only=True, gc=False):
     """A row as readers accept it (:class:`Row`); ``as_row`` is the dict the reader keeps.
 
-    Fields that may be null may also be absent (null): ``ttft_ms`` and ``chunks_out`` came
-    later within v1, and readers have always taken a missing nullable field as null.
+    Fields that may be null may also be absent (null): ``ttft_ms``, ``chunks_out``,
+    ``ttfb_ms``, ``last_output_at`` and ``labels`` came later within v1, and readers have
+    always taken a missing nullable field as null.
     """
 
     request_id: Id
@@ -258,8 +303,11 @@ class WireRow(Struct, kw_only=True, gc=False):
     bytes_out: Count
     input_tokens: Count | None = None
     output_tokens: Count | None = None
-    ttft_ms: Millis | None = None
+    ttft_ms: NonNegative | None = None
     chunks_out: Count | None = None
+    ttfb_ms: NonNegative | None = None
+    last_output_at: NonNegative | None = None
+    labels: Labels | None = None
 
     def as_row(self) -> Row:
         return asdict(self)  # type: ignore[return-value]
@@ -276,6 +324,9 @@ class WireRecord(Struct, gc=False):
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
     ttl: float = DEFAULT_WORKER_TTL_S
     events_dropped: Count | UnsetType = UNSET
+    instance: Id | UnsetType = UNSET
+    cancellable: bool | UnsetType = UNSET
+    completed_dropped: Count | UnsetType = UNSET
 
     def as_record(self) -> WorkerRecord:
         record = WorkerRecord(
@@ -291,6 +342,12 @@ class WireRecord(Struct, gc=False):
         )
         if self.events_dropped is not UNSET:
             record["events_dropped"] = self.events_dropped
+        if self.instance is not UNSET:
+            record["instance"] = self.instance
+        if self.cancellable is not UNSET:
+            record["cancellable"] = self.cancellable
+        if self.completed_dropped is not UNSET:
+            record["completed_dropped"] = self.completed_dropped
         return record
 
 
@@ -314,8 +371,11 @@ class Progress(Struct, tag=EventType.PROGRESS.value, tag_field="type", gc=False)
     output_tokens: Count | UnsetType | None = UNSET
     model: Model | UnsetType | None = UNSET
     is_streaming: bool | UnsetType = UNSET
-    ttft_ms: Millis | UnsetType | None = UNSET
+    ttft_ms: NonNegative | UnsetType | None = UNSET
     chunks_out: Count | UnsetType | None = UNSET
+    ttfb_ms: NonNegative | UnsetType | None = UNSET
+    last_output_at: NonNegative | UnsetType | None = UNSET
+    labels: Labels | UnsetType | None = UNSET
 
     def changes(self) -> dict[str, Any]:
         """The row fields this event carries, by name."""
@@ -406,12 +466,16 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
     return epoch, int(seq)
 
 
-# The fields every completed entry has, as redis-py hands back their names; `ttft_ms` came
-# later within v1 and may be missing.
-_REQUIRED: Final = tuple(name.encode() for name in COMPLETED_FIELDS if name != "ttft_ms")
-_TTFT: Final = b"ttft_ms"
-# Every field name in the order shared/lua/apply.lua writes them.
+# The fields every completed entry has, as redis-py hands back their names, and those that came
+# later within v1 (an older writer's entry lacks them), in the order shared/lua/apply.lua
+# writes them all.
+_LATER: Final = ("ttft_ms", "ttfb_ms", "labels")
+_REQUIRED: Final = tuple(name.encode() for name in COMPLETED_FIELDS if name not in _LATER)
+_OPTIONAL: Final = tuple(name.encode() for name in _LATER)
 _WRITTEN: Final = [name.encode() for name in COMPLETED_FIELDS]
+# A completed entry's labels are JSON text; the writer keeps them under MAX_LABELS_JSON_BYTES.
+MAX_COMPLETED_LABELS_BYTES: Final = 2 * MAX_LABELS_JSON_BYTES
+_labels_decoder: Final = msgspec.json.Decoder(Labels | None)
 
 
 class Finished(Struct, gc=False):
@@ -423,6 +487,7 @@ class Finished(Struct, gc=False):
     start_time: float
     duration_ms: float
     ttft_ms: float | None
+    ttfb_ms: float | None = None
 
 
 def finished_of(fields: Any) -> Finished:
@@ -435,11 +500,12 @@ def finished_of(fields: Any) -> Finished:
 def decode_completed(entry_id: bytes | str, fields: Any) -> CompletedEntry:
     """One ``P:completed`` stream entry: names and values as redis-py gives them (bytes; a dict,
     or Redis's flat list), or as text (test doubles, other clients). Every value is at most
-    ``MAX_PATH_CHARS`` characters; counts are ASCII digits or empty (null), times finite
-    numbers, ``duration_ms`` and ``ttft_ms`` not negative; ``ttft_ms`` may be missing (it came
-    later within v1)."""
-    values, ttft = _completed_values(fields)
-    done, counts = _checked_completed(values, ttft)
+    ``MAX_PATH_CHARS`` characters (``labels``: JSON of at most ``MAX_COMPLETED_LABELS_BYTES``
+    bytes, held to the row's rules); counts are ASCII digits or empty (null), times finite
+    numbers, ``duration_ms``, ``ttft_ms`` and ``ttfb_ms`` not negative; ``ttft_ms``,
+    ``ttfb_ms`` and ``labels`` may be missing or empty (they came later within v1)."""
+    values, later = _completed_values(fields)
+    done, counts, labels = _checked_completed(values, later)
     rid, _, _, method, path = values[:5]
     status, tokens_in, tokens_out, sent = (int(c) if c else None for c in counts)
     # A dict literal: calling the TypedDict with keywords costs more.
@@ -458,26 +524,32 @@ def decode_completed(entry_id: bytes | str, fields: Any) -> CompletedEntry:
         "output_tokens": tokens_out,
         "bytes_out": sent or 0,
         "ttft_ms": done.ttft_ms,
+        "ttfb_ms": done.ttfb_ms,
+        "labels": labels,
     }
 
 
-def _completed_values(fields: Any) -> tuple[list[bytes], bytes]:
-    """The required values in ``_REQUIRED`` order and ``ttft_ms`` (b"" when absent), as bytes.
+def _completed_values(fields: Any) -> tuple[list[bytes], list[bytes]]:
+    """The required values in ``_REQUIRED`` order and the later ones in ``_OPTIONAL`` order
+    (b"" when absent), as bytes.
 
     ``fields`` is a mapping, or Redis's flat ``[name, value, ...]`` list: in the order the
-    apply script writes (every current writer) the values are taken by position.
+    apply script writes (every current writer, and the older ones that wrote fewer of the
+    later fields) the values are taken by position.
     """
     values: list[Any]
     if isinstance(fields, list):
-        if fields[0::2] == _WRITTEN:
+        names = fields[0::2]
+        if len(names) >= len(_REQUIRED) and names == _WRITTEN[: len(names)]:
             values = fields[1::2]
             try:
                 b"".join(values)  # all bytes (a TypeError otherwise)
             except TypeError:
                 pass
             else:
-                return values[:-1], values[-1]
-        fields = dict(zip(fields[0::2], fields[1::2], strict=False))
+                later = values[len(_REQUIRED) :]
+                return values[: len(_REQUIRED)], later + [b""] * (len(_OPTIONAL) - len(later))
+        fields = dict(zip(names, fields[1::2], strict=False))
     values = list(map(fields.get, _REQUIRED))
     try:
         b"".join(values)  # a TypeError unless every value is there and bytes: the cheap check
@@ -487,12 +559,15 @@ def _completed_values(fields: Any) -> tuple[list[bytes], bytes]:
         if None in values:
             missing = _REQUIRED[values.index(None)].decode()
             raise MalformedMessage(f"completed entry lacks {missing!r}") from None
-    ttft = fields.get(_TTFT)
-    return values, b"" if ttft is None else _as_bytes(ttft)
+    later = [fields.get(name) for name in _OPTIONAL]
+    return values, [b"" if v is None else _as_bytes(v) for v in later]
 
 
-def _checked_completed(values: list[bytes], ttft: bytes) -> tuple[Finished, list[bytes]]:
-    """Every rule of a completed entry; its :class:`Finished` and its four counts' bytes.
+def _checked_completed(
+    values: list[bytes], later: list[bytes]
+) -> tuple[Finished, list[bytes], dict[str, str] | None]:
+    """Every rule of a completed entry; its :class:`Finished`, its four counts' bytes and its
+    labels.
 
     Text is decoded only where it is needed (worker, model, outcome) or where its bytes exceed
     the limit (UTF-8 never has more characters than bytes): ``errors="replace"`` makes any
@@ -501,11 +576,12 @@ def _checked_completed(values: list[bytes], ttft: bytes) -> tuple[Finished, list
     rid, wid, model, method, path, status, outcome, start, took, tokens_in, tokens_out, sent = (
         values
     )
-    if max(map(len, values)) > MAX_PATH_CHARS or len(ttft) > MAX_PATH_CHARS:
+    ttft, ttfb, labels_json = later
+    if max(map(len, values)) > MAX_PATH_CHARS or max(len(ttft), len(ttfb)) > MAX_PATH_CHARS:
         for text in (rid, wid, model, method, path, outcome):
             if len(text.decode(errors="replace")) > MAX_PATH_CHARS:
                 raise MalformedMessage("completed entry field is too long")
-        if max(len(v) for v in (status, start, took, tokens_in, tokens_out, sent, ttft)) > (
+        if max(len(v) for v in (status, start, took, tokens_in, tokens_out, sent, ttft, ttfb)) > (
             MAX_PATH_CHARS
         ):
             raise MalformedMessage("completed entry field is too long")
@@ -515,16 +591,18 @@ def _checked_completed(values: list[bytes], ttft: bytes) -> tuple[Finished, list
         raise MalformedMessage("completed entry count is not a count")
     try:
         start_time, duration_ms = float(start), float(took)
-        ttft_ms = float(ttft) if ttft else None
     except ValueError:
         raise MalformedMessage("completed entry times are not numbers") from None
     if not (math.isfinite(start_time) and math.isfinite(duration_ms)) or duration_ms < 0:
         raise MalformedMessage("completed entry times are out of range")
-    if ttft_ms is not None and not (math.isfinite(ttft_ms) and ttft_ms >= 0):
-        raise MalformedMessage("completed entry ttft_ms is out of range")
+    ttft_ms = _first_ms(ttft, "ttft_ms") if ttft else None
+    ttfb_ms = _first_ms(ttfb, "ttfb_ms") if ttfb else None
     outcome_text = outcome.decode(errors="replace")
     if outcome_text not in _OUTCOMES:
         raise MalformedMessage("completed entry has an unknown outcome")
+    labels = (
+        _decode(_labels_decoder, labels_json, MAX_COMPLETED_LABELS_BYTES) if labels_json else None
+    )
     model_text = model.decode(errors="replace")
     done = Finished(
         wid.decode(errors="replace"),
@@ -533,8 +611,20 @@ def _checked_completed(values: list[bytes], ttft: bytes) -> tuple[Finished, list
         start_time,
         duration_ms,
         ttft_ms,
+        ttfb_ms,
     )
-    return done, counts
+    return done, counts, labels
+
+
+def _first_ms(raw: bytes, name: str) -> float:
+    """A completed entry's time to its first token or byte: a finite number, not negative."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MalformedMessage(f"completed entry {name} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise MalformedMessage(f"completed entry {name} is out of range")
+    return value
 
 
 def _as_bytes(value: Any) -> bytes:

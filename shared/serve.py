@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import signal
@@ -22,6 +23,8 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+
+from vdm_hub.shared.fdlimit import raise_open_file_limit
 
 log = logging.getLogger("vdm.serve")
 
@@ -106,6 +109,23 @@ def make_server(
     return _Server(cfg, name, url_for(sock), on_exit)
 
 
+def beyond_loopback(host: str) -> bool:
+    """Does listening on ``host`` let other machines connect (a wildcard, a real address)?"""
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() != "localhost"
+
+
+def warn_if_open(name: str, host: str, url: str, exposed: str | None) -> None:
+    """The one start-up line of a service open to the network without a token: ``exposed``
+    says what anyone who can reach it can do (None: nothing to say, e.g. a token is set)."""
+    if exposed and beyond_loopback(host):
+        log.warning(
+            "%s is open to the network on %s without VDM_AUTH_TOKEN: %s", name, url, exposed
+        )
+
+
 def serve(
     app: Any,
     host: str,
@@ -114,10 +134,14 @@ def serve(
     *,
     on_exit: Callable[[], None] | None = None,
     graceful_timeout: float = 1.0,
+    exposed: str | None = None,
     **config: Any,
 ) -> int:
-    """Serve until SIGINT/SIGTERM; returns the process exit code."""
+    """Serve until SIGINT/SIGTERM; returns the process exit code. ``exposed``: what anyone
+    may do when the service listens beyond loopback without a token (logged once)."""
+    raise_open_file_limit()  # every connection is a file descriptor (shared/fdlimit.py)
     sock = bind_socket(host, port)
+    warn_if_open(name, host, url_for(sock), exposed)
     server = make_server(
         app, sock, name, on_exit=on_exit, graceful_timeout=graceful_timeout, **config
     )

@@ -8,9 +8,9 @@ deployment fails loudly instead of running with a surprise default.
 from __future__ import annotations
 
 import os
-import socket
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import TypeVar
 from urllib.parse import urlsplit
 
@@ -120,11 +120,26 @@ def _key_prefix(name: str, raw: str) -> str:
     return value
 
 
+# The placeholders VDM_WORKER_ID may hold; the serving process fills them in when its
+# publisher starts (after any fork), `{index}` at registration (services/proxy/workerid.py).
+WORKER_ID_PLACEHOLDERS = ("{host}", "{pid}", "{index}")
+DEFAULT_WORKER_ID = "{host}-{pid}"
+
+
 def _worker_id(name: str, raw: str) -> str:
     value = raw.strip()
-    if not value or len(value) > 128 or any(c.isspace() or c in "{}*?[]:" for c in value):
+    bare = value
+    for placeholder in WORKER_ID_PLACEHOLDERS:
+        bare = bare.replace(placeholder, "")
+    if (
+        not value
+        or len(value) > 128
+        or value.count("{index}") > 1
+        or any(c.isspace() or c in "{}*?[]:" for c in bare)
+    ):
         raise ConfigError(
-            f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs"
+            f"{name}={raw!r}: expected 1-128 characters without spaces, colons, braces or globs; "
+            "it may hold the placeholders {host}, {pid} and (once) {index}"
         )
     return value
 
@@ -135,11 +150,35 @@ def _origins(name: str, raw: str) -> tuple[str, ...]:
         if origin == "*":
             continue
         parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+        any_host = parts.netloc.startswith("*")
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.netloc
+            or parts.path
+            or (any_host and (parts.hostname != "*" or port is None))
+            or ("*" in parts.netloc and not any_host)
+        ):
             raise ConfigError(
-                f"{name}: {origin!r} is not an origin (expected scheme://host[:port], or *)"
+                f"{name}: {origin!r} is not an origin (expected scheme://host[:port], "
+                "scheme://*:port for any host name on that port, or *)"
             )
     return origins
+
+
+def any_host_origin_regex(origins: tuple[str, ...]) -> str | None:
+    """One regular expression for the ``scheme://*:port`` entries of ``VDM_CORS_ORIGINS``:
+    a page served on that port under any host name (``vdm-hub up --host 0.0.0.0`` lists its
+    dashboard this way: browsers on other machines reach it by names this one cannot know)."""
+    found = []
+    for origin in origins:
+        parts = urlsplit(origin)
+        if parts.hostname == "*":
+            found.append(f"{re.escape(parts.scheme)}://[^/@]+:{parts.port}")
+    return "|".join(f"(?:{p})" for p in found) or None
 
 
 def _token(name: str, raw: str) -> str:
@@ -147,6 +186,68 @@ def _token(name: str, raw: str) -> str:
     value = raw.strip()
     if any(c.isspace() for c in value):
         raise ConfigError(f"{name}: the token must not contain spaces or line breaks")
+    return value
+
+
+# Requests an instrumented app does not report: health and metrics probes, the hub's own
+# endpoints, API docs, static files. An entry `/x` matches the path /x and every path below
+# it; `*.ext` matches paths ending in .ext. VDM_EXCLUDE_PATHS replaces the list; `default`
+# stands for it.
+DEFAULT_EXCLUDE_PATHS: tuple[str, ...] = (
+    "/health",
+    "/healthz",
+    "/readyz",
+    "/livez",
+    "/ping",
+    "/metrics",
+    "/_vdm",
+    "/docs",
+    "/openapi.json",
+    "/favicon.ico",
+    "/robots.txt",
+    "/static",
+    "*.css",
+    "*.js",
+    "*.map",
+    "*.png",
+    "*.svg",
+    "*.ico",
+    "*.woff2",
+)
+
+
+def _exclude_paths(name: str, raw: str) -> tuple[str, ...]:
+    found: list[str] = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        if item == "default":
+            found += DEFAULT_EXCLUDE_PATHS
+        elif item == "none":
+            continue
+        elif item.startswith("/") and "*" not in item and not any(c.isspace() for c in item):
+            found.append(item.rstrip("/") or "/")
+        elif item.startswith("*.") and len(item) > 2 and not any(c in "*/ " for c in item[1:]):
+            found.append(item)
+        else:
+            raise ConfigError(
+                f"{name}: {item!r} is not a path (/health: it and every path below it) or a "
+                "suffix (*.css); 'default' stands for the default list, 'none' for nothing"
+            )
+    return tuple(dict.fromkeys(found))
+
+
+_BYTES = re.compile(r"(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?", re.IGNORECASE)
+
+
+def _byte_size(name: str, raw: str) -> int:
+    match = _BYTES.fullmatch(raw.strip())
+    if match is None:
+        raise ConfigError(f"{name}={raw!r}: expected a number of bytes, e.g. 33554432 or 32MiB")
+    unit = (match.group(2) or " ")[0].lower()
+    value = int(match.group(1)) * {" ": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[unit]
+    if value <= 0:
+        raise ConfigError(f"{name}={raw!r}: expected more than 0 bytes")
     return value
 
 
@@ -181,46 +282,129 @@ def _name(name: str, raw: str) -> str:
     return value
 
 
-def default_worker_id() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
+# The commands that read a variable, for their ``--help`` (``vdm-hub up`` passes every
+# variable on to its parts, so it lists them all).
+WORKER, STREAM, DASHBOARD = "worker", "stream", "dashboard"
+REDIS_READERS = (WORKER, STREAM)
+_REDIS_DEFAULT = "redis://127.0.0.1:6379/0; vdm-hub up: an embedded Redis"
+
+_Parser = Callable[[str, str], object]
+
+
+def _env(name: str, parse: _Parser, *readers: str, shown: str = "") -> dict[str, object]:
+    """A field's metadata: its variable, the parser of its value, who reads it, and (when the
+    field's own default says nothing useful) how its default is shown."""
+    return {"env": name, "parse": parse, "readers": readers, "shown": shown}
 
 
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """All of the hub's settings. Field metadata is the single source for the README table."""
+    """All of the hub's settings. Field metadata (``_env``) is the single source of the
+    variables' names, parsers and readers: ``from_env``, each command's ``--help`` and the
+    README table's test all read it."""
 
     # From the original single-process dashboard: same names, same meaning.
-    log_request_metrics: bool = True
-    sse_enabled: bool = True
-    sse_interval: float = 2.0
-    sse_heartbeat: float = 30.0
+    log_request_metrics: bool = field(
+        default=True, metadata=_env("LOG_REQUEST_METRICS", _bool, WORKER, STREAM)
+    )
+    sse_enabled: bool = field(
+        default=True, metadata=_env("VDM_ACTIVE_REQUESTS_SSE_ENABLED", _bool, STREAM)
+    )
+    sse_interval: float = field(
+        default=2.0,
+        metadata=_env("VDM_ACTIVE_REQUESTS_SSE_INTERVAL", _seconds, STREAM, DASHBOARD),
+    )
+    sse_heartbeat: float = field(
+        default=30.0, metadata=_env("VDM_ACTIVE_REQUESTS_SSE_HEARTBEAT", _seconds, STREAM)
+    )
     # New with the distributed hub.
-    redis_url: str | None = None
-    key_prefix: str = "vdm"
-    worker_id: str = ""
-    upstream_url: str | None = None
-    worker_heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
-    worker_ttl: float = DEFAULT_WORKER_TTL_S
-    stream_public_url: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    auth_token: str | None = None
-    max_sse_clients: int = 10_000
+    redis_url: str | None = field(
+        default=None,
+        metadata=_env("REDIS_URL", _redis_url, *REDIS_READERS, shown=_REDIS_DEFAULT),
+    )
+    key_prefix: str = field(
+        default="vdm", metadata=_env("VDM_KEY_PREFIX", _key_prefix, *REDIS_READERS)
+    )
+    # A template: the serving process fills in its placeholders (WORKER_ID_PLACEHOLDERS).
+    worker_id: str = field(
+        default=DEFAULT_WORKER_ID, metadata=_env("VDM_WORKER_ID", _worker_id, WORKER)
+    )
+    upstream_url: str | None = field(
+        default=None, metadata=_env("VDM_UPSTREAM_URL", http_url, WORKER)
+    )
+    worker_heartbeat_interval: float = field(
+        default=DEFAULT_HEARTBEAT_INTERVAL_S,
+        metadata=_env("VDM_WORKER_HEARTBEAT_INTERVAL", _seconds, WORKER, STREAM),
+    )
+    worker_ttl: float = field(
+        default=DEFAULT_WORKER_TTL_S, metadata=_env("VDM_WORKER_TTL", _seconds, WORKER)
+    )
+    stream_public_url: str | None = field(
+        default=None,
+        metadata=_env("VDM_STREAM_PUBLIC_URL", http_url, STREAM, DASHBOARD, shown="same origin"),
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=(), metadata=_env("VDM_CORS_ORIGINS", _origins, STREAM)
+    )
+    auth_token: str | None = field(
+        default=None, metadata=_env("VDM_AUTH_TOKEN", _token, STREAM, DASHBOARD)
+    )
+    max_sse_clients: int = field(
+        default=10_000, metadata=_env("VDM_MAX_SSE_CLIENTS", _positive_int, STREAM)
+    )
     # Tunables beyond the contract (documented in the README table).
-    sse_throttle: float = 0.025
-    sse_send_timeout: float = 10.0
-    completed_maxlen: int = 10_000
+    sse_throttle: float = field(
+        default=0.025, metadata=_env("VDM_ACTIVE_REQUESTS_SSE_THROTTLE", _seconds, STREAM)
+    )
+    sse_send_timeout: float = field(
+        default=10.0, metadata=_env("VDM_SSE_SEND_TIMEOUT", _seconds, STREAM)
+    )
+    completed_maxlen: int = field(
+        default=10_000, metadata=_env("VDM_COMPLETED_MAXLEN", _positive_int, WORKER)
+    )
     # Fleet scale: a stream without delta=1 gets snapshot frames paced to this many bytes/s.
-    sse_snapshot_max_bps: int = 1_000_000
+    sse_snapshot_max_bps: int = field(
+        default=1_000_000, metadata=_env("VDM_SSE_SNAPSHOT_MAX_BPS", _positive_int, STREAM)
+    )
     # Operator features.
-    cancel_enabled: bool = False
-    stuck_after: float = 300.0
+    cancel_enabled: bool = field(default=False, metadata=_env("VDM_CANCEL_ENABLED", _bool, STREAM))
+    stuck_after: float = field(default=300.0, metadata=_env("VDM_STUCK_AFTER", _seconds, STREAM))
+    stall_after: float = field(default=30.0, metadata=_env("VDM_STALL_AFTER", _seconds, STREAM))
     # Managed and highly available Redis.
-    redis_mode: str = "standalone"
-    redis_sentinels: tuple[tuple[str, int], ...] = ()
-    redis_sentinel_master: str = "mymaster"
+    redis_mode: str = field(
+        default="standalone", metadata=_env("VDM_REDIS_MODE", _redis_mode, *REDIS_READERS)
+    )
+    redis_sentinels: tuple[tuple[str, int], ...] = field(
+        default=(), metadata=_env("VDM_REDIS_SENTINELS", _host_ports, *REDIS_READERS)
+    )
+    redis_sentinel_master: str = field(
+        default="mymaster",
+        metadata=_env("VDM_REDIS_SENTINEL_MASTER", _name, *REDIS_READERS),
+    )
+    # Bring your own proxy: vdm_hub.instrument() and the worker's publisher.
+    instrument: bool = field(default=True, metadata=_env("VDM_INSTRUMENT", _bool, WORKER))
+    cancel: bool = field(default=True, metadata=_env("VDM_WORKER_CANCEL", _bool, WORKER))
+    exclude_paths: tuple[str, ...] = field(
+        default=DEFAULT_EXCLUDE_PATHS,
+        metadata=_env("VDM_EXCLUDE_PATHS", _exclude_paths, WORKER, shown="default"),
+    )
+    completed_backlog_bytes: int = field(
+        default=32 << 20,
+        metadata=_env("VDM_COMPLETED_BACKLOG_BYTES", _byte_size, WORKER, shown="32MiB"),
+    )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, object] | None = None,
+    ) -> Settings:
+        """Read the variables from ``environ`` (``os.environ`` by default).
+
+        ``overrides`` are options by attribute name (``redis_url``, ``worker_id``...), as
+        ``vdm_hub.instrument(app, **options)`` takes them: they win over the environment and are
+        checked like their variable (a bad one is named by its option name); None means unset.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for var, (attr, parse) in _VARIABLES.items():
@@ -228,8 +412,13 @@ class Settings:
             if raw is None or raw.strip() == "":
                 continue
             values[attr] = parse(var, raw)
-        if not values.get("worker_id"):
-            values["worker_id"] = default_worker_id()
+        for attr, value in (overrides or {}).items():
+            if attr not in _PARSERS:
+                known = ", ".join(sorted(_PARSERS))
+                raise TypeError(f"unknown option {attr!r} (the options are: {known})")
+            values.pop(attr, None)
+            if value is not None:
+                values[attr] = _PARSERS[attr](attr, _option_text(attr, value))
         if values.get("auth_token") == "":
             values["auth_token"] = None
         settings = cls(**values)  # type: ignore[arg-type]
@@ -272,33 +461,42 @@ class Settings:
             raise ConfigError("REDIS_URL: Redis Cluster has only database 0; drop the /db part")
 
 
-_Parser = Callable[[str, str], object]
-
-# env var -> (Settings attribute, parser). Keep in step with the README settings table.
+# env var -> (Settings attribute, parser), from the fields' metadata.
 _VARIABLES: dict[str, tuple[str, _Parser]] = {
-    "LOG_REQUEST_METRICS": ("log_request_metrics", _bool),
-    "VDM_ACTIVE_REQUESTS_SSE_ENABLED": ("sse_enabled", _bool),
-    "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": ("sse_interval", _seconds),
-    "VDM_ACTIVE_REQUESTS_SSE_HEARTBEAT": ("sse_heartbeat", _seconds),
-    "REDIS_URL": ("redis_url", _redis_url),
-    "VDM_KEY_PREFIX": ("key_prefix", _key_prefix),
-    "VDM_WORKER_ID": ("worker_id", _worker_id),
-    "VDM_UPSTREAM_URL": ("upstream_url", http_url),
-    "VDM_WORKER_HEARTBEAT_INTERVAL": ("worker_heartbeat_interval", _seconds),
-    "VDM_WORKER_TTL": ("worker_ttl", _seconds),
-    "VDM_STREAM_PUBLIC_URL": ("stream_public_url", http_url),
-    "VDM_CORS_ORIGINS": ("cors_origins", _origins),
-    "VDM_AUTH_TOKEN": ("auth_token", _token),
-    "VDM_MAX_SSE_CLIENTS": ("max_sse_clients", _positive_int),
-    "VDM_ACTIVE_REQUESTS_SSE_THROTTLE": ("sse_throttle", _seconds),
-    "VDM_SSE_SEND_TIMEOUT": ("sse_send_timeout", _seconds),
-    "VDM_COMPLETED_MAXLEN": ("completed_maxlen", _positive_int),
-    "VDM_SSE_SNAPSHOT_MAX_BPS": ("sse_snapshot_max_bps", _positive_int),
-    "VDM_CANCEL_ENABLED": ("cancel_enabled", _bool),
-    "VDM_STUCK_AFTER": ("stuck_after", _seconds),
-    "VDM_REDIS_MODE": ("redis_mode", _redis_mode),
-    "VDM_REDIS_SENTINELS": ("redis_sentinels", _host_ports),
-    "VDM_REDIS_SENTINEL_MASTER": ("redis_sentinel_master", _name),
+    f.metadata["env"]: (f.name, f.metadata["parse"]) for f in fields(Settings)
 }
 
-assert {a for a, _ in _VARIABLES.values()} == {f.name for f in fields(Settings)}
+
+def variables_read_by(command: str) -> list[tuple[str, str]]:
+    """(variable, its default as shown) for each variable ``command`` reads, in field order."""
+    found = []
+    for f in fields(Settings):
+        if command != "up" and command not in f.metadata["readers"]:
+            continue
+        default = f.metadata["shown"] or f.default
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, float):
+            default = f"{default:g}"
+        found.append((f.metadata["env"], "unset" if default in (None, ()) else str(default)))
+    return found
+
+
+# Settings attribute -> its parser: an option given in code is checked like its variable.
+_PARSERS: dict[str, _Parser] = {attr: parse for attr, parse in _VARIABLES.values()}
+
+
+def _option_text(name: str, value: object) -> str:
+    """An option's value as its variable would spell it (one parser checks both)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        items = [f"{i[0]}:{i[1]}" if isinstance(i, tuple) and len(i) == 2 else i for i in value]
+        if all(isinstance(i, str) for i in items):
+            # An empty list is "nothing", which only VDM_EXCLUDE_PATHS can say.
+            return ",".join(items) if items else "none"
+    raise ConfigError(f"{name}={value!r}: expected a string, a number, true/false or a list")

@@ -2,13 +2,16 @@
 
 Writers change state only through these scripts, so that every state change and its pub/sub
 notice are one atomic step carrying (epoch, seq) — invariant 1 of the protocol. Readers load a
-worker's state with :func:`read_worker_state`, a MULTI/EXEC transaction, so the rows they get
-and the seq marker they get belong together.
+worker's state with :func:`read_worker_state`, one read-only script, so the rows they get and
+the seq marker they get belong together. Not MULTI/EXEC: Redis refuses every command queued in
+a transaction at maxmemory, which froze the stream service's view exactly when workers could
+not write either (``read.lua`` says more).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,11 +21,25 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from vdm_hub.shared import schema
+from vdm_hub.shared.clock_offset import ClockOffset
 from vdm_hub.shared.keys import Keys
+
+# The member the write probe names: never a worker id (ids have no whitespace).
+PROBE_MEMBER = " write-probe"
 
 
 def _lua(name: str) -> str:
     return resources.files("vdm_hub.shared").joinpath("lua", f"{name}.lua").read_text()
+
+
+def _unflagged(script: str) -> str:
+    """``script`` without its ``#!lua flags=…`` line, for a server that predates script flags."""
+    return script.split("\n", 1)[1] if script.startswith("#!") else script
+
+
+def _flags_unsupported(exc: ResponseError) -> bool:
+    """Redis < 7.0 (and fakeredis) compile the shebang line as Lua, and fail on its ``#``."""
+    return "near '#'" in str(exc)
 
 
 log = logging.getLogger("vdm.store")
@@ -62,7 +79,11 @@ class WireScripts:
         self._heartbeat = redis.register_script(_lua("heartbeat"))
         self._remove = redis.register_script(_lua("remove"))
         self._clock = redis.register_script(_lua("clock"))
+        self._probe = redis.register_script(_lua("probe"))
+        self._read = redis.register_script(_lua("read"))
         self._apply_sha = str(self._apply.sha)
+        # Redis's clock relative to ours, from every call that returns Redis's TIME.
+        self.clock = ClockOffset()
 
     @property
     def apply_sha(self) -> str:
@@ -85,7 +106,14 @@ class WireScripts:
         rows: Sequence[tuple[str, bytes]],
         *,
         ttl_ms: int,
-    ) -> None:
+        claim: bool = False,
+    ) -> bytes | None:
+        """Register ``record``'s worker with ``rows`` in flight; None when done.
+
+        ``claim``: only if no live process of another instance (``record["instance"]``) holds
+        the id; when one does, nothing is written and its record is returned (``b""`` when it
+        left none). Without ``claim`` the id is taken over, whoever held it.
+        """
         wid, epoch = record["worker_id"], record["epoch"]
         events = schema.encode([{"type": schema.EventType.WORKER_UP, "worker": record}])
         args: list[Any] = [
@@ -95,13 +123,32 @@ class WireScripts:
             ttl_ms,
             schema.envelope_prefix(wid, epoch),
             events,
+            record.get("instance", "") if claim else "",
             len(rows),
         ]
         for request_id, row in rows:
             args += (request_id, row)
         k = self.keys
         keys = [k.workers, k.alive, k.seq, k.active(wid), k.events]
-        await self._run("register", self._register, keys, args)
+        sent = time.time()
+        result = await self._run("register", self._register, keys, args)
+        if isinstance(result, int):  # registered: Redis's clock in epoch ms
+            self._observe(sent, result)
+            return None
+        return result if isinstance(result, bytes) else str(result).encode()
+
+    def _observe(self, sent: float, now_ms: int) -> None:
+        """Measure our offset to Redis's clock from a script's answer (epoch ms, 0: refused)."""
+        if now_ms > 0:
+            self.clock.observe(sent, time.time(), now_ms)
+
+    async def _timed(self, name: str, script: Any, keys: list[str], args: list[Any]) -> int:
+        """Run a script that returns Redis's clock (epoch ms, 0 for "refused"), measuring our
+        offset to that clock on the way."""
+        sent = time.time()
+        now_ms = int(await self._run(name, script, keys, args))
+        self._observe(sent, now_ms)
+        return now_ms
 
     def apply_keys_args(
         self,
@@ -169,8 +216,9 @@ class WireScripts:
         return seq
 
     async def heartbeat(self, worker_id: str, epoch: str, *, ttl_ms: int) -> bool:
+        """True when the deadline moved; False when the epoch is no longer registered."""
         keys = [self.keys.seq, self.keys.alive]
-        return bool(await self._run("heartbeat", self._heartbeat, keys, [worker_id, epoch, ttl_ms]))
+        return await self._timed("heartbeat", self._heartbeat, keys, [worker_id, epoch, ttl_ms]) > 0
 
     async def remove(
         self, worker_id: str, *, reason: str, expired_only: bool = False, epoch: str = ""
@@ -193,16 +241,53 @@ class WireScripts:
         """Redis's clock (epoch ms), from the node that holds the deadlines."""
         return int(await self._run("clock", self._clock, [self.keys.alive], []))
 
+    async def probe(self) -> tuple[int, str | None]:
+        """Redis's clock (epoch ms) and, when Redis refuses writes now, its refusal."""
+        now, refusal = await self._run("probe", self._probe, [self.keys.alive], [PROBE_MEMBER])
+        if isinstance(refusal, bytes):
+            refusal = refusal.decode(errors="replace")
+        return int(now), (str(refusal) or None)
+
+    async def read_worker_state(self, worker_id: str) -> WorkerState:
+        """One worker's rows, record, seq marker and deadline, read atomically (``read.lua``)."""
+        k = self.keys
+        keys = [k.seq, k.workers, k.alive, k.active(worker_id)]
+        try:
+            reply = await self._read(keys=keys, args=[worker_id])
+        except ResponseError as exc:
+            if not _flags_unsupported(exc):
+                raise
+            # A server without script flags (Redis < 7.0): the same read, unflagged. It still
+            # runs at maxmemory there (only a script's first write is checked); it waits during
+            # CLIENT PAUSE WRITE, as every script without flags does.
+            log.info("this Redis has no script flags; reading state with an unflagged script")
+            self._read = self.redis.register_script(_unflagged(_lua("read")))
+            reply = await self._read(keys=keys, args=[worker_id])
+        marker_raw, record_raw, deadline, flat = reply
+        rows_raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        return _decode_state(worker_id, marker_raw, record_raw, deadline, rows_raw)
+
 
 async def read_worker_state(redis: aioredis.Redis, keys: Keys, worker_id: str) -> WorkerState:
-    """Read one worker's rows, record, seq marker and deadline in one MULTI/EXEC."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hget(keys.seq, worker_id)
-        pipe.hget(keys.workers, worker_id)
-        pipe.zscore(keys.alive, worker_id)
-        pipe.hgetall(keys.active(worker_id))
-        marker_raw, record_raw, deadline, rows_raw = await pipe.execute()
-    state = WorkerState(worker_id=worker_id, record=None, epoch=None, seq=0, deadline_ms=deadline)
+    """Read one worker's state atomically (see :meth:`WireScripts.read_worker_state`)."""
+    return await WireScripts(redis, keys).read_worker_state(worker_id)
+
+
+def _decode_state(
+    worker_id: str,
+    marker_raw: Any,
+    record_raw: Any,
+    deadline: Any,
+    rows_raw: dict[Any, Any],
+) -> WorkerState:
+    """A :class:`WorkerState` from the raw reply; anything malformed is skipped and counted."""
+    try:
+        deadline_ms = float(deadline) if deadline is not None else None
+    except (TypeError, ValueError):
+        deadline_ms = None
+    state = WorkerState(
+        worker_id=worker_id, record=None, epoch=None, seq=0, deadline_ms=deadline_ms
+    )
     try:
         marker = schema.parse_seq(marker_raw)
     except schema.MalformedMessage:
@@ -231,8 +316,12 @@ async def read_worker_state(redis: aioredis.Redis, keys: Keys, worker_id: str) -
 
 
 async def list_worker_ids(redis: aioredis.Redis, keys: Keys) -> set[str]:
-    """Every worker the hashes know of: registered records, heartbeats and seq markers."""
-    async with redis.pipeline(transaction=True) as pipe:
+    """Every worker the hashes know of: registered records, heartbeats and seq markers.
+
+    Three plain reads in one round trip, not a transaction (refused at maxmemory): each worker
+    is then read atomically, and one that registers in between is announced on ``P:events``,
+    to which the reader subscribed first."""
+    async with redis.pipeline(transaction=False) as pipe:
         pipe.hkeys(keys.workers)
         pipe.zrange(keys.alive, 0, -1)
         pipe.hkeys(keys.seq)

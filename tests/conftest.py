@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -56,3 +57,13 @@ async def fake_redis() -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def up_factory() -> Iterator[list[Any]]:
+    """``vdm-hub up`` runs a test starts (``tests/uprun.Up``), each cleaned up whatever happens:
+    no process of the run survives the test."""
+    runs: list[Any] = []
+    yield runs
+    for run in runs:
+        run.cleanup()

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from redis.exceptions import RedisError
 
 from tests.serving import running
 from vdm_hub.services.stream.app import create_app
+from vdm_hub.services.stream.table import row_key
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.settings import Settings
@@ -67,16 +68,18 @@ class FakeWorker:
         *,
         ttl: float = 30.0,
         heartbeat_interval: float = 5.0,
+        cancellable: bool | None = None,
     ) -> None:
         self.scripts = WireScripts(redis, keys)
         self.worker_id = worker_id
+        self.cancellable = cancellable  # None: a record without the field (an older worker)
         self.ttl = ttl
         self.heartbeat_interval = heartbeat_interval
         self.epoch = ""
         self.rows: dict[str, schema.Row] = {}
 
     def record(self) -> schema.WorkerRecord:
-        return schema.WorkerRecord(
+        record = schema.WorkerRecord(
             worker_id=self.worker_id,
             host="fakehost",
             pid=4242,
@@ -87,6 +90,9 @@ class FakeWorker:
             heartbeat_interval=self.heartbeat_interval,
             ttl=self.ttl,
         )
+        if self.cancellable is not None:
+            record["cancellable"] = self.cancellable
+        return record
 
     async def register(self) -> None:
         self.epoch = uuid.uuid4().hex[:12]
@@ -324,14 +330,14 @@ class DeltaState:
         data = orjson.loads(event.data)
         assert event.id == str(data["version"]), "id: must carry the version"
         if event.event == "update":
-            self.rows = {row["request_id"]: row for row in data["active_requests"]}
+            self.rows = {row["key"]: row for row in data["active_requests"]}
             self.workers = data["workers"]
         else:
             assert data["base"] == self.version, f"gap: held {self.version}, got {data}"
-            for rid in data["remove"]:
-                self.rows.pop(rid, None)
+            for key in data["remove"]:
+                self.rows.pop(key, None)
             for row in data["upsert"]:
-                self.rows[row["request_id"]] = row
+                self.rows[row["key"]] = row
             if "workers" in data:
                 self.workers = data["workers"]
         self.version = data["version"]
@@ -352,11 +358,18 @@ class DeltaState:
         return len(events)
 
 
+def keyed(rows: Iterable[schema.Row]) -> dict[str, dict[str, Any]]:
+    """Rows by their row key, each with the ``key`` the stream service adds."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = row_key(row["worker_id"], row["request_id"])
+        out[key] = {**row, "key": key}
+    return out
+
+
 def hub_truth(app: Any) -> dict[str, dict[str, Any]]:
-    """Every row the app's hub holds, by request id (rows without ``duration_ms``)."""
-    return {
-        rid: dict(row) for view in app.state.hub.workers.values() for rid, row in view.rows.items()
-    }
+    """Every row the app's hub holds, by row key (rows without ``duration_ms``)."""
+    return keyed(row for view in app.state.hub.workers.values() for row in view.rows.values())
 
 
 def same_rows(state: dict[str, dict[str, Any]], truth: dict[str, dict[str, Any]]) -> bool:

@@ -7,8 +7,8 @@ Python so a property test can ask, for any input, whether the decoder accepts ex
 these rules accept and gives the same values: the limits (lengths, ranges, allowed values)
 stay what they were. Deliberate changes: ``v`` must be the integer 1 (the old check
 ``v != 1`` also let ``1.0`` and ``true`` through; no writer sends those); a completed entry's
-numbers are ASCII (``float()`` of text also took other scripts' digits) and ``ttft_ms`` is held
-to the same length limit as the other values.
+numbers are ASCII (``float()`` of text also took other scripts' digits) and ``ttft_ms`` and
+``ttfb_ms`` are held to the same length limit as the other values.
 
 Every function returns plain JSON values or raises :class:`Reject`.
 """
@@ -83,6 +83,26 @@ def choice(obj: dict[str, Any], name: str, allowed: frozenset[str]) -> str:
     return value
 
 
+def labels_ok(value: Any) -> bool:
+    if type(value) is not dict or len(value) > schema.MAX_LABELS:
+        return False
+    for key, text in value.items():
+        if type(key) is not str or not 0 < len(key) <= schema.MAX_LABEL_KEY_CHARS:
+            return False
+        if type(text) is not str or len(text) > schema.MAX_LABEL_VALUE_CHARS:
+            return False
+    return True
+
+
+def labels(obj: dict[str, Any], name: str = "labels") -> dict[str, str] | None:
+    value = obj.get(name)
+    if value is None:
+        return None
+    if not labels_ok(value):
+        raise Reject(name)
+    return value  # type: ignore[no-any-return]
+
+
 def row(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise Reject("row")
@@ -101,6 +121,9 @@ def row(obj: Any) -> dict[str, Any]:
         "output_tokens": count(obj, "output_tokens", nullable=True),
         "ttft_ms": millis(obj, "ttft_ms"),
         "chunks_out": count(obj, "chunks_out", nullable=True),
+        "ttfb_ms": millis(obj, "ttfb_ms"),
+        "last_output_at": millis(obj, "last_output_at"),
+        "labels": labels(obj),
     }
 
 
@@ -122,6 +145,12 @@ def record(obj: Any) -> dict[str, Any]:
     }
     if "events_dropped" in obj:
         out["events_dropped"] = count(obj, "events_dropped")
+    if "instance" in obj:
+        out["instance"] = text(obj, "instance", schema.MAX_ID_CHARS)
+    if "cancellable" in obj:
+        out["cancellable"] = boolean(obj, "cancellable")
+    if "completed_dropped" in obj:
+        out["completed_dropped"] = count(obj, "completed_dropped")
     return out
 
 
@@ -134,6 +163,9 @@ PROGRESS = {
     "input_tokens": lambda o, n: count(o, n, nullable=True),
     "output_tokens": lambda o, n: count(o, n, nullable=True),
     "chunks_out": lambda o, n: count(o, n, nullable=True),
+    "ttfb_ms": millis,
+    "last_output_at": millis,
+    "labels": labels,
 }
 
 
@@ -200,9 +232,11 @@ def load(raw: bytes, limit: int) -> Any:
 
 
 def completed(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
-    """A ``P:completed`` entry: every value text of at most ``MAX_PATH_CHARS`` characters;
-    counts ASCII digits or empty (null); times finite numbers, ``duration_ms`` and ``ttft_ms``
-    not negative; ``ttft_ms`` may be missing or empty."""
+    """A ``P:completed`` entry: every value text of at most ``MAX_PATH_CHARS`` characters
+    (``labels``: JSON of at most ``MAX_COMPLETED_LABELS_BYTES`` bytes, null or a row's labels);
+    counts ASCII digits or empty (null); times finite numbers, ``duration_ms``, ``ttft_ms`` and
+    ``ttfb_ms`` not negative; ``ttft_ms``, ``ttfb_ms`` and ``labels`` may be missing or
+    empty."""
 
     def get(name: str) -> str:
         value = fields.get(name.encode())
@@ -234,7 +268,20 @@ def completed(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
             raise Reject(name)
         return value
 
-    ttft_text = "" if fields.get(b"ttft_ms", fields.get("ttft_ms")) is None else get("ttft_ms")
+    def later(name: str) -> str:
+        return "" if fields.get(name.encode(), fields.get(name)) is None else get(name)
+
+    def first_ms(name: str) -> float | None:
+        text = later(name)
+        return nonnegative(finite(name, text), name) if text else None
+
+    def entry_labels() -> dict[str, str] | None:
+        raw = fields.get(b"labels", fields.get("labels"))
+        if raw is None or raw in (b"", ""):
+            return None
+        data = raw if isinstance(raw, bytes) else str(raw).encode(errors="surrogatepass")
+        return labels({"labels": load(data, schema.MAX_COMPLETED_LABELS_BYTES)})
+
     outcome = get("outcome")
     if outcome not in OUTCOMES:
         raise Reject("outcome")
@@ -252,5 +299,7 @@ def completed(entry_id: bytes | str, fields: dict[Any, Any]) -> dict[str, Any]:
         "input_tokens": opt_count("input_tokens"),
         "output_tokens": opt_count("output_tokens"),
         "bytes_out": opt_count("bytes_out") or 0,
-        "ttft_ms": nonnegative(finite("ttft_ms", ttft_text), "ttft_ms") if ttft_text else None,
+        "ttft_ms": first_ms("ttft_ms"),
+        "ttfb_ms": first_ms("ttfb_ms"),
+        "labels": entry_labels(),
     }

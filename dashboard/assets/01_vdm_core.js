@@ -20,9 +20,14 @@
   "use strict";
 
   const METRICS_PATH = "/dashboard/metrics";
+  const FINISHED_PATH = "/dashboard/finished";
   const STREAM_PATH = "/metrics/active-requests/stream";
   const SNAPSHOT_PATH = "/metrics/active-requests";
   const SUMMARY_PATH = "/metrics/summary";
+  // What names a row: the stream service's `key`, unique in the fleet. A request id alone
+  // does not: ids are unique per worker only, and a client's retry can put one id on two
+  // workers at once (docs/protocol.md, SSE v2).
+  const ROW_KEY = "key";
 
   // Reconnect backoff: the formula the README and docs/troubleshooting.md give operators.
   const BACKOFF_FACTOR_MS = 750;
@@ -50,16 +55,30 @@
     return visibilityState === "visible" && String(pathname || "").includes(METRICS_PATH);
   }
 
-  /** The overview page polls the JSON endpoints instead: visible, under /dashboard, not metrics. */
+  /** The overview page polls the JSON endpoints instead: visible, neither metrics nor finished. */
   function shouldPollOverview(visibilityState, pathname) {
     const path = String(pathname || "");
-    return visibilityState === "visible" && !path.includes(METRICS_PATH);
+    const other = path.includes(METRICS_PATH) || path.includes(FINISHED_PATH);
+    return visibilityState === "visible" && !other;
   }
 
   /** Base URL from the server (may be "" = same origin) + an endpoint path. */
   function joinUrl(base, path) {
     const b = String(base || "").replace(/\/+$/, "");
     return b + path;
+  }
+
+  /**
+   * The stream service's base URL for this page: `streamUrl` (VDM_STREAM_PUBLIC_URL) when set;
+   * else, with `streamPort` (the dashboard's --stream-port), that port on the host this page
+   * was loaded from, which only the browser knows (a remote viewer of `vdm-hub up --host
+   * 0.0.0.0` names the machine its own way); else "" (the same origin).
+   */
+  function streamBase(config, location) {
+    const url = String((config && config.streamUrl) || "");
+    const port = Number(config && config.streamPort);
+    if (url || !location || !Number.isInteger(port) || port < 1 || port > 65535) return url;
+    return location.protocol + "//" + location.hostname + ":" + port;
   }
 
   /**
@@ -105,11 +124,12 @@
   /**
    * The grid transaction that turns what the grid holds into the snapshot.
    * `current`: Map (or plain object) id -> row as the grid holds it; `rows`: the snapshot.
+   * `key`: the field that names a row (`key` unless given: `worker_id` for workers).
    * Rows without an id, and repeats of an id within the snapshot, are skipped (untrusted input).
    * Never a reset: only the rows that came, changed, or went.
    */
   function diffRows(current, rows, key, ignore) {
-    const idKey = key || "request_id";
+    const idKey = key || ROW_KEY;
     const have = current instanceof Map ? current : new Map(Object.entries(current || {}));
     const seen = new Set();
     const add = [];
@@ -137,7 +157,7 @@
   /** A row's id as a string, or null for a row that has none (skipped as untrusted input). */
   function rowId(row, key) {
     if (!row || typeof row !== "object") return null;
-    const id = row[key || "request_id"];
+    const id = row[key || ROW_KEY];
     if (id === undefined || id === null || id === "") return null;
     return String(id);
   }
@@ -165,16 +185,16 @@
   }
 
   /**
-   * Apply a delta's `upsert` and `remove` to the client's row map IN PLACE (a copy of 10,000
-   * rows per frame is the cost deltas exist to avoid) and return the grid transaction that
-   * makes the grid follow: an upsert of a new id is an add, of a held id an update (only when
+   * Apply a delta's `upsert` and `remove` (row keys) to the client's row map IN PLACE (a copy
+   * of 10,000 rows per frame is the cost deltas exist to avoid) and return the grid transaction
+   * that makes the grid follow: an upsert of a new id is an add, of a held id an update (only when
    * something besides the volatile fields changed), a remove of a held id a remove. Removes
    * apply before upserts (the protocol's order), so an id in both lists ends with its upserted
    * row; one transaction never holds a remove and an add of one id. Rows without an id are
    * skipped.
    */
   function applyDelta(map, delta, key, ignore) {
-    const idKey = key || "request_id";
+    const idKey = key || ROW_KEY;
     const add = [];
     const update = [];
     const remove = [];
@@ -197,6 +217,23 @@
       else if (rowChanged(before, row, ignore)) update.push(row);
     }
     return { add, update, remove };
+  }
+
+  /**
+   * The recently finished requests (`stats.recent`, newest first), each with a `key` for the
+   * grid: a finished entry has no key of the stream's, and neither its request id (per worker)
+   * nor (worker, request id) is unique among finished ones (a client may reuse an id on the
+   * same worker later), so the key also holds its start time. Copies; entries that lack a
+   * request id or worker are skipped (untrusted input).
+   */
+  function recentRows(entries) {
+    const out = [];
+    for (const e of Array.isArray(entries) ? entries : []) {
+      if (!e || typeof e !== "object" || e.request_id == null || e.worker_id == null) continue;
+      const key = JSON.stringify([String(e.worker_id), String(e.request_id), e.start_time]);
+      out.push(Object.assign({}, e, { key: key }));
+    }
+    return out;
   }
 
   /**
@@ -308,8 +345,65 @@
     return pad2(d.getHours()) + ":" + pad2(d.getMinutes()) + ":" + pad2(d.getSeconds());
   }
 
-  /** What the indicator and the header emoji show. */
-  function indicatorState(connected, disabled) {
+  // The hub's word on its view (`sync` in every update, delta and JSON snapshot): while it is
+  // "stale" the stream still flows, but the view may be out of date (Redis unreachable,
+  // frozen, refusing writes...), so the page says so rather than `● Live`.
+  const SYNC_OK = Object.freeze({ stale: false, sinceS: null, reason: null });
+  const MAX_REASON_CHARS = 120;
+
+  /**
+   * The sync state a frame announces, or `previous` when it says nothing (a stream service
+   * that predates the field is taken to be in sync). Untrusted input: only a frame that says
+   * exactly "stale" is stale; `sync_since` (epoch s) and `sync_reason` are checked.
+   */
+  function syncFrom(frame, previous) {
+    if (!frame || typeof frame !== "object" || frame.sync === undefined) {
+      return previous || SYNC_OK;
+    }
+    const since = Number(frame.sync_since);
+    const stale = frame.sync === "stale";
+    const reason = frame.sync_reason;
+    return {
+      stale: stale,
+      sinceS: Number.isFinite(since) && since > 0 ? since : null,
+      reason: stale && typeof reason === "string" && reason ? reason.slice(0, MAX_REASON_CHARS) : null,
+    };
+  }
+
+  function sameSync(a, b) {
+    const x = a || SYNC_OK;
+    const y = b || SYNC_OK;
+    return x.stale === y.stale && x.sinceS === y.sinceS && x.reason === y.reason;
+  }
+
+  /**
+   * The local time (ms) at which clock-driven cells (durations, ages, stuck marks) are
+   * computed: now, or while the view is stale no later than the last moment the hub confirmed
+   * it (`sinceS`, server clock, brought to the local clock with the offset) — a frozen view
+   * must not show its requests growing older than anything real.
+   */
+  function shownNowMs(localNowMs, offsetMs, sync) {
+    if (!sync || !sync.stale || sync.sinceS === null || sync.sinceS === undefined) {
+      return localNowMs;
+    }
+    return Math.min(localNowMs, sync.sinceS * 1000 - (offsetMs || 0));
+  }
+
+  /** "◐ Stale — Redis unreachable since 12:01:05" */
+  function staleText(sync) {
+    const why = (sync && sync.reason) || "out of sync with Redis";
+    const since = sync && sync.sinceS ? " since " + formatClock(sync.sinceS) : "";
+    return "◐ Stale — " + why + since;
+  }
+
+  /**
+   * What the indicator and the header emoji show. `sync` (from `syncFrom`) matters only while
+   * connected: a stale view is not `● Live`.
+   */
+  function indicatorState(connected, disabled, sync) {
+    if (connected && sync && sync.stale) {
+      return { text: staleText(sync), className: "vdm-indicator vdm-stale", emoji: "⚠️" };
+    }
     if (connected) return { text: "● Live", className: "vdm-indicator vdm-live", emoji: "📡" };
     if (disabled) {
       return {
@@ -331,31 +425,60 @@
     errors: "#f85149",
     ttftP50: "#a371f7",
     ttftP95: "#db61a2",
+    cancelled: "#d29922",
+    closed: "#8b949e",
   };
 
-  function chartLayout(yTitle, yRange) {
-    return {
-      margin: { l: 48, r: 12, t: 8, b: 28 },
+  /**
+   * A chart's layout. Legible on any screen: x labels are horizontal clock times, at most a
+   * few of them (a narrow chart had them rotated and cut to "000"); a legend, when the chart
+   * has more than one series, sits under the plot where it cannot cover a line.
+   */
+  function chartLayout(yTitle, options) {
+    const o = options || {};
+    const legend = !!o.legend;
+    const layout = {
+      margin: { l: 48, r: o.y2Title ? 44 : 12, t: 8, b: legend ? 58 : 28 },
       paper_bgcolor: "rgba(0,0,0,0)",
       plot_bgcolor: "rgba(0,0,0,0)",
       font: { color: "#9aa7b4", size: 12 },
-      showlegend: true,
-      legend: { orientation: "h", x: 0, y: 1.12, font: { size: 11 } },
-      xaxis: { type: "date", tickformat: "%H:%M:%S", gridcolor: "#212a35", zeroline: false, showline: false },
+      showlegend: legend,
+      legend: { orientation: "h", x: 0, xanchor: "left", y: -0.24, yanchor: "top", font: { size: 11 } },
+      xaxis: {
+        type: "date",
+        tickformat: "%H:%M:%S",
+        tickangle: 0,
+        nticks: 5,
+        gridcolor: "#212a35",
+        zeroline: false,
+        showline: false,
+      },
       yaxis: {
         title: { text: yTitle, font: { size: 11 } },
         gridcolor: "#212a35",
         zeroline: false,
         rangemode: "tozero",
-        range: yRange,
+        range: o.yRange,
         fixedrange: true,
       },
       uirevision: "vdm", // keep the user's zoom across updates
       height: 210,
     };
+    if (o.y2Title) {
+      layout.yaxis2 = {
+        title: { text: o.y2Title, font: { size: 11 } },
+        overlaying: "y",
+        side: "right",
+        showgrid: false,
+        zeroline: false,
+        rangemode: "tozero",
+        fixedrange: true,
+      };
+    }
+    return layout;
   }
 
-  function line(name, xs, ys, color, fill, dash) {
+  function line(name, xs, ys, color, fill, dash, unit) {
     return {
       type: "scatter",
       mode: "lines",
@@ -365,8 +488,19 @@
       line: { color: color, width: 2, shape: "linear", dash: dash || "solid" },
       fill: fill ? "tozeroy" : "none",
       fillcolor: fill ? color + "22" : undefined,
-      hovertemplate: "%{y}<extra>" + name + "</extra>",
+      hovertemplate: "%{y:.3~f}" + (unit || "") + "<extra>" + name + "</extra>",
     };
+  }
+
+  /** Seconds between series points: the stats' `step_s`, else the points' own spacing. */
+  function seriesStep(stats, series) {
+    const step = Number(stats && stats.step_s);
+    if (Number.isFinite(step) && step > 0) return step;
+    for (let i = 1; i < series.length; i += 1) {
+      const gap = Number(series[i].t) - Number(series[i - 1].t);
+      if (gap > 0) return gap;
+    }
+    return 1;
   }
 
   function statsFigures(stats) {
@@ -376,31 +510,39 @@
     const xs = series.map((p) => new Date(Number(p.t) * 1000).toISOString());
     const col = (name, scale) =>
       series.map((p) => (p[name] === null || p[name] === undefined ? null : p[name] * (scale || 1)));
+    // Durations in seconds: "4000" on a latency axis read as a count, "4 s" does not.
     const latency = [
-      line("p50", xs, col("p50_ms"), CHART_COLORS.p50, false),
-      line("p95", xs, col("p95_ms"), CHART_COLORS.p95, false),
-      line("p99", xs, col("p99_ms"), CHART_COLORS.p99, false),
+      line("p50", xs, col("p50_ms", 0.001), CHART_COLORS.p50, false, null, " s"),
+      line("p95", xs, col("p95_ms", 0.001), CHART_COLORS.p95, false, null, " s"),
+      line("p99", xs, col("p99_ms", 0.001), CHART_COLORS.p99, false, null, " s"),
     ];
     // Time to first token, dashed on the same axis, only when the stream service reports it
     // (older services do not; an empty line in the legend would suggest a zero).
     const hasTtft = series.some((p) => p.ttft_p50_ms != null || p.ttft_p95_ms != null);
     if (hasTtft) {
-      latency.push(line("TTFT p50", xs, col("ttft_p50_ms"), CHART_COLORS.ttftP50, false, "dot"));
-      latency.push(line("TTFT p95", xs, col("ttft_p95_ms"), CHART_COLORS.ttftP95, false, "dot"));
+      const ttft50 = col("ttft_p50_ms", 0.001);
+      const ttft95 = col("ttft_p95_ms", 0.001);
+      latency.push(line("TTFT p50", xs, ttft50, CHART_COLORS.ttftP50, false, "dot", " s"));
+      latency.push(line("TTFT p95", xs, ttft95, CHART_COLORS.ttftP95, false, "dot", " s"));
+    }
+    // Cancelled and client-closed requests are not errors: their own series, per second like
+    // the request rate, only when the stream service counts them (older ones do not).
+    const rate = [line("finished/s", xs, col("requests_per_s"), CHART_COLORS.rate, true, null, "/s")];
+    if (series.some((p) => p.cancelled != null || p.client_closed != null)) {
+      const perS = 1 / seriesStep(stats, series);
+      rate.push(line("cancelled/s", xs, col("cancelled", perS), CHART_COLORS.cancelled, false, null, "/s"));
+      rate.push(line("client closed/s", xs, col("client_closed", perS), CHART_COLORS.closed, false, "dot", "/s"));
     }
     return {
       inflight: {
         data: [line("in flight", xs, col("in_flight"), CHART_COLORS.inflight, true)],
         layout: chartLayout("requests"),
       },
-      rate: {
-        data: [line("req/s", xs, col("requests_per_s"), CHART_COLORS.rate, true)],
-        layout: chartLayout("req/s"),
-      },
-      latency: { data: latency, layout: chartLayout("ms") },
+      rate: { data: rate, layout: chartLayout("req/s", { legend: rate.length > 1 }) },
+      latency: { data: latency, layout: chartLayout("seconds", { legend: true }) },
       errors: {
-        data: [line("error %", xs, col("error_rate", 100), CHART_COLORS.errors, true)],
-        layout: chartLayout("%"),
+        data: [line("error %", xs, col("error_rate", 100), CHART_COLORS.errors, true, null, "%")],
+        layout: chartLayout("% of finished"),
       },
     };
   }
@@ -439,6 +581,8 @@
       inFlight: rows.length,
       requestsPerS: fleet.requests_per_s === undefined ? null : fleet.requests_per_s,
       errorRate: fleet.error_rate === undefined ? null : fleet.error_rate,
+      cancelled: fleet.cancelled === undefined ? null : fleet.cancelled,
+      clientClosed: fleet.client_closed === undefined ? null : fleet.client_closed,
       p95Ms: fleet.p95_ms === undefined ? null : fleet.p95_ms,
       completed: fleet.completed === undefined ? null : fleet.completed,
     };
@@ -449,11 +593,13 @@
     STREAM_PATH,
     SNAPSHOT_PATH,
     SUMMARY_PATH,
+    ROW_KEY,
     backoffBase,
     backoffDelay,
     shouldConnect,
     shouldPollOverview,
     joinUrl,
+    streamBase,
     liveStreamUrl,
     rowChanged,
     diffRows,
@@ -461,6 +607,7 @@
     rowMapFrom,
     deltaFollows,
     applyDelta,
+    recentRows,
     batchWaitMs,
     isEmptyTransaction,
     clockOffsetMs,
@@ -473,6 +620,11 @@
     formatRate,
     formatPercent,
     formatClock,
+    SYNC_OK,
+    syncFrom,
+    sameSync,
+    shownNowMs,
+    staleText,
     indicatorState,
     statsFigures,
     workerRows,

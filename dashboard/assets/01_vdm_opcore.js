@@ -21,6 +21,7 @@
 
   const CAPABILITIES_PATH = "/metrics/capabilities";
   const DEFAULT_STUCK_AFTER_S = 300;
+  const DEFAULT_STALL_AFTER_S = 30;
 
   function num(v) {
     if (v === null || v === undefined || v === "" || typeof v === "boolean") return null;
@@ -28,20 +29,38 @@
     return Number.isFinite(n) ? n : null;
   }
 
-  function cancelPath(requestId) {
-    return "/metrics/active-requests/" + encodeURIComponent(String(requestId)) + "/cancel";
+  /**
+   * The cancel of one row: its request id in the path and its worker as `worker_id`, so the
+   * stream service acts on exactly that row even when another worker holds the same request id
+   * (a client's retry; asked without a worker, such an id is refused as ambiguous).
+   */
+  function cancelPath(requestId, workerId) {
+    const path = "/metrics/active-requests/" + encodeURIComponent(String(requestId)) + "/cancel";
+    if (workerId === undefined || workerId === null || workerId === "") return path;
+    return path + "?worker_id=" + encodeURIComponent(String(workerId));
+  }
+
+  /**
+   * Whether the page offers Cancel on a row: the service allows it and the row's worker can
+   * stop its requests (`cancellable` in the stream's worker object; a worker object without
+   * it, or none yet, comes from an older service or worker, which can).
+   */
+  function cancelOffered(caps, worker) {
+    return !!caps && caps.cancelEnabled === true && !(worker && worker.cancellable === false);
   }
 
   /**
    * `GET /metrics/capabilities` -> what the page offers. Anything missing or malformed (an
-   * older stream service answers 404) means: no cancel, the default stuck threshold.
+   * older stream service answers 404) means: no cancel, the default stuck and stall thresholds.
    */
   function capabilitiesFrom(body) {
     const b = body && typeof body === "object" ? body : {};
     const stuck = num(b.stuck_after_s);
+    const stall = num(b.stall_after_s);
     return {
       cancelEnabled: b.cancel_enabled === true,
       stuckAfterS: stuck !== null && stuck > 0 ? stuck : DEFAULT_STUCK_AFTER_S,
+      stallAfterS: stall !== null && stall > 0 ? stall : DEFAULT_STALL_AFTER_S,
       delta: b.delta === true,
     };
   }
@@ -116,20 +135,6 @@
   }
 
   /**
-   * Output tokens per second of a finished request, over the time it spent producing them
-   * (after the first byte when TTFT is known, else its whole duration). Null when unknown.
-   */
-  function outputTokensPerS(entry) {
-    if (!entry) return null;
-    const tokens = num(entry.output_tokens);
-    const duration = num(entry.duration_ms);
-    if (tokens === null || duration === null) return null;
-    const ttft = num(entry.ttft_ms);
-    const span = ttft !== null && ttft < duration ? duration - ttft : duration;
-    return span > 0 ? tokens / (span / 1000) : null;
-  }
-
-  /**
    * What a cancel attempt's answer means to the operator: {kind: ok|warn|error, text}.
    * `status` 0 is a network failure (no answer at all).
    */
@@ -180,6 +185,7 @@
     { param: "tokens_out", colId: "output_tokens" },
     { param: "chunks", colId: "chunk_rate" },
     { param: "stream", colId: "is_streaming" },
+    { param: "labels", colId: "labels", kind: "text" },
   ];
   const DEFAULT_SORT = [{ colId: "start_time", sort: "desc" }];
   // The floating filter's own type for each kind: a value with that type needs no prefix.
@@ -331,7 +337,23 @@
     ["input_tokens", "Tokens in"],
     ["output_tokens", "Tokens out"],
   ];
-  const DETAIL_SKIP = new Set(["worker_id", "start_time", "duration_ms", "ttft_ms"]);
+  // A finished request (a completed entry, from the Finished view or Recently finished) says
+  // how it ended first.
+  const FINISHED_LABELS = [
+    ["outcome", "Outcome"],
+    ["status", "Status"],
+  ];
+  // `key` is the stream's opaque name of the row: the worker and the request id say it better.
+  const DETAIL_SKIP = new Set([
+    "worker_id",
+    "start_time",
+    "duration_ms",
+    "ttft_ms",
+    "ttfb_ms",
+    "last_output_at",
+    "labels",
+    "key",
+  ]);
 
   function shown(value) {
     if (value === null || value === undefined || value === "") return "—";
@@ -347,21 +369,13 @@
    */
   function detailSections(row, worker, nowMs, offsetMs, fmt, chunksPerS) {
     const r = row || {};
-    const elapsed = elapsedMs(r.start_time, nowMs, offsetMs);
-    const ttft = num(r.ttft_ms);
-    const timings = [
-      ["Started", fmt.formatClock(r.start_time)],
-      ["Running for", fmt.formatDuration(elapsed)],
-      ["Time to first byte", ttft === null ? "—" : fmt.formatDuration(ttft)],
-      [
-        "Streaming for",
-        ttft === null || elapsed === null ? "—" : fmt.formatDuration(Math.max(0, elapsed - ttft)),
-      ],
-    ];
-    if (r.is_streaming === true) timings.push(["Chunks / s", fmt.formatRate(chunksPerS)]);
+    const finished = typeof r.outcome === "string";
+    const timings = finished
+      ? finishedTimings(r, fmt)
+      : liveTimings(r, nowMs, offsetMs, fmt, chunksPerS);
     const fields = [];
     const seen = new Set(DETAIL_SKIP);
-    for (const [name, label] of DETAIL_LABELS) {
+    for (const [name, label] of finished ? FINISHED_LABELS.concat(DETAIL_LABELS) : DETAIL_LABELS) {
       seen.add(name);
       let text = shown(r[name]);
       if (name === "bytes_out" && r[name] != null) text = fmt.formatBytes(r[name]);
@@ -379,31 +393,99 @@
       workerItems.push(["Status", shown(w.status)]);
       workerItems.push(["In flight", shown(w.active)]);
     }
-    return [
+    const sections = [
       { title: "Request", items: fields },
       { title: "Timings", items: timings },
-      { title: "Worker", items: workerItems },
     ];
+    const labels = labelPairs(r.labels);
+    if (labels.length) sections.push({ title: "Labels", items: labels });
+    sections.push({ title: "Worker", items: workerItems });
+    return sections;
+  }
+
+  function liveTimings(r, nowMs, offsetMs, fmt, chunksPerS) {
+    const elapsed = elapsedMs(r.start_time, nowMs, offsetMs);
+    const ttft = num(r.ttft_ms);
+    const timings = [
+      ["Started", fmt.formatClock(r.start_time)],
+      ["Running for", fmt.formatDuration(elapsed)],
+      ["Time to first token", ttft === null ? "—" : fmt.formatDuration(ttft)],
+      [
+        "Streaming for",
+        ttft === null || elapsed === null ? "—" : fmt.formatDuration(Math.max(0, elapsed - ttft)),
+      ],
+    ];
+    pushFirstByte(timings, r, ttft, fmt);
+    if (r.is_streaming === true) timings.push(["Chunks / s", fmt.formatRate(chunksPerS)]);
+    const silent = elapsedMs(r.last_output_at, nowMs, offsetMs);
+    if (silent !== null) timings.push(["Last output", fmt.formatDuration(silent) + " ago"]);
+    return timings;
+  }
+
+  function finishedTimings(r, fmt) {
+    const duration = num(r.duration_ms);
+    const ttft = num(r.ttft_ms);
+    const timings = [
+      ["Started", fmt.formatClock(r.start_time)],
+      ["Duration", fmt.formatDuration(duration)],
+      ["Time to first token", ttft === null ? "—" : fmt.formatDuration(ttft)],
+      [
+        "After the first token",
+        ttft === null || duration === null ? "—" : fmt.formatDuration(Math.max(0, duration - ttft)),
+      ],
+    ];
+    pushFirstByte(timings, r, ttft, fmt);
+    return timings;
+  }
+
+  /** The first body byte, when the worker reports it and it differs from the first token (a
+   * stream's preamble: vandamme sends `message_start` at 7 ms and the first token at 2 s). */
+  function pushFirstByte(timings, r, ttft, fmt) {
+    const ttfb = num(r.ttfb_ms);
+    if (ttfb !== null && ttfb !== ttft) timings.push(["Time to first byte", fmt.formatDuration(ttfb)]);
+  }
+
+  // The wire allows 8 labels per request; more from a misbehaving writer are not shown.
+  const MAX_LABELS = 8;
+
+  /** Labels an app attached to a request as sorted [key, value] pairs (strings only). */
+  function labelPairs(labels) {
+    if (!labels || typeof labels !== "object" || Array.isArray(labels)) return [];
+    return Object.keys(labels)
+      .filter((k) => typeof labels[k] === "string")
+      .sort()
+      .slice(0, MAX_LABELS)
+      .map((k) => [k, labels[k]]);
+  }
+
+  /** Labels as one filterable text, "team=ml user=ada" ("" when none): the grid's value. */
+  function labelsText(labels) {
+    return labelPairs(labels)
+      .map(([k, v]) => k + "=" + v)
+      .join(" ");
   }
 
   return {
     CAPABILITIES_PATH,
     DEFAULT_STUCK_AFTER_S,
+    DEFAULT_STALL_AFTER_S,
     RATE_WINDOW_MS,
     URL_COLUMNS,
     DEFAULT_SORT,
     cancelPath,
+    cancelOffered,
     capabilitiesFrom,
     elapsedMs,
     isStuck,
     noteChunks,
     chunkRate,
-    outputTokensPerS,
     cancelNotice,
     encodeFilter,
     decodeFilter,
     viewToSearch,
     searchToView,
     detailSections,
+    labelPairs,
+    labelsText,
   };
 });

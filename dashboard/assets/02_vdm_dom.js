@@ -3,7 +3,7 @@
  * overview poller — AG Grid value functions, grid transactions, and Dash prop updates.
  *
  * Everything on the data path stays in the browser: rows go into AG Grid as transactions
- * by `request_id` (a snapshot as one diff, deltas through AG Grid's async batching), text and
+ * by their `key` (a snapshot as one diff, deltas through AG Grid's async batching), text and
  * figures go through
  * `dash_clientside.set_props`; no Python callback runs per update.
  */
@@ -12,20 +12,21 @@
   const core = window.VdmCore;
   const op = window.VdmOpCore;
 
-  // Server clock minus browser clock, estimated from snapshots' `timestamp`s.
-  window.__vdmClock = window.__vdmClock || { offsetMs: 0, samples: [] };
+  // Server clock minus browser clock, estimated from snapshots' `timestamp`s; and the hub's
+  // sync state, which stops the clock-driven cells at the last confirmed moment while stale.
+  window.__vdmClock = window.__vdmClock || { offsetMs: 0, samples: [], sync: core.SYNC_OK };
   // What the stream service says it can do (GET /metrics/capabilities, read by
   // 06_vdm_operator.js); until it answers: no cancel, the default stuck threshold.
   window.__vdmCaps = window.__vdmCaps || op.capabilitiesFrom(null);
-  // Recent chunks_out observations per streaming row, for the live chunks/s column.
+  // Recent chunks_out observations per streaming row (by row key), for the chunks/s column.
   const chunkHistory = new Map();
 
   /** Record the chunk counts of rows that arrived or changed (streaming rows only). */
   function noteChunks(rows) {
     const t = now();
     for (const row of rows) {
-      if (!row || row.is_streaming !== true || row.chunks_out == null) continue;
-      const id = String(row.request_id);
+      const id = core.rowId(row);
+      if (id === null || row.is_streaming !== true || row.chunks_out == null) continue;
       chunkHistory.set(id, op.noteChunks(chunkHistory.get(id), row.chunks_out, t));
     }
   }
@@ -36,7 +37,7 @@
       for (const id of chunkHistory.keys()) if (!keep.has(id)) chunkHistory.delete(id);
       return;
     }
-    for (const r of removed) chunkHistory.delete(String(r.request_id));
+    for (const r of removed) chunkHistory.delete(core.rowId(r));
   }
 
   /** Feed one snapshot timestamp (epoch s) into the clock estimate. */
@@ -52,31 +53,48 @@
     return Date.now();
   }
 
+  /** The local time clock-driven cells are computed at (held while the view is stale). */
+  function shownNow() {
+    const clock = window.__vdmClock;
+    return core.shownNowMs(Date.now(), clock.offsetMs, clock.sync);
+  }
+
+  /**
+   * Record the hub's sync state. While stale the active grid's rows are dimmed (a body
+   * attribute: React never re-renders <body>, so nothing resets it) and their clocks stop.
+   * Returns true when it changed.
+   */
+  function observeSync(sync) {
+    const clock = window.__vdmClock;
+    if (core.sameSync(clock.sync, sync)) return false;
+    clock.sync = sync;
+    if (sync.stale) document.body.setAttribute("data-vdm-sync", "stale");
+    else document.body.removeAttribute("data-vdm-sync");
+    return true;
+  }
+
   // Functions the grids' column definitions call by name (dash-ag-grid looks them up here).
   window.dashAgGridFunctions = Object.assign(window.dashAgGridFunctions || {}, {
     vdmLiveDuration(params) {
       const d = params && params.data;
       if (!d) return null;
-      return core.liveDurationMs(d.start_time, now(), window.__vdmClock.offsetMs);
+      return core.liveDurationMs(d.start_time, shownNow(), window.__vdmClock.offsetMs);
     },
     vdmAge(params) {
       const d = params && params.data;
       if (!d) return null;
-      return core.ageSeconds(d.last_seen, now(), window.__vdmClock.offsetMs);
+      return core.ageSeconds(d.last_seen, shownNow(), window.__vdmClock.offsetMs);
     },
     vdmChunkRate(params) {
       const d = params && params.data;
       if (!d) return null;
-      const history = chunkHistory.get(String(d.request_id));
-      return op.chunkRate(history, d, now(), window.__vdmClock.offsetMs);
+      const history = chunkHistory.get(core.rowId(d));
+      return op.chunkRate(history, d, shownNow(), window.__vdmClock.offsetMs);
     },
     vdmIsStuck(params) {
       const d = params && params.data;
       if (!d) return false;
-      return op.isStuck(d.start_time, now(), window.__vdmClock.offsetMs, window.__vdmCaps.stuckAfterS);
-    },
-    vdmTokensPerS(params) {
-      return op.outputTokensPerS(params && params.data);
+      return op.isStuck(d.start_time, shownNow(), window.__vdmClock.offsetMs, window.__vdmCaps.stuckAfterS);
     },
     vdmDuration: (ms) => core.formatDuration(ms),
     vdmAgeText: (s) => (s === null || s === undefined ? "—" : core.formatDuration(s * 1000)),
@@ -186,8 +204,8 @@
     const changed = [];
     const rendered = new Set();
     for (const node of api.getRenderedNodes()) {
-      if (!node.data) continue;
-      const id = String(node.data.request_id);
+      const id = core.rowId(node.data);
+      if (id === null) continue;
       rendered.add(id);
       const stuck = fns.vdmIsStuck({ data: node.data });
       if (stuck !== drawnStuck.has(id)) {
@@ -209,6 +227,7 @@
     queueTransaction,
     refreshClockColumns,
     observeServerTime,
+    observeSync,
     noteChunks,
     forgetChunks,
   };

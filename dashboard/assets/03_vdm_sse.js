@@ -3,7 +3,7 @@
  *
  * One EventSource to `<stream base>/metrics/active-requests/stream?delta=1`, open only while
  * the tab is visible and the path contains `/dashboard/metrics`. The client keeps the rows in
- * a Map by `request_id` and the version they stand for: an `update` (full snapshot) replaces
+ * a Map by `key` and the version they stand for: an `update` (full snapshot) replaces
  * the map and the grid is diffed against it once; a `delta` whose `base` is the held version
  * is applied to the map and its upserts/removes go to AG Grid as async transactions, so what
  * the page does grows with the changes, not with the rows (docs/protocol.md, SSE v2). A delta
@@ -12,7 +12,10 @@
  * tab, navigation) resumes with `last_event_id=<held version>`, so it costs a delta, not a
  * snapshot, when the service still has the changes. A stream service without deltas ignores
  * both parameters and sends snapshots only, which works exactly as before. `stats` feeds the
- * charts; `disabled` switches to polling the JSON endpoint.
+ * charts; `disabled` switches to polling the JSON endpoint. Every `update` and `delta` says
+ * whether the hub's view is in sync with Redis (`sync`); while it is "stale" the indicator
+ * says so instead of `● Live`, the rows are dimmed and their durations stop at the last
+ * confirmed moment.
  *
  * Reconnects: a browser EventSource retries by itself after a network error (readyState
  * CONNECTING) but gives up for good on a non-200 answer (readyState CLOSED). To have ONE retry
@@ -28,10 +31,14 @@
   const core = window.VdmCore;
   const dom = window.VdmDom;
   const cfg = window.__vdmConfig || {};
+  // Where the stream service is may depend on where this page came from (core.streamBase):
+  // settled once, here, for every reader of cfg.streamUrl (this client, the overview, cancel;
+  // their assets load after this one).
+  cfg.streamUrl = core.streamBase(cfg, window.location);
   const GRID_ID = "vdm-active-grid";
   const RECENT_GRID_ID = "vdm-recent-grid";
   const POLL_MS = Math.max(500, Number(cfg.pollIntervalMs) || 2000);
-  const KEY = "request_id";
+  const KEY = core.ROW_KEY; // rows by `key`: a request id is unique per worker only
   // Columns whose value depends on the clock, redrawn once a second (visible rows only:
   // AG Grid renders only the rows in view, so this costs the same at 10 or 10,000 rows).
   const CLOCK_COLUMNS = ["duration", "chunk_rate"];
@@ -42,13 +49,23 @@
   let enabled = true;
   let disabledInfo = null; // set after a `disabled` event: {message, suggestion}
   let pollTimer = null;
-  const debug = { opens: 0, errors: 0, delays: [], polls: 0, snapshots: 0, deltas: 0, gaps: 0 };
+  const debug = {
+    opens: 0,
+    errors: 0,
+    delays: [],
+    polls: 0,
+    snapshots: 0,
+    deltas: 0,
+    gaps: 0,
+    syncChanges: 0,
+  };
 
   // What the client holds: the rows by id, the version they stand for, the worker list.
   let rows = new Map();
   let version = null;
   let workers = [];
   let haveData = false;
+  let sync = core.SYNC_OK; // the hub's word on its view (update/delta/snapshot `sync` fields)
   let fullSync = false; // the grid must be diffed against `rows` (after a snapshot)
   let paintPending = false;
   let paintedAt = 0;
@@ -197,6 +214,7 @@
   function acceptSnapshot(snap) {
     debug.snapshots += 1;
     dom.observeServerTime(snap.timestamp);
+    noteSync(snap);
     rows = core.rowMapFrom(snap.active_requests, KEY);
     const v = Number(snap.version);
     version = snap.version !== undefined && Number.isFinite(v) ? v : null;
@@ -226,6 +244,7 @@
     }
     debug.deltas += 1;
     dom.observeServerTime(delta.timestamp);
+    noteSync(delta);
     const tx = core.applyDelta(rows, delta, KEY);
     version = Number(delta.version);
     if (Array.isArray(delta.workers)) workers = delta.workers;
@@ -238,6 +257,19 @@
       else fullSync = true; // grid not mounted yet: it gets the whole map once it is
     }
     schedulePaint();
+  }
+
+  /**
+   * Follow the hub's sync state. A change shows at once: the indicator's next tick reads it,
+   * the rows are dimmed or restored, and durations stop (or resume) without waiting for the
+   * once-a-second redraw.
+   */
+  function noteSync(frame) {
+    sync = core.syncFrom(frame, sync);
+    if (dom.observeSync(sync)) {
+      debug.syncChanges += 1;
+      if (haveData) dom.refreshClockColumns(GRID_ID, CLOCK_COLUMNS);
+    }
   }
 
   function schedulePaint() {
@@ -282,7 +314,6 @@
     }
     paintedAt = Date.now();
     const n = rows.size;
-    dom.setProps("vdm-active-count", { children: String(n) });
     const up = workers.filter((w) => w && w.status === "up").length;
     dom.setProps("vdm-m-kpi-inflight", { children: core.formatCount(n) });
     dom.setProps("vdm-m-kpi-workers", {
@@ -302,7 +333,7 @@
     if (!stats || typeof stats !== "object") return;
     if (window.VdmCharts) window.VdmCharts.render(stats);
     if (Array.isArray(stats.recent)) {
-      dom.applyRows(RECENT_GRID_ID, stats.recent, "request_id", []).catch(function () {});
+      dom.applyRows(RECENT_GRID_ID, core.recentRows(stats.recent), KEY, []).catch(function () {});
     }
   }
 
@@ -414,7 +445,7 @@
 
   // Read-only view of what the client holds, for the detail panel (06_vdm_operator.js).
   window.VdmLive = {
-    row: (id) => rows.get(String(id)),
+    row: (key) => rows.get(String(key)),
     worker: (id) => workers.find((w) => w && w.worker_id === id) || null,
     size: () => rows.size,
     onPaint: (fn) => paintListeners.push(fn),
@@ -443,6 +474,8 @@
         snapshots: debug.snapshots,
         deltas: debug.deltas,
         gaps: debug.gaps,
+        sync: Object.assign({}, sync),
+        syncChanges: debug.syncChanges,
         version: version,
         rows: rows.size,
         connecting: !!source && source.readyState === 0,
@@ -452,17 +485,20 @@
     },
   };
 
-  // The clientside callback behind the `● Live` / `○ Reconnecting...` indicator and the
-  // header emoji; it runs on a short dcc.Interval and only writes when something changed.
+  // The clientside callback behind the `● Live` / `◐ Stale — …` / `○ Reconnecting...`
+  // indicator and the header emoji; it runs on a short dcc.Interval and only writes when
+  // something changed.
   let lastIndicator = null;
   window.dash_clientside = Object.assign({}, window.dash_clientside);
   window.dash_clientside.vdm = Object.assign({}, window.dash_clientside.vdm, {
     syncIndicator: function () {
-      const state = core.indicatorState(isConnected(), !!disabledInfo);
-      const key = state.text + "|" + state.className;
+      const state = core.indicatorState(isConnected(), !!disabledInfo, sync);
+      // The header emoji follows the page shown (the overview polls, it does not stream).
+      const emoji = window.VdmHeader ? window.VdmHeader.emoji(state.emoji) : state.emoji;
+      const key = state.text + "|" + state.className + "|" + emoji;
       if (key === lastIndicator) return window.dash_clientside.no_update;
       lastIndicator = key;
-      return [state.text, state.className, state.emoji];
+      return [state.text, state.className, emoji];
     },
   });
 })();

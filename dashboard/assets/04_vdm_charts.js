@@ -51,6 +51,9 @@
         ? "—" : core.formatDuration(fleet.p95_ms),
     });
     dom.setProps("vdm-m-kpi-errors", { children: core.formatPercent(fleet.error_rate) });
+    dom.setProps("vdm-m-kpi-aborted", {
+      children: window.VdmViewCore.abortedText(fleet.cancelled, fleet.client_closed),
+    });
     // Only stream services that measure time to first token report it.
     dom.setProps("vdm-m-kpi-ttft", {
       children: fleet.ttft_p95_ms === null || fleet.ttft_p95_ms === undefined

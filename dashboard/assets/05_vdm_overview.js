@@ -14,6 +14,7 @@
   let timer = null;
   let inFlight = false;
   let haveData = false;
+  let answeredAt = 0; // when the stream service last answered a poll (Date.now())
 
   function getJson(path) {
     const init = {
@@ -54,6 +55,9 @@
         dom.setProps("vdm-kpi-inflight", { children: core.formatCount(t.inFlight) });
         dom.setProps("vdm-kpi-rate", { children: core.formatRate(t.requestsPerS) });
         dom.setProps("vdm-kpi-errors", { children: core.formatPercent(t.errorRate) });
+        dom.setProps("vdm-kpi-aborted", {
+          children: window.VdmViewCore.abortedText(t.cancelled, t.clientClosed),
+        });
         dom.setProps("vdm-kpi-p95", {
           children: t.p95Ms === null ? "—" : core.formatDuration(t.p95Ms),
         });
@@ -64,8 +68,10 @@
           if (window.VdmCharts) window.setTimeout(window.VdmCharts.fitAll, 0);
         }
         status("Updated " + core.formatClock(snap.timestamp), true);
+        answeredAt = Date.now();
       })
       .catch(function (err) {
+        answeredAt = 0;
         status("Stream service unreachable (" + err.message + "); retrying", false);
       })
       .finally(function () {
@@ -95,6 +101,11 @@
   } else {
     evaluate();
   }
+
+  // For the header emoji: fresh while the last poll answered within three poll intervals.
+  window.VdmOverview = {
+    fresh: () => timer !== null && answeredAt > 0 && Date.now() - answeredAt < 3 * POLL_MS,
+  };
 
   // Heartbeat ages tick client-side between polls.
   window.setInterval(function () {

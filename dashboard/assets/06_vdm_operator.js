@@ -4,8 +4,12 @@
  * - Reads `GET <stream>/metrics/capabilities` once per page load (retried while it cannot be
  *   read): whether the stream service allows cancelling, and after how long a row is stuck.
  * - A row click opens a detail panel: every field of the row, its timings, its worker, and,
- *   when cancel is enabled, a Cancel button (confirmation, `POST …/{request_id}/cancel`, a
- *   short notice with the answer). The panel follows the row live and says when it ended.
+ *   when cancel is enabled and the row's worker can stop its requests, a Cancel button
+ *   (confirmation, `POST …/{request_id}/cancel?worker_id=…`, so exactly that row is cancelled
+ *   even when another worker holds the same request id; a short notice with the answer). The
+ *   panel follows the row (by its `key`) live and says when it ended.
+ *   `VdmOperator.openEntry(entry)` shows a finished request's completed entry in the same
+ *   panel (the Finished view and Recently finished, 08_vdm_finished.js).
  * - The grid's filters and sort are mirrored into the page URL (`?model=…&worker=…&sort=…`)
  *   with history.replaceState and restored from it on load, so a link shows the same view.
  *   The live client re-evaluates its connection on replaceState; only the query changes
@@ -86,8 +90,9 @@
   // ---- detail panel -----------------------------------------------------------------------
 
   let panel = null;
-  let openId = null;
+  let openId = null; // the open row's key
   let lastRow = null; // the row as last seen, kept on screen after it ended
+  let finishedEntry = null; // a completed entry shown as it is (Finished view, Recently finished)
   let cancelState = null; // {id, text} once a cancel was asked for the open row
 
   function el(tag, className, text) {
@@ -129,18 +134,28 @@
     });
   }
 
-  function openPanel(requestId) {
+  function openPanel(key) {
     if (!panel) buildPanel();
-    openId = String(requestId);
+    openId = String(key);
     lastRow = window.VdmLive ? window.VdmLive.row(openId) || null : null;
+    finishedEntry = null;
     cancelState = null;
     panel.hidden = false;
+    renderPanel();
+  }
+
+  /** The same panel for a request that has finished: its completed entry, as it is. */
+  function openEntry(entry) {
+    if (!entry || typeof entry !== "object") return;
+    openPanel(entry.request_id);
+    finishedEntry = entry;
     renderPanel();
   }
 
   function closePanel() {
     openId = null;
     lastRow = null;
+    finishedEntry = null;
     if (panel) panel.hidden = true;
   }
 
@@ -150,17 +165,54 @@
   /** Redraw the open panel; `onlyIfChanged` skips it when neither the row nor a second moved. */
   function renderPanel(onlyIfChanged) {
     if (!panel || openId === null) return;
+    if (finishedEntry) {
+      if (!onlyIfChanged || renderedRow !== finishedEntry) renderFinished(finishedEntry);
+      renderedRow = finishedEntry; // an entry does not change: drawn once
+      return;
+    }
     const live = window.VdmLive ? window.VdmLive.row(openId) : undefined;
     if (live) lastRow = live;
     const now = Date.now();
     if (onlyIfChanged && live === renderedRow && now - renderedAt < 1000) return;
     renderedRow = live;
     renderedAt = now;
-    const row = lastRow || { request_id: openId };
+    const row = lastRow || {};
     const worker = window.VdmLive ? window.VdmLive.worker(row.worker_id) : null;
     const offset = window.__vdmClock ? window.__vdmClock.offsetMs : 0;
     const rate = window.dashAgGridFunctions.vdmChunkRate({ data: row });
     const sections = op.detailSections(row, worker, now, offset, core, rate);
+    fillPanel(row, sections);
+    let stateText = "";
+    if (!live) stateText = "This request is no longer in flight.";
+    else if (cancelState && cancelState.id === openId) stateText = cancelState.text;
+    else if (window.dashAgGridFunctions.vdmIsStuck({ data: row })) {
+      stateText = "Stuck: running longer than " + core.formatDuration(window.__vdmCaps.stuckAfterS * 1000) + ".";
+    } else if (window.dashAgGridFunctions.vdmIsStalled({ data: row })) {
+      stateText = "Stalled: no output for longer than " + core.formatDuration(window.__vdmCaps.stallAfterS * 1000) + " after its first token.";
+    }
+    showState(stateText);
+    const cancel = document.getElementById("vdm-detail-cancel");
+    cancel.hidden = !op.cancelOffered(window.__vdmCaps, worker);
+    cancel.disabled = !live;
+  }
+
+  function renderFinished(entry) {
+    const sections = op.detailSections(entry, null, Date.now(), 0, core, null);
+    const rate = window.VdmViewCore.tokensPerS(entry);
+    const timings = sections.find((s) => s.title === "Timings");
+    if (timings) timings.items.push(["Tokens / s", window.VdmViewCore.tokensPerSText(rate, core.formatRate)]);
+    fillPanel(entry, sections);
+    showState("Finished: " + entry.outcome + (entry.status ? ", HTTP " + entry.status : "") + ".");
+    document.getElementById("vdm-detail-cancel").hidden = true;
+  }
+
+  function showState(text) {
+    const state = document.getElementById("vdm-detail-state");
+    state.textContent = text;
+    state.className = "vdm-detail-state" + (text ? " vdm-detail-state-shown" : "");
+  }
+
+  function fillPanel(row, sections) {
     document.getElementById("vdm-detail-title").textContent =
       (row.model ? row.model + " · " : "") + (row.method || "") + " " + (row.path || "");
     const body = document.getElementById("vdm-detail-body");
@@ -176,36 +228,25 @@
       }
       body.append(list);
     }
-    const state = document.getElementById("vdm-detail-state");
-    let stateText = "";
-    if (!live) stateText = "This request is no longer in flight.";
-    else if (cancelState && cancelState.id === openId) stateText = cancelState.text;
-    else if (window.dashAgGridFunctions.vdmIsStuck({ data: row })) {
-      stateText = "Stuck: running longer than " + core.formatDuration(window.__vdmCaps.stuckAfterS * 1000) + ".";
-    }
-    state.textContent = stateText;
-    state.className = "vdm-detail-state" + (stateText ? " vdm-detail-state-shown" : "");
-    const cancel = document.getElementById("vdm-detail-cancel");
-    cancel.hidden = !window.__vdmCaps.cancelEnabled;
-    cancel.disabled = !live;
   }
 
   function onCancelClick() {
     const id = openId;
     const row = id === null ? null : window.VdmLive.row(id);
-    if (!row || !window.__vdmCaps.cancelEnabled) return;
+    if (!row || !op.cancelOffered(window.__vdmCaps, window.VdmLive.worker(row.worker_id))) return;
     const what = (row.model || "request") + " on " + (row.worker_id || "its worker");
     const question =
-      "Cancel request " + id + " (" + what + ")?\n\n" +
+      "Cancel request " + row.request_id + " (" + what + ")?\n\n" +
       "The worker aborts the upstream call; the client gets an aborted response.";
     if (!window.confirm(question)) return;
-    postCancel(id);
+    postCancel(id, row);
   }
 
-  function postCancel(id) {
+  // `id` is the row's key; the request goes to the row's own worker (`worker_id`).
+  function postCancel(id, row) {
     const button = document.getElementById("vdm-detail-cancel");
     if (button) button.disabled = true;
-    fetch(core.joinUrl(cfg.streamUrl, op.cancelPath(id)), {
+    fetch(core.joinUrl(cfg.streamUrl, op.cancelPath(row.request_id, row.worker_id)), {
       method: "POST",
       cache: "no-store",
       credentials: credentials(),
@@ -224,8 +265,9 @@
         return { status: 0, body: null };
       })
       .then(function (answer) {
-        const result = op.cancelNotice(answer.status, answer.body, id);
-        console.info("[vdm] cancel " + id + ": HTTP " + answer.status);
+        const result = op.cancelNotice(answer.status, answer.body, row.request_id);
+        const where = row.request_id + " on " + row.worker_id;
+        console.info("[vdm] cancel " + where + ": HTTP " + answer.status);
         showNotice(result.kind, result.text);
         if (openId === id) {
           cancelState = { id: id, text: result.text };
@@ -290,7 +332,8 @@
       api.addEventListener("filterChanged", writeUrl);
       api.addEventListener("sortChanged", writeUrl);
       api.addEventListener("rowClicked", function (ev) {
-        if (ev && ev.data) openPanel(ev.data.request_id);
+        const key = ev ? core.rowId(ev.data) : null;
+        if (key !== null) openPanel(key);
       });
       writeUrl();
     });
@@ -323,6 +366,7 @@
 
   window.VdmOperator = {
     open: openPanel,
+    openEntry: openEntry,
     close: closePanel,
     capabilitiesKnown: () => capsKnown,
   };

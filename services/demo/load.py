@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import resource
 import signal
 import sys
 import time
@@ -42,6 +41,8 @@ from vdm_hub.services.demo import vendors
 from vdm_hub.services.demo.loadstats import LoadStats, Progress
 from vdm_hub.services.demo.vendors import Vendor
 from vdm_hub.services.httppool import ShardedClients
+from vdm_hub.shared.fdlimit import FD_RESERVE, raise_open_file_limit
+from vdm_hub.shared.options import http_base_url, number, whole
 from vdm_hub.shared.settings import Settings
 
 DEFAULT_MODELS = {
@@ -51,8 +52,6 @@ DEFAULT_MODELS = {
 # After a stall (every slot busy) the rate limiter catches up at most this much, not in one
 # burst of everything it missed.
 MAX_CATCH_UP_S = 1.0
-# File descriptors the process keeps for itself beyond one socket per request in flight.
-FD_RESERVE = 64
 # httpcore's trace event for "the request line and headers are being written to the socket".
 SENDING = "http11.send_request_headers.started"
 
@@ -388,30 +387,31 @@ class LoadGenerator:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target",
+        type=http_base_url,
         action="append",
         required=True,
         metavar="URL",
         help="base URL to send to (a worker proxy or the demo upstream); repeat for round robin",
     )
     parser.add_argument(
-        "--rate", type=float, default=10.0, help="requests per second, 0 = no limit [10]"
+        "--rate", type=number(0), default=10.0, help="requests per second, 0 = no limit [10]"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=10, help="requests in flight at most [10]"
+        "--concurrency", type=whole(1), default=10, help="requests in flight at most [10]"
     )
     parser.add_argument(
         "--duration",
-        type=float,
+        type=number(0),
         default=None,
         metavar="S",
         help="seconds to send for; 0 = until Ctrl-C [10 unless --requests is given]",
     )
     parser.add_argument(
-        "--requests", type=int, default=None, metavar="N", help="stop after N requests"
+        "--requests", type=whole(0), default=None, metavar="N", help="stop after N requests"
     )
     parser.add_argument(
         "--stream-share",
-        type=float,
+        type=number(0, 1),
         default=0.5,
         metavar="F",
         help="share of streaming requests [0.5]",
@@ -429,7 +429,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", action="append", default=None, metavar="NAME", help="model name(s) to use"
     )
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="S", help="per request [60]")
+    parser.add_argument(
+        "--timeout", type=number(0.001), default=60.0, metavar="S", help="per request [60]"
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible choices")
 
 
@@ -447,13 +449,7 @@ async def _main(gen: LoadGenerator) -> LoadStats:
 
 def fd_budget() -> int:
     """Raise the soft open-file limit to the hard one; return how many sockets fit under it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-    return max(1, soft - FD_RESERVE)
+    return max(1, raise_open_file_limit() - FD_RESERVE)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:

@@ -3,12 +3,17 @@ completions and Responses API, Anthropic's Messages API; streaming or not).
 
 It stands in for a real LLM API in the demo, the tests and the benchmarks, so it does no
 per-request work beyond building a few small JSON documents. Pacing comes from the command
-line (``--latency``, ``--chunk-delay``, ``--chunks``, ``--error-rate``) and can be overridden
-per request with headers, which is how tests and benchmarks hold requests open:
+line (``--latency``, ``--first-token-delay``, ``--chunk-delay``, ``--chunks``, ``--error-rate``)
+and can be overridden per request with headers, which is how tests and benchmarks hold
+requests open:
 
 - ``x-demo-delay-ms``: delay before the first response byte (for a non-streaming answer that
   is the whole answer);
 - ``x-demo-chunks``: content chunks (= output tokens) of the answer;
+- ``x-demo-first-token-delay-ms``: delay between a stream's pre-content preamble (sent at once:
+  OpenAI's role-only chunk, Anthropic's ``message_start``/``content_block_start``/``ping``, the
+  Responses API's ``response.created`` and friends) and its first content chunk, as real LLM
+  APIs do (default: the chunk delay);
 - ``x-demo-chunk-delay-ms``: delay before each content chunk of a stream;
 - ``x-demo-status``: answer with this HTTP status (400-599) and the vendor's error body.
 
@@ -38,6 +43,7 @@ from starlette.routing import Route
 
 from vdm_hub.services.demo import vendors
 from vdm_hub.services.demo.vendors import Vendor
+from vdm_hub.shared.options import listen_host, number, port, whole
 from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.serve import serve
 from vdm_hub.shared.settings import Settings
@@ -64,6 +70,8 @@ class BadOverride(ValueError):
 class UpstreamConfig:
     latency: float = 0.05  # seconds before the first response byte
     chunk_delay: float = 0.02  # seconds before each content chunk of a stream
+    # Seconds between a stream's preamble and its first content chunk; None: chunk_delay.
+    first_token_delay: float | None = None
     chunks: int = 16  # content chunks (= output tokens) per answer
     error_rate: float = 0.0  # share of LLM requests answered with a 500
 
@@ -73,6 +81,7 @@ class Overrides:
     delay: float
     chunks: int
     chunk_delay: float
+    first_token_delay: float
     status: int | None
 
 
@@ -90,11 +99,20 @@ def parse_overrides(headers: Mapping[str, str], config: UpstreamConfig) -> Overr
     delay_ms = _bounded_int(headers, "x-demo-delay-ms", 0, MAX_DELAY_MS)
     chunks = _bounded_int(headers, "x-demo-chunks", 0, MAX_CHUNKS)
     chunk_delay_ms = _bounded_int(headers, "x-demo-chunk-delay-ms", 0, MAX_CHUNK_DELAY_MS)
+    first_ms = _bounded_int(headers, "x-demo-first-token-delay-ms", 0, MAX_DELAY_MS)
     status = _bounded_int(headers, "x-demo-status", 400, 599)
+    chunk_delay = config.chunk_delay if chunk_delay_ms is None else chunk_delay_ms / 1000
+    if first_ms is not None:
+        first_token_delay = first_ms / 1000
+    elif config.first_token_delay is not None:
+        first_token_delay = config.first_token_delay
+    else:
+        first_token_delay = chunk_delay
     return Overrides(
         delay=config.latency if delay_ms is None else delay_ms / 1000,
         chunks=config.chunks if chunks is None else chunks,
-        chunk_delay=config.chunk_delay if chunk_delay_ms is None else chunk_delay_ms / 1000,
+        chunk_delay=chunk_delay,
+        first_token_delay=first_token_delay,
         status=status,
     )
 
@@ -116,13 +134,16 @@ async def _hold(request: Request, seconds: float) -> bool:
     return False
 
 
-async def _paced(stream: vendors.SSEStream, delay: float) -> AsyncIterator[bytes]:
-    """The stream's frames, sleeping ``delay`` before each content frame."""
+async def _paced(stream: vendors.SSEStream, first: float, delay: float) -> AsyncIterator[bytes]:
+    """The stream's frames: the opening at once, then ``first`` seconds before the first
+    content frame and ``delay`` before each later one."""
     for frame in stream.opening:
         yield frame
+    wait = first
     for frame in stream.content:
-        if delay > 0:
-            await asyncio.sleep(delay)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        wait = delay
         yield frame
     for frame in stream.closing:
         yield frame
@@ -155,8 +176,10 @@ class DemoUpstream:
         return endpoint
 
     async def llm(self, request: Request, vendor: Vendor, responses: bool) -> Response:
+        headers = vendors.request_id_header(vendor)
+
         def error(status: int, message: str) -> Response:
-            return JSONResponse(vendors.error_body(vendor, status, message), status)
+            return JSONResponse(vendors.error_body(vendor, status, message), status, headers)
 
         try:
             over = parse_overrides(request.headers, self.config)
@@ -174,7 +197,7 @@ class DemoUpstream:
             return error(over.status, f"status {over.status} forced by x-demo-status")
         if self.config.error_rate > 0 and self.rng.random() < self.config.error_rate:
             return error(500, "injected failure (demo-upstream --error-rate)")
-        return _answer(vendor, responses, body, over)
+        return _answer(vendor, responses, body, over, headers)
 
     async def models(self, request: Request) -> Response:
         return JSONResponse(self.models_body)
@@ -228,7 +251,13 @@ class DemoUpstream:
         )
 
 
-def _answer(vendor: Vendor, responses: bool, body: dict[str, Any], over: Overrides) -> Response:
+def _answer(
+    vendor: Vendor,
+    responses: bool,
+    body: dict[str, Any],
+    over: Overrides,
+    headers: dict[str, str],
+) -> Response:
     """The vendor's answer to ``body``: a paced SSE stream or one JSON document."""
     model = vendors.model_of(body)
     prompt = vendors.input_tokens(body)
@@ -240,13 +269,17 @@ def _answer(vendor: Vendor, responses: bool, body: dict[str, Any], over: Overrid
         else:
             stream = vendors.openai_stream(model, prompt, over.chunks)
         return StreamingResponse(
-            _paced(stream, over.chunk_delay), media_type="text/event-stream", headers=SSE_HEADERS
+            _paced(stream, over.first_token_delay, over.chunk_delay),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
         )
     if responses:
-        return JSONResponse(vendors.responses_answer(model, prompt, over.chunks))
-    if vendor is Vendor.ANTHROPIC:
-        return JSONResponse(vendors.anthropic_message(model, prompt, over.chunks))
-    return JSONResponse(vendors.openai_completion(model, prompt, over.chunks))
+        answer = vendors.responses_answer(model, prompt, over.chunks)
+    elif vendor is Vendor.ANTHROPIC:
+        answer = vendors.anthropic_message(model, prompt, over.chunks)
+    else:
+        answer = vendors.openai_completion(model, prompt, over.chunks)
+    return JSONResponse(answer, headers=headers)
 
 
 async def _pattern_chunks(total: int, chunk: int, delay: float) -> AsyncIterator[bytes]:
@@ -265,11 +298,17 @@ def create_app(
     chunks: int = 16,
     error_rate: float = 0.0,
     *,
+    first_token_delay: float | None = None,
     seed: int | None = None,
 ) -> Starlette:
-    demo = DemoUpstream(
-        UpstreamConfig(latency, chunk_delay, chunks, error_rate), random.Random(seed)
+    config = UpstreamConfig(
+        latency=latency,
+        chunk_delay=chunk_delay,
+        first_token_delay=first_token_delay,
+        chunks=chunks,
+        error_rate=error_rate,
     )
+    demo = DemoUpstream(config, random.Random(seed))
     routes = [
         Route("/v1/chat/completions", demo.llm_endpoint(Vendor.OPENAI), methods=["POST"]),
         Route("/v1/messages", demo.llm_endpoint(Vendor.ANTHROPIC), methods=["POST"]),
@@ -291,41 +330,54 @@ def pattern_bytes(total: int) -> bytes:
 # --- command line ---------------------------------------------------------------------------
 
 
-def _number(low: float, high: float, kind: Callable[[str], Any] = float) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        try:
-            value = kind(raw)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {raw!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{raw} is outside {low:g}..{high:g}")
-        return value
-
-    return parse
-
-
 # The paced-answer options: flag, parser (with bounds), default, metavar, help.
 _OPTIONS: list[tuple[str, Callable[[str], Any], float, str, str]] = [
-    ("--latency", _number(0, MAX_DELAY_MS / 1000), 0.05, "S",
+    ("--latency", number(0, MAX_DELAY_MS / 1000), 0.05, "S",
      "seconds before the first response byte"),
-    ("--chunk-delay", _number(0, MAX_CHUNK_DELAY_MS / 1000), 0.02, "S",
+    ("--chunk-delay", number(0, MAX_CHUNK_DELAY_MS / 1000), 0.02, "S",
      "seconds before each streamed content chunk"),
-    ("--chunks", _number(0, MAX_CHUNKS, int), 16, "N",
+    ("--chunks", whole(0, MAX_CHUNKS), 16, "N",
      "content chunks (= output tokens) per answer"),
-    ("--error-rate", _number(0, 1), 0.0, "F",
+    ("--error-rate", number(0, 1), 0.0, "F",
      "share of LLM requests answered with HTTP 500, 0..1"),
 ]  # fmt: skip
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="bind address [127.0.0.1]")
-    parser.add_argument("--port", type=int, default=8001, help="port, 0 for a free one [8001]")
+    parser.add_argument(
+        "--host", type=listen_host, default="127.0.0.1", help="bind address [127.0.0.1]"
+    )
+    parser.add_argument("--port", type=port, default=8001, help="port, 0 for a free one [8001]")
     for flag, kind, default, metavar, text in _OPTIONS:
         parser.add_argument(
             flag, type=kind, default=default, metavar=metavar, help=f"{text} [{default:g}]"
         )
+    parser.add_argument(
+        "--first-token-delay",
+        type=number(0, MAX_DELAY_MS / 1000),
+        default=None,
+        metavar="S",
+        help="seconds between a stream's pre-content preamble and its first content chunk"
+        " [the chunk delay]",
+    )
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
-    app = create_app(args.latency, args.chunk_delay, args.chunks, args.error_rate)
-    return serve(app, args.host, args.port, "demo-upstream")
+    app = create_app(
+        args.latency,
+        args.chunk_delay,
+        args.chunks,
+        args.error_rate,
+        first_token_delay=args.first_token_delay,
+    )
+    return serve(
+        app,
+        args.host,
+        args.port,
+        "demo-upstream",
+        exposed="anyone who can reach it can call this fake LLM API",
+        # Like a real LLM API's front end, idle connections outlive the worker's pool expiry
+        # (httpx: 5 s): with Uvicorn's own 5 s the two raced, and a worker that reused a
+        # connection the upstream was closing answered 502 (~1 request in 3,000 under load).
+        timeout_keep_alive=75,
+    )

@@ -9,6 +9,11 @@ stream carries token counts.
 
 Token counts are deterministic: input tokens from the prompt's length (about four characters a
 token, as OpenAI's rule of thumb), output tokens one per content chunk.
+
+Every answer carries the vendor's own request id header, as the real APIs do (OpenAI
+``x-request-id``, Anthropic ``request-id``), and every stream opens with the vendor's
+pre-content preamble (OpenAI's role-only chunk, Anthropic's ``message_start``,
+``content_block_start`` and ``ping``, the Responses API's ``response.created`` and friends).
 """
 
 from __future__ import annotations
@@ -90,6 +95,13 @@ class SSEStream(NamedTuple):
 
     def frames(self) -> Iterator[bytes]:
         return chain(self.opening, self.content, self.closing)
+
+
+def request_id_header(vendor: Vendor) -> dict[str, str]:
+    """The vendor's own request id, under the name its API sends it."""
+    if vendor is Vendor.ANTHROPIC:
+        return {"request-id": f"req_{uuid4().hex[:24]}"}
+    return {"x-request-id": f"req_{uuid4().hex}"}
 
 
 def model_of(body: dict[str, Any]) -> str:

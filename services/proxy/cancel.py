@@ -111,6 +111,11 @@ class CancelListener:
         self.unknown = 0
         self.malformed = 0
 
+    def retarget(self, channel: str) -> None:
+        """Listen on ``channel`` instead (the worker's id changed): the loop resubscribes
+        within a second."""
+        self.channel = channel
+
     def handle(self, raw: Any) -> None:
         parsed = parse_cancel(raw)
         if parsed is None:
@@ -138,23 +143,26 @@ class CancelListener:
         while True:
             try:
                 async with self.redis.pubsub() as pubsub:
-                    await pubsub.subscribe(self.channel)
+                    channel = self.channel
+                    await pubsub.subscribe(channel)
                     await subscribed(pubsub)
                     self.subscribed.set()
                     if delay > RETRY_MIN:
-                        log.info("listening for cancels on %s again", self.channel)
+                        log.info("listening for cancels on %s again", channel)
                     delay = RETRY_MIN
-                    while True:
+                    while channel == self.channel:
                         msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if msg is not None and msg.get("type") == "message":
                             self.handle(msg.get("data"))
+                    self.subscribed.clear()  # and subscribe to the new channel
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.subscribed.clear()
                 if isinstance(exc, RedisError | OSError | TimeoutError):
+                    # The publisher warns (once a minute) while Redis cannot be reached.
                     if delay == RETRY_MIN:
-                        log.warning("cancel channel lost (%s); reconnecting", exc)
+                        log.info("cancel channel lost (%s); reconnecting", exc)
                 else:
                     log.exception("unexpected error in the cancel listener; restarting it")
                 await asyncio.sleep(delay)

@@ -1,16 +1,17 @@
 """A pure ASGI middleware that reports each HTTP request's life to a :class:`Recorder`.
 
-Add it to any ASGI app in a few lines::
-
-    publisher = Publisher(settings)                # services.proxy.publisher
-    app = RequestMetricsMiddleware(app, publisher)  # and run publisher.start()/close()
+Apps use it through ``vdm_hub.instrument(app)`` (:mod:`services.proxy.embed`), which also owns
+the publisher's lifetime; the worker proxy wraps its reverse proxy in it directly.
 
 It never buffers a body on its way through and never delays a message: it only looks at
 them. From the request it takes the method, the path without its query string, and `model`
 and `stream` from a JSON body (sniffed while the app reads it); from the response the status,
-the first body byte (phase `upstream` -> `streaming`, and `ttft_ms`), the byte count, the SSE
-`data:` events forwarded (`chunks_out`) and token usage. Headers, bodies and query strings are
-never passed on.
+the first body byte (phase `upstream` -> `streaming`, and `ttfb_ms`), the first generated
+output (`ttft_ms`: for an SSE response the first event that carries output, see
+:func:`services.proxy.sniff.carries_output`; for any other the first body byte), the byte
+count, the SSE `data:` events forwarded (`chunks_out`), the time of the last output
+(`last_output_at`: an SSE `data:` event, or a body chunk of any other response) and token
+usage. Headers, bodies and query strings are never passed on.
 
 A request with a JSON body is reported (``Recorder.start``) once `model` and `stream` are known
 from the body, the body is complete, the response starts, or :data:`START_BOUND` has passed,
@@ -18,13 +19,27 @@ whichever comes first, so its first row already carries the model; any other req
 reported at once.
 
 Request ids are unique per worker: the client's ``X-Request-Id`` when it is a safe token that
-is not already in flight, else a fresh random id (sent back in the response's
-``X-Request-Id``).
+is not already in flight, else a fresh random id. The response carries exactly one
+``X-Request-Id``, this one: an ``X-Request-Id`` the app set (a proxied upstream's, such as
+OpenAI's) is moved to ``X-Upstream-Request-Id`` when it differs (and dropped when an
+``X-Upstream-Request-Id`` is there already: the one nearest the upstream is kept).
+
+Not every request is reported: paths in ``exclude`` (``VDM_EXCLUDE_PATHS``: health and metrics
+probes, API docs, static files by default) pass straight through, and a GET answered with
+``text/event-stream`` (the app's own live endpoint: an LLM stream is a POST) leaves the view as
+its response starts, with no finished entry, so it never sits in the grid as a stuck request.
 
 A client that disconnects before the response is complete ends the record at once with
 outcome `client_closed`. An app reports what happened through ``scope["vdm"]``:
 ``upstream_error`` (the proxy could not reach, or lost, its upstream) and ``cancelled`` (an
-operator stopped the request; see :mod:`services.proxy.cancel`).
+operator stopped the request; see :mod:`services.proxy.cancel`). A cancellable middleware puts
+an :class:`~services.proxy.abort.Abort` in ``scope["vdm"]["abort"]``, so any app can be
+stopped the way a client disconnect stops it; an app with its own way replaces it.
+
+While the app handles a reported request, ``vdm_hub.current_request()`` returns a handle on it
+(:mod:`services.proxy.context`): labels, token usage and the model the app knows go on the row.
+A request that already passed through an instrumentation (``scope["vdm"]`` is set: the app is
+wrapped twice) is passed on untouched, so it is reported once.
 """
 
 from __future__ import annotations
@@ -33,13 +48,18 @@ import asyncio
 import re
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vdm_hub.services.proxy import sniff
+from vdm_hub.services.proxy import context, sniff
+from vdm_hub.services.proxy.abort import Abort, RequestCancelled
 from vdm_hub.services.proxy.cancel import InFlight
+from vdm_hub.services.proxy.exclude import PathFilter
+from vdm_hub.services.proxy.forward import CANCELLED_STATUS, ResponseAborted
+from vdm_hub.shared.responses import JSONResponse
 from vdm_hub.shared.schema import (
     MAX_METHOD_CHARS,
     MAX_PATH_CHARS,
@@ -82,7 +102,10 @@ class Recorder(Protocol):
         input_tokens: int | None,
         output_tokens: int | None,
         ttft_ms: float | None = None,
+        ttfb_ms: float | None = None,
     ) -> None: ...
+
+    def discard(self, request_id: str, status: int) -> None: ...
 
 
 def clamp_path(path: str) -> str:
@@ -101,6 +124,14 @@ def client_request_id(raw: bytes | None) -> str | None:
     return None
 
 
+def answers_event_stream(message: Message) -> bool:
+    """Does this response start an SSE stream (``text/event-stream``)?"""
+    for key, value in message.get("headers", ()):
+        if key.lower() == b"content-type":
+            return b"text/event-stream" in bytes(value).lower()
+    return False
+
+
 def _has_body(content_length: bytes | None, chunked: bool) -> bool:
     if chunked:
         return True
@@ -117,7 +148,9 @@ class _Tracker:
         "ended",
         "first_byte",
         "json_response",
+        "last_output",
         "last_progress",
+        "model_from_app",
         "published",
         "recorder",
         "request_id",
@@ -128,7 +161,9 @@ class _Tracker:
         "sniffed_stream",
         "started",
         "status",
+        "ttfb_ms",
         "ttft_ms",
+        "usage_from_app",
     )
 
     def __init__(self, recorder: Recorder, scope: Scope, in_flight: InFlight) -> None:
@@ -158,11 +193,15 @@ class _Tracker:
         self.status = 0
         self.ended = False
         self.first_byte = False
+        self.ttfb_ms: float | None = None
         self.ttft_ms: float | None = None
         self.last_progress = 0.0
-        self.scanner: sniff.StreamUsageScanner | None = None
+        self.last_output: float | None = None  # monotonic time of the last output event
+        self.scanner: sniff.SSEScanner | None = None
         self.json_response = False
         self.response_body: list[bytes] | None = None
+        self.model_from_app = False
+        self.usage_from_app: dict[str, int] | None = None
         # A dict literal, not Row(...): the TypedDict class call costs ~1.5 us more per request.
         self.row: Row = {
             "request_id": self.request_id,
@@ -179,6 +218,9 @@ class _Tracker:
             "output_tokens": None,
             "ttft_ms": None,
             "chunks_out": None,
+            "ttfb_ms": None,
+            "last_output_at": None,
+            "labels": None,
         }
         # A JSON body is worth waiting for (briefly): it names the model.
         self.published = not (json_body and _has_body(content_length, chunked))
@@ -190,6 +232,36 @@ class _Tracker:
         if not self.published:
             self.published = True
             self.recorder.start(self.row)
+
+    # -- what the app tells (context.RequestHandle); never after the end
+    @property
+    def worker_id(self) -> str:
+        return self.row["worker_id"]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.row.get("labels") or {}
+
+    def put_labels(self, labels: dict[str, str]) -> None:
+        self._put({"labels": labels or None})
+
+    def put_usage(self, input_tokens: int | None, output_tokens: int | None) -> None:
+        usage = self.usage_from_app = self.usage_from_app or {}
+        if input_tokens is not None:
+            usage["input_tokens"] = input_tokens
+        if output_tokens is not None:
+            usage["output_tokens"] = output_tokens
+        self._put(dict(usage))
+
+    def put_model(self, model: str) -> None:
+        self.model_from_app = True
+        if model != self.row["model"]:
+            self._put({"model": model})
+
+    def _put(self, fields: dict[str, Any]) -> None:
+        self.row.update(fields)  # type: ignore[typeddict-item]
+        if self.published:
+            self.recorder.progress(self.request_id, fields)
 
     # -- request side
     def on_request_body(self, message: Message) -> None:
@@ -206,6 +278,8 @@ class _Tracker:
         self.body_done = True
         model, streaming = sniff.request_fields(self.body, complete=not more)
         self.body = b""
+        if self.model_from_app:
+            model = self.row["model"]
         if not self.published:
             self.row["model"] = model
             self.row["is_streaming"] = streaming
@@ -231,59 +305,102 @@ class _Tracker:
         if self.sniffed_stream is None:
             self.sniffed_stream = sniff.stream_in(window)
         if self.sniffed_model is not None and self.sniffed_stream is not None:
-            self.row["model"] = self.sniffed_model
+            if not self.model_from_app:
+                self.row["model"] = self.sniffed_model
             self.row["is_streaming"] = self.sniffed_stream
             self.publish_start()
 
     # -- response side
-    def on_response_start(self, message: Message) -> None:
+    def on_response_start(self, message: Message, request_id_header: bool) -> Message:
+        """Note the status and the kind of body; with ``request_id_header``, the message to
+        send instead, whose only ``X-Request-Id`` is this request's (issue: two of them
+        reached clients when the upstream sent its own, as OpenAI does)."""
         self.publish_start()
         self.status = int(message.get("status", 0))
         content_type = b""
+        theirs: bytes | None = None  # the first X-Request-Id the app set
+        has_upstream_id = False
+        headers: list[tuple[bytes, bytes]] = []
         for key, value in message.get("headers", ()):
-            if key.lower() == b"content-type":
+            name = key.lower()
+            if name == b"content-type":
                 content_type = bytes(value).lower()
-                break
+            elif name == b"x-request-id" and request_id_header:
+                if theirs is None:
+                    theirs = bytes(value)
+                continue
+            elif name == b"x-upstream-request-id":
+                has_upstream_id = True
+            headers.append((key, value))
         if b"text/event-stream" in content_type:
-            self.scanner = sniff.StreamUsageScanner()
+            self.scanner = sniff.SSEScanner()
         elif b"json" in content_type:
             self.json_response = True
             self.response_body = []
+        if not request_id_header:
+            return message
+        ours = self.request_id.encode()
+        if theirs is not None and theirs != ours and not has_upstream_id:
+            headers.append((b"x-upstream-request-id", theirs))
+        headers.append((b"x-request-id", ours))
+        return {**message, "headers": headers}
+
+    def _ms_since_start(self, now: float) -> float:
+        return round((now - self.started) * 1000.0, 3)
 
     def on_response_body(self, message: Message) -> None:
         chunk = message.get("body", b"")
-        if chunk:
-            self.bytes_out += len(chunk)
-            scanner = self.scanner
-            if scanner is not None:
-                scanner.feed(chunk)
-            elif self.response_body is not None:
+        if not chunk:
+            return
+        self.bytes_out += len(chunk)
+        now = time.monotonic()
+        scanner = self.scanner
+        first_output = False
+        if scanner is not None:
+            events = scanner.data_events
+            first_output = scanner.feed(chunk)
+            if scanner.data_events != events:
+                self.last_output = now
+        else:
+            self.last_output = now
+            if self.response_body is not None:
                 if self.bytes_out <= sniff.MAX_SNIFF_BYTES:
                     self.response_body.append(chunk)
                 else:
                     self.response_body = None  # too big to parse for usage
-            now = time.monotonic()
-            if not self.first_byte:
-                self.first_byte = True
-                self.last_progress = now
-                self.ttft_ms = round((now - self.started) * 1000.0, 3)
-                fields: dict[str, Any] = {
-                    "phase": Phase.STREAMING,
-                    "bytes_out": self.bytes_out,
-                    "ttft_ms": self.ttft_ms,
-                }
-                if scanner is not None:
-                    fields["chunks_out"] = scanner.data_events
-                self.recorder.progress(self.request_id, fields)
-            elif now - self.last_progress >= PROGRESS_INTERVAL:
-                self.last_progress = now
-                if scanner is not None:
-                    self.recorder.progress(
-                        self.request_id,
-                        {"bytes_out": self.bytes_out, "chunks_out": scanner.data_events},
-                    )
-                else:
-                    self.recorder.progress(self.request_id, {"bytes_out": self.bytes_out})
+        if not self.first_byte:
+            self.first_byte = True
+            self.ttfb_ms = self._ms_since_start(now)
+            fields: dict[str, Any] = {"phase": Phase.STREAMING, "ttfb_ms": self.ttfb_ms}
+            # Any other response's first byte is its first output.
+            first_output = first_output or scanner is None
+        elif not first_output and now - self.last_progress < PROGRESS_INTERVAL:
+            return
+        else:
+            fields = {}
+        # The first output is reported at once, whatever the cadence: it is what operators
+        # wait for.
+        if first_output:
+            self.ttft_ms = self._ms_since_start(now)
+            fields["ttft_ms"] = self.ttft_ms
+        self.last_progress = now
+        fields["bytes_out"] = self.bytes_out
+        if scanner is not None:
+            fields["chunks_out"] = scanner.data_events
+        if self.last_output is not None:
+            fields["last_output_at"] = round(time.time() - (now - self.last_output), 3)
+        self.recorder.progress(self.request_id, fields)
+
+    def drop(self, in_flight: InFlight) -> None:
+        """Not a request to show after all (the app's own event stream, answering a GET): out
+        of the view at once, with no finished entry, and nothing more reported."""
+        if self.ended:
+            return
+        self.ended = True
+        in_flight.release(self.request_id)
+        if self.published:
+            self.recorder.discard(self.request_id, self.status)
+        self.published = True  # so that nothing reports it later (the start bound's timer)
 
     def finish(self, outcome: Outcome | None, scope: Scope, in_flight: InFlight) -> None:
         if self.ended:
@@ -297,6 +414,8 @@ class _Tracker:
         elif self.response_body:
             usage = sniff.usage_from_json(b"".join(self.response_body))
         self.response_body = None
+        if self.usage_from_app:
+            usage = {**usage, **self.usage_from_app}
         vdm = scope["vdm"]
         if vdm.get("cancelled") is not None:
             outcome = Outcome.CANCELLED  # whatever else the cancel caused on the way out
@@ -316,6 +435,7 @@ class _Tracker:
             input_tokens=usage.get("input_tokens"),
             output_tokens=usage.get("output_tokens"),
             ttft_ms=self.ttft_ms,
+            ttfb_ms=self.ttfb_ms,
         )
 
 
@@ -362,10 +482,18 @@ class RequestMetricsMiddleware:
         request_id_header: bool = True,
         in_flight: InFlight | None = None,
         start_bound: float = START_BOUND,
+        exclude: Iterable[str] = (),
+        cancellable: bool | None = None,
     ) -> None:
         self.app = app
         self.recorder = recorder
+        # Whether to stop a cancelled request (abort.py); by default, when the recorder listens
+        # for cancels (the publisher, unless VDM_WORKER_CANCEL=false).
+        self.cancellable = (
+            bool(getattr(recorder, "cancellable", False)) if cancellable is None else cancellable
+        )
         self.request_id_header = request_id_header
+        self.exclude = PathFilter(exclude)
         if in_flight is None:
             # The publisher's, so its cancel listener finds these requests.
             in_flight = getattr(recorder, "in_flight", None)
@@ -373,22 +501,42 @@ class RequestMetricsMiddleware:
         self._bound = _StartBound(start_bound)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or "vdm" in scope or scope.get("path", "/") in self.exclude:
             await self.app(scope, receive, send)
             return
-        in_flight = self.in_flight
         vdm: dict[str, Any] = {}
         scope["vdm"] = vdm
-        tracker = _Tracker(self.recorder, scope, in_flight)
+        tracker = _Tracker(self.recorder, scope, self.in_flight)
         vdm["request_id"] = tracker.request_id
         if not tracker.published:
             self._bound.add(tracker)
-        response_complete = False
+        stop = None
+        if self.cancellable:
+            # The app's own abort hook, if it sets one (the reverse proxy does), replaces it.
+            stop = vdm["abort"] = Abort()
+        token = context.enter(tracker)
+        try:
+            await self._serve(scope, receive, send, tracker, stop)
+        finally:
+            context.leave(token)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, tracker: _Tracker, stop: Abort | None
+    ) -> None:
+        in_flight = self.in_flight
+        response_complete = body_read = False
 
         async def receive_wrapper() -> Message:
-            message: Message = await receive()
+            nonlocal body_read
+            if stop is not None and (body_read or stop.requested):
+                message = await stop.receive(receive)
+                if message is None:  # cancelled: as a disconnect, but not the client's doing
+                    return {"type": "http.disconnect"}
+            else:
+                message = await receive()
             kind = message["type"]
             if kind == "http.request":
+                body_read = not message.get("more_body", False)
                 tracker.on_request_body(message)
             elif kind == "http.disconnect" and not response_complete:
                 tracker.finish(Outcome.CLIENT_CLOSED, scope, in_flight)
@@ -396,17 +544,18 @@ class RequestMetricsMiddleware:
 
         async def send_wrapper(message: Message) -> None:
             nonlocal response_complete
+            if stop is not None and stop.requested:
+                raise RequestCancelled("the request was cancelled by an operator")
             kind = message["type"]
             if kind == "http.response.body":  # first: it is by far the most frequent
-                tracker.on_response_body(message)
+                if not tracker.ended:
+                    tracker.on_response_body(message)
                 if not message.get("more_body", False):
                     response_complete = True
             elif kind == "http.response.start":
-                tracker.on_response_start(message)
-                if self.request_id_header:
-                    headers = list(message.get("headers", ()))
-                    headers.append((b"x-request-id", tracker.request_id.encode()))
-                    message = {**message, "headers": headers}
+                message = tracker.on_response_start(message, self.request_id_header)
+                if tracker.row["method"] == "GET" and answers_event_stream(message):
+                    tracker.drop(in_flight)
             try:
                 await send(message)
             except OSError:
@@ -418,17 +567,43 @@ class RequestMetricsMiddleware:
                 tracker.finish(None, scope, in_flight)
 
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
-        except BaseException:
-            if tracker.status == 0:
-                tracker.status = 500
-            # The flags the app left in scope["vdm"] (upstream error, cancel) decide.
-            failed = None if response_complete or vdm.get("upstream_error") else Outcome.ERROR
-            tracker.finish(failed, scope, in_flight)
-            raise
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+            except BaseException as exc:
+                if stop is None or not stop.requested or _not_ours(exc, stop):
+                    if tracker.status == 0:
+                        tracker.status = 500
+                    # The flags the app left in scope["vdm"] (upstream error, cancel) decide.
+                    failed = (
+                        None
+                        if response_complete or scope["vdm"].get("upstream_error")
+                        else Outcome.ERROR
+                    )
+                    tracker.finish(failed, scope, in_flight)
+                    raise
+                # Otherwise the app stopped because of the cancel, whichever way it showed it.
+            finally:
+                if stop is not None:
+                    stop.app_returned()
+            if stop is not None and stop.requested and not response_complete:
+                await _cut(tracker, scope, receive, send)
         finally:
             # An app that returns without completing the response (or after a disconnect).
             if not tracker.ended:
                 tracker.finish(
                     None if response_complete else Outcome.CLIENT_CLOSED, scope, in_flight
                 )
+
+
+def _not_ours(exc: BaseException, stop: Abort) -> bool:
+    """A cancellation the abort did not cause (a server shutting down) is not swallowed."""
+    return isinstance(exc, asyncio.CancelledError) and not stop.forced
+
+
+async def _cut(tracker: _Tracker, scope: Scope, receive: Receive, send: Send) -> None:
+    """End a cancelled request's response: 499 if it had not begun, else cut it mid-way."""
+    if tracker.status:
+        raise ResponseAborted("cancelled mid-response")
+    tracker.status = CANCELLED_STATUS
+    body = {"error": "cancelled", "message": "the request was cancelled by an operator"}
+    await JSONResponse(body, CANCELLED_STATUS)(scope, receive, send)

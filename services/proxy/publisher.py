@@ -23,12 +23,12 @@ The publisher also owns the worker's cancel listener (:mod:`services.proxy.cance
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -36,12 +36,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
+from vdm_hub.services.proxy.backlog import CompletedBacklog
 from vdm_hub.services.proxy.cancel import CancelListener, InFlight
 from vdm_hub.services.proxy.forward import public_url
 from vdm_hub.services.proxy.resp import RawRedis, pack
+from vdm_hub.services.proxy.workerid import WorkerIdPlan
 from vdm_hub.shared import __version__, schema
 from vdm_hub.shared.keys import Keys
-from vdm_hub.shared.redis_client import build_client
+from vdm_hub.shared.redis_client import DEFAULT_REDIS_URL, build_client
 from vdm_hub.shared.schema import (
     EndEvent,
     EventType,
@@ -51,7 +53,7 @@ from vdm_hub.shared.schema import (
     Row,
     StartEvent,
 )
-from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.settings import Settings, redacted_url
 from vdm_hub.shared.store import NotRegistered, WireScripts
 
 log = logging.getLogger("vdm.publisher")
@@ -63,13 +65,22 @@ MAX_BATCH_EVENTS = 1_000
 ENVELOPE_ROOM = 2 * 6 * schema.MAX_ID_CHARS + 128
 MAX_BATCH_BYTES = schema.MAX_MESSAGE_BYTES - ENVELOPE_ROOM
 MAX_BATCH_COMPLETED = 500
-MAX_COMPLETED_BACKLOG = 2_000  # finished requests kept for the stream while Redis is away
 PUBLISH_TIMEOUT = 3.0  # seconds a flush may wait for Redis's reply
+UNREACHABLE_EVERY = 60.0  # seconds between two warnings that Redis cannot be reached
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
 # Module globals: an enum member lookup costs ~110 ns on Python 3.11, a global ~20 ns, and
 # these are read a few times per request.
 START, PROGRESS, END = EventType.START, EventType.PROGRESS, EventType.END
 SUPERSEDED = ""  # the type of a pending event left out of its batch
+
+
+def where(settings: Settings) -> str:
+    """Which Redis the settings name, for a log line (never a password)."""
+    if settings.redis_mode == "sentinel":
+        sentinels = ",".join(f"{host}:{port}" for host, port in settings.redis_sentinels)
+        return f"sentinel master {settings.redis_sentinel_master!r} via {sentinels}"
+    url = redacted_url(settings.redis_url or DEFAULT_REDIS_URL)
+    return f"{url} (cluster)" if settings.redis_mode == "cluster" else url
 
 
 @dataclass
@@ -92,7 +103,10 @@ class Publisher:
         upstream: str | None = None,
     ) -> None:
         self.settings = settings
-        self.worker_id = settings.worker_id
+        # Planned again by start_background(), in the process that serves (after any fork).
+        self._plan = WorkerIdPlan.here(settings.worker_id)
+        self.worker_id = self._plan.first()
+        self.instance = os.urandom(8).hex()
         self.keys = Keys(settings.key_prefix)
         self.started_at = time.time()
         self._own_redis = redis is None
@@ -110,20 +124,27 @@ class Publisher:
         self._seq = 0  # of the last batch applied in this epoch
         self._unsure: _Unsure | None = None
         self.active: dict[str, Row] = {}
-        # Requests in flight (unique ids, cancel lookup) and the channel that cancels them.
+        # Requests in flight (unique ids, cancel lookup) and the channel that cancels them,
+        # unless VDM_WORKER_CANCEL=false (the record says so, and no cancel is offered).
+        self.cancellable = settings.cancel
         self.in_flight = InFlight()
         self.cancels = CancelListener(self.redis, self.keys.cancel(self.worker_id), self.in_flight)
         # The batch being gathered: notice events, rows to write, rows to delete, finished.
         self._events: list[RequestEvent] = []
         self._starts: dict[str, StartEvent] = {}  # request_id -> its pending start event
         self._progress: dict[str, ProgressEvent] = {}  # request_id -> its pending progress
-        self._completed: deque[schema.CompletedEntry] = deque(maxlen=MAX_COMPLETED_BACKLOG)
+        # Finished requests not written yet, kept across an outage up to a bound in bytes.
+        self._completed = CompletedBacklog(settings.completed_backlog_bytes)
         self._needs_register = True
         self._closing = False
         self._wakeup = asyncio.Event()
         self._registered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.connected = False
+        self._down_since: float | None = None  # monotonic time of the outage's first failure
+        self._warned_at: float | None = None
+        self._dropped_reported_at = float("-inf")
         # Counters (exposed on /_vdm/status; the stream service counts its own side).
         self.events_dropped = 0
         self.batches_sent = 0
@@ -136,6 +157,11 @@ class Publisher:
 
     def start(self, row: Row) -> None:
         rid = row["request_id"]
+        # On Redis's clock (measured at each heartbeat), which every reader can trust: a host
+        # clock 90 s behind would otherwise show every duration 90 s long.
+        offset = self.scripts.clock.offset
+        if offset:
+            row["start_time"] += offset
         self.active[rid] = row
         if self._admit():
             event: StartEvent = {"type": START, "row": row}
@@ -174,6 +200,7 @@ class Publisher:
         input_tokens: int | None,
         output_tokens: int | None,
         ttft_ms: float | None = None,
+        ttfb_ms: float | None = None,
     ) -> None:
         row = self.active.pop(request_id, None)
         if row is None:
@@ -194,6 +221,8 @@ class Publisher:
             "output_tokens": output_tokens,
             "bytes_out": bytes_out,
             "ttft_ms": ttft_ms,
+            "ttfb_ms": ttfb_ms,
+            "labels": row.get("labels"),
         }
         self._completed.append(entry)
         pending = self._progress.pop(request_id, None)
@@ -216,6 +245,33 @@ class Publisher:
             self._events.append(done)
         self._wakeup.set()
 
+    def discard(self, request_id: str, status: int) -> None:
+        """Take a request out of the view with no finished entry: it turned out not to be one
+        to show (the app's own event stream). Readers get an ``end``, unless its ``start``
+        has not gone out yet, in which case neither does."""
+        if self.active.pop(request_id, None) is None:
+            return
+        pending = self._progress.pop(request_id, None)
+        if pending is not None:
+            pending["type"] = SUPERSEDED
+        start = self._starts.pop(request_id, None)
+        if start is not None:
+            start["type"] = SUPERSEDED
+            return
+        if self._admit():
+            done: EndEvent = {
+                "type": END,
+                "request_id": request_id,
+                "status": status,
+                "outcome": Outcome.OK.value,
+                "duration_ms": 0.0,
+                "input_tokens": None,
+                "output_tokens": None,
+                "bytes_out": 0,
+            }
+            self._events.append(done)
+            self._wakeup.set()
+
     def _admit(self) -> bool:
         """Should this event be queued? Not while a rewrite is due (it supersedes events);
         on overflow the event is dropped, counted, and a rewrite planned."""
@@ -232,11 +288,20 @@ class Publisher:
 
     async def start_background(self) -> None:
         """Start flushing and heartbeating; returns at once even if Redis is away."""
+        self.start_tasks()
+
+    def start_tasks(self) -> None:
+        """:meth:`start_background` for a caller that cannot await (it needs a running loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._plan = WorkerIdPlan.here(self.settings.worker_id)
+        self.instance = os.urandom(8).hex()  # not the pre-fork parent's
+        self._adopt_id(self._plan.first())
         self._tasks = [
             asyncio.create_task(self._flush_loop(), name="vdm-flush"),
             asyncio.create_task(self._heartbeat_loop(), name="vdm-heartbeat"),
-            asyncio.create_task(self.cancels.run(), name="vdm-cancel"),
         ]
+        if self.cancellable:
+            self._tasks.append(asyncio.create_task(self.cancels.run(), name="vdm-cancel"))
         self._wakeup.set()
 
     async def wait_registered(self) -> None:
@@ -263,11 +328,47 @@ class Publisher:
                 if self.epoch:
                     await self.scripts.remove(self.worker_id, reason="shutdown", epoch=self.epoch)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("shutdown: could not flush and deregister: %r", exc)
+            log.warning(
+                "shutdown: could not flush and deregister (%d finished requests not written): %r",
+                len(self._completed),
+                exc,
+            )
+        self._report_dropped()
         if self._raw is not None:
             self._raw.close()
         if self._own_redis:
             await self.redis.aclose()
+
+    def close_after_loop(self, grace: float = 2.0) -> None:
+        """Best effort at interpreter exit, for a publisher nothing closed (a server that sent
+        no lifespan): its loop has ended, and with it its tasks and connections, so pending
+        events are flushed and the worker deregistered over a fresh client on a loop of its
+        own. Does nothing while that loop still runs (in another thread)."""
+        if self._loop is not None and self._loop.is_running():
+            return
+        if self._raw is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed
+                self._raw.close()
+            self._raw = None
+        self._tasks = []
+        self._wakeup = asyncio.Event()
+        self.redis = build_client(self.settings, socket_timeout=PUBLISH_TIMEOUT, retries=0)
+        self._own_redis = True
+        self.scripts = WireScripts(self.redis, self.keys)
+        try:
+            asyncio.run(self.close(grace))
+        except Exception as exc:
+            log.warning("at exit: could not flush and deregister: %r", exc)
+
+    def _adopt_id(self, worker_id: str) -> None:
+        """Publish under ``worker_id`` from now on (the rows in flight move with it)."""
+        if worker_id == self.worker_id:
+            return
+        self.worker_id = worker_id
+        for row in self.active.values():
+            row["worker_id"] = worker_id
+        self.cancels.retarget(self.keys.cancel(worker_id))
+        self._needs_register = True
 
     def _has_pending(self) -> bool:
         return bool(
@@ -288,6 +389,9 @@ class Publisher:
             heartbeat_interval=self.settings.worker_heartbeat_interval,
             ttl=self.settings.worker_ttl,
             events_dropped=self.events_dropped,
+            instance=self.instance,
+            cancellable=self.cancellable,
+            completed_dropped=self._completed.dropped,
         )
 
     def _ttl_ms(self) -> int:
@@ -306,31 +410,87 @@ class Publisher:
             # A (re-)registration follows a fault or a reap: the raw connection may be stale
             # (Redis restarted under it), so the next batch starts on a fresh one.
             self._raw.close()
-        rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
         previous, self.epoch = self.epoch, epoch
         try:
-            await self.scripts.register(self.record(), rows, ttl_ms=self._ttl_ms())
+            rows = await self._claim()
         except BaseException:
             self.epoch = previous
             self._needs_register = True
             raise
+        self._needs_register = False
         self._seq = 1
         self.registrations += 1
         self._registered.set()
-        log.info(
-            "registered worker %s (epoch %s, %d requests in flight)",
+        if self.registrations == 1:
+            # The one line that says where this process publishes, and as whom.
+            log.info(
+                "publishing requests to %s (key prefix %r) as worker %s",
+                where(self.settings),
+                self.settings.key_prefix,
+                self.worker_id,
+            )
+        else:
+            log.info(
+                "registered worker %s again (epoch %s, %d requests in flight)",
+                self.worker_id,
+                epoch,
+                len(rows),
+            )
+
+    async def _claim(self) -> list[tuple[str, bytes]]:
+        """Register under the first id of the plan no other live process holds; the rows
+        written. The first registration of a fixed id takes it over (it may be this very
+        process's predecessor, crashed and not reaped yet); a later one, or one of an
+        ``{index}`` template, only claims a free id: a process whose id was taken over while
+        it lived moves on, and says so (workerid.py)."""
+        claim = self._plan.indexed or self.registrations > 0
+        refused: list[tuple[str, bytes]] = []  # (id, its holder's record)
+        while True:
+            rows = [(rid, schema.encode_row(row)) for rid, row in list(self.active.items())]
+            holder = await self.scripts.register(
+                self.record(), rows, ttl_ms=self._ttl_ms(), claim=claim
+            )
+            if holder is None:
+                break
+            refused.append((self.worker_id, holder))
+            tried = {wid for wid, _ in refused}
+            free = next((c for c in self._plan.candidates() if c not in tried), None)
+            if free is None:
+                raise RedisError(f"every id of VDM_WORKER_ID={self._plan.template!r} is taken")
+            self._adopt_id(free)
+        if refused:
+            self._report_taken(*refused[0])
+        return rows
+
+    def _report_taken(self, worker_id: str, holder: bytes) -> None:
+        """One line for an id this process could not have: a warning when two live processes
+        were given one id (an ``{index}`` taken meanwhile is routine)."""
+        try:
+            record = schema.decode_worker_record(holder)
+            other = f"host {record['host']}, pid {record['pid']}"
+        except schema.MalformedMessage:
+            other = "a process that left no readable record"
+        if self._plan.indexed:
+            log.info("worker id %s is held by %s; taking %s", worker_id, other, self.worker_id)
+            return
+        log.warning(
+            "worker id %s is also in use by another live process (%s); this process (host %s, "
+            "pid %d) publishes as %s from now on. Give each process its own VDM_WORKER_ID, or "
+            "put {pid} or {index} in it",
+            worker_id,
+            other,
+            self._plan.host,
+            self._plan.pid,
             self.worker_id,
-            epoch,
-            len(rows),
         )
 
-    def _replan(self, epoch: str, why: str) -> None:
+    def _replan(self, epoch: str, why: str, level: int = logging.WARNING) -> None:
         """Plan a rewrite because a call made under ``epoch`` failed; one per incident: a
         failure reported for an epoch already replaced (or a rewrite already planned) is not
         another incident."""
         if epoch != self.epoch or self._needs_register:
             return
-        log.warning("%s; rewriting this worker's state", why)
+        log.log(level, "%s; rewriting this worker's state", why)
         self._needs_register = True
         self._wakeup.set()
 
@@ -350,7 +510,7 @@ class Publisher:
             log.info("the batch whose reply was lost had been applied; not sending it again")
             self.batches_sent += 1
             return
-        self._completed.extendleft(reversed(unsure.done))
+        self._completed.put_back(unsure.done)
 
     def _take_batch(self) -> tuple[bytes, int, list[tuple[str, bytes]], list[str], list[Any]]:
         """The next batch: (events JSON, event count, rows to set, rows to delete, finished)."""
@@ -384,8 +544,7 @@ class Publisher:
             if row is not None:
                 rows[rid] = row
         sets = [(rid, schema.encode_row(row)) for rid, row in rows.items()]
-        count = min(len(self._completed), MAX_BATCH_COMPLETED)
-        done = [self._completed.popleft() for _ in range(count)]
+        done = self._completed.take(MAX_BATCH_COMPLETED)
         return events_json, len(events), sets, deletes, done
 
     async def _flush_once(self) -> None:
@@ -400,9 +559,11 @@ class Publisher:
         try:
             seq = await self._apply(events_json, sets, deletes, done)
         except NotRegistered:
-            self._completed.extendleft(reversed(done))
+            self._completed.put_back(done)
             self._replan(
-                epoch, f"worker {self.worker_id} is no longer registered (reaped or superseded)"
+                epoch,
+                f"worker {self.worker_id} is no longer registered (reaped or superseded)",
+                logging.INFO,  # the registration that follows says which, when it matters
             )
             return
         except BaseException:
@@ -480,8 +641,13 @@ class Publisher:
                     # with this task add their events to this batch, not to the next call.
                     await asyncio.sleep(0)
                     await self._flush_once()
-                    if not self.connected:
-                        log.info("connected to Redis")
+                    if self._down_since is not None:
+                        took = time.monotonic() - self._down_since
+                        log.info("Redis is back after %.1f s", took)
+                        self._down_since = None
+                        self._report_dropped()
+                    elif self._completed.unreported:
+                        self._report_dropped(UNREACHABLE_EVERY)
                     self.connected = True
                     delay = RETRY_MIN
             except Exception as exc:
@@ -490,8 +656,8 @@ class Publisher:
                 self.flush_failures += 1
                 if not isinstance(exc, RedisError | OSError | TimeoutError):
                     log.exception("unexpected error while flushing; rewriting state")
-                elif self.connected:
-                    log.warning("Redis unavailable, proxying goes on unrecorded: %s", exc)
+                else:
+                    self._warn_unreachable(exc)
                 self.connected = False
                 self._needs_register = True
                 # Events gathered while Redis is away are superseded by the rewrite.
@@ -503,6 +669,35 @@ class Publisher:
                 await asyncio.sleep(delay)
                 delay = min(RETRY_MAX, delay * 2)
                 self._wakeup.set()
+
+    def _warn_unreachable(self, exc: BaseException) -> None:
+        """While Redis cannot be reached, say so at most once a minute (from the start on)."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        if self._warned_at is None or now - self._warned_at >= UNREACHABLE_EVERY:
+            self._warned_at = now
+            log.warning(
+                "Redis at %s cannot be reached (%s): requests are served but not published "
+                "until it is back (%d finished requests kept meanwhile)",
+                where(self.settings),
+                exc or type(exc).__name__,
+                len(self._completed) + (len(self._unsure.done) if self._unsure else 0),
+            )
+
+    def _report_dropped(self, every: float = 0.0) -> None:
+        """Say how many finished requests the backlog's bound cost: once per outage (at its
+        end, or at shutdown), at most once a minute when Redis was reachable but too slow."""
+        now = time.monotonic()
+        if self._completed.unreported and now - self._dropped_reported_at >= every:
+            log.warning(
+                "%d finished requests were dropped, the oldest first, to keep at most "
+                "VDM_COMPLETED_BACKLOG_BYTES=%d bytes of them while Redis could not take them",
+                self._completed.unreported,
+                self._completed.limit,
+            )
+            self._completed.unreported = 0
+            self._dropped_reported_at = now
 
     def _heartbeat_timeout(self) -> float:
         """A heartbeat's own bound: a fifth of the TTL (0.5-2 s), so a few retries fit in it."""
@@ -518,14 +713,14 @@ class Publisher:
             # The connection broke: Redis may have restarted, maybe from an old snapshot that
             # still holds this epoch with rows long gone. Same rule as a failed flush.
             self.heartbeat_failures += 1
-            self._replan(epoch, f"heartbeat lost its connection to Redis ({exc})")
+            self._replan(epoch, f"heartbeat lost its connection to Redis ({exc})", logging.INFO)
             return False
         except (RedisError, OSError, TimeoutError) as exc:
             self.heartbeat_failures += 1
-            log.info("heartbeat failed (%s); retrying", exc or type(exc).__name__)
+            log.debug("heartbeat failed (%s); retrying", exc or type(exc).__name__)
             return False
         if not alive:
-            self._replan(epoch, "heartbeat refused (reaped or superseded)")
+            self._replan(epoch, "heartbeat refused (reaped or superseded)", logging.INFO)
         return True
 
     async def _heartbeat_loop(self) -> None:
@@ -557,6 +752,9 @@ class Publisher:
             "connected": self.connected,
             "in_flight": len(self.active),
             "events_dropped": self.events_dropped,
+            "completed_kept": len(self._completed),
+            "completed_kept_bytes": self._completed.bytes,
+            "completed_dropped": self._completed.dropped,
             "events_sent": self.events_sent,
             "batches_sent": self.batches_sent,
             "flush_failures": self.flush_failures,

@@ -1,7 +1,8 @@
 """Read what the hub needs out of request and response bodies, and nothing else.
 
-Only `model`, `stream` and token counts are taken; the bodies themselves never leave the
-process. Everything here is best effort on untrusted bytes: it never raises.
+Only `model`, `stream`, token counts and the moment of a stream's first output event are
+taken; the bodies themselves never leave the process. Everything here is best effort on
+untrusted bytes: it never raises.
 """
 
 from __future__ import annotations
@@ -105,28 +106,109 @@ def usage_from_json(body: bytes) -> dict[str, int]:
         return {}
 
 
-class StreamUsageScanner:
-    """Finds token usage in an SSE response as it streams past, chunk by chunk, and counts its
-    `data:` lines (``data_events``: one per event in every LLM API's streams).
+# The fields of an OpenAI chat `choices[].delta` that carry generated output. Reasoning counts:
+# it is generated output the client receives (as Anthropic's thinking_delta is a
+# content_block_delta); the role-only first chunk (`{"role": "assistant", "content": ""}`)
+# does not.
+_CHAT_OUTPUT = frozenset(
+    {"content", "tool_calls", "function_call", "refusal", "reasoning_content", "reasoning", "audio"}
+)
+
+
+def _has_output_marker(data: bytes) -> bool:
+    """Could an event in ``data`` carry generated output? Only lines that say so are
+    JSON-decoded, and only until the first output was seen. The markers name the output
+    events themselves, so most of a preamble is skipped undecoded (message_start, ping,
+    content_block_start, response.created, response.content_part.added...): Anthropic's
+    `content_block_delta`, the Responses API's `response.*.delta` types, OpenAI's (and
+    legacy completions') `choices`, Gemini's `candidates`. The quotes make them keys or
+    whole values: inside a JSON string a quote is escaped."""
+    # Spelled out, not any(...) over a tuple: a generator costs more than the searches.
+    return (
+        b'"choices"' in data
+        or b'content_block_delta"' in data
+        or b'.delta"' in data
+        or b'"candidates"' in data
+    )
+
+
+def carries_output(event: Any) -> bool:
+    """Does this decoded SSE event carry generated output (a token, a tool call, reasoning)?
+
+    OpenAI chat completions: a `choices[].delta` with a non-empty output field (or a legacy
+    completion's non-empty `choices[].text`); the Responses API: a ``response.*.delta`` event
+    with a non-empty `delta` (output text, refusal, function-call arguments, reasoning, audio);
+    Anthropic: a `content_block_delta` whose delta is not empty (an empty `partial_json` opens
+    every tool call); Gemini: a candidate's non-empty content part. Not: `message_start`,
+    `ping`, `content_block_start`, `response.created` and the like, role-only or empty deltas,
+    usage-only chunks.
+    """
+    if not isinstance(event, dict):
+        return False
+    kind = event.get("type")
+    if isinstance(kind, str):
+        if kind == "content_block_delta":
+            delta = event.get("delta")
+            if isinstance(delta, dict):
+                for name, value in delta.items():
+                    if value and name != "type":
+                        return True
+            return False
+        if kind.startswith("response."):
+            return kind.endswith(".delta") and bool(event.get("delta"))
+    choices = event.get("choices")
+    if isinstance(choices, list):
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                # Over the delta's own few fields: cheaper than looking up every output field.
+                for name, value in delta.items():
+                    if value and name in _CHAT_OUTPUT:
+                        return True
+            if choice.get("text"):
+                return True
+        return False
+    candidates = event.get("candidates")
+    if isinstance(candidates, list):
+        for candidate in candidates:
+            content = candidate.get("content") if isinstance(candidate, dict) else None
+            parts = content.get("parts") if isinstance(content, dict) else None
+            if isinstance(parts, list) and any(
+                isinstance(p, dict) and any(p.values()) for p in parts
+            ):
+                return True
+    return False
+
+
+class SSEScanner:
+    """Reads an SSE response as it streams past, chunk by chunk: counts its `data:` lines
+    (``data_events``: one per event in every LLM API's streams), notices the first event that
+    carries generated output (``output_seen``, see :func:`carries_output`) and finds token
+    usage (``usage``).
 
     OpenAI's chat completions send usage in a final chunk, its Responses API in
     `response.completed`; Anthropic sends input tokens in `message_start` and output tokens in
-    `message_delta`. Later values win. Lines are only parsed when they mention "usage", so
-    ordinary content chunks cost a substring search.
+    `message_delta`. Later values win. A line is only decoded when it mentions "usage", or,
+    until the first output was seen, one of the output markers: once streaming, ordinary
+    content chunks cost a substring search.
     """
 
-    __slots__ = ("_partial", "_tail", "data_events", "usage")
+    __slots__ = ("_partial", "_tail", "data_events", "output_seen", "usage")
 
     def __init__(self) -> None:
         self._partial = b""
         self._tail = b"\n"  # the stream's start counts as a line start
         self.data_events = 0
+        self.output_seen = False
         self.usage: dict[str, int] = {}
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes) -> bool:
+        """Take the next chunk; True when it completed the stream's first output event."""
         # Hot path (runs for every chunk of every streamed response): SSE chunks usually end
         # on a line break and hold no usage, which costs one count, one rfind and one substring
-        # search, with no copy of the chunk.
+        # search, with no copy of the chunk (plus the marker search until the first output).
         # `data:` at a line start; one split across chunks is found in the joint (the tail
         # and the head are each too short to hold the whole pattern, so nothing counts twice).
         self.data_events += chunk.count(b"\ndata:") + (self._tail + chunk[:5]).count(b"\ndata:")
@@ -135,14 +217,28 @@ class StreamUsageScanner:
         cut = data.rfind(b"\n")
         if cut < 0:
             self._partial = data if len(data) <= MAX_LINE_BYTES else b""
-            return
+            return False
         tail = len(data) - cut - 1
         self._partial = data[cut + 1 :] if 0 < tail < MAX_LINE_BYTES else b""
-        if b'"usage"' not in data:
-            return
+        look = not self.output_seen and _has_output_marker(data)
+        usage = b'"usage"' in data
+        if not (look or usage):
+            return False
+        first = False
         for line in data[:cut].split(b"\n"):
-            if line.startswith(b"data:") and b'"usage"' in line:
-                try:
-                    self.usage.update(_usage_of(orjson.loads(line[5:])))
-                except orjson.JSONDecodeError:
-                    continue
+            if not line.startswith(b"data:"):
+                continue
+            wants_output = look and _has_output_marker(line)
+            wants_usage = usage and b'"usage"' in line
+            if not (wants_output or wants_usage):
+                continue
+            try:
+                event = orjson.loads(line[5:])
+            except orjson.JSONDecodeError:
+                continue
+            if wants_output and carries_output(event):
+                self.output_seen = first = True
+                look = False
+            if wants_usage:
+                self.usage.update(_usage_of(event))
+        return first

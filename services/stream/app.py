@@ -29,6 +29,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vdm_hub.services.stream.cancel import cancel_router
+from vdm_hub.services.stream.completed import completed_router
 from vdm_hub.services.stream.fanout import Broadcaster
 from vdm_hub.services.stream.hub import Hub
 from vdm_hub.services.stream.memo import PeriodicMemo
@@ -40,18 +41,11 @@ from vdm_hub.shared.auth import DEFAULT_EXEMPT, RequireAuth
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.redis_client import build_client
 from vdm_hub.shared.responses import JSONResponse
-from vdm_hub.shared.settings import Settings
+from vdm_hub.shared.settings import Settings, any_host_origin_regex
 
 log = logging.getLogger("vdm.stream")
 
 STREAM_PATH = "/metrics/active-requests/stream"
-
-
-def _unsync(hub: Hub) -> Callable[[], None]:
-    def unsync() -> None:
-        hub.ready = False
-
-    return unsync
 
 
 def _job_name(job: Callable[[], Awaitable[None]]) -> str:
@@ -91,9 +85,11 @@ def _access_control(settings: Settings) -> list[tuple[Any, dict[str, Any]]]:
     if settings.auth_token:
         layers.append((RequireAuth, {"token": settings.auth_token, "exempt_paths": DEFAULT_EXEMPT}))
     if settings.cors_origins:
-        origins = list(settings.cors_origins)
+        origins = [o for o in settings.cors_origins if not o.startswith(("http://*", "https://*"))]
         cors = {
             "allow_origins": origins,
+            # scheme://*:port entries: any host name on that port (settings.py)
+            "allow_origin_regex": any_host_origin_regex(settings.cors_origins),
             "allow_methods": ["GET", "POST"],  # POST: the cancel action
             "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Cache-Control"],
             # Credentials only with an explicit origin list (settings refuse '*' + token).
@@ -149,6 +145,7 @@ def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> St
         keys,
         step=settings.sse_interval,
         in_flight=(lambda: flight_summary(hub.in_flight())) if hub is not None else None,
+        fleet_since=functools.partial(_fleet_since, hub) if hub is not None else None,
         on_entry=finished.observe,
         on_malformed=finished.malformed_completed,
     )
@@ -176,9 +173,18 @@ def build_service(settings: Settings, redis: aioredis.Redis | None = None) -> St
         hub=hub,
         stats=stats,
         broadcaster=bc,
-        metrics=StreamMetrics(hub, bc, finished, stuck_after=settings.stuck_after),
+        metrics=StreamMetrics(
+            hub, bc, finished, stuck_after=settings.stuck_after, stall_after=settings.stall_after
+        ),
         supervisor=_supervisor(hub, stats, bc, settings.sse_send_timeout),
         summary_memo=summary_memo,
+    )
+
+
+def _fleet_since(hub: Hub) -> float | None:
+    """The earliest start of a worker in view: the fleet has been serving since then."""
+    return min(
+        (view.record["started_at"] for view in hub.workers.values() if view.record), default=None
     )
 
 
@@ -194,7 +200,7 @@ def _supervisor(
     jobs += [bc.run_updates, bc.run_heartbeats, functools.partial(bc.run_sweeps, send_timeout)]
     for job in jobs:
         # A crashed reader leaves its view unsynced until its restart has resynced it.
-        crash = _unsync(hub) if job == hub.run else None
+        crash = hub.reader_crashed if job == hub.run else None
         supervisor.add(_job_name(job), job, crash)
     return supervisor
 
@@ -245,6 +251,8 @@ async def not_ready_because(service: StreamService) -> str | None:
     if not supervisor.healthy:
         failing = ", ".join(sorted(supervisor.failing))
         return f"background task failed, restarting: {failing} (see the log)"
+    if not hub.sync.ok:  # the reason clients are shown too (services/stream/sync.py)
+        return f"not in sync with Redis: {hub.sync.reason}"
     if not hub.ready:
         return "not in sync with Redis yet (starting, or resyncing after a lost link)"
     try:
@@ -258,11 +266,12 @@ async def not_ready_because(service: StreamService) -> str | None:
 def _health_routes(service: StreamService) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/healthz")
+    # HEAD too: load balancers and uptime checkers probe with it (Starlette drops the body).
+    @router.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @router.get("/readyz")
+    @router.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> Response:
         hub = service.hub
         if hub is None:
@@ -306,5 +315,6 @@ def create_app(settings: Settings, redis: aioredis.Redis | None = None) -> FastA
     app.router.routes.append(Route(STREAM_PATH, endpoint=sse, methods=["GET"]))
     app.include_router(cancel_router(settings, service.hub, service.redis, service.keys))
     app.include_router(_data_routes(service))
+    app.include_router(completed_router(service.redis, service.keys))
     app.include_router(_health_routes(service))
     return app

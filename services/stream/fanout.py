@@ -55,6 +55,8 @@ FRESH_WAIT = 0.5
 # workers, a list per change would be most of every delta. Held-back counts go out when the
 # window ends (a publish is scheduled for it), membership and status changes at once.
 WORKER_COUNTS_EVERY = 0.25
+# The sync fields of a broadcaster without a hub (tests of the fan-out alone).
+OK_SYNC = b'"sync":"ok","sync_since":0,"sync_reason":null'
 
 
 class Client:
@@ -187,10 +189,11 @@ class Broadcaster:
         data = payloads.delta(
             version,
             base,
-            self.table.rows_json(now, upsert),
+            self.table.rows_json(self._shown(now), upsert),
             remove,
             now,
             self.workers_json if workers_changed else None,
+            sync=self._sync(),
         )
         self.delta_frame = encode_event("delta", data, event_id=version)
         self.version, self.base, self.timestamp = version, base, now
@@ -228,6 +231,16 @@ class Broadcaster:
     def beat(self) -> None:
         self.publish(beat=True)
 
+    def _sync(self) -> bytes:
+        """The hub's sync fields. A change of them bumps the hub's version, so they are fixed
+        within a version like the rows."""
+        return self.hub.sync.fields_json if self.hub is not None else OK_SYNC
+
+    def _shown(self, now: float) -> float:
+        """The time rows' ``duration_ms`` are taken at: while the view is stale, the last
+        moment it was confirmed."""
+        return self.hub.sync.shown_time(now) if self.hub is not None else now
+
     # ----------------------------------------------------------------- frames on demand
 
     def snapshot(self) -> bytes:
@@ -237,8 +250,10 @@ class Broadcaster:
             if self.hub is None:
                 self._snapshot = payloads.disabled_snapshot(now)
             else:
-                rows = self.table.rows_json(now)
-                self._snapshot = payloads.snapshot(rows, self.workers_json, now, self.version)
+                rows = self.table.rows_json(self._shown(now))
+                self._snapshot = payloads.snapshot(
+                    rows, self.workers_json, now, self.version, sync=self._sync()
+                )
             self.snapshots += 1
         return self._snapshot
 
@@ -281,10 +296,11 @@ class Broadcaster:
         data = payloads.delta(
             self.version,
             held,
-            self.table.rows_json(now, upsert),
+            self.table.rows_json(self._shown(now), upsert),
             remove,
             now,
             self.workers_json if span.workers else None,
+            sync=self._sync(),
         )
         frame = self._merged[held] = encode_event("delta", data, event_id=self.version)
         return frame

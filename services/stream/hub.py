@@ -11,11 +11,23 @@ It follows the reader rules of wire protocol v1 (``docs/protocol.md``):
 - a lost subscription -> reconnect with bounded backoff and resync everything. Nothing heals
   on a timer: the only periodic work is the reaper, which judges heartbeat deadlines.
 
-Every change of the in-memory state bumps :attr:`Hub.version` and calls the change callback
-(the fan-out's throttle decides when to publish). A batch also notes the request ids it
-touched in ``WorkerView.changed``; a resync replaces the worker's view, which the fan-out's
-row table diffs against the old one (``services/stream/table.py``). Anything read from Redis is
-untrusted: bad messages and rows are skipped, counted and logged at a bounded rate.
+Whether the view can be vouched for is :attr:`Hub.sync` (``services/stream/sync.py``): the
+reader reports a lost link and a Redis that stops answering its PINGs, the reaper's probe
+reports a Redis that refuses writes (so workers cannot heartbeat). While ``sync`` is stale
+nobody is reaped, and once it is ok again every worker gets one TTL to heartbeat before its
+deadline is judged: Redis's clock ran on while it was frozen or refusing writes, so every
+deadline looks expired at the thaw. The reaper also reconciles the view with the workers Redis
+knows, so a worker that vanished from Redis without a ``worker_down`` (a FLUSHALL, a deleted
+key) leaves the view within a tick.
+
+Rows live in their worker's view, by request id: ids are unique per worker only (a client's
+retry can carry one id to two workers), so a row is named by (worker id, request id) wherever
+it leaves the hub. Every change of the in-memory state bumps :attr:`Hub.version` and calls the
+change callback (the fan-out's throttle decides when to publish). A batch also notes the
+request ids it touched in ``WorkerView.changed``; a resync replaces the worker's view, which
+the fan-out's row table diffs against the old one (``services/stream/table.py``). Anything
+read from Redis is untrusted: bad messages and rows are skipped, counted and logged at a
+bounded rate.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,10 +45,17 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
+from vdm_hub.services.stream.sync import (
+    NOT_ANSWERING,
+    READER_CRASHED,
+    SyncState,
+    failure_reason,
+    refusal_reason,
+)
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.redis_client import drop_connections, ensure_topology, subscribed
-from vdm_hub.shared.store import WireScripts, list_worker_ids, read_worker_state
+from vdm_hub.shared.store import WireScripts, list_worker_ids
 
 log = logging.getLogger("vdm.stream.hub")
 
@@ -48,8 +68,14 @@ BACKOFF_MAX = 0.5
 # subscription and treats this much silence as a lost connection.
 PING_EVERY = 1.0
 SILENCE_LIMIT = 5.0
-# Workers read concurrently during a full resync (each read is one MULTI round trip).
+# A PING unanswered this long: the view can no longer be vouched for (sync goes stale) well
+# before the link is given up for lost. Also the bound of each of the reaper's probes.
+STALE_AFTER = 2.0
+# Workers read concurrently during a full resync (each read is one script round trip).
 RESYNC_CONCURRENCY = 32
+# The parts of the hub that report sync problems (services/stream/sync.py).
+READER = "reader"
+PROBE = "writes"
 
 
 class Status(StrEnum):
@@ -107,6 +133,12 @@ class WorkerView:
     def ttl(self) -> float:
         return self.record["ttl"] if self.record else schema.DEFAULT_WORKER_TTL_S
 
+    @property
+    def cancellable(self) -> bool:
+        """False only when the worker's record says it cannot stop its requests; a record
+        without the field is an older worker, and those all listen for cancels."""
+        return self.record is None or self.record.get("cancellable", True)
+
     def see_deadline(self, deadline_ms: float | None) -> None:
         if deadline_ms is not None:
             self.last_seen = deadline_ms / 1000.0 - self.ttl
@@ -144,12 +176,32 @@ class Hub:
         self.on_change: Callable[[], None] = on_change or (lambda: None)
         self._bad = RateLimitedLog(log)
         self._subscribed = asyncio.Event()
+        self.sync = SyncState(on_change=self._sync_changed)
+        self._probed_at = time.time()  # wall time of the last probe that passed
+        # Deadlines are judged only from a TTL after this Redis time (set after stale periods).
+        self._judge_episode = 0
+        self._judge_from_ms = -math.inf
 
     # ----------------------------------------------------------------- state changes
 
     def _changed(self) -> None:
         self.version += 1
         self.on_change()
+
+    def _sync_changed(self) -> None:
+        """Clients must learn at once: a change of ``sync`` is a new version like any other."""
+        sync = self.sync
+        if sync.ok:
+            log.info("in sync with Redis again")
+        else:
+            log.warning("out of sync with Redis: %s", sync.reason)
+        self._changed()
+
+    def reader_crashed(self) -> None:
+        """The reader loop died of a bug (its supervisor restarts it): nothing vouches for the
+        view until the restarted reader has resynced."""
+        self.ready = False
+        self.sync.fail(READER, READER_CRASHED)
 
     def malformed(self, what: str, detail: object, n: int = 1) -> None:
         self.counters.malformed += n
@@ -178,9 +230,9 @@ class Hub:
     # ----------------------------------------------------------------- loading
 
     async def resync_worker(self, worker_id: str) -> None:
-        """Replace one worker's view with its state in Redis (a MULTI read)."""
+        """Replace one worker's view with its state in Redis (one atomic read)."""
         self.counters.resyncs += 1
-        state = await read_worker_state(self.redis, self.keys, worker_id)
+        state = await self.scripts.read_worker_state(worker_id)
         if state.malformed:
             self.malformed(
                 "hash entry", f"{state.malformed} in worker {worker_id!r}", state.malformed
@@ -189,8 +241,9 @@ class Hub:
         self._changed()
 
     def _install(self, worker_id: str, state: Any) -> None:
-        if state.epoch is None:
-            # No seq marker: the worker is gone (removed, or never registered completely).
+        if state.epoch is None or (state.record is None and state.deadline_ms is None):
+            # No seq marker, or neither a record nor a deadline: the worker is gone (removed,
+            # flushed, or never registered completely).
             self.workers.pop(worker_id, None)
             return
         view = WorkerView(
@@ -210,7 +263,7 @@ class Hub:
 
         async def read(wid: str) -> Any:
             async with sem:
-                return await read_worker_state(self.redis, self.keys, wid)
+                return await self.scripts.read_worker_state(wid)
 
         states = await asyncio.gather(*(read(wid) for wid in ids))
         bad = sum(s.malformed for s in states)
@@ -304,6 +357,7 @@ class Hub:
                             "in sync: %d workers, %d rows", len(self.workers), self.row_count()
                         )
                     self.ready = True
+                    self.sync.clear(READER)
                     backoff = 0.0
                     await self._follow(pubsub)
             except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
@@ -311,6 +365,7 @@ class Hub:
                 # being rebuilt (a failover) raises it, and it must not end the subscription.
                 self.ready = False
                 self._subscribed.clear()
+                self.sync.fail(READER, failure_reason(exc))
                 log.warning("lost Redis (%s); reconnecting in %.2fs", exc, backoff)
                 with contextlib.suppress(RedisError, OSError):
                     await drop_connections(self.redis)
@@ -318,58 +373,137 @@ class Hub:
                 backoff = min(BACKOFF_MAX, max(BACKOFF_START, backoff * 2))
 
     async def _follow(self, pubsub: aioredis.client.PubSub) -> None:
-        """Apply messages until the subscription fails or falls silent past SILENCE_LIMIT."""
+        """Apply messages until the subscription fails or Redis leaves a PING unanswered past
+        SILENCE_LIMIT; unanswered past STALE_AFTER, the view is stale until Redis answers.
+
+        Silence counts from the first PING sent after the last reply, not from the last reply:
+        a hub whose own loop was busy for seconds on an idle channel sent no PING meanwhile,
+        and that is no sign of a frozen Redis."""
         loop = asyncio.get_running_loop()
         heard = next_ping = loop.time()
+        unanswered: float | None = None  # loop time of the first PING since the last reply
+        silent = False
         while True:
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PING_EVERY)
             now = loop.time()
             if msg is not None:
-                heard = now
+                heard, unanswered = now, None
+                if silent:
+                    silent = False
+                    self.sync.clear(READER)
                 if msg.get("type") == "message":
                     await self.handle_message(msg["data"])
-            if now - heard > SILENCE_LIMIT:
-                raise ConnectionError(f"no reply on the subscription for {now - heard:.1f}s")
+            waited = 0.0 if unanswered is None else now - unanswered
+            if waited > STALE_AFTER and not silent:
+                silent = True
+                # Confirmed last when the last reply came (wall time, for clients).
+                self.sync.fail(READER, NOT_ANSWERING, time.time() - (now - heard))
+            if waited > SILENCE_LIMIT:
+                # A TimeoutError (not a lost connection): the reason stays "not answering".
+                raise TimeoutError(f"no reply on the subscription for {now - heard:.1f}s")
             if now >= next_ping:
                 next_ping = now + PING_EVERY
+                if unanswered is None:
+                    unanswered = now
                 await pubsub.ping()
 
     async def reap_once(self) -> None:
-        """Reap expired workers (idempotent across services) and refresh last_seen/status."""
-        now = await self.scripts.redis_time_ms()  # deadlines are on Redis's clock
+        """Probe Redis; if it accepts writes and the view is in sync, reconcile the view with
+        the workers Redis knows, reap expired workers (idempotent across services) and refresh
+        last_seen/status."""
+        now = await self._probe()
+        if now is None or not self.sync.ok:
+            return  # deadlines prove nothing while workers could not have heartbeated
         deadlines: Any = await self.redis.zrange(self.keys.alive, 0, -1, withscores=True)
-        changed = False
+        alive: dict[str, float] = {}
         for raw, deadline in deadlines:
-            wid = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-            if deadline <= now:
-                if await self.scripts.remove(wid, reason="reaped", expired_only=True):
-                    self.counters.reaped += 1
-                    log.info("reaped worker %s (no heartbeat for its ttl)", wid)
-                    # Do not wait for our own notice: the rows are gone from Redis already.
-                    if self.workers.pop(wid, None) is not None:
-                        changed = True
-                elif wid in self.workers:
-                    # Nothing removed: a heartbeat came in between (the worker lives on) or
-                    # another reaper won (its notice follows). Redis knows which: ask it
-                    # rather than drop a live worker until its next batch.
-                    await self.resync_worker(wid)
-                continue
+            alive[raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)] = deadline
+        await self._reconcile(alive)
+        changed = False
+        for wid, deadline in alive.items():
             view = self.workers.get(wid)
-            if view is None:
-                continue
-            view.see_deadline(deadline)
-            stale = view.last_seen is not None and (
-                now / 1000.0 - view.last_seen > 2 * view.heartbeat_interval
-            )
-            status = Status.STALE if stale else Status.UP
-            if status != view.status:
-                view.status = status
-                changed = True
+            ttl = view.ttl if view is not None else schema.DEFAULT_WORKER_TTL_S
+            if now < self._judge_from(now) + ttl * 1000.0:
+                continue  # a fresh TTL after a stale period, before judging its deadline
+            if deadline <= now:
+                changed |= await self._reap(wid)
+            elif view is not None:
+                changed |= self._refresh_status(view, deadline, now)
         if changed:
             self._changed()
 
+    async def _probe(self) -> float | None:
+        """Redis's clock (epoch ms) if Redis accepts writes; else None, and ``sync`` says why."""
+        try:
+            now, refusal = await self._bounded_probe()
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            self.sync.fail(PROBE, failure_reason(exc), self._probed_at)
+            raise
+        if refusal is not None:
+            # Workers' heartbeats are refused just like this write: a worker whose deadline
+            # passes now is not dead.
+            self.sync.fail(PROBE, refusal_reason(refusal), self._probed_at)
+            return None
+        self._probed_at = time.time()
+        self.sync.clear(PROBE)
+        return float(now)
+
+    async def _bounded_probe(self) -> tuple[int, str | None]:
+        """The probe, bounded like the reader's PINGs: a write that waits (CLIENT PAUSE WRITE)
+        is refused too, for as long as it waits (the client's own timeout, with its retry,
+        would take twice its socket timeout to say so). A first timeout is tried once more at
+        once: this process's own loop, stalled for seconds on a starved host, times out a
+        reply that is already waiting, and that is no sign of a Redis that does not answer."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STALE_AFTER):
+                return await self.scripts.probe()
+        async with asyncio.timeout(STALE_AFTER):
+            return await self.scripts.probe()
+
+    def _judge_from(self, now: float) -> float:
+        """Redis time (ms) from which deadlines count: the first probe after the last stale
+        period (minus infinity if there was none)."""
+        if self._judge_episode != self.sync.stale_episodes:
+            self._judge_episode = self.sync.stale_episodes
+            self._judge_from_ms = now
+        return self._judge_from_ms
+
+    async def _reconcile(self, alive: dict[str, float]) -> None:
+        """Resync every worker of the view that has no deadline in Redis: one that vanished
+        without a ``worker_down`` (a FLUSHALL, a deleted key) is never reaped otherwise. The
+        read decides (a worker registering right now is there), not the deadline list."""
+        for wid in [w for w in self.workers if w not in alive]:
+            await self.resync_worker(wid)
+
+    async def _reap(self, wid: str) -> bool:
+        """Reap one expired worker; True when the view changed."""
+        if await self.scripts.remove(wid, reason="reaped", expired_only=True):
+            self.counters.reaped += 1
+            log.info("reaped worker %s (no heartbeat for its ttl)", wid)
+            # Do not wait for our own notice: the rows are gone from Redis already.
+            return self.workers.pop(wid, None) is not None
+        if wid in self.workers:
+            # Nothing removed: a heartbeat came in between (the worker lives on) or another
+            # reaper won (its notice follows). Redis knows which: ask it rather than drop a
+            # live worker until its next batch.
+            await self.resync_worker(wid)
+        return False
+
+    @staticmethod
+    def _refresh_status(view: WorkerView, deadline: float, now: float) -> bool:
+        """Refresh last_seen and up/stale; True when the status changed."""
+        view.see_deadline(deadline)
+        stale = view.last_seen is not None and (
+            now / 1000.0 - view.last_seen > 2 * view.heartbeat_interval
+        )
+        status = Status.STALE if stale else Status.UP
+        if status == view.status:
+            return False
+        view.status = status
+        return True
+
     async def reap_loop(self) -> None:
         while True:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await self.reap_once()
             await asyncio.sleep(self.reap_every)

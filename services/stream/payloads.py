@@ -21,7 +21,8 @@ WorkerSignature = tuple[tuple[tuple[Any, ...], ...], tuple[int, ...]]
 
 
 def worker_list(hub: Hub) -> list[dict[str, Any]]:
-    """Every known worker, by id. O(workers): ``active`` is the size of its row dict."""
+    """Every known worker, by id. O(workers): ``active`` is the size of its row dict.
+    ``cancellable`` tells the dashboard on whose rows to offer Cancel."""
     workers = []
     for wid in sorted(hub.workers):
         view = hub.workers[wid]
@@ -35,6 +36,7 @@ def worker_list(hub: Hub) -> list[dict[str, Any]]:
                 "last_seen": view.last_seen,
                 "status": view.status,
                 "active": len(view.rows),
+                "cancellable": view.cancellable,
             }
         )
     return workers
@@ -46,7 +48,8 @@ def signature(workers: list[dict[str, Any]]) -> WorkerSignature:
     Membership and status come apart from the ``active`` counts, which move with every
     start and end."""
     members = tuple(
-        (w["worker_id"], w["host"], w["pid"], w["started_at"], w["status"]) for w in workers
+        (w["worker_id"], w["host"], w["pid"], w["started_at"], w["status"], w["cancellable"])
+        for w in workers
     )
     return members, tuple(w["active"] for w in workers)
 
@@ -55,7 +58,10 @@ def timestamp(now: float) -> bytes:
     return orjson.dumps(round(now, 3))
 
 
-def snapshot(rows_json: bytes, workers_json: bytes, now: float, version: int) -> bytes:
+def snapshot(
+    rows_json: bytes, workers_json: bytes, now: float, version: int, *, sync: bytes
+) -> bytes:
+    """``sync``: the hub's ``"sync":…,"sync_since":…,"sync_reason":…`` fields, pre-encoded."""
     return (
         b'{"disabled":false,"active_requests":'
         + rows_json
@@ -63,7 +69,9 @@ def snapshot(rows_json: bytes, workers_json: bytes, now: float, version: int) ->
         + workers_json
         + b',"timestamp":'
         + timestamp(now)
-        + b',"version":%d}' % version
+        + b',"version":%d,' % version
+        + sync
+        + b"}"
     )
 
 
@@ -85,10 +93,13 @@ def delta(
     version: int,
     base: int,
     upsert_json: bytes,
-    remove: list[str],
+    remove: list[str],  # row keys (``services/stream/table.py``), not request ids
     now: float,
     workers_json: bytes | None,
+    *,
+    sync: bytes,
 ) -> bytes:
+    """Every delta carries ``sync`` (as :func:`snapshot`), so a change of it needs no rows."""
     tail = b"}" if workers_json is None else b',"workers":' + workers_json + b"}"
     return (
         b'{"version":%d,"base":%d,"upsert":' % (version, base)
@@ -97,5 +108,7 @@ def delta(
         + orjson.dumps(remove)
         + b',"timestamp":'
         + timestamp(now)
+        + b","
+        + sync
         + tail
     )

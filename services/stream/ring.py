@@ -1,15 +1,17 @@
 """The ring of recent changes: what a lagging or reconnecting delta client is missing.
 
 Each published version that changed something leaves one entry: its version, the version it
-was built on (``base``), the request ids it touched and whether the worker list changed. A
-client holding version ``v`` inside the ring is brought up to date by the union of the entries
-after ``v``: for each id touched since, the *current* row is an upsert and a missing row a
-remove. So "upserted then removed" is a remove, "removed then upserted" an upsert, and the
-merged delta is never larger than the rows it names. Rows themselves are not kept here (the
-row table has the current ones), which bounds the ring by ids, not by row bytes.
+was built on (``base``), the keys of the rows it touched (``services/stream/table.py``
+``row_key``: a request id alone names no row, it is unique per worker only) and whether the
+worker list changed. A client holding version ``v`` inside the ring is brought up to date by
+the union of the entries after ``v``: for each key touched since, the *current* row is an
+upsert and a missing row a remove. So "upserted then removed" is a remove, "removed then
+upserted" an upsert, and the merged delta is never larger than the rows it names. Rows
+themselves are not kept here (the row table has the current ones), which bounds the ring by
+keys, not by row bytes.
 
-Bounds: at most ``max_versions`` entries and ``max_ids`` touched ids in total (an id is ~40
-bytes plus set overhead, so the default 100,000 ids is a few MB). The oldest entries go first;
+Bounds: at most ``max_versions`` entries and ``max_ids`` touched keys in total (a key is ~50
+bytes plus set overhead, so the default 100,000 keys is a few MB). The oldest entries go first;
 a client whose version fell out of the ring gets a full snapshot instead.
 """
 

@@ -10,21 +10,34 @@ steps) of a fleet finishing 100,000 requests a minute costs what a quiet one doe
 
 Payload of :meth:`RollingStats.summary` (also the ``stats`` SSE event and ``/metrics/summary``)::
 
-    {"timestamp": epoch_s, "window_s": 60,
+    {"timestamp": epoch_s, "window_s": seconds the rates cover (<= 60), "step_s": series step,
      "fleet": {"requests_per_s", "error_rate", "p50_ms", "p95_ms", "p99_ms",
-               "ttft_p50_ms", "ttft_p95_ms", "completed", "in_flight"},
+               "ttft_p50_ms", "ttft_p95_ms", "completed", "errors", "cancelled",
+               "client_closed", "in_flight"},
      "by_worker": {worker_id: {same keys}}, "by_model": {model: {same keys}},
-     "series": [{"t", "in_flight", "requests_per_s", "error_rate",
-                 "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms", "ttft_p95_ms"}],
-                                                   # oldest first, one per step, ~10 min
+     "series": [{"t", "in_flight", "requests_per_s", "error_rate", "errors", "cancelled",
+                 "client_closed", "p50_ms", "p95_ms", "p99_ms", "ttft_p50_ms",
+                 "ttft_p95_ms"}],                  # oldest first, one per step, ~10 min
      "recent": [CompletedEntry, ...]}              # newest first, at most 50
 
-``error_rate`` counts every outcome other than ``ok``. Percentiles are nearest-rank and null
-when there is no sample; ``ttft_*`` (start to the first response byte) come from the entries
-that carry ``ttft_ms``. They are exact while no group of a step has more requests than its
-reservoir holds (``STEP_SAMPLES`` for the fleet, ``GROUP_SAMPLES`` per worker or model), else
-computed on a sample in which every step weighs by its requests (:func:`merged`). A request
-without a model is grouped under ``"unknown"``.
+Outcomes are split (README, "Outcomes"): ``errors`` counts ``error`` and ``upstream_error``,
+and ``error_rate`` is ``errors`` over every finished request; ``cancelled`` (an operator
+cancelled it) and ``client_closed`` (the client went away) are counted on their own and never
+move the error rate: neither says the upstream or the hub failed. Counts are over the window
+(groups) or the step (series points).
+
+The window is whole steps, the last of them still filling: those that start at or after
+``now`` minus ``WINDOW_S``. Rates are over the time the service can speak for: that window,
+or less while the service is younger than it and nothing says the fleet is older
+(``observed_since``: the earliest of this service's start, the oldest entry read back from the
+stream, and the earliest ``started_at`` of the workers in view). Dividing the first 37 s of
+traffic by 60 s would show 1.6/s for 3/s.
+
+Percentiles are nearest-rank and null when there is no sample; ``ttft_*`` (start to the first
+generated output) come from the entries that carry ``ttft_ms``. They are exact while no group
+of a step has more requests than its reservoir holds (``STEP_SAMPLES`` for the fleet,
+``GROUP_SAMPLES`` per worker or model), else computed on a sample in which every step weighs by
+its requests (:func:`merged`). A request without a model is grouped under ``"unknown"``.
 
 Model names are chosen by clients, so ``by_model`` (and ``by_worker``) keep at most
 ``MAX_GROUPS`` groups, the busiest (completed plus in flight); the rest are folded into
@@ -62,7 +75,16 @@ MERGED_SAMPLES = 4096  # at most this many sorted per percentile of the window
 # chosen by clients: this bounds memory whatever they send).
 MAX_WINDOW_GROUPS = 200_000
 UNKNOWN_MODEL = schema.UNKNOWN_MODEL
-OK = schema.Outcome.OK.value
+# The outcomes counted apart, by their place in Agg.outcomes. `errors` is what the error rate
+# counts: the upstream answered >= 400, or could not be reached or broke off. A cancel or a
+# client that left is not a failure of the service (README, "Outcomes").
+ERRORS, CANCELLED, CLIENT_CLOSED = 0, 1, 2
+OUTCOME_COUNTED: dict[str, int] = {
+    schema.Outcome.ERROR.value: ERRORS,
+    schema.Outcome.UPSTREAM_ERROR.value: ERRORS,
+    schema.Outcome.CANCELLED.value: CANCELLED,
+    schema.Outcome.CLIENT_CLOSED.value: CLIENT_CLOSED,
+}
 MAX_GROUPS = 100  # groups per by_worker / by_model; the rest fold into OTHER
 OTHER = "other"
 
@@ -70,21 +92,22 @@ OTHER = "other"
 class Agg:
     """Finished requests of one group (the fleet, a worker or a model) within one step."""
 
-    __slots__ = ("cap", "count", "durations", "errors", "ttft_count", "ttfts")
+    __slots__ = ("cap", "count", "durations", "outcomes", "ttft_count", "ttfts")
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.count = 0
-        self.errors = 0
+        self.outcomes = [0, 0, 0]  # errors, cancelled, client_closed
         self.durations: list[float] = []
         self.ttft_count = 0
         self.ttfts: list[float] = []
 
-    def add(self, duration_ms: float, error: bool, ttft_ms: float | None) -> None:
+    def add(self, duration_ms: float, counted: int | None, ttft_ms: float | None) -> None:
         # Reservoir sampling, inlined (this runs three times per finished request): every
         # value seen so far has the same chance to be among the kept ones.
         self.count = n = self.count + 1
-        self.errors += error
+        if counted is not None:
+            self.outcomes[counted] += 1
         if n <= self.cap:
             self.durations.append(duration_ms)
         else:
@@ -148,14 +171,17 @@ def merged(parts: list[tuple[list[float], int]]) -> list[float]:
 
 
 def _point(aggs: list[Agg], seconds: float, in_flight: int | None) -> dict[str, Any]:
-    """The summary of some finished requests (``_group``'s keys) from their step aggregates."""
+    """The summary of some finished requests (a group's keys) from their step aggregates."""
     n = sum(a.count for a in aggs)
-    errors = sum(a.errors for a in aggs)
+    errors = sum(a.outcomes[ERRORS] for a in aggs)
     durations = merged([(a.durations, a.count) for a in aggs])
     ttfts = merged([(a.ttfts, a.ttft_count) for a in aggs])
     return {
         "requests_per_s": round(n / seconds, 4),
         "error_rate": round(errors / n, 4) if n else 0.0,
+        "errors": errors,
+        "cancelled": sum(a.outcomes[CANCELLED] for a in aggs),
+        "client_closed": sum(a.outcomes[CLIENT_CLOSED] for a in aggs),
         "p50_ms": percentile(durations, 0.50),
         "p95_ms": percentile(durations, 0.95),
         "p99_ms": percentile(durations, 0.99),
@@ -218,8 +244,10 @@ class RollingStats:
         step: float = 2.0,
         window_s: float = WINDOW_S,
         in_flight: Callable[[], dict[str, Any]] | None = None,
+        fleet_since: Callable[[], float | None] | None = None,
         on_entry: Callable[[schema.Finished], None] | None = None,
         on_malformed: Callable[[object], None] | None = None,
+        started: float | None = None,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -227,6 +255,11 @@ class RollingStats:
         self.window_s = window_s
         # () -> {"fleet": n, "by_worker": {wid: n}, "by_model": {model: n}}
         self._in_flight = in_flight or (lambda: flight_summary({}))
+        # () -> the earliest `started_at` of the workers in view (None: none known).
+        self._fleet_since = fleet_since or (lambda: None)
+        # Since when this service can speak for the fleet's finished requests: its own start,
+        # moved back by the oldest entry the rebuild reads (see observed_since).
+        self.since = time.time() if started is None else started
         self._on_entry = on_entry or (lambda e: None)
         self._on_malformed = on_malformed or (lambda d: None)
         # Reads each entry as Redis sent it: a list of names and values, not a dict per entry
@@ -241,10 +274,13 @@ class RollingStats:
 
     # ----------------------------------------------------------------- ingest
 
-    def ingest(self, items: Iterable[tuple[Any, Any]], now: float, *, observe: bool = True) -> None:
+    def ingest(
+        self, items: Iterable[tuple[Any, Any]], now: float, *, rebuilding: bool = False
+    ) -> None:
         """Stream entries ``(id, fields)``, oldest first: each valid one into the aggregates
-        (and to ``on_entry`` when ``observe``) and, as it came, into ``recent`` (decoded whole
-        only when a summary shows it). A malformed one is skipped and counted."""
+        and, as it came, into ``recent`` (decoded whole only when a summary shows it); a new
+        one (not ``rebuilding``) to ``on_entry``, an old one moves ``since`` back to its end.
+        A malformed one is skipped and counted."""
         recent = self.recent
         for item in items:
             try:
@@ -253,7 +289,9 @@ class RollingStats:
                 self._on_malformed(exc)
                 continue
             self.add(done, now)
-            if observe:
+            if rebuilding:
+                self.since = min(self.since, done.start_time + done.duration_ms / 1000.0)
+            else:
                 self._on_entry(done)
             recent.appendleft(item)
 
@@ -270,17 +308,21 @@ class RollingStats:
         if step is None:
             step = self.steps[index] = Step()
         step.point = None  # a late entry changes a step that is over
-        error = done.outcome != OK
+        counted = OUTCOME_COUNTED.get(done.outcome)
         ttft = done.ttft_ms
-        step.fleet.add(duration, error, ttft)
-        if end < now - self.window_s and index < (now - self.window_s) // self.step:
+        step.fleet.add(duration, counted, ttft)
+        if index < self._first_step(now):
             return  # before the window's first step: in the series only
         groups = step.workers
         key = done.worker_id
-        (groups.get(key) or self._new_group(groups, key)).add(duration, error, ttft)
+        (groups.get(key) or self._new_group(groups, key)).add(duration, counted, ttft)
         groups = step.models
         key = done.model or UNKNOWN_MODEL
-        (groups.get(key) or self._new_group(groups, key)).add(duration, error, ttft)
+        (groups.get(key) or self._new_group(groups, key)).add(duration, counted, ttft)
+
+    def _first_step(self, now: float) -> int:
+        """The window's first step: the oldest that starts at or after ``now - window_s``."""
+        return math.ceil((now - self.window_s) / self.step)
 
     def _new_group(self, groups: dict[str, Agg], key: str) -> Agg:
         if self._groups >= MAX_WINDOW_GROUPS:
@@ -298,7 +340,7 @@ class RollingStats:
         if raw:
             first = raw[0][0]
             self.last_id = first.decode() if isinstance(first, bytes) else str(first)
-        self.ingest(reversed(raw), time.time(), observe=False)
+        self.ingest(reversed(raw), time.time(), rebuilding=True)
         self.rebuilt = True
 
     async def run(self) -> None:
@@ -335,7 +377,7 @@ class RollingStats:
         for index in [i for i in self.steps if i < oldest]:
             self._forget_groups(self.steps.pop(index))
         # Steps that left the window keep their series point only.
-        first = int((now - self.window_s) // self.step)
+        first = self._first_step(now)
         for index, past in self.steps.items():
             if index < first and (past.workers or past.models):
                 self._forget_groups(past)
@@ -351,14 +393,26 @@ class RollingStats:
         self._groups -= len(step.workers) + len(step.models)
         step.workers, step.models = {}, {}
 
+    def observed_since(self) -> float:
+        """Since when the rates can speak for the fleet: this service's start, or earlier when
+        the stream held older entries or a worker in view started earlier (it was serving)."""
+        fleet = self._fleet_since()
+        return self.since if fleet is None else min(self.since, fleet)
+
+    def window_seconds(self, now: float) -> float:
+        """The time the rates are over: the window's whole steps until now, or the time
+        observed so far (at least one step, so the first finished request is not divided by a
+        few milliseconds)."""
+        covered = now - self._first_step(now) * self.step
+        return min(covered, max(self.step, now - self.observed_since()))
+
     def summary(self, now: float, flight: dict[str, Any] | None = None) -> dict[str, Any]:
         """The payload of the module docstring: O(steps x groups), whatever the request rate."""
         flight = flight or self._in_flight()
-        first = int((now - self.window_s) // self.step)
+        first = self._first_step(now)
         current = int(now // self.step)
         window = [step for index, step in self.steps.items() if index >= first]
-        # The window is whole steps: from the start of its first one until now.
-        seconds = max(self.window_s, now - first * self.step)
+        seconds = self.window_seconds(now)
         series = []
         for index in sorted(self.steps):
             if index >= current:
@@ -371,7 +425,8 @@ class RollingStats:
             series.append(step.point)
         return {
             "timestamp": round(now, 3),
-            "window_s": int(self.window_s),
+            "window_s": round(seconds, 3),
+            "step_s": self.step,
             "fleet": _point([s.fleet for s in window], seconds, flight["fleet"]),
             "by_worker": _capped(window, "workers", flight["by_worker"], seconds),
             "by_model": _capped(window, "models", flight["by_model"], seconds),

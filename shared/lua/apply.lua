@@ -9,7 +9,7 @@
 --       6 ttl (ms)
 --       7 n_set, then n_set (request_id, row JSON) pairs
 --       then n_del, then n_del request_ids
---       then n_done, then n_done entries of 13 values in schema.COMPLETED_FIELDS order
+--       then n_done, then n_done entries of 14 values in schema.COMPLETED_FIELDS order
 local marker = redis.call('HGET', KEYS[1], ARGV[1])
 if not marker then return -1 end
 local sep = string.find(marker, ':', 1, true)
@@ -30,7 +30,7 @@ end
 local n_done = tonumber(ARGV[i]); i = i + 1
 local names = {'request_id', 'worker_id', 'model', 'method', 'path', 'status', 'outcome',
                'start_time', 'duration_ms', 'input_tokens', 'output_tokens', 'bytes_out',
-               'ttft_ms'}
+               'ttft_ms', 'ttfb_ms', 'labels'}
 for _ = 1, n_done do
   local args = {KEYS[3], 'MAXLEN', '~', ARGV[5], '*'}
   for f = 1, #names do

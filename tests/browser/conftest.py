@@ -55,6 +55,33 @@ SCREENSHOTS = (
     if os.environ.get("VDM_UPDATE_SCREENSHOTS") == "1"
     else Path(tempfile.gettempdir()) / "vdm-screenshots"
 )
+# Screenshots that are evidence, not documentation (every page at every screen width): kept
+# after the run for a person to look at, never in the checkout.
+ARTIFACTS = Path(os.environ.get("VDM_TEST_ARTIFACTS", tempfile.gettempdir())) / "vdm-screens"
+
+# Every element that sticks out past the viewport's right edge and is not clipped by an
+# ancestor that scrolls or hides its overflow (a grid's columns scroll inside the grid: fine).
+# Returns at most 5 of them, described, so a failure says what spills.
+OVERFLOWING = """() => {
+  const width = document.documentElement.clientWidth;
+  const clipped = (el) => {
+    for (let a = el.parentElement; a && a !== document.body; a = a.parentElement) {
+      const o = getComputedStyle(a).overflowX;
+      if (o !== "visible" && a.getBoundingClientRect().right <= width + 1) return true;
+    }
+    return false;
+  };
+  const out = [];
+  for (const el of document.querySelectorAll("body *")) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0 || r.right <= width + 1) continue;
+    if (clipped(el)) continue;
+    out.push(el.tagName + (el.id ? "#" + el.id : "") + "." + String(el.className).slice(0, 40)
+      + " in #" + ((el.closest("[id]") || {}).id || "?") + " right=" + Math.round(r.right));
+    if (out.length >= 5) break;
+  }
+  return {scrollWidth: document.documentElement.scrollWidth, width: width, out: out};
+}"""
 
 # Records every EventSource the page creates (when, which URL, whether it was closed), so a
 # test can see connection attempts and their spacing without trusting the client's own report.
@@ -274,6 +301,7 @@ class FakeFleet:
         self.redis: aioredis.Redis = self.call(self._connect(redis_url))
         self.workers: dict[str, FleetWorker] = {}
         self.cancels: list[dict[str, Any]] = []
+        self.cancelled: list[tuple[str, str]] = []  # (worker id, request id) of each cancel
         self._tasks: list[asyncio.Task[None]] = []
         self._ids = itertools.count(1)
         self._churning = False
@@ -296,10 +324,17 @@ class FakeFleet:
         return f"{tag}-{uuid.uuid4().hex[:6]}-{next(self._ids)}"
 
     def add_worker(
-        self, worker_id: str, count: int, models: tuple[str, ...] = ("m-a",), age: float = 0.0
+        self,
+        worker_id: str,
+        count: int,
+        models: tuple[str, ...] = ("m-a",),
+        age: float = 0.0,
+        *,
+        cancellable: bool | None = None,
     ) -> FleetWorker:
-        """Register a worker already holding ``count`` rows (models round-robin), heartbeating."""
-        worker = FleetWorker(self.redis, self.keys, worker_id, ttl=30.0)
+        """Register a worker already holding ``count`` rows (models round-robin), heartbeating.
+        ``cancellable`` goes into its record (None: a record without the field)."""
+        worker = FleetWorker(self.redis, self.keys, worker_id, ttl=30.0, cancellable=cancellable)
         for i in range(count):
             rid = self.new_id(worker_id)
             worker.rows[rid] = make_row(worker_id, rid, models[i % len(models)], age=age)
@@ -311,8 +346,16 @@ class FakeFleet:
     def start_rows(self, worker_id: str, *request_ids: str, model: str = "m-a") -> None:
         self.call(self.workers[worker_id].start(*request_ids, model=model))
 
-    def end_rows(self, worker_id: str, *request_ids: str) -> None:
-        self.call(self.workers[worker_id].end(*request_ids))
+    def end_rows(
+        self, worker_id: str, *request_ids: str, outcome: str = "ok", duration_ms: float = 120.0
+    ) -> None:
+        self.call(
+            self.workers[worker_id].end(*request_ids, outcome=outcome, duration_ms=duration_ms)
+        )
+
+    def update_rows(self, worker_id: str, changes: dict[str, dict[str, Any]]) -> None:
+        """Progress on rows: ``{request_id: {field: value}}`` (a progress event per row)."""
+        self.call(self.workers[worker_id].progress(changes))
 
     def row_ids(self) -> set[str]:
         async def ids() -> set[str]:  # read on the loop: churn mutates the dicts there
@@ -380,6 +423,7 @@ class FakeFleet:
                     continue
                 ask = orjson.loads(message["data"])
                 self.cancels.append(ask)
+                self.cancelled.append((worker.worker_id, str(ask.get("request_id"))))
                 if ask.get("request_id") in worker.rows:
                     await worker.end(ask["request_id"], outcome="cancelled")
 
@@ -419,6 +463,7 @@ class DashboardPage:
         self._console: list[str] = []
         self._requests: list[str] = []
         page.on("console", lambda msg: self._console.append(msg.text))
+        page.on("pageerror", lambda error: self._console.append(f"[pageerror] {error}"))
         page.on("request", lambda req: self._requests.append(req.url))
 
     # Playwright's sync API delivers events only while Python is inside one of its calls, so
@@ -569,10 +614,10 @@ class DashboardPage:
             if (v !== null) e.scrollTop = v; return e.scrollTop; }"""
         return int(self.page.evaluate(script, [grid_id, value]))
 
-    def cell(self, request_id: str, col_id: str) -> Any:
-        return self.page.locator(
-            f'#vdm-active-grid .ag-row[row-id="{request_id}"] [col-id="{col_id}"]'
-        )
+    def cell(self, key: str, col_id: str) -> Any:
+        """A cell of the row whose ``key`` (the grid's row id: ``row_key(worker, request id)``)
+        is given."""
+        return self.page.locator(f'#vdm-active-grid .ag-row[row-id="{key}"] [col-id="{col_id}"]')
 
     @property
     def detail(self) -> Any:
@@ -586,6 +631,17 @@ class DashboardPage:
         path = SCREENSHOTS / name
         self.page.screenshot(path=str(path), full_page=True)
         return path
+
+    def artifact(self, name: str) -> Path:
+        """A full-page screenshot kept after the run (ARTIFACTS), for a person to check."""
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        path = ARTIFACTS / name
+        self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+    def overflowing(self) -> dict[str, Any]:
+        """What sticks out past the viewport (see OVERFLOWING)."""
+        return dict(self.page.evaluate(OVERFLOWING))
 
 
 @pytest.fixture(scope="module")
@@ -615,8 +671,10 @@ def new_page(browser: Any) -> Iterator[Any]:
     """A fresh browser context per test (own storage, own EventSource log)."""
     contexts: list[Any] = []
 
-    def make(base_url: str, *, hidden: bool = False) -> DashboardPage:
-        context = browser.new_context(viewport={"width": 1600, "height": 1200})
+    def make(
+        base_url: str, *, hidden: bool = False, width: int = 1600, height: int = 1200
+    ) -> DashboardPage:
+        context = browser.new_context(viewport={"width": width, "height": height})
         contexts.append(context)
         context.add_init_script(TRACK_EVENTSOURCE)
         if hidden:

@@ -17,6 +17,7 @@ from playwright.sync_api import expect
 
 from tests.browser.conftest import DashboardPage, FakeFleet, System, start_system
 from tests.procs import wait_for
+from vdm_hub.services.stream.table import row_key
 
 pytestmark = [pytest.mark.browser, pytest.mark.system]
 
@@ -84,7 +85,8 @@ def test_5000_rows_with_churn_keep_the_users_sort_filter_and_scroll(
     truth = fleet.row_ids()
     assert len(truth) == 5000
     wait_for(lambda: set(page.row_ids_all()) == truth, 30, 0.3, "the grid to equal the truth")
-    assert page.count_text() == "5000"
+    # The filter is still on: the badge counts what it shows, of all the rows.
+    wait_for(lambda: page.count_text() == f"{len(page.row_ids())} of 5000", 10, 0.2, "the badge")
     expect(page.page.locator("#vdm-m-kpi-inflight")).to_have_text("5,000")
     debug = page.debug()
     assert debug["gaps"] == 0
@@ -150,7 +152,7 @@ def test_row_click_opens_a_detail_panel_that_follows_the_row(
     page.wait_rows(lambda shown: rid in shown, message="the fleet's rows")
     expect(page.detail).to_be_hidden()
 
-    page.cell(rid, "model").click()
+    page.cell(row_key(f"{tag}-w", rid), "model").click()
     expect(page.detail).to_be_visible()
     assert page.detail_value("Request ID") == rid
     assert page.detail_value("Model") == "m-detail"
@@ -187,10 +189,14 @@ def test_rows_older_than_the_stuck_threshold_are_marked(
     page.wait_rows(lambda shown: ids <= shown, message="old and fresh rows")
     for rid in old.rows:
         # AG Grid adds its own classes; ours must be among them.
-        expect(page.page.locator(f'.ag-row[row-id="{rid}"]')).to_have_class(STUCK)
+        key = row_key(f"{tag}-old", rid)
+        expect(page.page.locator(f'.ag-row[row-id="{key}"]')).to_have_class(STUCK)
     (fresh_id,) = fresh.rows
     assert "vdm-row-stuck" not in (
-        page.page.locator(f'.ag-row[row-id="{fresh_id}"]').get_attribute("class") or ""
+        page.page.locator(f'.ag-row[row-id="{row_key(f"{tag}-new", fresh_id)}"]').get_attribute(
+            "class"
+        )
+        or ""
     )
 
 

@@ -42,6 +42,13 @@ def test_login_page_then_live_rows_with_an_httponly_session(
     page.page.goto(system.dashboard_url + "/dashboard/metrics")
     token_input = page.page.locator("input[name=token]")
     expect(token_input).to_be_visible(timeout=15000)
+    # Styled like the dashboard (it was the browser's default black on white), on a phone too.
+    style = page.page.evaluate(
+        """() => { const s = (sel) => getComputedStyle(document.querySelector(sel));
+        return [s('body').backgroundColor, s('form').borderRadius, s('button').backgroundColor,
+                document.querySelectorAll('meta[name=viewport]').length]; }"""
+    )
+    assert style == ["rgb(10, 14, 19)", "10px", "rgb(31, 111, 235)", 1], style
 
     token_input.fill("wrong-token")
     token_input.press("Enter")

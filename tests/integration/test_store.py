@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import OutOfMemoryError, ResponseError
 
+from tests.stream_support import FakeWorker
 from vdm_hub.shared import schema
+from vdm_hub.shared.embedded_redis import EmbeddedRedis
 from vdm_hub.shared.keys import Keys
-from vdm_hub.shared.store import NotRegistered, WireScripts, read_worker_state
+from vdm_hub.shared.store import NotRegistered, WireScripts, list_worker_ids, read_worker_state
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +52,9 @@ def _row(worker_id: str, request_id: str) -> schema.Row:
         output_tokens=None,
         ttft_ms=None,
         chunks_out=None,
+        ttfb_ms=None,
+        last_output_at=None,
+        labels=None,
     )
 
 
@@ -97,6 +103,9 @@ async def test_register_apply_remove_publish_contiguous_batches(
             input_tokens=3,
             output_tokens=None,
             bytes_out=10,
+            ttft_ms=9.5,
+            ttfb_ms=2.25,
+            labels={"team": "a"},
         )
         end = schema.encode(
             [
@@ -115,7 +124,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
         assert (await _next_batch(pubsub)).seq == 3
         assert (await read_worker_state(redis, keys, "w1")).rows == {}
         ((entry_id, fields),) = await redis.xrange(keys.completed)
-        assert schema.decode_completed(entry_id, fields)["output_tokens"] is None
+        assert schema.decode_completed(entry_id, fields) == {**done, "id": entry_id.decode()}
 
         # A reaper does nothing while the deadline is in the future; the owner can remove.
         assert await scripts.remove("w1", reason="reaped", expired_only=True) == 0
@@ -207,3 +216,48 @@ async def test_a_malformed_seq_marker_is_garbage_and_reaping_goes_on(
     with caplog.at_level(logging.ERROR, logger="vdm.store"), pytest.raises(ResponseError):
         await scripts.remove("ok", reason="reaped", expired_only=True)
     assert "Redis script remove failed" in caplog.text and "WRONGTYPE" in caplog.text
+
+
+@pytest.fixture
+async def full() -> AsyncIterator[aioredis.Redis]:
+    """A Redis of our own at maxmemory (noeviction): every write that may grow memory is
+    refused (OOM), as is every command queued in a MULTI."""
+    server = await asyncio.to_thread(EmbeddedRedis().start)
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+        await asyncio.to_thread(server.stop)
+
+
+async def test_state_reads_work_at_maxmemory(full: aioredis.Redis) -> None:
+    keys = Keys("mm")
+    worker = FakeWorker(full, keys, "w1")
+    await worker.register()
+    await worker.start("r1", "r2")
+    await full.config_set("maxmemory-policy", "noeviction")
+    await full.config_set("maxmemory", 1)
+    # Before: a MULTI read, which Redis refuses at maxmemory (every queued command is).
+    with pytest.raises(OutOfMemoryError):
+        async with full.pipeline(transaction=True) as pipe:
+            pipe.hget(keys.seq, "w1")
+            await pipe.execute()
+    state = await read_worker_state(full, keys, "w1")
+    assert set(state.rows) == {"r1", "r2"} and state.epoch == worker.epoch
+    assert state.record is not None and state.deadline_ms is not None
+    assert await list_worker_ids(full, keys) == {"w1"}
+    # ...while the worker's own writes are refused.
+    with pytest.raises(OutOfMemoryError):
+        await worker.heartbeat()
+
+
+async def test_register_and_heartbeat_measure_the_offset_to_redis_s_clock(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    scripts = WireScripts(redis, keys)
+    await scripts.register(_record("w7", "e7"), [], ttl_ms=TTL)
+    assert await scripts.heartbeat("w7", "e7", ttl_ms=TTL)
+    # This process and Redis share the host's clock: within the measurement's own error.
+    assert scripts.clock.offset == 0.0
+    assert not await scripts.heartbeat("w7", "other-epoch", ttl_ms=TTL)

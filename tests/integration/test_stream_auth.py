@@ -149,3 +149,20 @@ async def test_without_a_token_the_endpoints_stay_open(redis_url: str, key_prefi
         # '*' is only allowed without a token, and then never with credentials.
         assert r.headers["access-control-allow-origin"] == "*"
         assert "access-control-allow-credentials" not in r.headers
+
+
+async def test_an_any_host_entry_allows_that_port_under_any_name(
+    redis_url: str, key_prefix: str
+) -> None:
+    """``http://*:8050`` (what ``vdm-hub up --host 0.0.0.0`` lists): a dashboard on port 8050
+    however the browser names the machine; on the fast SSE path too."""
+    settings = settings_for(redis_url, key_prefix, VDM_CORS_ORIGINS="http://*:8050")
+    async with running_stream(settings) as (url, _app), httpx.AsyncClient(base_url=url) as client:
+        for origin in ("http://remote.test:8050", "http://10.1.2.3:8050", "http://[fd00::1]:8050"):
+            r = await client.get("/metrics/active-requests", headers={"origin": origin})
+            assert r.headers["access-control-allow-origin"] == origin
+            async with client.stream("GET", STREAM, headers={"origin": origin}) as s:
+                assert s.headers["access-control-allow-origin"] == origin
+        for origin in ("http://remote.test:8051", "https://remote.test:8050", "http://x:80500"):
+            r = await client.get("/metrics/active-requests", headers={"origin": origin})
+            assert "access-control-allow-origin" not in r.headers, origin

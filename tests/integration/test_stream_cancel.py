@@ -69,7 +69,7 @@ async def _stream_with_row(
 async def test_cancel_is_refused_unless_enabled_and_capabilities_say_so(
     redis_url: str, key_prefix: str
 ) -> None:
-    settings = settings_for(redis_url, key_prefix, VDM_STUCK_AFTER="42")
+    settings = settings_for(redis_url, key_prefix, VDM_STUCK_AFTER="42", VDM_STALL_AFTER="7")
     async with running_stream(settings) as (url, _app), httpx.AsyncClient(base_url=url) as c:
         r = await c.post(cancel_path("r1"))
         assert r.status_code == 403
@@ -77,7 +77,12 @@ async def test_cancel_is_refused_unless_enabled_and_capabilities_say_so(
         assert body["error"] == "cancel_disabled" and body["message"]
         assert "VDM_CANCEL_ENABLED" in body["suggestion"]
         caps = (await c.get("/metrics/capabilities")).json()
-        assert caps == {"cancel_enabled": False, "stuck_after_s": 42.0, "delta": True}
+        assert caps == {
+            "cancel_enabled": False,
+            "stuck_after_s": 42.0,
+            "stall_after_s": 7.0,
+            "delta": True,
+        }
 
 
 async def test_cancel_reaches_the_owning_worker_and_answers_404_400_503_honestly(
@@ -162,12 +167,8 @@ async def test_cancel_needs_the_token_and_a_same_origin_page_for_cookies(
                 cancel_path("r1"), headers={**cookie, "referer": "https://evil.example/x"}
             )
             assert r.status_code == 403
-            # The dashboard's origin, the service's own origin, and a Referer fallback pass.
-            for origin in (
-                {"origin": DASHBOARD},
-                {"origin": url},
-                {"referer": f"{DASHBOARD}/dashboard/"},
-            ):
+            # The dashboard's origin and a Referer fallback pass.
+            for origin in ({"origin": DASHBOARD}, {"referer": f"{DASHBOARD}/dashboard/"}):
                 r = await c.post(cancel_path("r1"), headers={**cookie, **origin})
                 assert r.status_code == 202, (origin, r.text)
             # A bearer token is not sent by browsers on their own: no origin check.
@@ -177,10 +178,57 @@ async def test_cancel_needs_the_token_and_a_same_origin_page_for_cookies(
             assert r.status_code == 202
             caps = await c.get("/metrics/capabilities", headers=bearer)
             assert caps.status_code == 200 and caps.json()["cancel_enabled"] is True
-            await wait_until(lambda: len(received) == 4, 5, "four cancel messages")
-            assert [m["by"] for m in received] == ["session"] * 3 + ["bearer"]
+            await wait_until(lambda: len(received) == 3, 5, "three cancel messages")
+            assert [m["by"] for m in received] == ["session"] * 2 + ["bearer"]
     assert TOKEN not in caplog.text
     assert "cancel refused (cross-origin" in caplog.text
+
+
+async def test_a_dns_rebinding_page_cannot_cancel(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    """Issue 20, case 7: a page of evil.example, whose name now resolves to the stream
+    service, sends Host and Origin both evil.example:PORT; with no token configured there is
+    no cookie to check, so only the origin stands between it and the actuator."""
+    settings = settings_for(
+        redis_url, key_prefix, VDM_CANCEL_ENABLED="true", VDM_CORS_ORIGINS=DASHBOARD
+    )
+    async with running_stream(settings) as (url, app), httpx.AsyncClient(base_url=url) as c:
+        await _stream_with_row(redis, keys, url, app)
+        evil = f"evil.example:{url.rsplit(':', 1)[1]}"
+        async with listening(redis, keys.cancel("w1")) as received:
+            r = await c.post(cancel_path("r1"), headers={"host": evil, "origin": f"http://{evil}"})
+            assert r.status_code == 403 and r.json()["error"] == "cross_origin"
+            # The dashboard itself still can.
+            r = await c.post(cancel_path("r1"), headers={"origin": DASHBOARD})
+            assert r.status_code == 202
+            await wait_until(lambda: len(received) == 1, 5, "the dashboard's cancel only")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"VDM_STREAM_PUBLIC_URL": "https://hub.example"},  # both behind one origin
+        {"VDM_CORS_ORIGINS": "https://hub.example"},  # the dashboard's origin, listed
+    ],
+)
+async def test_behind_a_proxy_that_rewrites_host_the_dashboard_can_cancel(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str, setting: dict[str, str]
+) -> None:
+    """nginx's default passes Host as the upstream's name (proxy_set_header Host $proxy_host):
+    the service sees Host stream:8090 while the dashboard's page is https://hub.example."""
+    settings = settings_for(
+        redis_url, key_prefix, VDM_CANCEL_ENABLED="true", VDM_AUTH_TOKEN=TOKEN, **setting
+    )
+    cookie = f"{auth.SESSION_COOKIE}={auth.mint_session(TOKEN)}"
+    proxied = {"host": "stream:8090", "origin": "https://hub.example", "cookie": cookie}
+    async with running_stream(settings) as (url, app), httpx.AsyncClient(base_url=url) as c:
+        await _stream_with_row(redis, keys, url, app)
+        async with listening(redis, keys.cancel("w1")) as received:
+            r = await c.post(cancel_path("r1"), headers=proxied)
+            assert r.status_code == 202, r.text
+            await wait_until(lambda: len(received) == 1, 5, "the cancel message")
+            assert received[0]["by"] == "session"
 
 
 async def test_cancel_with_redis_hung_answers_503_within_a_bound(key_prefix: str) -> None:
@@ -204,3 +252,75 @@ async def test_cancel_with_redis_hung_answers_503_within_a_bound(key_prefix: str
                     server.resume()
         finally:
             await client.aclose()
+
+
+async def test_one_id_on_two_workers_is_cancelled_only_where_worker_id_says(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    # A client's retry that landed on another worker: one X-Request-Id, two requests (issue 20).
+    settings = settings_for(redis_url, key_prefix, VDM_CANCEL_ENABLED="true")
+    w1, w2 = FakeWorker(redis, keys, "w1"), FakeWorker(redis, keys, "w2")
+    for worker in (w1, w2):
+        await worker.register()
+        await worker.start("dup")
+    await w1.start("solo")
+    async with running_stream(settings) as (url, app), httpx.AsyncClient(base_url=url) as c:
+        await wait_ready(url)
+        hub = app.state.hub
+
+        def both_held() -> bool:
+            return all(w in hub.workers and "dup" in hub.workers[w].rows for w in ("w1", "w2"))
+
+        await wait_until(both_held, 10, "both rows in the hub")
+        async with (
+            listening(redis, keys.cancel("w1")) as to_w1,
+            listening(redis, keys.cancel("w2")) as to_w2,
+        ):
+            r = await c.post(cancel_path("dup"))
+            assert r.status_code == 409, r.text
+            body = r.json()
+            assert body["error"] == "ambiguous_request" and body["worker_ids"] == ["w1", "w2"]
+            assert "worker_id" in body["suggestion"] and body["message"]
+
+            r = await c.post(cancel_path("dup"), params={"worker_id": "w2"})
+            assert r.status_code == 202, r.text
+            assert r.json() == {"request_id": "dup", "worker_id": "w2", "status": "requested"}
+            await wait_until(lambda: to_w2, 5, "the cancel on w2's channel")
+
+            r = await c.post(cancel_path("dup"), params={"worker_id": "w3"})
+            assert (r.status_code, r.json()["error"]) == (404, "unknown_request")
+            assert "w3" in r.json()["message"]
+            r = await c.post(cancel_path("solo"), params={"worker_id": "w2"})
+            assert (r.status_code, r.json()["error"]) == (404, "unknown_request")
+            r = await c.post(cancel_path("dup"), params={"worker_id": ""})
+            assert (r.status_code, r.json()["error"]) == (400, "bad_worker_id")
+
+            # An id that one worker holds works without the parameter, as before.
+            r = await c.post(cancel_path("solo"))
+            assert r.status_code == 202 and r.json()["worker_id"] == "w1"
+            await wait_until(lambda: to_w1, 5, "the cancel on w1's channel")
+            assert to_w1 == [{"request_id": "solo", "by": "anonymous"}]
+            assert to_w2 == [{"request_id": "dup", "by": "anonymous"}]
+
+
+async def test_a_worker_that_cannot_stop_its_requests_answers_409_not_cancellable(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    settings = settings_for(redis_url, key_prefix, VDM_CANCEL_ENABLED="true")
+    fixed = FakeWorker(redis, keys, "fixed", cancellable=False)
+    await fixed.register()
+    await fixed.start("r1")
+    async with running_stream(settings) as (url, app), httpx.AsyncClient(base_url=url) as c:
+        await wait_ready(url)
+        hub = app.state.hub
+        await wait_until(lambda: "fixed" in hub.workers, 10, "the worker in the hub")
+        async with listening(redis, keys.cancel("fixed")) as received:
+            for params in ({}, {"worker_id": "fixed"}):
+                r = await c.post(cancel_path("r1"), params=params)
+                assert r.status_code == 409, r.text
+                body = r.json()
+                assert (body["error"], body["worker_id"]) == ("not_cancellable", "fixed")
+                assert body["message"] and body["suggestion"]
+            snapshot = (await c.get("/metrics/active-requests")).json()
+            assert [w["cancellable"] for w in snapshot["workers"]] == [False]
+        assert received == []  # nothing was sent to a worker that would not act on it

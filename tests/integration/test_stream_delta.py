@@ -18,6 +18,7 @@ from tests.stream_support import (
     FakeWorker,
     SSEReader,
     hub_truth,
+    keyed,
     request_ids,
     running_stream,
     same_rows,
@@ -25,6 +26,7 @@ from tests.stream_support import (
     wait_ready,
     wait_until,
 )
+from vdm_hub.services.stream.table import row_key
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 
@@ -35,12 +37,11 @@ DELTA = STREAM + "?delta=1"
 
 
 async def redis_truth(redis: aioredis.Redis, keys: Keys, *worker_ids: str) -> dict[str, Any]:
-    rows: dict[str, Any] = {}
+    rows: list[schema.Row] = []
     for wid in worker_ids:
         for raw in (await redis.hgetall(keys.active(wid))).values():  # type: ignore[misc]
-            row = schema.decode_row(raw)
-            rows[row["request_id"]] = dict(row)
-    return rows
+            rows.append(schema.decode_row(raw))
+    return keyed(rows)
 
 
 def deltas(reader: SSEReader, start: int = 0) -> list[dict[str, Any]]:
@@ -81,9 +82,10 @@ async def test_snapshot_then_chained_deltas_reproduce_the_truth(
             await wait_until(caught_up, 10, "the delta client to reproduce the hub's state")
             state = DeltaState.replay(reader)
             truth = await redis_truth(redis, keys, "w1", "w2")
-            assert set(truth) == {"a2", "a3", "b1", "b2", "b3"}
+            assert {r["request_id"] for r in truth.values()} == {"a2", "a3", "b1", "b2", "b3"}
             assert same_rows(state.rows, truth)
-            assert state.rows["b2"]["bytes_out"] == 42 and state.rows["b3"]["worker_id"] == "w1"
+            assert state.rows[row_key("w2", "b2")]["bytes_out"] == 42
+            assert row_key("w1", "b3") in state.rows and row_key("w2", "b3") not in state.rows
             assert counts(state.workers) == {"w1": 3, "w2": 2}
             kinds = [e.event for _, e in reader.events if e.event in ("update", "delta")]
             assert kinds[0] == "update" and set(kinds[1:]) == {"delta"}
@@ -101,7 +103,7 @@ async def test_idle_stream_sends_an_empty_delta_every_interval(
         n = len(reader.events)
         await wait_until(lambda: len(deltas(reader, n)) >= 3, 10, "three idle deltas")
         state = DeltaState.replay(reader)
-        assert set(state.rows) == {"r1"}
+        assert set(state.rows) == {row_key("w1", "r1")}
         for delta in deltas(reader, n)[:3]:
             assert delta["upsert"] == [] and delta["remove"] == []
             assert delta["base"] == delta["version"] == state.version
@@ -140,9 +142,10 @@ async def test_workers_ride_in_a_delta_only_when_the_list_changed(
         assert [w["worker_id"] for w in orjson.loads(event.data)["workers"]] == ["w1", "w2"]
 
 
-async def _version_after(reader: SSEReader, rid: str) -> int:
-    """The version of the first frame after which the client holds ``rid``."""
-    await wait_until(lambda: rid in DeltaState.replay(reader).rows, 5, f"{rid} on the stream")
+async def _version_after(reader: SSEReader, rid: str, wid: str = "w1") -> int:
+    """The version of the first frame after which the client holds ``rid`` of ``wid``."""
+    key = row_key(wid, rid)
+    await wait_until(lambda: key in DeltaState.replay(reader).rows, 5, f"{rid} on the stream")
     version = DeltaState.replay(reader).version
     assert version is not None
     return version
@@ -162,7 +165,8 @@ async def test_last_event_id_inside_the_ring_resumes_with_a_delta_from_it(
             held = DeltaState.replay(reader).version
         await worker.end("gone")
         await worker.start("new")
-        await wait_until(lambda: set(hub_truth(app)) == {"keep", "new"}, 5, "hub caught up")
+        expected = {row_key("w1", "keep"), row_key("w1", "new")}
+        await wait_until(lambda: set(hub_truth(app)) == expected, 5, "hub caught up")
         # EventSource's own reconnect sends the header; a new EventSource (the page's
         # backoff) can only put it in the query.
         for path, headers in (
@@ -174,7 +178,7 @@ async def test_last_event_id_inside_the_ring_resumes_with_a_delta_from_it(
                 assert first.event == "delta"
                 data = orjson.loads(first.data)
                 assert data["base"] == held
-                assert data["remove"] == ["gone"]
+                assert data["remove"] == [row_key("w1", "gone")]
                 assert request_ids({"active_requests": data["upsert"]}) == {"new"}
                 resumed = DeltaState.replay(reader)
                 resumed.apply(first)
@@ -232,7 +236,8 @@ async def test_last_event_id_outside_the_ring_gets_a_snapshot(
             held = await _version_after(reader, "r0")
         for n in range(1, 8):
             await worker.start(f"r{n}")
-            await wait_until(lambda n=n: f"r{n}" in bc.table.entries, 5, f"r{n} published")
+            key = row_key("w1", f"r{n}")
+            await wait_until(lambda key=key: key in bc.table.entries, 5, f"r{n} published")
         assert not bc.ring.covers(held)
         async with SSEReader(url + DELTA, headers={"Last-Event-ID": str(held)}) as reader:
             first = reader.events[0][1]
@@ -264,7 +269,7 @@ async def test_a_snapshot_client_is_paced_to_its_budget_and_ends_on_the_truth(
         def on_truth() -> bool:
             updates = reader.updates()
             return bool(updates) and same_rows(
-                {r["request_id"]: r for r in updates[-1]["active_requests"]}, hub_truth(app)
+                {r["key"]: r for r in updates[-1]["active_requests"]}, hub_truth(app)
             )
 
         await wait_until(on_truth, 20, "the paced client to reach the true state")
@@ -331,7 +336,7 @@ async def test_a_delta_client_that_never_reads_is_dropped_and_delays_no_one(
                 def holds(rid: str) -> bool:
                     nonlocal seen
                     seen = state.apply_all(reader, seen)  # incremental: asserts each base
-                    return rid in state.rows
+                    return row_key("w1", rid) in state.rows
 
                 while bc.dropped == 0:
                     assert n < 200, "the stuck client was never dropped"
@@ -343,3 +348,72 @@ async def test_a_delta_client_that_never_reads_is_dropped_and_delays_no_one(
                 assert not reader.ended
         finally:
             stuck.close()
+
+
+async def _in_flight_gauge(client: httpx.AsyncClient) -> dict[str, float]:
+    """``vdm_requests_in_flight`` summed per worker, as Prometheus would scrape it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    per: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "vdm_requests_in_flight":
+            for sample in family.samples:
+                wid = sample.labels["worker"]
+                per[wid] = per.get(wid, 0.0) + sample.value
+    return {wid: n for wid, n in per.items() if n}
+
+
+async def test_one_request_id_on_two_workers_is_two_rows_and_each_ends_alone(
+    redis: aioredis.Redis, keys: Keys, redis_url: str, key_prefix: str
+) -> None:
+    # A client's retry that lands on another worker: one X-Request-Id on two workers (issue 20).
+    w1, w2 = FakeWorker(redis, keys, "w1"), FakeWorker(redis, keys, "w2")
+    await w1.register()
+    await w2.register()
+    one, two = row_key("w1", "dup"), row_key("w2", "dup")
+    settings = settings_for(redis_url, key_prefix, VDM_ACTIVE_REQUESTS_SSE_INTERVAL="30")
+    async with (
+        running_stream(settings) as (url, _app),
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        await wait_ready(url)
+        async with SSEReader(url + DELTA) as deltas_, SSEReader(url + STREAM) as snapshots:
+            await w1.start("dup")
+            await w2.start("dup")
+            await wait_until(
+                lambda: set(DeltaState.replay(deltas_).rows) == {one, two}, 5, "two rows"
+            )
+
+            def last_update() -> dict[str, dict[str, Any]]:
+                updates = snapshots.updates()
+                return {r["key"]: r for r in updates[-1]["active_requests"]} if updates else {}
+
+            await wait_until(lambda: set(last_update()) == {one, two}, 5, "two rows in update")
+            shown = last_update()
+            assert [(shown[k]["worker_id"], shown[k]["request_id"]) for k in (one, two)] == [
+                ("w1", "dup"),
+                ("w2", "dup"),
+            ]
+            polled = (await http.get("/metrics/active-requests")).json()["active_requests"]
+            assert sorted(r["key"] for r in polled) == sorted([one, two])
+            assert await _in_flight_gauge(http) == {"w1": 1.0, "w2": 1.0}
+
+            n = len(deltas_.events)
+            await w1.end("dup")  # one of them ends: exactly its key goes
+            event = await deltas_.wait(
+                lambda e: e.event == "delta" and orjson.loads(e.data)["remove"], 5, after=n
+            )
+            assert orjson.loads(event.data)["remove"] == [one]
+            await wait_until(lambda: set(last_update()) == {two}, 5, "one row in update")
+            assert set(DeltaState.replay(deltas_).rows) == {two}
+            assert await _in_flight_gauge(http) == {"w2": 1.0}
+
+            await w2.progress("dup", bytes_out=5)  # the one left still follows its worker
+            await wait_until(
+                lambda: DeltaState.replay(deltas_).rows[two]["bytes_out"] == 5, 5, "progress"
+            )
+            await w2.end("dup")
+            await wait_until(lambda: not DeltaState.replay(deltas_).rows, 5, "no rows")
+            await wait_until(lambda: not last_update(), 5, "no rows in update")
+            assert await _in_flight_gauge(http) == {}

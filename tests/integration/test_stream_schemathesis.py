@@ -107,6 +107,7 @@ def test_the_schema_documents_the_json_endpoints(api_schema: Any) -> None:
     paths = {op.path for op in _operations(api_schema)}
     assert {"/metrics/active-requests", "/metrics", "/healthz", "/readyz"} <= paths
     assert {"/metrics/capabilities", "/metrics/active-requests/{request_id}/cancel"} <= paths
+    assert "/metrics/completed" in paths
 
 
 @pytest.mark.timeout(120)
@@ -145,9 +146,10 @@ def test_no_documented_endpoint_answers_5xx(stream_url: str, tmp_path: Path) -> 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     # It really ran: every documented operation was tested, with many generated cases.
-    # (7: the five data and probe endpoints, the capabilities and the cancel action.)
+    # (8: the five data and probe endpoints, the completed search, the capabilities and the
+    # cancel action.)
     tested = re.search(r"Tested: (\d+)", output)
-    assert tested is not None and int(tested.group(1)) >= 7, output[-3000:]
+    assert tested is not None and int(tested.group(1)) >= 8, output[-3000:]
     generated = re.search(r"(\d+) generated", output)
     assert generated is not None and int(generated.group(1)) >= 20, output[-3000:]
 

@@ -56,15 +56,17 @@ async def test_first_update_at_once_with_headers_id_and_retry(
             assert set(row) >= {
                 "request_id", "worker_id", "method", "path", "model", "provider",
                 "is_streaming", "start_time", "duration_ms", "phase", "bytes_out",
-                "input_tokens", "output_tokens",
+                "input_tokens", "output_tokens", "key",
             }  # fmt: skip
             (w,) = data["workers"]
             assert set(w) == {
-                "worker_id", "host", "pid", "started_at", "last_seen", "status", "active"
+                "worker_id", "host", "pid", "started_at", "last_seen", "status", "active",
+                "cancellable",
             }  # fmt: skip
             assert (w["worker_id"], w["host"], w["pid"], w["status"], w["active"]) == (
                 "w1", "fakehost", 4242, "up", 1
             )  # fmt: skip
+            assert w["cancellable"] is True  # a record without the field: an older worker
 
 
 async def test_change_goes_out_immediately_not_at_the_interval(
@@ -162,11 +164,20 @@ async def test_json_snapshot_summary_and_prometheus(
         await wait_ready(url)
         snap = (await client.get("/metrics/active-requests")).json()
         assert request_ids(snap) == {"a", "c"} and snap["disabled"] is False
-        assert set(snap) == {"disabled", "active_requests", "workers", "timestamp", "version"}
+        assert set(snap) == {
+            "disabled", "active_requests", "workers", "timestamp", "version",
+            "sync", "sync_since", "sync_reason",
+        }  # fmt: skip
+        # Ready means in sync: the view is vouched for since the moment it got there.
+        assert snap["sync"] == "ok" and snap["sync_reason"] is None
+        assert 0 < snap["sync_since"] <= snap["timestamp"]
 
         # rebuilt from P:completed on start, so the entry written before start counts
         summary = (await client.get("/metrics/summary")).json()
-        assert summary["window_s"] == 60
+        # The fleet (its one worker) is younger than the 60 s window: rates are over its age.
+        assert 0 < summary["window_s"] < 60
+        seconds = summary["window_s"]
+        assert summary["fleet"]["requests_per_s"] == pytest.approx(1 / seconds, rel=0.01)
         assert summary["fleet"]["completed"] == 1
         assert summary["fleet"]["error_rate"] == 1.0
         assert summary["fleet"]["p50_ms"] == 300.0

@@ -55,6 +55,7 @@ test("the overview polls only when visible and not on the metrics page", () => {
   assert.equal(core.shouldPollOverview("visible", "/dashboard/"), true);
   assert.equal(core.shouldPollOverview("hidden", "/dashboard/"), false);
   assert.equal(core.shouldPollOverview("visible", "/dashboard/metrics"), false);
+  assert.equal(core.shouldPollOverview("visible", "/dashboard/finished"), false);
 });
 
 test("joinUrl appends endpoint paths to the server-given base", () => {
@@ -66,7 +67,9 @@ test("joinUrl appends endpoint paths to the server-given base", () => {
   assert.equal(core.joinUrl(null, core.SNAPSHOT_PATH), "/metrics/active-requests");
 });
 
+// Rows are named by the stream's `key` (opaque; here simply the id), not by request_id.
 const row = (id, extra = {}) => ({
+  key: id,
   request_id: id,
   worker_id: "w1",
   model: "gpt-4o",
@@ -106,13 +109,13 @@ test("diffRows: gone rows are removed by id, changed rows updated, same rows unt
     tx.update.map((r) => r.request_id),
     ["b"],
   );
-  assert.deepEqual(tx.remove, [{ request_id: "c" }]);
+  assert.deepEqual(tx.remove, [{ key: "c" }]);
 });
 
 test("diffRows: an empty snapshot removes everything", () => {
   const tx = core.diffRows({ a: row("a"), b: row("b") }, []);
   assert.deepEqual(
-    tx.remove.map((r) => r.request_id).sort(),
+    tx.remove.map((r) => r.key).sort(),
     ["a", "b"],
   );
   assert.equal(tx.add.length + tx.update.length, 0);
@@ -213,6 +216,47 @@ test("indicator texts and emoji", () => {
   assert.match(core.indicatorState(false, true).text, /disabled/);
 });
 
+test("a stale hub is not Live: the indicator says why and since when", () => {
+  const since = new Date(2025, 0, 1, 12, 1, 5).getTime() / 1000;
+  const sync = core.syncFrom({ sync: "stale", sync_since: since, sync_reason: "Redis unreachable" });
+  const state = core.indicatorState(true, false, sync);
+  assert.equal(state.text, "◐ Stale — Redis unreachable since 12:01:05");
+  assert.match(state.className, /vdm-stale/);
+  assert.notEqual(state.emoji, "📡");
+  // In sync, or not connected at all: the usual states.
+  assert.equal(core.indicatorState(true, false, core.syncFrom({ sync: "ok", sync_since: since })).text, "● Live");
+  assert.equal(core.indicatorState(false, false, sync).text, "○ Reconnecting...");
+  assert.equal(core.staleText({ stale: true, sinceS: null, reason: null }), "◐ Stale — out of sync with Redis");
+});
+
+test("syncFrom trusts only a well-formed stale and keeps the last word when a frame says none", () => {
+  assert.deepEqual(core.syncFrom({}), core.SYNC_OK); // a service that predates the field
+  const stale = core.syncFrom({ sync: "stale", sync_since: 100, sync_reason: "x".repeat(500) });
+  assert.equal(stale.stale, true);
+  assert.equal(stale.sinceS, 100);
+  assert.equal(stale.reason.length, 120);
+  assert.equal(core.syncFrom({ version: 3 }, stale), stale);
+  assert.equal(core.syncFrom({ sync: "STALE" }).stale, false);
+  assert.deepEqual(core.syncFrom({ sync: "stale", sync_since: "soon", sync_reason: 7 }), {
+    stale: true,
+    sinceS: null,
+    reason: null,
+  });
+  assert.equal(core.sameSync(stale, core.syncFrom({ sync: "stale", sync_since: 100, sync_reason: "x".repeat(500) })), true);
+  assert.equal(core.sameSync(stale, core.SYNC_OK), false);
+});
+
+test("durations stop at the last confirmed moment while stale, and run on when in sync", () => {
+  const offset = 2000; // the server's clock is 2 s ahead of the browser's
+  const stale = { stale: true, sinceS: 1000, reason: "Redis not answering" };
+  // Local 1,005,000 ms = server 1,007 s: held at server 1,000 s = local 998,000 ms.
+  assert.equal(core.shownNowMs(1005000, offset, stale), 998000);
+  assert.equal(core.liveDurationMs(990, core.shownNowMs(1005000, offset, stale), offset), 10000);
+  assert.equal(core.shownNowMs(990000, offset, stale), 990000); // before it: the real clock
+  assert.equal(core.shownNowMs(1005000, offset, core.SYNC_OK), 1005000);
+  assert.equal(core.shownNowMs(1005000, offset, { stale: true, sinceS: null }), 1005000);
+});
+
 test("statsFigures turns the series into four charts with aligned x values", () => {
   const figs = core.statsFigures({
     series: [
@@ -225,9 +269,33 @@ test("statsFigures turns the series into four charts with aligned x values", () 
   assert.deepEqual(figs.inflight.data[0].y, [2, 3]);
   assert.equal(figs.inflight.data[0].x[0], new Date(100000).toISOString());
   assert.deepEqual(figs.latency.data.map((t) => t.name), ["p50", "p95", "p99"]);
-  assert.deepEqual(figs.latency.data[0].y, [5, null]);
+  assert.deepEqual(figs.latency.data[0].y, [0.005, null]); // seconds
+  assert.equal(figs.latency.layout.yaxis.title.text, "seconds");
   assert.deepEqual(figs.errors.data[0].y, [10, 0]); // percent
   assert.deepEqual(core.statsFigures(undefined).rate.data[0].y, []);
+  // Legible on a narrow chart: horizontal x labels, a legend only where there are series to
+  // tell apart, and then under the plot (it covered the TTFT lines).
+  assert.equal(figs.inflight.layout.xaxis.tickangle, 0);
+  assert.equal(figs.inflight.layout.showlegend, false);
+  assert.equal(figs.latency.layout.showlegend, true);
+  assert.ok(figs.latency.layout.legend.y < 0);
+});
+
+test("cancelled and client-closed requests are their own series on the rate chart", () => {
+  const figs = core.statsFigures({
+    step_s: 2,
+    series: [
+      { t: 100, requests_per_s: 3, error_rate: 0, cancelled: 2, client_closed: 0 },
+      { t: 102, requests_per_s: 1, error_rate: 0.5, cancelled: 0, client_closed: 4 },
+    ],
+  });
+  assert.deepEqual(figs.rate.data.map((t) => t.name), ["finished/s", "cancelled/s", "client closed/s"]);
+  assert.deepEqual(figs.rate.data[1].y, [1, 0]); // per second: 2 in a 2 s step
+  assert.deepEqual(figs.rate.data[2].y, [0, 2]);
+  assert.deepEqual(figs.errors.data[0].y, [0, 50]);
+  // A stream service that does not count them: no empty series in the legend.
+  const old = core.statsFigures({ series: [{ t: 1, requests_per_s: 1 }] });
+  assert.deepEqual(old.rate.data.map((t) => t.name), ["finished/s"]);
 });
 
 test("workerRows joins workers with per-worker stats; fleetTotals counts", () => {
@@ -298,7 +366,7 @@ test("applyDelta turns upserts and removes into a transaction and updates the ma
   });
   assert.deepEqual(tx.add.map((r) => r.request_id), ["d"]);
   assert.deepEqual(tx.update.map((r) => r.request_id), ["b"]);
-  assert.deepEqual(tx.remove, [{ request_id: "c" }]);
+  assert.deepEqual(tx.remove, [{ key: "c" }]);
   assert.deepEqual([...map.keys()].sort(), ["a", "b", "d"]);
   assert.equal(map.get("b").phase, "streaming");
 });
@@ -311,7 +379,7 @@ test("applyDelta: removes go first, so an id in both lists keeps its upserted ro
   });
   assert.deepEqual(tx.add.map((r) => r.request_id), ["n"]);
   assert.deepEqual(tx.update.map((r) => r.request_id), ["a"]); // never remove + add of one id
-  assert.deepEqual(tx.remove, [{ request_id: "b" }]);
+  assert.deepEqual(tx.remove, [{ key: "b" }]);
   assert.deepEqual([...map.keys()].sort(), ["a", "n"]);
   assert.equal(map.get("a").phase, "streaming");
   map.clear();
@@ -340,7 +408,7 @@ test("a chain of deltas on a snapshot reproduces the truth", () => {
         upsert.push(r);
       }
     }
-    const delta = { base: held, version: v, upsert: upsert.filter((r) => truth.get(r.request_id) === r), remove };
+    const delta = { base: held, version: v, upsert: upsert.filter((r) => truth.get(r.key) === r), remove };
     assert.equal(core.deltaFollows(held, delta), true);
     core.applyDelta(map, delta);
     held = delta.version;
@@ -360,8 +428,8 @@ test("the latency chart gains TTFT lines only when stats carry them", () => {
   });
   const names = withTtft.latency.data.map((t) => t.name);
   assert.deepEqual(names, ["p50", "p95", "p99", "TTFT p50", "TTFT p95"]);
-  assert.deepEqual(withTtft.latency.data[3].y, [2, null]);
-  assert.deepEqual(withTtft.latency.data[4].y, [4, 3]);
+  assert.deepEqual(withTtft.latency.data[3].y, [0.002, null]);
+  assert.deepEqual(withTtft.latency.data[4].y, [0.004, 0.003]);
 });
 
 test("grid batches wait longer at fleet scale", () => {
@@ -371,4 +439,52 @@ test("grid batches wait longer at fleet scale", () => {
   assert.equal(core.batchWaitMs(10000), 300);
   assert.equal(core.batchWaitMs(1e6), 300);
   assert.equal(core.batchWaitMs(undefined), 50);
+});
+
+// One X-Request-Id on two workers (a client's retry that landed elsewhere): two rows.
+const dup = (worker, extra = {}) =>
+  row("retry-1", { key: worker + "/retry-1", worker_id: worker, ...extra });
+
+test("one request id on two workers is two rows, in a snapshot and in the grid diff", () => {
+  const map = core.rowMapFrom([dup("w1"), dup("w2")]);
+  assert.deepEqual([...map.keys()], ["w1/retry-1", "w2/retry-1"]);
+  const tx = core.diffRows(new Map(), [dup("w1"), dup("w2")]);
+  assert.deepEqual(tx.add.map((r) => r.worker_id), ["w1", "w2"]);
+  // A row without a key (an older stream service's) is skipped, never merged by request id.
+  assert.equal(core.rowMapFrom([{ request_id: "retry-1", worker_id: "w3" }]).size, 0);
+});
+
+test("a delta that ends one of two rows with one request id removes exactly that key", () => {
+  const map = core.rowMapFrom([dup("w1"), dup("w2")]);
+  let tx = core.applyDelta(map, { base: 1, version: 2, upsert: [], remove: ["w1/retry-1"] });
+  assert.deepEqual(tx.remove, [{ key: "w1/retry-1" }]);
+  assert.deepEqual([...map.keys()], ["w2/retry-1"]);
+  // The one left still takes its worker's progress.
+  tx = core.applyDelta(map, { upsert: [dup("w2", { bytes_out: 9 })], remove: [] });
+  assert.deepEqual(tx.update.map((r) => [r.worker_id, r.bytes_out]), [["w2", 9]]);
+  assert.equal(map.get("w2/retry-1").bytes_out, 9);
+});
+
+test("finished requests get a grid key that tells apart one id on two workers and reuses", () => {
+  const entry = (worker, start) => ({
+    request_id: "retry-1", worker_id: worker, start_time: start, outcome: "ok",
+  });
+  const rows = core.recentRows([entry("w1", 10.5), entry("w2", 10.5), entry("w1", 20), {}, null]);
+  assert.equal(rows.length, 3);
+  assert.equal(new Set(rows.map((r) => r.key)).size, 3);
+  assert.deepEqual(rows[0], { ...entry("w1", 10.5), key: rows[0].key }); // a copy with a key
+  // The same entry in the next stats frame keeps its key: the grid updates, never re-adds.
+  assert.equal(core.recentRows([entry("w2", 10.5)])[0].key, rows[1].key);
+  assert.deepEqual(core.recentRows(undefined), []);
+});
+
+test("the stream's base: the public URL, else this page's host on the stream port, else same origin", () => {
+  const page = { protocol: "http:", hostname: "remote.test" };
+  assert.equal(core.streamBase({ streamUrl: "https://s.example", streamPort: 8090 }, page), "https://s.example");
+  assert.equal(core.streamBase({ streamUrl: "", streamPort: 8090 }, page), "http://remote.test:8090");
+  const v6 = { protocol: "https:", hostname: "[fd00::7]" };
+  assert.equal(core.streamBase({ streamPort: 8090 }, v6), "https://[fd00::7]:8090");
+  assert.equal(core.streamBase({ streamUrl: "", streamPort: null }, page), "");
+  assert.equal(core.streamBase({ streamPort: 70000 }, page), "");
+  assert.equal(core.streamBase({}, page), "");
 });

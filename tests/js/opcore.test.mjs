@@ -9,20 +9,40 @@ const op = require("../../dashboard/assets/01_vdm_opcore.js");
 const core = require("../../dashboard/assets/01_vdm_core.js");
 
 test("capabilities: anything missing or malformed means no cancel and the default threshold", () => {
-  assert.deepEqual(op.capabilitiesFrom({ cancel_enabled: true, stuck_after_s: 60, delta: true }), {
+  const body = { cancel_enabled: true, stuck_after_s: 60, stall_after_s: 5, delta: true };
+  assert.deepEqual(op.capabilitiesFrom(body), {
     cancelEnabled: true,
     stuckAfterS: 60,
+    stallAfterS: 5,
     delta: true,
   });
-  for (const body of [null, undefined, "x", {}, { cancel_enabled: "true", stuck_after_s: -1 }]) {
+  const bad = { cancel_enabled: "true", stuck_after_s: -1, stall_after_s: "soon" };
+  for (const body of [null, undefined, "x", {}, bad]) {
     const caps = op.capabilitiesFrom(body);
     assert.equal(caps.cancelEnabled, false);
     assert.equal(caps.stuckAfterS, 300);
+    assert.equal(caps.stallAfterS, 30);
   }
 });
 
-test("the cancel path escapes the id", () => {
+test("the cancel path escapes the id and names the row's worker", () => {
   assert.equal(op.cancelPath("ab/c d"), "/metrics/active-requests/ab%2Fc%20d/cancel");
+  assert.equal(
+    op.cancelPath("retry-1", "gw 2/a"),
+    "/metrics/active-requests/retry-1/cancel?worker_id=gw%202%2Fa",
+  );
+  assert.equal(op.cancelPath("r", ""), "/metrics/active-requests/r/cancel");
+});
+
+test("Cancel is offered only where the service allows it and the worker can stop requests", () => {
+  const on = op.capabilitiesFrom({ cancel_enabled: true });
+  const off = op.capabilitiesFrom({ cancel_enabled: false });
+  assert.equal(op.cancelOffered(on, { worker_id: "w1", cancellable: true }), true);
+  assert.equal(op.cancelOffered(on, { worker_id: "w1" }), true); // an older service or worker
+  assert.equal(op.cancelOffered(on, null), true); // worker list not there yet
+  assert.equal(op.cancelOffered(on, { worker_id: "w1", cancellable: false }), false);
+  assert.equal(op.cancelOffered(off, { worker_id: "w1", cancellable: true }), false);
+  assert.equal(op.cancelOffered(null, null), false);
 });
 
 test("a row is stuck once older than the threshold, in server time", () => {
@@ -76,15 +96,6 @@ test("chunk rate: one sample falls back to the average since the first byte", ()
   assert.equal(op.chunkRate(h, streaming({ chunks_out: null }), 106_000, 0), null);
   // A counter that went back (a new request reusing the id) starts a fresh history.
   assert.deepEqual(op.noteChunks(h, 3, 107_000), [{ t: 107_000, c: 3 }]);
-});
-
-test("output tokens per second count the time after the first byte", () => {
-  assert.equal(op.outputTokensPerS({ output_tokens: 100, duration_ms: 3000, ttft_ms: 1000 }), 50);
-  assert.equal(op.outputTokensPerS({ output_tokens: 100, duration_ms: 2000 }), 50);
-  assert.equal(op.outputTokensPerS({ output_tokens: 100, duration_ms: 2000, ttft_ms: 5000 }), 50);
-  assert.equal(op.outputTokensPerS({ output_tokens: null, duration_ms: 2000 }), null);
-  assert.equal(op.outputTokensPerS({ output_tokens: 5, duration_ms: 0 }), null);
-  assert.equal(op.outputTokensPerS(undefined), null);
 });
 
 test("cancel notices say what happened", () => {
@@ -184,7 +195,8 @@ test("the detail panel lists every field, the timings and the worker", () => {
   assert.equal(flat["Tokens in"], "—");
   assert.equal(flat["future_field"], "kept"); // fields the page does not know still show
   assert.equal(flat["Running for"], "4.0 s");
-  assert.equal(flat["Time to first byte"], "1.5 s");
+  assert.equal(flat["Time to first token"], "1.5 s");
+  assert.equal(flat["Time to first byte"], undefined); // not reported: not shown
   assert.equal(flat["Streaming for"], "2.5 s");
   assert.equal(flat["Chunks / s"], "6.0/s");
   assert.equal(flat["Host"], "h1");
@@ -192,5 +204,51 @@ test("the detail panel lists every field, the timings and the worker", () => {
   const bare = Object.fromEntries(op.detailSections({ worker_id: "w9" }, null, 0, 0, core, null).flatMap((s) => s.items));
   assert.equal(bare["Worker"], "w9");
   assert.equal(bare["Host"], undefined);
-  assert.equal(bare["Time to first byte"], "—");
+  assert.equal(bare["Time to first token"], "—");
+});
+
+test("the detail panel of a finished request says how it ended, and shows its labels", () => {
+  const entry = {
+    id: "1700000000000-0",
+    request_id: "r2",
+    worker_id: "w1",
+    model: "gpt-4o",
+    outcome: "cancelled",
+    status: 499,
+    start_time: 100,
+    duration_ms: 4200,
+    ttft_ms: 1200,
+    output_tokens: 90,
+    labels: { user: "ada", team: "ml", bad: 7 },
+  };
+  const sections = op.detailSections(entry, null, 999_000, 0, core, null);
+  assert.deepEqual(sections.map((s) => s.title), ["Request", "Timings", "Labels", "Worker"]);
+  const request = sections[0].items;
+  assert.deepEqual(request.slice(0, 2), [["Outcome", "cancelled"], ["Status", "499"]]);
+  const flat = Object.fromEntries(sections.flatMap((s) => s.items));
+  assert.equal(flat["Duration"], "4.2 s"); // not "running for" since the start
+  assert.equal(flat["Running for"], undefined);
+  assert.equal(flat["After the first token"], "3.0 s");
+  assert.deepEqual(sections[2].items, [["team", "ml"], ["user", "ada"]]); // strings only, sorted
+  assert.equal(flat["labels"], undefined);
+});
+
+test("labels read as one filterable text, at most eight", () => {
+  assert.equal(op.labelsText({ user: "ada", team: "ml" }), "team=ml user=ada");
+  assert.equal(op.labelsText(null), "");
+  assert.equal(op.labelsText(["a"]), "");
+  const many = Object.fromEntries(Array.from({ length: 12 }, (_, i) => ["k" + (10 + i), "v"]));
+  assert.equal(op.labelPairs(many).length, 8);
+});
+
+test("a live row's detail says when it last sent output", () => {
+  const row = { worker_id: "w", start_time: 100, ttft_ms: 500, is_streaming: true, last_output_at: 101 };
+  const flat = Object.fromEntries(op.detailSections(row, null, 104_000, 0, core, 0).flatMap((s) => s.items));
+  assert.equal(flat["Last output"], "3.0 s ago");
+  // A stream's preamble came first: the first byte is shown beside the first token.
+  const early = { ...row, ttfb_ms: 7 };
+  const timings = Object.fromEntries(op.detailSections(early, null, 104_000, 0, core, 0).flatMap((s) => s.items));
+  assert.equal(timings["Time to first byte"], "7 ms");
+  assert.equal(timings["ttfb_ms"], undefined);
+  assert.equal(flat["last_output_at"], undefined);
 });

@@ -24,11 +24,13 @@ from typing import Any
 
 import httpx
 import orjson
+import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
 from tests.procs import Proc, vdm_hub
 from vdm_hub.services.demo.load import LoadGenerator
 from vdm_hub.shared.embedded_redis import EmbeddedRedis
+from vdm_hub.shared.keys import Keys
 
 HEARTBEAT_S = 0.5
 TTL_S = 2.0
@@ -189,6 +191,33 @@ async def stream_rows(client: httpx.AsyncClient, stream_url: str) -> list[dict[s
     return rows
 
 
+async def snapshot(client: httpx.AsyncClient, stream_url: str) -> dict[str, Any] | None:
+    """The stream's whole JSON snapshot, or None while it cannot answer."""
+    try:
+        response = await client.get(f"{stream_url}/metrics/active-requests", timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    snap: dict[str, Any] = orjson.loads(response.content)
+    return snap
+
+
+async def wait_sync(
+    client: httpx.AsyncClient, stream_url: str, state: str, *, timeout: float, since: float
+) -> tuple[float, dict[str, Any]]:
+    """Poll until the snapshot's ``sync`` is ``state``; returns (seconds from ``since``, that
+    snapshot)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = await snapshot(client, stream_url)
+        if snap is not None and snap.get("sync") == state:
+            return time.monotonic() - since, snap
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"sync never became {state!r} within {timeout}s: {snap}")
+        await asyncio.sleep(0.05)
+
+
 def request_number(request_id: str) -> int:
     return int(request_id.rsplit("-", 1)[1])
 
@@ -251,6 +280,19 @@ async def wait_drained(client: httpx.AsyncClient, stream_url: str, timeout: floa
         if time.monotonic() >= deadline:
             raise AssertionError(f"ghost rows after the load ended: {rows}")
         await asyncio.sleep(0.05)
+
+
+async def finished_lost(gen: LoadGenerator, redis_url: str, prefix: str) -> int:
+    """After the load drained: how many of the generator's requests are missing from
+    ``P:completed`` (every one it sent finished; the stream is far below its cap here)."""
+    sent = {f"{gen.run_id}-{n}" for n in range(1, gen.stats.sent + 1)}
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        entries: Any = await client.xrange(Keys(prefix).completed)
+    finally:
+        await client.aclose()
+    recorded = {fields[b"request_id"].decode() for _id, fields in entries}
+    return len(sent - recorded)
 
 
 def report(fault: str, seconds: float, detail: str = "") -> None:

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
 from tests.procs import vdm_hub
 from tests.system.chaos_harness import (
@@ -33,14 +34,18 @@ from tests.system.chaos_harness import (
     RedisLink,
     SSEWatcher,
     finish_load,
+    finished_lost,
     fleet,
     load,
     report,
+    snapshot,
     stream_rows,
     wait_drained,
     wait_sse_matches,
+    wait_sync,
     wait_views_match,
 )
+from vdm_hub.services.stream.sync import CREDENTIALS, NOT_ANSWERING, OUT_OF_MEMORY, UNREACHABLE
 from vdm_hub.shared.embedded_redis import EmbeddedRedis
 
 pytestmark = pytest.mark.system
@@ -158,30 +163,193 @@ async def test_redis_restarted_mid_load_views_match_and_no_request_fails(
         assert gen.stats.ok > ok_before
 
 
+FREEZE_S = 10.0
+
+
 @pytest.mark.timeout(90)
-async def test_redis_frozen_for_10s_no_proxied_request_fails_and_views_match(
+async def test_redis_frozen_for_10s_the_view_says_stale_no_one_is_reaped_and_views_match(
     upstream_url: str, key_prefix: str, client: httpx.AsyncClient
 ) -> None:
     async with fleet(upstream_url, key_prefix) as f:
+        assert f.stream is not None
         async with load([w.url for w in f.workers]) as gen:
             gen.start()
             await wait_views_match(gen, client, f.stream_url, since=time.monotonic(), what="start")
             f.redis.pause()  # SIGSTOP: connections stay open, nothing answers
+            frozen_at = time.monotonic()
             try:
                 ok_at_freeze = gen.stats.ok
-                await asyncio.sleep(10.0)  # the fault's duration, not a synchronisation
+                # Before: `sync` did not exist, and the page showed `● Live` over a view that
+                # had stopped following anything (durations ticking on).
+                noticed, snap = await wait_sync(
+                    client, f.stream_url, "stale", timeout=FREEZE_S - 2, since=frozen_at
+                )
+                assert snap["sync_reason"] in (NOT_ANSWERING, UNREACHABLE), snap["sync_reason"]
+                assert snap["sync_since"] <= time.time() - 1.0, "since the last confirmed moment"
+                # Durations stop at that moment: a second later the same rows say the same.
+                await asyncio.sleep(1.0)  # the time that would have ticked, not a sync point
+                later = await snapshot(client, f.stream_url)
+                assert later is not None and later["sync"] == "stale"
+                held = {r["request_id"]: r["duration_ms"] for r in snap["active_requests"]}
+                again = {r["request_id"]: r["duration_ms"] for r in later["active_requests"]}
+                assert held and all(again[rid] == ms for rid, ms in held.items() if rid in again)
+                await asyncio.sleep(max(0.0, FREEZE_S - (time.monotonic() - frozen_at)))
                 ok_during = gen.stats.ok - ok_at_freeze
             finally:
                 f.redis.resume()
             t0 = time.monotonic()
+            in_sync, _ = await wait_sync(client, f.stream_url, "ok", timeout=15, since=t0)
             matched = await wait_views_match(
-                gen, client, f.stream_url, since=t0, timeout=30, what="Redis freeze"
+                gen, client, f.stream_url, since=t0, timeout=30, what="Redis freeze", fresh=True
             )
-            report("Redis frozen 10 s", matched, f"({ok_during} requests completed while frozen)")
+            report(
+                f"Redis frozen {FREEZE_S:g} s",
+                matched,
+                f"(stale {noticed:.2f}s into the freeze, ok {in_sync:.2f}s after the thaw; "
+                f"{ok_during} requests completed while frozen)",
+            )
             await finish_load(gen)
         await wait_drained(client, f.stream_url)
         assert ok_during >= 20, "proxying must go on while Redis is frozen"
         assert gen.stats.failed_total == 0, gen.stats.failed
+        lost = await finished_lost(gen, f.redis.url, key_prefix)
+        print(f"[chaos] Redis frozen {FREEZE_S:g} s: {lost} of {gen.stats.sent} finished lost")
+        assert lost == 0
+        # Every deadline had passed at the thaw (Redis's clock ran on): each worker got a fresh
+        # TTL to heartbeat instead of being reaped alive.
+        assert "reaped worker" not in f.stream.output, f.stream.output[-3000:]
+
+
+@pytest.mark.timeout(90)
+async def test_redis_at_maxmemory_the_view_says_stale_no_one_is_reaped_and_it_heals(
+    upstream_url: str, key_prefix: str, client: httpx.AsyncClient
+) -> None:
+    async with fleet(upstream_url, key_prefix) as f:
+        assert f.stream is not None
+        admin = aioredis.Redis.from_url(f.redis.url)
+        try:
+            async with load([w.url for w in f.workers]) as gen:
+                gen.start()
+                await wait_views_match(
+                    gen, client, f.stream_url, since=time.monotonic(), what="start"
+                )
+                everyone = {w.worker_id for w in f.workers}
+                # noeviction at maxmemory: every write that may grow memory is refused, so
+                # workers can neither publish nor heartbeat (reads and DEL still work).
+                await admin.config_set("maxmemory-policy", "noeviction")
+                await admin.config_set("maxmemory", 1)
+                full_at = time.monotonic()
+                noticed, snap = await wait_sync(
+                    client, f.stream_url, "stale", timeout=10, since=full_at
+                )
+                assert snap["sync_reason"] == OUT_OF_MEMORY
+                # Three TTLs of refused heartbeats: before, a live worker was reaped (the
+                # remove script only deletes, which Redis allows at maxmemory).
+                while time.monotonic() - full_at < 3 * TTL_S:
+                    during = await snapshot(client, f.stream_url)
+                    assert during is not None and during["sync"] == "stale", during
+                    shown = {w["worker_id"] for w in during["workers"]}
+                    assert shown == everyone, during["workers"]
+                    await asyncio.sleep(0.2)
+                await admin.config_set("maxmemory", 0)
+                t0 = time.monotonic()
+                in_sync, _ = await wait_sync(client, f.stream_url, "ok", timeout=10, since=t0)
+                matched = await wait_views_match(
+                    gen, client, f.stream_url, since=t0, what="maxmemory lifted", fresh=True
+                )
+                report(
+                    f"Redis at maxmemory (noeviction) {3 * TTL_S:g} s",
+                    matched,
+                    f"(stale {noticed:.2f}s after maxmemory was hit, ok {in_sync:.2f}s after it "
+                    "was lifted)",
+                )
+                await finish_load(gen)
+            await wait_drained(client, f.stream_url)
+            assert gen.stats.failed_total == 0, gen.stats.failed
+            assert "reaped worker" not in f.stream.output, f.stream.output[-3000:]
+            lost = await finished_lost(gen, f.redis.url, key_prefix)
+            print(f"[chaos] Redis at maxmemory: {lost} of {gen.stats.sent} finished lost")
+            assert lost == 0
+        finally:
+            await admin.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_a_wrong_redis_password_shows_stale_not_an_idle_fleet(
+    key_prefix: str, client: httpx.AsyncClient
+) -> None:
+    with EmbeddedRedis() as redis:
+        admin = aioredis.Redis.from_url(redis.url)
+        try:
+            await admin.config_set("requirepass", "right-password")
+        finally:
+            await admin.aclose()
+        secret = "wrong-password-7f3a"
+        env = {"REDIS_URL": f"redis://:{secret}@{redis.host}:{redis.port}/0"}
+        stream = vdm_hub("stream", "--port", "0", env={**env, "VDM_KEY_PREFIX": key_prefix})
+        try:
+            url = await asyncio.to_thread(stream.wait_ready, 30)
+            t0 = time.monotonic()
+            # Before: `{"active_requests": [], "workers": []}` and nothing else, the very
+            # picture of an idle fleet.
+            await wait_sync(client, url, "stale", timeout=10, since=t0)
+
+            async def credentials_named() -> bool:
+                snap = await snapshot(client, url)
+                return snap is not None and snap["sync_reason"] == CREDENTIALS
+
+            await _poll(credentials_named, 10, "the reason to name the credentials")
+            ready = await client.get(f"{url}/readyz")
+            assert ready.status_code == 503 and CREDENTIALS in ready.text
+            assert secret not in ready.text
+        finally:
+            await asyncio.to_thread(stream.stop)
+        assert secret not in stream.output
+
+
+@pytest.mark.timeout(90)
+async def test_flushall_after_a_worker_died_the_view_equals_the_truth_within_the_ttl(
+    upstream_url: str, key_prefix: str, client: httpx.AsyncClient
+) -> None:
+    # TTL 10 s: nothing could reap the dead worker in the bound below (FLUSHALL took its
+    # deadline with it: it is never reaped at all), only reconciling with Redis can.
+    ttl = 10.0
+    async with fleet(upstream_url, key_prefix, ttl=ttl) as f:
+        victim = f.workers[0]
+        admin = aioredis.Redis.from_url(f.redis.url)
+        try:
+            async with load([w.url for w in f.workers[1:]]) as gen:
+                gen.start()
+                await wait_views_match(
+                    gen, client, f.stream_url, since=time.monotonic(), what="start"
+                )
+                assert victim.proc is not None
+                victim.proc.kill()
+                await admin.flushall()
+                t0 = time.monotonic()
+
+                async def victim_gone() -> bool:
+                    snap = await snapshot(client, f.stream_url)
+                    return snap is not None and all(
+                        w["worker_id"] != victim.worker_id for w in snap["workers"]
+                    )
+
+                gone = await _poll(victim_gone, ttl + 5, "the dead worker to leave the view")
+                assert gone <= ttl + 1.0, f"the dead worker stayed {gone:.2f}s"
+                # The live workers rewrote their state (their heartbeats were refused).
+                matched = await wait_views_match(
+                    gen, client, f.stream_url, since=t0, what="FLUSHALL", fresh=True
+                )
+                snap = await snapshot(client, f.stream_url)
+                assert snap is not None
+                alive = {w.worker_id for w in f.workers[1:]}
+                assert {w["worker_id"] for w in snap["workers"]} == alive
+                report("FLUSHALL after a worker died", matched, f"(dead worker gone {gone:.2f}s)")
+                await finish_load(gen)
+            await wait_drained(client, f.stream_url)
+            assert gen.stats.failed_total == 0, gen.stats.failed
+        finally:
+            await admin.aclose()
 
 
 @pytest.mark.timeout(90)

@@ -1,6 +1,8 @@
-"""Workers whose clocks are 30 s off: liveness is judged on Redis's clock, so the one behind is
-neither reaped nor shown stale, and the one ahead, once killed, goes within its TTL (a
-deadline of its own clock would have kept it 30 s longer).
+"""Workers whose clocks are off. Liveness is judged on Redis's clock, so a worker 30 s behind is
+neither reaped nor shown stale, and one 30 s ahead, once killed, goes within its TTL (a
+deadline of its own clock would have kept it 30 s longer). And what a worker stamps itself is
+on Redis's clock too (it measures its offset at each heartbeat), so a worker 90 s behind shows
+true durations and counts in the summary's 60 s window.
 
 The offset is injected in the worker process itself: ``time.time`` is shifted before the
 worker starts, so everything that reads the wall clock there (its rows' start times, any
@@ -26,6 +28,7 @@ pytestmark = pytest.mark.system
 HEARTBEAT_S = 0.5
 TTL_S = 2.0
 OFFSET_S = 30.0
+FAR_BEHIND_S = 90.0  # more than the summary's 60 s window
 
 
 def skewed_worker(offset: float, upstream: str, env: dict[str, str]) -> Proc:
@@ -33,7 +36,7 @@ def skewed_worker(offset: float, upstream: str, env: dict[str, str]) -> Proc:
         "import sys, time\n"
         "_real = time.time\n"
         f"time.time = lambda: _real() + {offset!r}\n"
-        "from services.cli import main\n"
+        "from vdm_hub.services.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     args = [sys.executable, "-c", code, "worker", "--upstream", upstream, "--port", "0"]
@@ -55,6 +58,16 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
+def _env(redis: EmbeddedRedis, key_prefix: str) -> dict[str, str]:
+    return {
+        "REDIS_URL": redis.url,
+        "VDM_KEY_PREFIX": key_prefix,
+        "VDM_WORKER_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
+        "VDM_WORKER_TTL": str(TTL_S),
+        "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5",
+    }
+
+
 async def _workers(client: httpx.AsyncClient, stream_url: str) -> dict[str, str]:
     snap = orjson.loads((await client.get(f"{stream_url}/metrics/active-requests")).content)
     return {w["worker_id"]: w["status"] for w in snap["workers"]}
@@ -65,13 +78,7 @@ async def test_workers_30s_off_are_neither_reaped_nor_stale_and_a_dead_one_still
     upstream_url: str, key_prefix: str, client: httpx.AsyncClient
 ) -> None:
     with EmbeddedRedis() as redis:
-        env = {
-            "REDIS_URL": redis.url,
-            "VDM_KEY_PREFIX": key_prefix,
-            "VDM_WORKER_HEARTBEAT_INTERVAL": str(HEARTBEAT_S),
-            "VDM_WORKER_TTL": str(TTL_S),
-            "VDM_ACTIVE_REQUESTS_SSE_INTERVAL": "0.5",
-        }
+        env = _env(redis, key_prefix)
         stream = vdm_hub("stream", "--port", "0", env=env)
         behind = skewed_worker(-OFFSET_S, upstream_url, {**env, "VDM_WORKER_ID": "behind"})
         ahead = skewed_worker(+OFFSET_S, upstream_url, {**env, "VDM_WORKER_ID": "ahead"})
@@ -120,4 +127,60 @@ async def test_workers_30s_off_are_neither_reaped_nor_stale_and_a_dead_one_still
             assert "reaped" not in behind.output
         finally:
             for proc in (ahead, behind, stream):
+                proc.stop(timeout=5)
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_90s_behind_shows_true_durations_and_counts_in_the_summary(
+    upstream_url: str, key_prefix: str, client: httpx.AsyncClient
+) -> None:
+    with EmbeddedRedis() as redis:
+        env = _env(redis, key_prefix)
+        stream = vdm_hub("stream", "--port", "0", env=env)
+        behind = skewed_worker(-FAR_BEHIND_S, upstream_url, {**env, "VDM_WORKER_ID": "far"})
+        try:
+            stream_url = await asyncio.to_thread(stream.wait_ready, 30)
+            behind_url = await asyncio.to_thread(behind.wait_ready, 30)
+            deadline = time.monotonic() + 15
+            while await _workers(client, stream_url) != {"far": "up"}:  # registered
+                assert time.monotonic() < deadline, await _workers(client, stream_url)
+                await asyncio.sleep(0.05)
+
+            async def chat(rid: str, delay_ms: int) -> httpx.Response:
+                return await client.post(
+                    f"{behind_url}/v1/chat/completions",
+                    json={"model": "m", "messages": []},
+                    headers={"x-request-id": rid, "x-demo-delay-ms": str(delay_ms)},
+                    timeout=20,
+                )
+
+            held = asyncio.create_task(chat("held", 4000))
+            sent = time.monotonic()
+            duration = None
+            while duration is None:
+                snap = orjson.loads(
+                    (await client.get(f"{stream_url}/metrics/active-requests")).content
+                )
+                rows = [r for r in snap["active_requests"] if r["request_id"] == "held"]
+                duration = rows[0]["duration_ms"] if rows else None
+                assert time.monotonic() - sent < 4, "the held request's row never showed"
+                await asyncio.sleep(0.05)
+            # Before: ~90,000 ms, the worker's clock error shown as the request's age.
+            assert duration < (time.monotonic() - sent) * 1000 + 1000, duration
+            assert (await held).status_code == 200
+
+            quick = [await chat(f"quick-{i}", 100) for i in range(5)]
+            assert [r.status_code for r in quick] == [200] * 5
+            seen = 0
+            deadline = time.monotonic() + 10
+            while seen < 6:
+                summary = orjson.loads((await client.get(f"{stream_url}/metrics/summary")).content)
+                # Before: 0 (every entry ended "90 s ago", outside the 60 s window).
+                seen = summary["by_worker"].get("far", {}).get("completed", 0)
+                assert time.monotonic() < deadline, summary["by_worker"]
+                await asyncio.sleep(0.1)
+            assert summary["fleet"]["completed"] == 6
+            print(f"[clock] worker {FAR_BEHIND_S:g} s behind: held row showed {duration:.0f} ms")
+        finally:
+            for proc in (behind, stream):
                 proc.stop(timeout=5)

@@ -1,12 +1,16 @@
-"""docker-compose.yml, proved without a Docker engine.
+"""docker-compose.yml, proved without a Docker engine (test_compose_engine.py runs it on one).
 
 1. It validates: ``docker-compose config`` (Debian's package works without an engine), with
    the optional profiles too; and its structure keeps the promises the docs make (scalable
-   workers, Redis without persistence, healthchecks behind every ``service_healthy``).
+   workers, Redis without persistence, healthchecks behind every ``service_healthy``, one
+   image per role); Grafana's provisioning files match their schema (tests/system/
+   grafana_schemas/, written from Grafana's provisioning docs: Grafana publishes none, and no
+   Grafana image runs in the tests).
 2. It works: every vdm-hub service's ``command``, ``environment`` and ``healthcheck`` from the
    file, run as local processes on loopback with free ports (compose host names and ports
    mapped to them), forms a system a request goes through end to end. The worker service runs
-   twice, as ``--scale worker=2`` would, without a VDM_WORKER_ID, like in the file.
+   twice, as ``--scale worker=2`` would, without a VDM_WORKER_ID, like in the file. Where a
+   Docker engine runs, the engine test covers this too; this one needs none.
 """
 
 from __future__ import annotations
@@ -56,11 +60,16 @@ CONTRACT_METRICS = {
     "vdm_worker_events_dropped_total",
     "vdm_batches_missed_total",
     "vdm_time_to_first_byte_seconds",
+    "vdm_time_to_first_token_seconds",
     "vdm_oldest_request_age_seconds",
     "vdm_requests_stuck",
+    "vdm_requests_stalled",
     "vdm_requests_cancelled_total",
 }
 PROFILES = ["--profile", "monitoring", "--profile", "demo"]
+# The Dockerfile target (image) of each command; the rest run from `core`.
+ROLE_TARGETS = {"stream": "stream", "dashboard": "dashboard"}
+GRAFANA_SCHEMAS = Path(__file__).parent / "grafana_schemas"
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
 
 
@@ -178,13 +187,20 @@ def test_compose_file_keeps_its_promises() -> None:
     # Optional parts stay out of a plain `docker compose up`.
     assert services["load"]["profiles"] == ["demo"]
     assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["monitoring"]
-    # The browser reaches the stream service on its published port, from the dashboard origin.
+    # The page reaches the stream service at its published port on the host the page came
+    # from (whatever the browser calls it), and the stream allows the dashboard's port.
     stream_published = {p for p, _ in _ports(services["stream"])}
     dashboard_published = {p for p, _ in _ports(services["dashboard"])}
-    public = urlsplit(_env(services["dashboard"])["VDM_STREAM_PUBLIC_URL"])
-    assert public.port in stream_published
+    dashboard_command = [str(p) for p in services["dashboard"]["command"]]
+    assert int(_flag(dashboard_command, "--stream-port")) in stream_published
+    assert "VDM_STREAM_PUBLIC_URL" not in _env(services["dashboard"])
     origins = _env(services["stream"])["VDM_CORS_ORIGINS"].split(",")
     assert any(urlsplit(o).port in dashboard_published for o in origins)
+    # One image per role (Dockerfile targets), each with only its role's dependencies.
+    for name, service in services.items():
+        if _is_hub(service):
+            command = str(service["command"][0])
+            assert service["build"]["target"] == ROLE_TARGETS.get(command, "core"), name
 
 
 def test_monitoring_config_matches_the_services_and_the_metric_names() -> None:
@@ -378,12 +394,14 @@ def test_compose_services_run_as_local_processes_form_a_working_hub(
         assert proc.popen.returncode is not None
 
 
-def test_dockerfile_runs_vdm_hub_as_a_non_root_user() -> None:
+def test_dockerfile_runs_every_role_as_a_non_root_user() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", text, re.M)
     assert re.search(r'^ENTRYPOINT \["vdm-hub"\]', text, re.M)
-    user = re.findall(r"^USER (\S+)", text, re.M)
-    assert user and user[-1] not in ("root", "0")
+    stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", text, re.M | re.S))
+    for target in {"core", *ROLE_TARGETS.values()}:
+        users = re.findall(r"^USER (\S+)", stages[target], re.M)
+        assert users and users[-1] not in ("root", "0"), target
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv", "tests"} <= set(ignored)
 
@@ -395,3 +413,41 @@ def test_paths_the_compose_file_mounts_exist() -> None:
             source = str(volume).split(":", 1)[0] if isinstance(volume, str) else volume["source"]
             path = Path(source) if Path(source).is_absolute() else ROOT / source
             assert path.exists(), f"{name} mounts missing {source}"
+
+
+@pytest.mark.parametrize(
+    ("path", "schema"),
+    [
+        ("deploy/grafana/provisioning/datasources/prometheus.yml", "datasources"),
+        ("deploy/grafana/provisioning/dashboards/vdm-hub.yml", "dashboard-providers"),
+        ("deploy/grafana/dashboards/vdm-hub.json", "dashboard"),
+    ],
+)
+def test_grafana_files_match_their_schema(path: str, schema: str) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    document = yaml.safe_load((ROOT / path).read_text())  # JSON is YAML too
+    rules = json.loads((GRAFANA_SCHEMAS / f"{schema}.schema.json").read_text())
+    errors = sorted(jsonschema.Draft202012Validator(rules).iter_errors(document), key=str)
+    assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message}" for e in errors)
+
+
+def test_grafana_finds_the_provisioned_dashboard_where_compose_mounts_it() -> None:
+    grafana = _compose_config("monitoring")["services"]["grafana"]
+    mounts = {
+        (v.split(":")[1] if isinstance(v, str) else v["target"]): (
+            v.split(":")[0] if isinstance(v, str) else v["source"]
+        )
+        for v in grafana["volumes"]
+    }
+    providers = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/vdm-hub.yml").read_text()
+    )["providers"]
+    for provider in providers:
+        source = Path(mounts[provider["options"]["path"]])
+        source = source if source.is_absolute() else ROOT / source
+        assert list(source.glob("*.json")), provider
+    home = _env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    directory, name = home.rsplit("/", 1)
+    source = Path(mounts[directory])
+    assert ((source if source.is_absolute() else ROOT / source) / name).is_file()
+    assert "/etc/grafana/provisioning" in mounts

@@ -44,10 +44,23 @@ def _dashboard_exprs() -> list[str]:
 def test_the_alerts_cover_what_operators_need() -> None:
     names = {rule["alert"] for rule in _alert_rules()}
     assert {"VdmWorkerDown", "VdmHubLagHigh", "VdmRequestsStuck", "VdmErrorRateHigh"} <= names
+    assert "VdmStreamsStalled" in names
     for rule in _alert_rules():
         assert rule["annotations"]["summary"], rule["alert"]
     exprs = " ".join(_dashboard_exprs())
     assert "vdm_time_to_first_byte_seconds_bucket" in exprs and "vdm_requests_stuck" in exprs
+    assert "vdm_time_to_first_token_seconds_bucket" in exprs
+    assert "vdm_requests_stalled" in exprs
+
+
+def test_errors_are_error_and_upstream_error_only() -> None:
+    # A cancel or a client that hangs up is not a failure (README, "Outcomes"): every error
+    # expression names the failing outcomes instead of "anything but ok".
+    rules = {rule["alert"]: rule["expr"] for rule in _alert_rules()}
+    assert 'outcome=~"error|upstream_error"' in rules["VdmErrorRateHigh"]
+    for expr in _dashboard_exprs() + list(rules.values()):
+        assert 'outcome!="ok"' not in expr, expr
+    assert any('outcome=~"cancelled|client_closed"' in e for e in _dashboard_exprs())
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian: prometheus)")

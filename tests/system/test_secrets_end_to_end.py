@@ -6,7 +6,9 @@ Authorization header, an ``x-api-key`` header, a cookie, the query string and th
 and are held open upstream (``x-demo-delay-ms``) so their rows are in flight while Redis, the
 stream and the pages are inspected; then they finish and everything is inspected again (the
 completed stream and stats exist only then). A control request to ``/echo`` proves the secrets
-really went through the worker, so "not found" means "not copied", not "never sent".
+really went through the worker, so "not found" means "not copied", not "never sent". A
+WebSocket upgrade with the same secrets in its query string and headers is refused by the
+worker (it proxies HTTP only), and its handshake is not logged either.
 
 The scenario runs once per module; each test checks one place, so a failure names the leak.
 """
@@ -26,6 +28,8 @@ import orjson
 import pytest
 import redis
 from httpx_sse import connect_sse
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as websocket_connect
 
 from tests.procs import Proc, vdm_hub, wait_for
 from tests.stream_support import FAST
@@ -65,6 +69,7 @@ class Evidence:
     dashboard_note: str = ""
     echo: dict[str, Any] = field(default_factory=dict)
     statuses: list[int] = field(default_factory=list)
+    websocket_status: int = 0
     logs: dict[str, str] = field(default_factory=dict)
 
 
@@ -259,6 +264,7 @@ def evidence(redis_server: EmbeddedRedis) -> Iterator[Evidence]:
             timeout=10,
         )
         found.echo = echo.json()
+        found.websocket_status = _websocket_with_secrets(worker)
 
         def finished() -> bool:
             update = sse.latest_update() if sse else None
@@ -284,6 +290,17 @@ def evidence(redis_server: EmbeddedRedis) -> Iterator[Evidence]:
     yield found
 
 
+def _websocket_with_secrets(worker: str) -> int:
+    """Status of a WebSocket upgrade to the worker carrying secrets (it is refused)."""
+    url = worker.replace("http://", "ws://") + f"/v1/realtime?api_key={SECRETS['query']}"
+    headers = {"authorization": f"Bearer {SECRETS['bearer']}", "x-api-key": SECRETS["x-api-key"]}
+    try:
+        with websocket_connect(url, additional_headers=headers, open_timeout=10):
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
 def _collect_http(stream: str, found: Evidence, when: str) -> None:
     headers = {"authorization": f"Bearer {TOKEN}"}
     with httpx.Client(base_url=stream, headers=headers, timeout=10) as client:
@@ -297,6 +314,10 @@ def test_the_secrets_really_went_through_the_worker(evidence: Evidence) -> None:
     assert evidence.statuses == [200, 200, 200, 200]
     echoed = orjson.dumps(evidence.echo).decode()
     assert set(leaks(echoed)) >= {"bearer", "x-api-key", "query"}, echoed[:2000]
+
+
+def test_the_worker_refused_the_websocket_upgrade(evidence: Evidence) -> None:
+    assert evidence.websocket_status == 403
 
 
 def test_secrets_never_reach_redis(evidence: Evidence) -> None:

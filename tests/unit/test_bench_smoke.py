@@ -16,8 +16,10 @@ from bench.fidelity import fidelity
 from bench.report import Result, Table, Verdict
 from bench.rows import rows_scenario
 from bench.rowwatch import Pool, Watcher
+from bench.vandamme_cost import KINDS, SIDES, vandamme_cost
 from bench.viewclient import Shared, View
 from bench.vsvandamme import vs_vandamme
+from vdm_hub.services.stream.table import row_key
 
 
 @pytest.mark.system
@@ -71,6 +73,19 @@ async def test_tiny_side_by_side_with_vandamme_when_it_is_installed() -> None:
         assert side.appear and side.gone
 
 
+@pytest.mark.system
+@pytest.mark.timeout(180)
+async def test_tiny_vandamme_cost_when_it_is_installed() -> None:
+    if not peer.installed():
+        pytest.skip("vandamme-proxy is not in the bench cache (python -m bench installs it)")
+    c = await vandamme_cost(concurrency=2, round_s=0.5, pairs=1)
+    for kind in KINDS:
+        rounds = c.rounds[kind]
+        assert rounds.errors == 0
+        for side in SIDES:  # (CPU is read in 10 ms ticks: a tiny round may show none)
+            assert len(rounds.rps[side]) == 2 and min(rounds.rps[side]) > 0
+
+
 def _chunked(frames: list[bytes]) -> bytes:
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
     head += b"transfer-encoding: chunked\r\n\r\n"
@@ -82,7 +97,17 @@ def _frame(event: str, body: dict[str, Any], version: int) -> bytes:
 
 
 def _row(rid: str, model: str | None = "m") -> dict[str, Any]:
-    return {"request_id": rid, "model": model, "phase": "upstream", "bytes_out": 0}
+    return {
+        "request_id": rid,
+        "key": _key(rid),
+        "model": model,
+        "phase": "upstream",
+        "bytes_out": 0,
+    }
+
+
+def _key(rid: str) -> str:
+    return row_key("w", rid)
 
 
 @pytest.mark.timeout(10)
@@ -92,7 +117,9 @@ def test_view_client_applies_snapshot_and_deltas_split_anywhere(piece: int) -> N
         [
             _frame("update", {"active_requests": [_row("a"), _row("b")], "version": 1}, 1),
             b": heartbeat\n\n",
-            _frame("delta", {"version": 2, "base": 1, "upsert": [_row("c")], "remove": ["a"]}, 2),
+            _frame(
+                "delta", {"version": 2, "base": 1, "upsert": [_row("c")], "remove": [_key("a")]}, 2
+            ),
             _frame("delta", {"version": 4, "base": 3, "upsert": [_row("d")], "remove": []}, 4),
         ]
     )
@@ -100,10 +127,24 @@ def test_view_client_applies_snapshot_and_deltas_split_anywhere(piece: int) -> N
     view = View(shared, b"", stamps=True)
     for i in range(0, len(raw), piece):
         view.data_received(raw[i : i + piece])
-    assert set(view.rows) == {"b", "c"}  # the delta with the wrong base was not applied
+    assert set(view.rows) == {_key("b"), _key("c")}  # the delta with the wrong base was not applied
     assert (view.version, view.gaps, view.frames) == (2, 1, 3)  # the heartbeat is no frame
     assert set(shared.first) == {"a", "b", "c"} and set(shared.gone) == {"a"}
     assert view.waiting_for_update  # until the next full update
+
+
+@pytest.mark.timeout(10)
+def test_view_client_keeps_one_request_id_on_two_workers_apart() -> None:
+    dup = [{**_row("dup"), "worker_id": w, "key": row_key(w, "dup")} for w in ("w1", "w2")]
+    raw = _chunked(
+        [
+            _frame("update", {"active_requests": dup, "version": 1}, 1),
+            _frame("delta", {"version": 2, "base": 1, "remove": [row_key("w1", "dup")]}, 2),
+        ]
+    )
+    view = View(Shared("\0"), b"", stamps=False)
+    view.data_received(raw)
+    assert [(r["worker_id"], r["request_id"]) for r in view.rows.values()] == [("w2", "dup")]
 
 
 @pytest.mark.timeout(10)
@@ -115,8 +156,8 @@ def test_row_watcher_on_deltas_stamps_the_model_and_the_removal(piece: int) -> N
             _frame("delta", {"version": 2, "base": 1, "upsert": [_row("p", None)]}, 2),
             _frame("delta", {"version": 3, "base": 2, "upsert": [_row("p", "tok")]}, 3),
             b": heartbeat\n\n",
-            _frame("delta", {"version": 4, "base": 3, "remove": ["p"]}, 4),
-            _frame("delta", {"version": 9, "base": 7, "remove": ["a"]}, 9),
+            _frame("delta", {"version": 4, "base": 3, "remove": [_key("p")]}, 4),
+            _frame("delta", {"version": 9, "base": 7, "remove": [_key("a")]}, 9),
             # A new snapshot (a resync) without the held row removes it too.
             _frame("update", {"active_requests": [], "version": 10}, 10),
         ]

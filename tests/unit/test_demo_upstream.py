@@ -12,7 +12,13 @@ import orjson
 import pytest
 
 from tests.serving import running
-from vdm_hub.services.demo.upstream import create_app, pattern_bytes
+from vdm_hub.services.demo.upstream import (
+    BadOverride,
+    UpstreamConfig,
+    create_app,
+    parse_overrides,
+    pattern_bytes,
+)
 
 PROMPT = "Count to three, please."  # 23 characters -> 6 tokens
 PROMPT_TOKENS = 6
@@ -180,12 +186,27 @@ async def test_the_sniffer_reads_what_the_demo_responses_api_sends(
     request = {"model": "gpt-4.1", "input": PROMPT, "stream": True}
     assert sniff.request_fields(orjson.dumps(request), complete=True) == ("gpt-4.1", True)
     r = await client.post("/v1/responses", json=request, headers={"x-demo-chunks": "3"})
-    scanner = sniff.StreamUsageScanner()
+    scanner = sniff.SSEScanner()
     scanner.feed(r.content)
     assert scanner.usage == {"input_tokens": PROMPT_TOKENS, "output_tokens": 3}
     assert scanner.data_events == 4 + 3 + 4
     r = await client.post("/v1/responses", json={**request, "stream": False})
     assert sniff.usage_from_json(r.content) == {"input_tokens": PROMPT_TOKENS, "output_tokens": 4}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_answer_carries_the_vendors_own_request_id_header(
+    client: httpx.AsyncClient, stream: bool
+) -> None:
+    openai = await client.post("/v1/chat/completions", json=body(stream=stream))
+    responses = await client.post("/v1/responses", json=body(stream=stream, input=PROMPT))
+    anthropic = await client.post("/v1/messages", json=body(stream=stream))
+    failed = await client.post("/v1/messages", json=body(), headers={"x-demo-status": "529"})
+    for r in (openai, responses):
+        assert r.headers["x-request-id"].startswith("req_") and "request-id" not in r.headers
+    for r in (anthropic, failed):
+        assert r.headers["request-id"].startswith("req_") and "x-request-id" not in r.headers
+    assert openai.headers["x-request-id"] != responses.headers["x-request-id"]
 
 
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/v1/responses"])
@@ -331,3 +352,44 @@ async def test_bytes_reach_client_chunk_by_chunk() -> None:
         received = [chunk async for chunk in r.aiter_raw()]
     assert len(received[0]) < 300
     assert b"".join(received) == pattern_bytes(300)
+
+
+def test_the_first_token_delay_defaults_to_the_chunk_delay_and_can_be_overridden() -> None:
+    config = UpstreamConfig(chunk_delay=0.02)
+    assert parse_overrides({}, config).first_token_delay == 0.02
+    assert parse_overrides({"x-demo-chunk-delay-ms": "5"}, config).first_token_delay == 0.005
+    config = UpstreamConfig(chunk_delay=0.02, first_token_delay=2.0)
+    assert parse_overrides({}, config).first_token_delay == 2.0
+    over = parse_overrides({"x-demo-first-token-delay-ms": "300"}, config)
+    assert (over.first_token_delay, over.chunk_delay) == (0.3, 0.02)
+    with pytest.raises(BadOverride, match="x-demo-first-token-delay-ms"):
+        parse_overrides({"x-demo-first-token-delay-ms": "-1"}, config)
+
+
+@pytest.mark.parametrize(
+    ("path", "first_content"),
+    [
+        ("/v1/messages", b"content_block_delta"),
+        ("/v1/chat/completions", b'"content":"The'),
+        ("/v1/responses", b"response.output_text.delta"),
+    ],
+)
+async def test_a_stream_sends_its_preamble_at_once_and_its_first_token_after_the_delay(
+    path: str, first_content: bytes
+) -> None:
+    app = create_app(latency=0, chunk_delay=0, chunks=2)
+    request = body(stream=True, input=PROMPT)
+    headers = {"x-demo-first-token-delay-ms": "300"}
+    arrivals: list[tuple[float, bytes]] = []
+    sent = time.monotonic()
+    async with (
+        running(app, "upstream") as (url, _),
+        httpx.AsyncClient(base_url=url, trust_env=False) as c,
+        c.stream("POST", path, json=request, headers=headers) as r,
+    ):
+        async for chunk in r.aiter_raw():
+            arrivals.append((time.monotonic(), chunk))
+    assert first_content not in arrivals[0][1]  # the preamble, alone
+    content_at = next(t for t, chunk in arrivals if first_content in chunk)
+    # The event loop's timer may fire up to a millisecond early.
+    assert content_at - sent >= 0.299

@@ -1,15 +1,18 @@
 """The middleware's reports: a JSON request's first row already has its model and stream flag,
 requests without a JSON body appear at once, a stalled body still appears, request ids are
-unique while in flight, and the response side reports TTFT and SSE chunks."""
+unique while in flight; the response side reports TTFB, TTFT (the first output event of a
+stream), SSE chunks and the last output's time, and sends exactly one X-Request-Id."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
 import pytest
 
+from vdm_hub.services.proxy import instrument
 from vdm_hub.services.proxy.instrument import RequestMetricsMiddleware
 from vdm_hub.shared.schema import Outcome, Row
 
@@ -30,6 +33,9 @@ class Recorded:
 
     def end(self, request_id: str, **fields: Any) -> None:
         self.calls.append(("end", request_id, fields))
+
+    def discard(self, request_id: str, status: int) -> None:
+        self.calls.append(("discard", request_id, {"status": status}))
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [fields for k, _, fields in self.calls if k == kind]
@@ -248,20 +254,63 @@ async def test_a_client_id_already_in_flight_gets_a_fresh_one() -> None:
     assert recorder.of("start")[-1]["request_id"] == "same-id"
 
 
-async def test_ttft_and_chunks_for_an_event_stream_and_only_ttft_for_json() -> None:
-    frames = b"".join(b'data: {"n": %d}\n\n' % i for i in range(7)) + b"data: [DONE]\n\n"
-    recorder = Recorded()
-    sse = RequestMetricsMiddleware(_app(frames, b"text/event-stream", chunks=5), recorder)
-    await _run(
-        sse,
-        _scope("/v1/chat/completions", b'{"model":"m","stream":true}'),
-        [{"type": "http.request", "body": b'{"model":"m","stream":true}'}],
+def _paced_app(frames: list[bytes], gap: float, content_type: bytes, headers: Any = ()) -> Any:
+    """An app that sends ``frames`` one body message each; before the second, it waits
+    ``gap`` seconds (an upstream's preamble, then the model's first token)."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        start_headers = [(b"content-type", content_type), *headers]
+        await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+        for i, frame in enumerate(frames):
+            if i == 1:
+                await asyncio.sleep(gap)
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    return app
+
+
+STREAM_BODY = b'{"model":"m","stream":true}'
+
+
+async def _stream_through(app: Any, recorder: Recorded) -> list[dict[str, Any]]:
+    return await _run(
+        RequestMetricsMiddleware(app, recorder),
+        _scope("/v1/messages", STREAM_BODY),
+        [{"type": "http.request", "body": STREAM_BODY}],
     )
-    first = recorder.of("progress")[0]
-    assert first["phase"] == "streaming" and first["ttft_ms"] >= 0
-    assert first["chunks_out"] >= 1
+
+
+async def test_ttft_of_a_stream_is_its_first_output_event_and_ttfb_its_first_byte() -> None:
+    preamble = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":{}}}\n\n'
+        b'event: ping\ndata: {"type": "ping"}\n\n'
+    )
+    token = (
+        b"event: content_block_delta\n"
+        b'data: {"type":"content_block_delta","delta":{"type":"text_delta","text":"Hi"}}\n\n'
+    )
+    recorder = Recorded()
+    await _stream_through(_paced_app([preamble, token, token], 0.2, b"text/event-stream"), recorder)
+    first, second = recorder.of("progress")[:2]
+    # The preamble's bytes start the stream; they are not a token.
+    assert first["phase"] == "streaming" and first["ttfb_ms"] >= 0 and "ttft_ms" not in first
+    assert first["chunks_out"] == 2
+    # The first token is reported at once, not at the next progress cadence.
+    assert second["ttft_ms"] - first["ttfb_ms"] >= 200 and second["chunks_out"] == 3
     end = recorder.of("end")[0]
-    assert end["ttft_ms"] == first["ttft_ms"]
+    assert (end["ttft_ms"], end["ttfb_ms"]) == (second["ttft_ms"], first["ttfb_ms"])
+
+
+async def test_a_stream_without_output_has_no_ttft_and_any_other_body_its_first_byte() -> None:
+    recorder = Recorded()
+    pings = [b'event: ping\ndata: {"type": "ping"}\n\n'] * 2
+    await _stream_through(_paced_app(pings, 0, b"text/event-stream"), recorder)
+    assert all("ttft_ms" not in p for p in recorder.of("progress"))
+    end = recorder.of("end")[0]
+    assert end["ttft_ms"] is None and end["ttfb_ms"] is not None
 
     recorder = Recorded()
     plain = RequestMetricsMiddleware(_app(b'{"usage": {}}', b"application/json"), recorder)
@@ -269,5 +318,60 @@ async def test_ttft_and_chunks_for_an_event_stream_and_only_ttft_for_json() -> N
         plain, _scope("/v1/chat/completions", b"{}"), [{"type": "http.request", "body": b"{}"}]
     )
     first = recorder.of("progress")[0]
-    assert first["ttft_ms"] >= 0 and "chunks_out" not in first
+    assert first["ttft_ms"] == first["ttfb_ms"] >= 0 and "chunks_out" not in first
     assert recorder.of("start")[0]["chunks_out"] is None
+    assert recorder.of("start")[0]["ttfb_ms"] is None
+
+
+async def test_last_output_at_is_the_wall_clock_time_of_the_last_data_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(instrument, "PROGRESS_INTERVAL", 0.05)
+    recorder = Recorded()
+    frames = [b"data: {}\n\n", b": a keep-alive comment, not output\n\n"]
+    before = time.time()
+    await _stream_through(_paced_app(frames, 0.1, b"text/event-stream"), recorder)
+    after = time.time()
+    assert recorder.of("start")[0]["last_output_at"] is None
+    first, second = recorder.of("progress")
+    # Rounded to the millisecond; before the gap, not when reported.
+    assert before - 0.001 <= first["last_output_at"] <= before + (after - before) / 2
+    # The comment came after the progress cadence: reported, but it is no output event.
+    assert second["bytes_out"] > first["bytes_out"]
+    assert second["last_output_at"] == first["last_output_at"]
+
+
+@pytest.mark.parametrize(
+    ("app_headers", "expected"),
+    [
+        # The upstream's own id (OpenAI sends one) moves aside; the client sees the hub's.
+        ([(b"x-request-id", b"req_upstream")], [(b"x-upstream-request-id", b"req_upstream")]),
+        # An app that echoed the hub's id: still one header.
+        ([(b"x-request-id", b"client-1")], []),
+        # Behind another hub worker: the id nearest the upstream is kept.
+        (
+            [(b"x-upstream-request-id", b"req_openai"), (b"X-Request-Id", b"hop-2")],
+            [(b"x-upstream-request-id", b"req_openai")],
+        ),
+        ([], []),
+    ],
+)
+async def test_the_response_carries_exactly_one_x_request_id_the_hubs(
+    app_headers: list[tuple[bytes, bytes]], expected: list[tuple[bytes, bytes]]
+) -> None:
+    recorder = Recorded()
+    app = _paced_app([b"{}"], 0, b"application/json", app_headers)
+    scope = _scope("/v1/chat/completions", b"{}")
+    scope["headers"].append((b"x-request-id", b"client-1"))
+    sent = await _run(
+        RequestMetricsMiddleware(app, recorder), scope, [{"type": "http.request", "body": b"{}"}]
+    )
+    headers = [(k.lower(), v) for k, v in sent[0]["headers"] if k != b"content-type"]
+    assert sorted(headers) == sorted([*expected, (b"x-request-id", b"client-1")])
+    # Without the hub's header, the app's headers pass as they were.
+    sent = await _run(
+        RequestMetricsMiddleware(app, recorder, request_id_header=False),
+        _scope("/v1/chat/completions", b"{}"),
+        [{"type": "http.request", "body": b"{}"}],
+    )
+    assert sent[0]["headers"] == [(b"content-type", b"application/json"), *app_headers]

@@ -17,6 +17,7 @@ from vdm_hub.services.demo import load
 from vdm_hub.services.demo.load import LoadGenerator, Shape, parse_hold
 from vdm_hub.services.demo.loadstats import Progress, Reservoir
 from vdm_hub.services.demo.upstream import create_app
+from vdm_hub.shared import fdlimit
 from vdm_hub.shared.serve import bind_socket, url_for
 
 
@@ -127,13 +128,13 @@ async def test_requests_queued_in_the_client_are_reported_as_waiting(
 
 def test_fd_budget_raises_the_soft_limit_to_the_hard_one(monkeypatch: pytest.MonkeyPatch) -> None:
     limits = {"now": (256, 4096)}
-    monkeypatch.setattr(load.resource, "getrlimit", lambda _: limits["now"])
+    monkeypatch.setattr(fdlimit.resource, "getrlimit", lambda _: limits["now"])
 
     def setrlimit(_: int, value: tuple[int, int]) -> None:
         limits["now"] = value
 
-    monkeypatch.setattr(load.resource, "setrlimit", setrlimit)
-    assert load.fd_budget() == 4096 - load.FD_RESERVE
+    monkeypatch.setattr(fdlimit.resource, "setrlimit", setrlimit)
+    assert load.fd_budget() == 4096 - fdlimit.FD_RESERVE
     assert limits["now"] == (4096, 4096)
 
 

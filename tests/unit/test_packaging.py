@@ -72,6 +72,7 @@ def test_the_wheel_holds_one_top_level_package(tmp_path: Path) -> None:
     assert "vdm_hub/shared/lua/apply.lua" in names
     assert "vdm_hub/dashboard/assets/03_vdm_sse.js" in names
     assert "vdm_hub/py.typed" in names
+    assert "vdm_hub/services/instrument/boot/sitecustomize.py" in names  # vdm-hub instrument
     # Publishing (the core, installed beside someone else's app) pulls in no UI, no stream
     # service and no Redis binary: those come with extras.
     with zipfile.ZipFile(wheel) as zf:

@@ -46,6 +46,11 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 millis = st.floats(min_value=0, allow_nan=False, allow_infinity=False, width=64)
 phases = st.sampled_from([p.value for p in schema.Phase])
 outcomes = st.sampled_from([o.value for o in schema.Outcome])
+labels = st.dictionaries(
+    st.text(min_size=1, max_size=schema.MAX_LABEL_KEY_CHARS),
+    st.text(max_size=schema.MAX_LABEL_VALUE_CHARS),
+    max_size=schema.MAX_LABELS,
+)
 
 
 @st.composite
@@ -65,6 +70,9 @@ def rows(draw: st.DrawFn, worker_id: str | None = None) -> schema.Row:
         output_tokens=draw(st.none() | counts),
         ttft_ms=draw(st.none() | millis),
         chunks_out=draw(st.none() | counts),
+        ttfb_ms=draw(st.none() | millis),
+        last_output_at=draw(st.none() | millis),
+        labels=draw(st.none() | labels),
     )
 
 
@@ -83,6 +91,12 @@ def records(draw: st.DrawFn, worker_id: str) -> schema.WorkerRecord:
     )
     if draw(st.booleans()):
         record["events_dropped"] = draw(counts)
+    if draw(st.booleans()):
+        record["instance"] = draw(ids)
+    if draw(st.booleans()):
+        record["cancellable"] = draw(st.booleans())
+    if draw(st.booleans()):
+        record["completed_dropped"] = draw(counts)
     return record
 
 
@@ -104,6 +118,9 @@ def events(draw: st.DrawFn, worker_id: str) -> dict[str, Any]:
                     "is_streaming": st.booleans(),
                     "ttft_ms": st.none() | millis,
                     "chunks_out": st.none() | counts,
+                    "ttfb_ms": st.none() | millis,
+                    "last_output_at": st.none() | millis,
+                    "labels": st.none() | labels,
                 },
             )
         )
@@ -190,6 +207,11 @@ def _is_valid_row(row: Any) -> bool:
         and row["bytes_out"] >= 0
         and (row["ttft_ms"] is None or (math.isfinite(row["ttft_ms"]) and row["ttft_ms"] >= 0))
         and (row["chunks_out"] is None or row["chunks_out"] >= 0)
+        and all(
+            row[name] is None or (math.isfinite(row[name]) and row[name] >= 0)
+            for name in ("ttfb_ms", "last_output_at")
+        )
+        and (row["labels"] is None or wire_rules.labels_ok(row["labels"]))
     )
 
 
@@ -318,9 +340,12 @@ COMPLETED = {
     "request_id": "r1", "worker_id": "w1", "model": "m", "method": "POST", "path": "/v1/x",
     "status": "200", "outcome": "ok", "start_time": "1764036000.5", "duration_ms": "12.5",
     "input_tokens": "3", "output_tokens": "", "bytes_out": "10", "ttft_ms": "4.25",
+    "ttfb_ms": "3.5", "labels": '{"team":"a"}',
 }  # fmt: skip
 completed_values = (
     st.sampled_from(["", "0", "12", "-1", "1.5", "-0.5", "1e3", "nan", "inf", " 7", "x" * 513])
+    | st.sampled_from(["null", "{}", "[]", '{"k":1}', '{"":"v"}', '{"k":"v"', "x" * 2049])
+    | labels.map(lambda value: orjson.dumps(value).decode())
     | st.sampled_from([o.value for o in schema.Outcome])
     | st.text(alphabet=st.characters(codec="ascii"), max_size=12)
     | json_scalars
@@ -345,6 +370,17 @@ def completed_entries(draw: st.DrawFn) -> dict[Any, Any]:
     # As Redis sends an entry: names and values in one list, in the order they were written
     # (the apply script's, unless a field was dropped or replaced above).
     return [x for kv in as_bytes.items() for x in kv]  # type: ignore[return-value]
+
+
+FINISHED_FIELDS = (
+    "worker_id",
+    "model",
+    "outcome",
+    "start_time",
+    "duration_ms",
+    "ttft_ms",
+    "ttfb_ms",
+)
 
 
 @FUZZ
@@ -372,15 +408,12 @@ def test_the_completed_decoder_accepts_exactly_what_the_field_rules_do(
     if got is wire_rules.Reject:
         assert done is wire_rules.Reject
     else:
-        assert msgspec.structs.asdict(done) == {
-            name: got[name]
-            for name in ("worker_id", "model", "outcome", "start_time", "duration_ms", "ttft_ms")
-        }
+        assert msgspec.structs.asdict(done) == {name: got[name] for name in FINISHED_FIELDS}
 
 
 def test_completed_entries_with_non_ascii_digits_are_malformed() -> None:
     fields = dict.fromkeys(schema.COMPLETED_FIELDS, "1")
-    fields.update(outcome="ok", status="\u00b2")
+    fields.update(outcome="ok", status="\u00b2", labels="")
     with pytest.raises(MalformedMessage):
         schema.decode_completed(b"1-0", fields)
     fields["status"] = "200"
@@ -424,6 +457,7 @@ def test_every_valid_worker_record_round_trips(record: schema.WorkerRecord) -> N
     finite.map(abs),
     st.text(min_size=1, max_size=8),
     st.none() | millis,
+    st.none() | millis,
 )
 def test_every_completed_entry_round_trips(
     row: schema.Row,
@@ -432,7 +466,10 @@ def test_every_completed_entry_round_trips(
     duration: float,
     entry_id: str,
     ttft: float | None,
+    ttfb: float | None,
 ) -> None:
+    # An empty object is written as "" and read back as null, like an absent one.
+    row["labels"] = row.get("labels") or None
     entry = schema.CompletedEntry(
         request_id=row["request_id"],
         worker_id=row["worker_id"],
@@ -447,6 +484,8 @@ def test_every_completed_entry_round_trips(
         output_tokens=row["output_tokens"],
         bytes_out=row["bytes_out"],
         ttft_ms=ttft,
+        ttfb_ms=ttfb,
+        labels=row["labels"],
     )
     # As Redis hands them back: field names and values as bytes.
     fields = {
@@ -454,17 +493,21 @@ def test_every_completed_entry_round_trips(
         for name, value in zip(schema.COMPLETED_FIELDS, schema.completed_values(entry), strict=True)
     }
     fields[b"ttft_ms"] = b"" if ttft is None else repr(ttft).encode()
+    fields[b"ttfb_ms"] = b"" if ttfb is None else repr(ttfb).encode()
     assert schema.decode_completed(entry_id, fields) == {**entry, "id": entry_id}
 
 
-def test_completed_entries_without_ttft_or_with_a_bad_one() -> None:
-    fields = {name: "1" for name in schema.COMPLETED_FIELDS if name != "ttft_ms"}
+@pytest.mark.parametrize("name", ["ttft_ms", "ttfb_ms"])
+def test_completed_entries_without_a_later_time_field_or_with_a_bad_one(name: str) -> None:
+    later = ("ttft_ms", "ttfb_ms", "labels")
+    fields = {f: "1" for f in schema.COMPLETED_FIELDS if f not in later}
     fields.update(outcome="cancelled", model="")
-    entry = schema.decode_completed("1-0", fields)  # written before ttft_ms existed
-    assert entry["ttft_ms"] is None and entry["outcome"] == "cancelled"
+    entry = schema.decode_completed("1-0", fields)  # written before the field existed
+    assert entry[name] is None and entry["outcome"] == "cancelled"  # type: ignore[literal-required]
+    assert schema.decode_completed("1-0", {**fields, name: "2.5"})[name] == 2.5  # type: ignore[literal-required]
     for bad in ("nan", "-1", "inf", "soon"):
-        with pytest.raises(MalformedMessage):
-            schema.decode_completed("1-0", {**fields, "ttft_ms": bad})
+        with pytest.raises(MalformedMessage, match=name):
+            schema.decode_completed("1-0", {**fields, name: bad})
 
 
 def test_a_row_from_a_writer_without_the_later_fields_decodes_with_nulls() -> None:
@@ -483,9 +526,24 @@ def test_a_row_from_a_writer_without_the_later_fields_decodes_with_nulls() -> No
         "output_tokens": None,
     }
     row = schema.decode_row(orjson.dumps(old))
-    assert row == {**old, "ttft_ms": None, "chunks_out": None}
+    later = {
+        "ttft_ms": None,
+        "chunks_out": None,
+        "ttfb_ms": None,
+        "last_output_at": None,
+        "labels": None,
+    }
+    assert row == {**old, **later}
     assert wire_rules.row(old) == row
-    for bad in ({"ttft_ms": -1.0}, {"ttft_ms": "1"}, {"chunks_out": -1}, {"chunks_out": 1.5}):
+    for bad in (
+        {"ttft_ms": -1.0},
+        {"ttft_ms": "1"},
+        {"chunks_out": -1},
+        {"chunks_out": 1.5},
+        {"ttfb_ms": True},
+        {"last_output_at": "now"},
+        {"last_output_at": -2.0},
+    ):
         with pytest.raises(MalformedMessage):
             schema.decode_row(orjson.dumps({**old, **bad}))
 
@@ -576,6 +634,14 @@ EDGES: list[Any] = [
     None,
     [],
     {},
+    # labels at and just past their limits
+    {"k" * schema.MAX_LABEL_KEY_CHARS: "v" * schema.MAX_LABEL_VALUE_CHARS},
+    {"k" * (schema.MAX_LABEL_KEY_CHARS + 1): "v"},
+    {"k": "v" * (schema.MAX_LABEL_VALUE_CHARS + 1)},
+    {"": "v"},
+    {"k": 1},
+    {f"k{i}": "v" for i in range(schema.MAX_LABELS)},
+    {f"k{i}": "v" for i in range(schema.MAX_LABELS + 1)},
 ]
 edges = st.sampled_from(EDGES)
 
@@ -655,11 +721,12 @@ ROW = {
     "request_id": "r1", "worker_id": "w1", "method": "POST", "path": "/v1/chat/completions",
     "model": "m", "provider": "openai", "is_streaming": True, "start_time": 1.5,
     "phase": "streaming", "bytes_out": 3, "input_tokens": 4, "output_tokens": 5, "ttft_ms": 1.5,
-    "chunks_out": 2,
+    "chunks_out": 2, "ttfb_ms": 1.25, "last_output_at": 1764036000.5, "labels": {"team": "a"},
 }  # fmt: skip
 RECORD = {
     "worker_id": "w1", "host": "h", "pid": 1, "started_at": 1.5, "upstream": "u", "version": "v",
     "epoch": "e", "heartbeat_interval": 2.0, "ttl": 10.0, "events_dropped": 0,
+    "instance": "i", "cancellable": True, "completed_dropped": 0,
 }  # fmt: skip
 EVENTS = [
     {"type": "start", "row": ROW},
@@ -734,3 +801,50 @@ def test_a_progress_event_changes_exactly_the_fields_it_carries() -> None:
     (event,) = schema.decode_batch(raw).events
     assert isinstance(event, schema.Progress)
     assert event.changes() == {"model": None, "bytes_out": 7}
+
+
+def test_labels_are_checked_like_every_field() -> None:
+    row = {
+        "request_id": "r1",
+        "worker_id": "w1",
+        "method": "POST",
+        "path": "/v1/messages",
+        "model": "m",
+        "provider": None,
+        "is_streaming": False,
+        "start_time": 1.5,
+        "phase": "upstream",
+        "bytes_out": 0,
+        "input_tokens": None,
+        "output_tokens": None,
+        "labels": {"team": "a", "user": "u" * schema.MAX_LABEL_VALUE_CHARS},
+    }
+    assert schema.decode_row(orjson.dumps(row))["labels"] == row["labels"]
+    for bad in (
+        [],
+        "team=a",
+        {"team": 1},
+        {"": "a"},
+        {"k" * (schema.MAX_LABEL_KEY_CHARS + 1): "a"},
+        {"team": "v" * (schema.MAX_LABEL_VALUE_CHARS + 1)},
+        {f"k{i}": "v" for i in range(schema.MAX_LABELS + 1)},
+    ):
+        with pytest.raises(MalformedMessage, match="labels"):
+            schema.decode_row(orjson.dumps({**row, "labels": bad}))
+        with pytest.raises(MalformedMessage, match="labels"):
+            schema.decode_batch(
+                orjson.dumps(
+                    {
+                        "v": 1,
+                        "worker_id": "w1",
+                        "epoch": "e",
+                        "seq": 1,
+                        "events": [{"type": "progress", "request_id": "r1", "labels": bad}],
+                    }
+                )
+            )
+    fields = {name: "1" for name in schema.COMPLETED_FIELDS}
+    fields.update(outcome="ok", labels='{"team":"a"}')
+    assert schema.decode_completed("1-0", fields)["labels"] == {"team": "a"}
+    with pytest.raises(MalformedMessage):
+        schema.decode_completed("1-0", {**fields, "labels": '{"team":2}'})

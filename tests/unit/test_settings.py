@@ -15,7 +15,9 @@ def test_defaults_match_the_contract() -> None:
         30.0,
     )
     assert (s.key_prefix, s.worker_heartbeat_interval, s.worker_ttl) == ("vdm", 2.0, 10.0)
-    assert s.redis_url is None and s.worker_id  # host-pid
+    assert s.redis_url is None and s.worker_id == "{host}-{pid}"  # filled in when serving
+    assert (s.instrument, s.cancel, s.completed_backlog_bytes) == (True, True, 32 << 20)
+    assert (s.stuck_after, s.stall_after) == (300.0, 30.0)
 
 
 @pytest.mark.parametrize(
@@ -31,7 +33,10 @@ def test_defaults_match_the_contract() -> None:
         ({"VDM_KEY_PREFIX": "a b"}, "VDM_KEY_PREFIX"),
         ({"VDM_WORKER_ID": "x:y"}, "VDM_WORKER_ID"),
         ({"VDM_MAX_SSE_CLIENTS": "0"}, "VDM_MAX_SSE_CLIENTS"),
+        ({"VDM_STALL_AFTER": "soon"}, "VDM_STALL_AFTER"),
         ({"VDM_CORS_ORIGINS": "example.com"}, "VDM_CORS_ORIGINS"),
+        ({"VDM_CORS_ORIGINS": "http://*"}, "VDM_CORS_ORIGINS"),  # any host: on a port only
+        ({"VDM_CORS_ORIGINS": "http://a*.example:1"}, "VDM_CORS_ORIGINS"),
         ({"VDM_CORS_ORIGINS": "*", "VDM_AUTH_TOKEN": "t"}, "VDM_CORS_ORIGINS"),
         ({"VDM_STREAM_PUBLIC_URL": "ftp://x"}, "VDM_STREAM_PUBLIC_URL"),
         ({"REDIS_URL": "redis://h:63a9/0"}, "REDIS_URL"),
@@ -53,6 +58,11 @@ def test_defaults_match_the_contract() -> None:
         ({"VDM_REDIS_MODE": "sentinel"}, "VDM_REDIS_SENTINELS"),
         ({"VDM_REDIS_SENTINELS": "h"}, "VDM_REDIS_SENTINELS"),
         ({"VDM_AUTH_TOKEN": "two words"}, "VDM_AUTH_TOKEN"),
+        ({"VDM_INSTRUMENT": "maybe"}, "VDM_INSTRUMENT"),
+        ({"VDM_WORKER_CANCEL": "maybe"}, "VDM_WORKER_CANCEL"),
+        ({"VDM_EXCLUDE_PATHS": "health"}, "VDM_EXCLUDE_PATHS"),
+        ({"VDM_COMPLETED_BACKLOG_BYTES": "1.5M"}, "VDM_COMPLETED_BACKLOG_BYTES"),
+        ({"VDM_COMPLETED_BACKLOG_BYTES": "0"}, "VDM_COMPLETED_BACKLOG_BYTES"),
     ],
 )
 def test_bad_value_names_the_variable(env: dict[str, str], variable: str) -> None:
@@ -131,3 +141,18 @@ def test_sentinel_mode_reads_its_sentinels() -> None:
     )
     assert s.redis_sentinels == (("a", 26379), ("::1", 26380))
     assert s.redis_sentinel_master == "mymaster"
+
+
+def test_an_any_host_origin_becomes_one_pattern() -> None:
+    from vdm_hub.shared.settings import any_host_origin_regex
+
+    s = Settings.from_env({"VDM_CORS_ORIGINS": "http://*:8050, https://ops.example"})
+    assert s.cors_origins == ("http://*:8050", "https://ops.example")
+    assert any_host_origin_regex(s.cors_origins) == "(?:http://[^/@]+:8050)"
+    assert any_host_origin_regex(("https://ops.example",)) is None
+
+
+def test_a_backlog_bound_may_carry_a_unit() -> None:
+    for raw, value in (("33554432", 32 << 20), ("32MiB", 32 << 20), ("64 kb", 64 << 10)):
+        settings = Settings.from_env({"VDM_COMPLETED_BACKLOG_BYTES": raw})
+        assert settings.completed_backlog_bytes == value

@@ -12,7 +12,7 @@ from vdm_hub.services.stream.fanout import Broadcaster, Client
 from vdm_hub.services.stream.feeds import delta_feed
 from vdm_hub.services.stream.hub import Hub, WorkerView
 from vdm_hub.services.stream.ring import Change, ChangeRing
-from vdm_hub.services.stream.table import RowTable
+from vdm_hub.services.stream.table import RowTable, row_key
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 
@@ -65,15 +65,19 @@ def frames(chunk: bytes) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def k(rid: str, wid: str = "w") -> str:
+    return row_key(wid, rid)
+
+
 def apply(rows: dict[str, Any], delta: dict[str, Any]) -> None:
-    for rid in delta["remove"]:
-        rows.pop(rid, None)
+    for key in delta["remove"]:
+        rows.pop(key, None)
     for row in delta["upsert"]:
-        rows[row["request_id"]] = row
+        rows[row["key"]] = row
 
 
 def truth(fleet: Fleet) -> set[str]:
-    return set(fleet.view.rows)
+    return {k(rid) for rid in fleet.view.rows}
 
 
 async def test_current_clients_share_one_delta_object(fake_redis: aioredis.Redis) -> None:
@@ -106,7 +110,7 @@ async def test_a_laggard_gets_one_merged_delta_equal_to_the_truth(
     firsts = [frames(await anext(feed)) for feed in slow]
     (kind, snap), *_ = firsts[0]
     assert kind == "update"
-    rows = {r["request_id"]: r for r in snap["active_requests"]}
+    rows = {r["key"]: r for r in snap["active_requests"]}
     held = snap["version"]
     # Four publishes the slow clients do not read.
     fleet.end("gone")
@@ -123,10 +127,10 @@ async def test_a_laggard_gets_one_merged_delta_equal_to_the_truth(
     ((kind, delta),) = frames(chunks[0])
     assert kind == "delta"
     assert delta["base"] == held and delta["version"] == bc.version
-    assert sorted(delta["remove"]) == ["flash", "gone"]  # upserted then removed: a remove
+    assert sorted(delta["remove"]) == [k("flash"), k("gone")]  # upserted then removed: a remove
     assert sorted(r["request_id"] for r in delta["upsert"]) == ["back", "keep"]
     apply(rows, delta)
-    assert set(rows) == truth(fleet) and rows["keep"]["bytes_out"] == 99
+    assert set(rows) == truth(fleet) and rows[k("keep")]["bytes_out"] == 99
     assert "workers" in delta  # the active count moved in between
 
 
@@ -149,7 +153,7 @@ async def test_catch_up_is_a_snapshot_when_that_is_smaller_or_out_of_the_ring(
     fleet.end("a")
     bc.encode_update()
     ((kind, delta),) = frames(bc.catch_up(held))
-    assert (kind, delta["remove"], delta["base"]) == ("delta", ["a"], held)
+    assert (kind, delta["remove"], delta["base"]) == ("delta", [k("a")], held)
     assert frames(bc.catch_up(bc.version))[0][1]["upsert"] == []  # current: an empty delta
     assert bc.catch_up(bc.offset - 1) is bc.update_frame  # never one of ours
 
@@ -176,11 +180,11 @@ def test_table_diffs_a_resync_and_keeps_newest_first(fake_redis: aioredis.Redis)
     fleet.view.changed.update({"old", "new"})
     table = RowTable()
     table.sync(fleet.hub)
-    assert table.take() == {"old", "new"}
+    assert table.take() == {k("old"), k("new")}
     fleet.view.rows["mid"] = _row("mid", start=2.0)
     fleet.view.changed.add("mid")
     table.sync(fleet.hub)
-    assert table.take() == {"mid"}
+    assert table.take() == {k("mid")}
     rows = orjson.loads(table.rows_json(time.time()))
     assert [r["request_id"] for r in rows] == ["new", "mid", "old"]
     assert all(r["duration_ms"] >= 0 for r in rows)
@@ -189,10 +193,10 @@ def test_table_diffs_a_resync_and_keeps_newest_first(fake_redis: aioredis.Redis)
     resynced["mid"]["bytes_out"] = 5
     fleet.hub.workers["w"] = WorkerView("w", "e2", 1, None, rows=resynced)  # type: ignore[arg-type]
     table.sync(fleet.hub)
-    assert table.take() == {"old", "mid"}  # "new" was found as it was
+    assert table.take() == {k("old"), k("mid")}  # "new" was found as it was
     del fleet.hub.workers["w"]  # reaped
     table.sync(fleet.hub)
-    assert table.take() == {"new", "mid"} and len(table) == 0 and table.bytes == 0
+    assert table.take() == {k("new"), k("mid")} and len(table) == 0 and table.bytes == 0
 
 
 async def test_worker_counts_alone_are_held_back_briefly_membership_is_not(
@@ -249,3 +253,55 @@ def test_a_large_frame_is_written_in_pieces_that_join_to_the_same_bytes() -> Non
     assert len(parts) == 4
     assert all(len(p) <= PIECE_BYTES for p in parts)
     assert b"".join(parts) == large
+
+
+async def test_one_request_id_on_two_workers_is_two_rows_and_ends_one_at_a_time(
+    fake_redis: aioredis.Redis,
+) -> None:
+    # A client's retry that lands on another worker carries the same X-Request-Id (issue 20).
+    fleet = Fleet(fake_redis)
+    other = fleet.hub.workers["w2"] = WorkerView("w2", "e", 1, None)
+    bc = _bc(fleet.hub)
+    fleet.start("dup")
+    other.rows["dup"] = _row("dup", "w2")
+    other.changed.add("dup")
+    fleet.hub.version += 1
+    bc.encode_update()
+    ((_, delta),) = frames(bc.delta_frame)
+    shown = {(r["worker_id"], r["request_id"], r["key"]) for r in delta["upsert"]}
+    assert shown == {("w", "dup", k("dup")), ("w2", "dup", k("dup", "w2"))}
+    snap = orjson.loads(bc.snapshot())
+    assert sorted(r["key"] for r in snap["active_requests"]) == [k("dup"), k("dup", "w2")]
+    fleet.end("dup")  # the first worker's request ends: only its row goes
+    bc.encode_update()
+    ((_, delta),) = frames(bc.delta_frame)
+    assert (delta["remove"], delta["upsert"]) == ([k("dup")], [])
+    snap = orjson.loads(bc.snapshot())
+    assert [(r["worker_id"], r["key"]) for r in snap["active_requests"]] == [("w2", k("dup", "w2"))]
+    # The other worker's progress still reaches its row, and the in-flight count agrees.
+    other.rows["dup"]["bytes_out"] = 7
+    other.changed.add("dup")
+    fleet.hub.version += 1
+    bc.encode_update()
+    ((_, delta),) = frames(bc.delta_frame)
+    assert [(r["key"], r["bytes_out"]) for r in delta["upsert"]] == [(k("dup", "w2"), 7)]
+    assert sum(sum(m.values()) for m in fleet.hub.in_flight().values()) == len(bc.table) == 1
+
+
+def test_row_keys_never_collide_whatever_the_ids_hold() -> None:
+    pairs = [("a", "b/c"), ("a/b", "c"), ("a%2Fb", "c"), ("a%", "2Fb/c"), ("a", "b"), ("", "a/b")]
+    assert len({row_key(w, r) for w, r in pairs}) == len(pairs)
+    assert row_key("worker-1", "req-9") == "worker-1/req-9"  # plain ids stay readable
+
+
+def test_the_key_is_the_services_own_never_one_a_worker_wrote(
+    fake_redis: aioredis.Redis,
+) -> None:
+    fleet = Fleet(fake_redis)
+    fleet.view.rows["a"] = schema.decode_row(orjson.dumps({**_row("a"), "key": "forged"}))
+    fleet.view.changed.add("a")
+    table = RowTable()
+    table.sync(fleet.hub)
+    raw = table.rows_json(time.time())
+    assert raw.count(b'"key":') == 1 and b"forged" not in raw
+    assert orjson.loads(raw)[0]["key"] == k("a")

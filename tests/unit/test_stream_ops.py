@@ -15,12 +15,13 @@ from prometheus_client import generate_latest
 
 from vdm_hub.services.stream import metrics as metrics_mod
 from vdm_hub.services.stream.fanout import Broadcaster
-from vdm_hub.services.stream.hub import Hub, WorkerView
+from vdm_hub.services.stream.hub import READER, Hub, WorkerView
 from vdm_hub.services.stream.metrics import RequestMetrics, StreamMetrics
 from vdm_hub.services.stream.stats import MAX_GROUPS, OTHER, RollingStats, flight_summary
 from vdm_hub.services.stream.supervise import TaskSupervisor
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
+from vdm_hub.shared.settings import Settings
 from vdm_hub.shared.store import WireScripts
 
 pytestmark = pytest.mark.timeout(30)
@@ -50,9 +51,10 @@ def _entry(
     outcome: str = "ok",
     ttft: float | None = None,
     start: float | None = None,
+    ttfb: float | None = None,
 ) -> schema.Finished:
     start = time.time() - ms / 1000 if start is None else start
-    return schema.Finished(wid, model, outcome, start, ms, ttft)
+    return schema.Finished(wid, model, outcome, start, ms, ttft, ttfb)
 
 
 # ----------------------------------------------------------------- reaper
@@ -69,6 +71,7 @@ async def test_reap_once_keeps_a_worker_whose_heartbeat_beat_the_reaper(
         _record("w", "e1"), [("r1", schema.encode_row(_row("w", "r1")))], ttl_ms=-1
     )
     await hub.full_resync()
+    hub.sync.clear(READER)  # what Hub.run does once subscribed and resynced
     assert set(hub.workers["w"].rows) == {"r1"}
 
     real_remove = hub.scripts.remove
@@ -91,6 +94,7 @@ async def test_reap_once_drops_a_worker_another_reaper_removed(fake_redis: aiore
     scripts = WireScripts(fake_redis, keys)
     await scripts.register(_record("w", "e1"), [], ttl_ms=-1)
     await hub.full_resync()
+    hub.sync.clear(READER)
     real_remove = hub.scripts.remove
 
     async def other_reaper_first(worker_id: str, **kwargs: Any) -> int:
@@ -195,9 +199,11 @@ def _samples(m: StreamMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return out
 
 
-async def test_ttfb_cancelled_stuck_oldest_dropped_and_missed(fake_redis: aioredis.Redis) -> None:
+async def test_ttfb_ttft_cancelled_stuck_oldest_dropped_and_missed(
+    fake_redis: aioredis.Redis,
+) -> None:
     hub = Hub(fake_redis, Keys("m"))
-    view = WorkerView("w1", "e", 1, _record("w1", "e", events_dropped=187))
+    view = WorkerView("w1", "e", 1, _record("w1", "e", events_dropped=187, completed_dropped=42))
     view.rows = {
         "old": _row("w1", "old", age=120.0),
         "new": _row("w1", "new", age=1.0),
@@ -206,14 +212,17 @@ async def test_ttfb_cancelled_stuck_oldest_dropped_and_missed(fake_redis: aiored
     hub.workers["w2"] = WorkerView("w2", "e", 1, _record("w2", "e"))
     hub.counters.dropped_by_worker.update({"w1": 3, "gone": 9})
     m, finished = _metrics_with(hub, stuck_after=60.0)
-    finished.observe(_entry("w1", "gpt", 500.0, ttft=250.0))
-    finished.observe(_entry("w1", "gpt", 800.0))  # an older worker: no ttft_ms
-    finished.observe(_entry("w1", "gpt", 900.0, outcome="cancelled", ttft=100.0))
+    finished.observe(_entry("w1", "gpt", 500.0, ttft=250.0, ttfb=20.0))
+    finished.observe(_entry("w1", "gpt", 800.0))  # an older worker: neither field
+    finished.observe(_entry("w1", "gpt", 900.0, outcome="cancelled", ttft=100.0, ttfb=30.0))
+    finished.observe(_entry("w1", "gpt", 50.0, ttfb=40.0))  # a stream cut before its first token
     s = _samples(m)
     labels = (("model", "gpt"), ("worker", "w1"))
-    assert s[("vdm_time_to_first_byte_seconds_count", labels)] == 2
-    assert s[("vdm_time_to_first_byte_seconds_sum", labels)] == pytest.approx(0.35)
-    assert s[("vdm_request_duration_seconds_count", labels)] == 3
+    assert s[("vdm_time_to_first_byte_seconds_count", labels)] == 3
+    assert s[("vdm_time_to_first_byte_seconds_sum", labels)] == pytest.approx(0.09)
+    assert s[("vdm_time_to_first_token_seconds_count", labels)] == 2
+    assert s[("vdm_time_to_first_token_seconds_sum", labels)] == pytest.approx(0.35)
+    assert s[("vdm_request_duration_seconds_count", labels)] == 4
     assert s[("vdm_requests_cancelled_total", (("worker", "w1"),))] == 1
     assert s[("vdm_requests_stuck", (("worker", "w1"),))] == 1
     assert s[("vdm_requests_stuck", (("worker", "w2"),))] == 0
@@ -222,9 +231,39 @@ async def test_ttfb_cancelled_stuck_oldest_dropped_and_missed(fake_redis: aiored
     # The worker's own count of what it could not publish, and the hub's gaps, apart.
     assert s[("vdm_worker_events_dropped_total", (("worker", "w1"),))] == 187
     assert s[("vdm_worker_events_dropped_total", (("worker", "w2"),))] == 0
+    assert s[("vdm_completed_dropped_total", (("worker", "w1"),))] == 42
+    assert s[("vdm_completed_dropped_total", (("worker", "w2"),))] == 0
     assert s[("vdm_batches_missed_total", (("worker", "w1"),))] == 3
     assert ("vdm_batches_missed_total", (("worker", "gone"),)) not in s
     assert b"vdm_requests_cancelled_total" in generate_latest(m.registry)
+
+
+async def test_stalled_streams_are_counted_per_worker(fake_redis: aioredis.Redis) -> None:
+    hub = Hub(fake_redis, Keys("m"))
+    now = time.time()
+
+    def stream(rid: str, **fields: Any) -> schema.Row:
+        row = _row("w1", rid, age=120.0)
+        row.update({"is_streaming": True, "phase": "streaming", "ttft_ms": 800.0,  # type: ignore[typeddict-item]
+                    "chunks_out": 5, **fields})  # fmt: skip
+        return row
+
+    view = WorkerView("w1", "e", 1, _record("w1", "e"))
+    view.rows = {
+        "silent": stream("silent", last_output_at=now - 45),  # silent 45 s: stalled
+        "talking": stream("talking", last_output_at=now - 2),
+        "waiting": stream("waiting", ttft_ms=None, last_output_at=None),  # no first token yet
+        "old-worker": stream("old-worker"),  # no last_output_at at all: never stalled
+        "plain": _row("w1", "plain", age=120.0),  # not a stream
+    }
+    view.rows["sse"] = stream("sse", is_streaming=False, last_output_at=now - 40)  # SSE answer
+    hub.workers["w1"] = view
+    hub.workers["w2"] = WorkerView("w2", "e", 1, _record("w2", "e"))
+    finished = RequestMetrics()
+    bc = Broadcaster(hub, interval=30, heartbeat=30, throttle=0.1, max_clients=1)
+    s = _samples(StreamMetrics(hub, bc, finished, stall_after=30.0))
+    assert s[("vdm_requests_stalled", (("worker", "w1"),))] == 2
+    assert s[("vdm_requests_stalled", (("worker", "w2"),))] == 0
 
 
 async def test_series_of_departed_workers_are_pruned(
@@ -333,22 +372,31 @@ def _request(headers: dict[str, str], scheme: str = "http") -> Any:
     return Request({"type": "http", "scheme": scheme, "headers": raw, "method": "POST"})
 
 
-def test_origin_check_allows_own_and_listed_origins_only() -> None:
+def test_origin_check_allows_configured_origins_only() -> None:
     from vdm_hub.services.stream.cancel import origin_allowed, valid_request_id
 
-    cors = ("http://localhost:8050",)
+    listed = Settings.from_env({"VDM_CORS_ORIGINS": "http://localhost:8050"})
     cookie = {"cookie": "vdm_session=v1.1.x", "host": "stream.example:8090"}
-    assert origin_allowed(_request({**cookie, "origin": "http://LOCALHOST:8050"}), cors)
-    assert origin_allowed(_request({**cookie, "origin": "http://stream.example:8090"}), cors)
-    assert origin_allowed(_request({**cookie, "referer": "http://localhost:8050/dashboard/"}), cors)
-    assert not origin_allowed(_request({**cookie, "origin": "http://localhost:8051"}), cors)
-    assert not origin_allowed(_request({**cookie, "origin": "null"}), cors)
-    assert not origin_allowed(_request({**cookie, "referer": "garbage"}), cors)
-    assert not origin_allowed(_request(cookie), cors)  # a cookie without any origin
-    # Behind a TLS-terminating proxy the service's own origin is https.
-    tls = {**cookie, "x-forwarded-proto": "https", "origin": "https://stream.example:8090"}
-    assert origin_allowed(_request(tls), cors)
-    assert origin_allowed(_request({"host": "s"}), cors)  # a command-line client, no cookie
-    assert not origin_allowed(_request({"host": "s", "origin": "http://evil"}), ("*",))
+    assert origin_allowed(_request({**cookie, "origin": "http://LOCALHOST:8050"}), listed)
+    assert origin_allowed(
+        _request({**cookie, "referer": "http://localhost:8050/dashboard/"}), listed
+    )
+    assert not origin_allowed(_request({**cookie, "origin": "http://localhost:8051"}), listed)
+    assert not origin_allowed(_request({**cookie, "origin": "null"}), listed)
+    assert not origin_allowed(_request({**cookie, "referer": "garbage"}), listed)
+    assert not origin_allowed(_request(cookie), listed)  # a cookie without any origin
+    # The Host header is never the judge: a page of the service's own Host is not trusted...
+    assert not origin_allowed(_request({**cookie, "origin": "http://stream.example:8090"}), listed)
+    # ...unless that origin is the configured public URL (a proxy serving both on one origin),
+    # written with or without its default port.
+    public = Settings.from_env({"VDM_STREAM_PUBLIC_URL": "https://hub.example:443/"})
+    rewritten = {**cookie, "host": "stream:8090", "origin": "https://hub.example"}
+    assert origin_allowed(_request(rewritten), public)
+    assert origin_allowed(_request({"host": "s"}), listed)  # a command-line client, no cookie
+    anyone = Settings.from_env({"VDM_CORS_ORIGINS": "*"})
+    assert not origin_allowed(_request({"host": "s", "origin": "http://evil"}), anyone)
+    # Neither does an any-host entry (read access for remote dashboards) let a page cancel.
+    any_host = Settings.from_env({"VDM_CORS_ORIGINS": "http://*:8050"})
+    assert not origin_allowed(_request({"origin": "http://evil.example:8050"}), any_host)
     assert valid_request_id("req-1:a.b_c") and not valid_request_id("")
     assert not valid_request_id("a b") and not valid_request_id("x" * 129)

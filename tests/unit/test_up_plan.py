@@ -48,7 +48,10 @@ def test_urls_flow_from_ready_parts_into_commands_and_environments() -> None:
     assert parts["stream"].env(urls)["REDIS_URL"] == urls["redis"]
     assert parts["stream"].env(urls)["VDM_CANCEL_ENABLED"] == "true"
     assert "http://127.0.0.1:8050" in parts["stream"].env(urls)["VDM_CORS_ORIGINS"]
-    assert parts["dashboard"].env(urls)["VDM_STREAM_PUBLIC_URL"] == urls["stream"]
+    # The page finds the stream at the stream's port of the host it came from.
+    assert "VDM_STREAM_PUBLIC_URL" not in parts["dashboard"].env(urls)
+    argv = parts["dashboard"].argv(urls)
+    assert argv[argv.index("--stream-port") + 1] == "4"
     assert "http://127.0.0.1:3" in parts["load"].argv(urls)
     assert all(p.env(urls)["X"] == "1" for p in parts.values())
 
@@ -84,3 +87,32 @@ def test_a_busy_port_names_the_option_that_moves_it() -> None:
     assert message is not None
     assert f"port {port} on 127.0.0.1 is in use (wanted by the demo upstream)" in message
     assert "--upstream-port" in message and "--ports auto" in message
+
+
+def _stream_env(*argv: str, settings: Settings | None = None, **env: str) -> dict[str, str]:
+    parts = {p.name: p for p in plan(_args(*argv), settings or Settings(), env, 8050)}
+    return parts["stream"].env({"redis": "redis://127.0.0.1:1/0"})
+
+
+def test_open_to_the_network_redis_stays_on_loopback_and_cancel_stays_off() -> None:
+    parts = {p.name: p for p in plan(_args("--host", "0.0.0.0"), Settings(), {}, 8050)}
+    redis_argv = parts["redis"].argv({})
+    assert redis_argv[redis_argv.index("--host") + 1] == "127.0.0.1"
+    worker_argv = parts["worker-1"].argv({"upstream": "http://127.0.0.1:2"})
+    assert worker_argv[worker_argv.index("--host") + 1] == "0.0.0.0"
+    env = _stream_env("--host", "0.0.0.0")
+    assert "VDM_CANCEL_ENABLED" not in env  # the stream service's default: off
+    # Browsers elsewhere name this machine their own way: any host on the dashboard's port.
+    assert "http://*:8050" in env["VDM_CORS_ORIGINS"].split(",")
+    assert "http://localhost:8050" in env["VDM_CORS_ORIGINS"].split(",")
+
+
+def test_cancel_is_on_for_the_local_demo_or_with_a_token_or_when_asked() -> None:
+    assert _stream_env()["VDM_CANCEL_ENABLED"] == "true"
+    assert "http://*:8050" not in _stream_env()["VDM_CORS_ORIGINS"]
+    token = Settings(auth_token="t" * 32)
+    assert _stream_env("--host", "0.0.0.0", settings=token)["VDM_CANCEL_ENABLED"] == "true"
+    asked = _stream_env("--host", "0.0.0.0", VDM_CANCEL_ENABLED="true")
+    assert asked["VDM_CANCEL_ENABLED"] == "true"  # the caller's own value, passed through
+    refused = _stream_env(VDM_CANCEL_ENABLED="false")
+    assert refused["VDM_CANCEL_ENABLED"] == "false"

@@ -1,0 +1,2 @@
+"""Integrations with other programs' extension points (LiteLLM's callbacks), each imported
+only by the program it serves."""
