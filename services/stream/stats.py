@@ -58,6 +58,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from vdm_hub.services.stream.supervise import stop_if_cancelled
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.redis_client import unparsed_twin
@@ -346,6 +347,7 @@ class RollingStats:
     async def run(self) -> None:
         backoff = 0.05
         while True:
+            stop_if_cancelled()
             try:
                 if not self.rebuilt:
                     await self.rebuild()
