@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         metavar="REF",
-        help="overhead: also run the worker of git commit REF side by side (bench/baseline.py)",
+        help="overhead, events: also run the worker / stream service of git commit REF side by"
+        " side (bench/baseline.py)",
     )
     args = parser.parse_args(argv)
     if args.baseline:
