@@ -2,10 +2,12 @@
 
 ``python -m bench --baseline REF`` (or ``VDM_BENCH_BASELINE=REF``) makes the overhead scenario
 start that commit's worker, instrumented and bare, next to today's, in front of the same
-upstream and in the same interleaved rounds: "did the worker get slower than it was" answered
-in one run, instead of by comparing figures taken on different days (this machine's speed
-drifts by more than the differences in question). The tree comes from ``git archive``, so the
-checkout needs its history; it runs with this virtualenv (its dependencies must still import).
+upstream and in the same interleaved rounds, and the vandamme scenario instrument a third
+vandamme-proxy with that commit's ``vdm_hub``: "did the worker (or the instrumentation) get
+slower than it was" answered in one run, instead of by comparing figures taken on different
+days (this machine's speed drifts by more than the differences in question). The tree comes
+from ``git archive``, so the checkout needs its history; it runs with this virtualenv (its
+dependencies must still import).
 """
 
 from __future__ import annotations

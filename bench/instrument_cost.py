@@ -16,7 +16,14 @@ With ``stream=True`` the stand-in answers as a streamed chat completion does ins
 upstream's OpenAI SSE frames (the role-only preamble, 16 content chunks, the finish and usage
 chunks, ``[DONE]``), one body message each, so the SSE scanner's cost per chunk is in it.
 
-Run alone: ``python -m bench.instrument_cost [--stream] [--rate R] [--concurrency C]``.
+``shape="vandamme"`` has the answer take the path it takes in vandamme-proxy (a FastAPI app):
+a Starlette response behind a ``BaseHTTPMiddleware`` (its ``@app.middleware("http")``), which
+streams every answer and, under ASGI 2.3 servers such as Uvicorn, listens for the disconnect
+with a ``receive()`` after the body was read; its SSE frames are the demo's re-serialized as
+the OpenAI SDK does (every optional field present, ``"usage": null`` in each chunk).
+
+Run alone: ``python -m bench.instrument_cost [--stream] [--shape vandamme] [--rate R]
+[--concurrency C]``.
 """
 
 from __future__ import annotations
@@ -27,9 +34,13 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bench.overhead import OTHER_CORE, WORKER_CORE
@@ -54,6 +65,24 @@ RESPONSE_BODY = orjson.dumps(
 )
 # A streamed answer as the demo upstream sends it, one frame per body message.
 SSE_FRAMES = list(vendors.openai_stream("gpt-4o-mini", 3, 16).frames())
+SHAPES = ("raw", "vandamme")
+
+
+def sdk_shaped(frame: bytes) -> bytes:
+    """``frame`` as a proxy built on the OpenAI SDK re-sends it: the chunk model dumped with
+    every optional field, null when unset (vandamme-proxy 2.0.9 sends exactly these keys)."""
+    if not frame.startswith(b"data: {"):
+        return frame
+    chunk = orjson.loads(frame[6:])
+    nulls = dict.fromkeys(("audio", "content", "function_call", "refusal", "role", "tool_calls"))
+    chunk["choices"] = [
+        {**choice, "delta": {**nulls, **choice["delta"]}} for choice in chunk["choices"]
+    ]
+    extra = ("moderation", "obfuscation", "service_tier", "system_fingerprint", "usage")
+    return b"data: " + orjson.dumps({**chunk, **dict.fromkeys(extra), **chunk}) + b"\n\n"
+
+
+SDK_FRAMES = [sdk_shaped(frame) for frame in SSE_FRAMES]
 HEADERS = [
     (b"host", b"127.0.0.1"),
     (b"content-type", b"application/json"),
@@ -81,6 +110,30 @@ def stand_in(upstream_s: float, stream: bool = False) -> ASGIApp:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     return app
+
+
+def vandamme_stand_in(upstream_s: float, stream: bool = False) -> ASGIApp:
+    """:func:`stand_in` shaped as vandamme-proxy answers (see the module doc)."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        await Request(scope, receive).body()
+        await asyncio.sleep(upstream_s)
+        response: Response
+        if stream:
+
+            async def frames() -> AsyncIterator[bytes]:
+                for frame in SDK_FRAMES:
+                    yield frame
+
+            response = StreamingResponse(frames(), media_type="text/event-stream")
+        else:
+            response = Response(RESPONSE_BODY, media_type="application/json")
+        await response(scope, receive, send)
+
+    async def passthrough(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        return await call_next(request)
+
+    return BaseHTTPMiddleware(endpoint, dispatch=passthrough)
 
 
 async def _request(app: ASGIApp) -> None:
@@ -136,7 +189,11 @@ class CostResult:
 
 
 def instrumentation_cost(
-    loads: list[tuple[int, float]], requests: int, blocks: int, stream: bool = False
+    loads: list[tuple[int, float]],
+    requests: int,
+    blocks: int,
+    stream: bool = False,
+    shape: str = "raw",
 ) -> list[CostResult]:
     """For each (concurrency, request rate): bare and instrumented CPU per request.
 
@@ -153,7 +210,7 @@ def instrumentation_cost(
     try:
         if redis.process is not None:
             pin(redis.process.pid, OTHER_CORE)
-        return uvloop.run(_measure(redis.url, loads, requests, blocks, stream))
+        return uvloop.run(_measure(redis.url, loads, requests, blocks, stream, shape))
     finally:
         # This is a pooled thread (asyncio.to_thread): later scenarios start processes from it,
         # and those would inherit the pinning.
@@ -162,7 +219,12 @@ def instrumentation_cost(
 
 
 async def _measure(
-    redis_url: str, loads: list[tuple[int, float]], requests: int, blocks: int, stream: bool
+    redis_url: str,
+    loads: list[tuple[int, float]],
+    requests: int,
+    blocks: int,
+    stream: bool,
+    shape: str,
 ) -> list[CostResult]:
     settings = Settings.from_env(
         {
@@ -177,7 +239,8 @@ async def _measure(
         await publisher.wait_registered()
     results = []
     for concurrency, rate in loads:
-        app = stand_in(concurrency / rate, stream)
+        make = vandamme_stand_in if shape == "vandamme" else stand_in
+        app = make(concurrency / rate, stream)
         instrumented = RequestMetricsMiddleware(app, publisher)
         sides: dict[str, ASGIApp] = {"instrumented": instrumented, "bare": app}
         for side in sides.values():  # warm up
@@ -211,15 +274,18 @@ async def _measure(
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.instrument_cost", description=__doc__)
     parser.add_argument("--stream", action="store_true", help="answer as an SSE stream")
+    parser.add_argument(
+        "--shape", choices=SHAPES, default="raw", help="the app's ASGI conversation [raw]"
+    )
     parser.add_argument("--rate", type=float, default=800.0, help="requests/s to pace to [800]")
     parser.add_argument("--concurrency", type=int, default=16, help="closed loops [16]")
     parser.add_argument("--requests", type=int, default=1000, help="per round [1000]")
     parser.add_argument("--blocks", type=int, default=3, help="A B B A blocks [3]")
     args = parser.parse_args()
     loads = [(args.concurrency, args.rate)]
-    for r in instrumentation_cost(loads, args.requests, args.blocks, args.stream):
+    for r in instrumentation_cost(loads, args.requests, args.blocks, args.stream, args.shape):
         print(
-            f"{'sse' if args.stream else 'json'} c={r.concurrency} rate={r.rate:g}:"
+            f"{'sse' if args.stream else 'json'} {args.shape} c={r.concurrency} rate={r.rate:g}:"
             f" bare {r.bare_us:.1f} us, instrumented {r.instrumented_us:.1f} us,"
             f" added {r.added:.1f} us (blocks {', '.join(f'{a:.1f}' for a in r.added_us)}),"
             f" Lua calls/request {r.lua_calls_per_request:.3f}"

@@ -55,14 +55,15 @@ def vdm_hub_requirements() -> list[str]:
         return list(tomllib.load(f)["project"]["dependencies"])
 
 
-def vdm_hub_on_path(into: Path) -> Path:
-    """A directory that holds only this checkout's ``vdm_hub`` (a link), to put on a peer's
-    ``PYTHONPATH``: the peer imports today's code, and none of the repository's other
-    top-level folders, without an install to redo after every change."""
+def vdm_hub_on_path(into: Path, root: Path = ROOT) -> Path:
+    """A directory that holds only ``root``'s ``vdm_hub`` (a link; this checkout's by default,
+    or an earlier commit's tree from :mod:`bench.baseline`), to put on a peer's
+    ``PYTHONPATH``: the peer imports that code, and none of the repository's other top-level
+    folders, without an install to redo after every change."""
     into.mkdir(parents=True, exist_ok=True)
     link = into / "vdm_hub"
     if not link.is_symlink():
-        link.symlink_to(ROOT / "vdm_hub", target_is_directory=True)
+        link.symlink_to(root / "vdm_hub", target_is_directory=True)
     return into
 
 
@@ -181,8 +182,8 @@ class Vandamme:
     """One vandamme-proxy process in front of ``upstream`` (our ``demo-upstream``).
 
     With ``hub`` (the hub's settings: ``REDIS_URL``, ``VDM_KEY_PREFIX``...) it runs under
-    ``vdm-hub instrument``, with this checkout's ``vdm_hub`` on its path: its requests are
-    published to the hub, with no change to vandamme itself.
+    ``vdm-hub instrument``, with ``root``'s ``vdm_hub`` on its path (this checkout's unless
+    told otherwise): its requests are published to the hub, with no change to vandamme itself.
     """
 
     def __init__(
@@ -194,6 +195,7 @@ class Vandamme:
         held_ms: int = 600_000,
         hub: Mapping[str, str] | None = None,
         extra: Mapping[str, str] | None = None,
+        root: Path = ROOT,
     ):
         exe = ensure_installed()
         self.port = free_port()
@@ -201,7 +203,7 @@ class Vandamme:
         env = vandamme_env(upstream, home, hold_ms=hold_ms, held_ms=held_ms, **(extra or {}))
         command = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         if hub is not None:
-            env |= {**hub, "PYTHONPATH": str(vdm_hub_on_path(home / "pythonpath"))}
+            env |= {**hub, "PYTHONPATH": str(vdm_hub_on_path(home / "pythonpath", root))}
             command = [sys.executable, "-m", "vdm_hub.services.cli", "instrument", "--", *command]
         self.child = Child(
             f"vandamme-proxy {VERSION}" + (" instrumented" if hub is not None else ""),

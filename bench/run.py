@@ -76,8 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         metavar="REF",
-        help="overhead, events: also run the worker / stream service of git commit REF side by"
-        " side (bench/baseline.py)",
+        help="overhead, events, rows, vandamme: also run git commit REF's worker, stream"
+        " service or vdm_hub (instrumenting vandamme-proxy) side by side (bench/baseline.py)",
     )
     args = parser.parse_args(argv)
     if args.baseline:

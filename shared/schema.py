@@ -187,7 +187,7 @@ class CompletedEntry(TypedDict):
 
 
 ROW_FIELDS: Final = tuple(Row.__annotations__)
-# Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
+# Order of the fields of a completed entry as the apply script writes them (shared/lua/apply.lua).
 # `ttft_ms`, `ttfb_ms` and `labels` came later within v1: they are read when an entry has them
 # (see decode_completed); the script writes them all.
 COMPLETED_FIELDS: Final = (
@@ -253,6 +253,13 @@ def completed_values(entry: CompletedEntry) -> list[str]:
         else:
             out.append(str(value))
     return out
+
+
+def completed_argument(entry: CompletedEntry) -> bytes:
+    """The apply script's argument for one finished request: :func:`completed_values` as one
+    JSON array (one argument instead of 15 to pack per request; the script writes exactly
+    these strings)."""
+    return orjson.dumps(completed_values(entry))
 
 
 # --------------------------------------------------------------------------- reading

@@ -150,6 +150,15 @@ class WireScripts:
         self._observe(sent, now_ms)
         return now_ms
 
+    def apply_fixed(
+        self, worker_id: str, epoch: str, prefix: bytes, completed_maxlen: int, ttl_ms: int
+    ) -> tuple[list[str], list[Any], list[Any]]:
+        """What every batch of one (worker, epoch) passes to ``apply.lua``: its KEYS, and its
+        ARGV before and after the events JSON (the publisher packs these once per epoch)."""
+        k = self.keys
+        keys = [k.seq, k.active(worker_id), k.completed, k.events, k.alive]
+        return keys, [worker_id, epoch, prefix], [completed_maxlen, ttl_ms]
+
     def apply_keys_args(
         self,
         worker_id: str,
@@ -162,25 +171,9 @@ class WireScripts:
         completed_maxlen: int,
         ttl_ms: int,
     ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of ``apply.lua`` (one builder for redis-py and the raw fast path)."""
-        args: list[Any] = [
-            worker_id,
-            epoch,
-            prefix,
-            events_json,
-            completed_maxlen,
-            ttl_ms,
-            len(sets),
-        ]
-        for request_id, row in sets:
-            args += (request_id, row)
-        args.append(len(deletes))
-        args += deletes
-        args.append(len(completed))
-        for entry in completed:
-            args += schema.completed_values(entry)
-        k = self.keys
-        return [k.seq, k.active(worker_id), k.completed, k.events, k.alive], args
+        """KEYS and ARGV of ``apply.lua`` (one layout for redis-py and the raw fast path)."""
+        keys, head, tail = self.apply_fixed(worker_id, epoch, prefix, completed_maxlen, ttl_ms)
+        return keys, [*head, events_json, *tail, *apply_batch_args(sets, deletes, completed)]
 
     async def apply(
         self,
@@ -266,6 +259,22 @@ class WireScripts:
         marker_raw, record_raw, deadline, flat = reply
         rows_raw = dict(zip(flat[::2], flat[1::2], strict=True))
         return _decode_state(worker_id, marker_raw, record_raw, deadline, rows_raw)
+
+
+def apply_batch_args(
+    sets: Sequence[tuple[str, bytes]],
+    deletes: Sequence[str],
+    completed: Sequence[schema.CompletedEntry],
+) -> list[Any]:
+    """The ARGV of ``apply.lua`` that changes with each batch, after the fixed part."""
+    args: list[Any] = [len(sets)]
+    for request_id, row in sets:
+        args += (request_id, row)
+    args.append(len(deletes))
+    args += deletes
+    args.append(len(completed))
+    args += [schema.completed_argument(entry) for entry in completed]
+    return args
 
 
 async def read_worker_state(redis: aioredis.Redis, keys: Keys, worker_id: str) -> WorkerState:

@@ -17,9 +17,12 @@ The middleware then ends the response (``RequestMetricsMiddleware``): a client s
 for the response head gets 499 with a JSON error, one whose response had begun has its
 connection cut mid-response, never a clean end; the request ends with outcome ``cancelled``.
 
-Only ``receive()`` calls made after the request body was read go through a task (so a cancel
-can interrupt them): those are waits that only a disconnect would end. Reading the body stays
-a plain call.
+Only ``receive()`` calls made after the request body was read go through :meth:`Abort.receive`
+(so a cancel can interrupt them): those are waits that only a disconnect would end. Reading
+the body stays a plain call. The interruption cancels the task that waits in ``receive()``
+and takes its own cancellation back (``Task.uncancel``) where it catches it, so nothing above
+sees it; it used to run each such ``receive()`` in a task of its own, one more task per
+streamed response (Starlette's ``StreamingResponse`` waits for the disconnect this way).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from typing import Any
 # How long an app has to stop by itself (disconnect, failed send) before its task is
 # cancelled: well inside the 2 s a cancel is given to cut the client off.
 ABORT_GRACE = 1.0
+# The message of the cancellation that interrupts a pending receive().
+INTERRUPT = "vdm-hub: request cancelled by an operator"
 
 
 class RequestCancelled(OSError):
@@ -40,14 +45,15 @@ class RequestCancelled(OSError):
 class Abort:
     """One request's abort hook (``scope["vdm"]["abort"]``); create it in the request's task."""
 
-    __slots__ = ("forced", "receiving", "requested", "returned", "task", "timer")
+    __slots__ = ("forced", "interrupted", "receiving", "requested", "returned", "task", "timer")
 
     def __init__(self) -> None:
         self.task = asyncio.current_task()
         self.requested = False
         self.forced = False
         self.returned = False
-        self.receiving: asyncio.Future[Any] | None = None
+        self.receiving: asyncio.Task[Any] | None = None  # the task waiting in receive()
+        self.interrupted = False  # a cancellation was sent to it and not yet taken back
         self.timer: asyncio.TimerHandle | None = None
 
     def __call__(self) -> None:
@@ -55,7 +61,8 @@ class Abort:
             return
         self.requested = True
         if self.receiving is not None:
-            self.receiving.cancel()  # its receive() answers http.disconnect
+            self.interrupted = True
+            self.receiving.cancel(INTERRUPT)  # its receive() answers http.disconnect
         self.timer = asyncio.get_running_loop().call_later(ABORT_GRACE, self._force)
 
     def _force(self) -> None:
@@ -68,16 +75,27 @@ class Abort:
         """The server's next message, or None once the request is cancelled."""
         if self.requested:
             return None
-        waiter = self.receiving = asyncio.ensure_future(receive())
+        task = self.receiving = asyncio.current_task()
         try:
-            return await waiter
+            message = await receive()
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self.requested and task is not None and not task.cancelling():
-                return None  # only the wait was cancelled, by __call__
+            # Ours is taken back; if anything else cancelled the task too (a server shutting
+            # down, a timeout around the call), that one goes on.
+            if self._take_back(task):
+                return None
             raise
         finally:
             self.receiving = None
+        self._take_back(task)  # a receive() that swallowed the interruption
+        return None if self.requested else message
+
+    def _take_back(self, task: asyncio.Task[Any] | None) -> bool:
+        """Withdraw the interruption sent to ``task``, if one was; True when no other
+        cancellation of it is pending."""
+        if not self.interrupted or task is None:
+            return False
+        self.interrupted = False
+        return task.uncancel() == 0
 
     def app_returned(self) -> None:
         """The app is done (however): no more forcing, and a forced cancel is taken back."""

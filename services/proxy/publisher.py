@@ -39,7 +39,7 @@ from redis.exceptions import NoScriptError, RedisError
 from vdm_hub.services.proxy.backlog import CompletedBacklog
 from vdm_hub.services.proxy.cancel import CancelListener, InFlight
 from vdm_hub.services.proxy.forward import public_url
-from vdm_hub.services.proxy.resp import RawRedis, pack
+from vdm_hub.services.proxy.resp import CommandHead, RawRedis
 from vdm_hub.services.proxy.workerid import WorkerIdPlan
 from vdm_hub.shared import __version__, schema
 from vdm_hub.shared.keys import Keys
@@ -54,7 +54,7 @@ from vdm_hub.shared.schema import (
     StartEvent,
 )
 from vdm_hub.shared.settings import Settings, redacted_url
-from vdm_hub.shared.store import NotRegistered, WireScripts
+from vdm_hub.shared.store import NotRegistered, WireScripts, apply_batch_args
 
 log = logging.getLogger("vdm.publisher")
 
@@ -117,8 +117,11 @@ class Publisher:
         # end unseen (a loaded CI run); liveness has its own, shorter heartbeat timeout.
         self.redis = redis or build_client(settings, socket_timeout=PUBLISH_TIMEOUT, retries=0)
         self.scripts = WireScripts(self.redis, self.keys)
-        # The per-batch Lua call goes over a raw connection when it can (see resp.py).
+        # The per-batch Lua call goes over a raw connection when it can (see resp.py), its
+        # fixed part packed once per (worker id, epoch).
         self._raw = RawRedis.like(self.redis)
+        self._apply_head: tuple[str, str, CommandHead] | None = None
+        self._apply_tail: list[Any] = []  # the fixed ARGV after the events JSON
         self.upstream = public_url(upstream or settings.upstream_url)
         self.epoch = ""
         self._seq = 0  # of the last batch applied in this epoch
@@ -585,46 +588,42 @@ class Publisher:
     ) -> int:
         """``WireScripts.apply``, packed by hand over the raw connection when there is one;
         returns the batch's seq."""
+        if self._raw is not None:
+            try:
+                seq = await self._raw.call(self._packed_apply(events_json, sets, deletes, done))
+            except NoScriptError:  # not loaded yet (or Redis restarted): redis-py loads it
+                pass
+            else:
+                if not isinstance(seq, int) or seq < 0:
+                    raise NotRegistered(self.worker_id)
+                return seq
         prefix = schema.envelope_prefix(self.worker_id, self.epoch)
         maxlen = self.settings.completed_maxlen
-        ttl = self._ttl_ms()
-        if self._raw is None:
-            return await self.scripts.apply(
-                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
-            )
-        try:
-            seq = await self._raw.call(
-                pack(self._apply_command(prefix, events_json, sets, deletes, done))
-            )
-        except NoScriptError:  # not loaded yet (or Redis restarted): redis-py loads it
-            return await self.scripts.apply(
-                self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen, ttl
-            )
-        if not isinstance(seq, int) or seq < 0:
-            raise NotRegistered(self.worker_id)
-        return seq
+        return await self.scripts.apply(
+            self.worker_id, self.epoch, prefix, events_json, sets, deletes, done, maxlen,
+            self._ttl_ms(),
+        )  # fmt: skip
 
-    def _apply_command(
+    def _packed_apply(
         self,
-        prefix: bytes,
         events_json: bytes,
         sets: list[tuple[str, bytes]],
         deletes: list[str],
         done: list[schema.CompletedEntry],
-    ) -> list[bytes | str | int]:
-        """EVALSHA with exactly the KEYS and ARGV that ``WireScripts.apply`` sends."""
-        keys, args = self.scripts.apply_keys_args(
-            self.worker_id,
-            self.epoch,
-            prefix,
-            events_json,
-            sets,
-            deletes,
-            done,
-            self.settings.completed_maxlen,
-            self._ttl_ms(),
+    ) -> bytes:
+        """EVALSHA with exactly the KEYS and ARGV that ``WireScripts.apply`` sends, packed."""
+        wid, epoch = self.worker_id, self.epoch
+        if self._apply_head is None or self._apply_head[:2] != (wid, epoch):
+            prefix = schema.envelope_prefix(wid, epoch)
+            keys, fixed, tail = self.scripts.apply_fixed(
+                wid, epoch, prefix, self.settings.completed_maxlen, self._ttl_ms()
+            )
+            head = CommandHead([b"EVALSHA", self.scripts.apply_sha, len(keys), *keys, *fixed])
+            self._apply_head = (wid, epoch, head)
+            self._apply_tail = tail
+        return self._apply_head[2].pack(
+            [events_json, *self._apply_tail, *apply_batch_args(sets, deletes, done)]
         )
-        return [b"EVALSHA", self.scripts.apply_sha, len(keys), *keys, *args]
 
     async def _flush_loop(self) -> None:
         delay = RETRY_MIN

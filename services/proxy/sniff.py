@@ -23,6 +23,9 @@ MAX_LINE_BYTES = 64 * 1024
 _MODEL_RE = re.compile(rb'"model"\s*:\s*"([^"\\]{1,128})"')
 _STREAM_RE = re.compile(rb'"stream"\s*:\s*true')
 _STREAM_FLAG_RE = re.compile(rb'"stream"\s*:\s*(true|false)')
+# `"usage"` holding an object: proxies built on the OpenAI SDK (vandamme-proxy, LiteLLM)
+# re-serialize every chunk with `"usage": null`, which is not worth decoding.
+_USAGE_OBJECT_RE = re.compile(rb'"usage"\s*:\s*\{')
 # Longest match of either pattern above (with a little whitespace around the colon): a search
 # of a body's newest bytes starts this far back, so a match split across chunks is found.
 MAX_MATCH_BYTES = 192
@@ -190,9 +193,10 @@ class SSEScanner:
 
     OpenAI's chat completions send usage in a final chunk, its Responses API in
     `response.completed`; Anthropic sends input tokens in `message_start` and output tokens in
-    `message_delta`. Later values win. A line is only decoded when it mentions "usage", or,
-    until the first output was seen, one of the output markers: once streaming, ordinary
-    content chunks cost a substring search.
+    `message_delta`. Later values win. A line is only decoded when it holds a `"usage"` object
+    (not `"usage": null`, which SDK-built proxies put in every chunk), or, until the first
+    output was seen, one of the output markers: once streaming, ordinary content chunks cost a
+    substring search.
     """
 
     __slots__ = ("_partial", "_tail", "data_events", "output_seen", "usage")
@@ -221,7 +225,8 @@ class SSEScanner:
         tail = len(data) - cut - 1
         self._partial = data[cut + 1 :] if 0 < tail < MAX_LINE_BYTES else b""
         look = not self.output_seen and _has_output_marker(data)
-        usage = b'"usage"' in data
+        # The substring first: it rules out most chunks for less than the pattern costs.
+        usage = b'"usage"' in data and _USAGE_OBJECT_RE.search(data) is not None
         if not (look or usage):
             return False
         first = False
@@ -229,7 +234,7 @@ class SSEScanner:
             if not line.startswith(b"data:"):
                 continue
             wants_output = look and _has_output_marker(line)
-            wants_usage = usage and b'"usage"' in line
+            wants_usage = usage and _USAGE_OBJECT_RE.search(line) is not None
             if not (wants_output or wants_usage):
                 continue
             try:

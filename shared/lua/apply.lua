@@ -9,7 +9,9 @@
 --       6 ttl (ms)
 --       7 n_set, then n_set (request_id, row JSON) pairs
 --       then n_del, then n_del request_ids
---       then n_done, then n_done entries of 14 values in schema.COMPLETED_FIELDS order
+--       then n_done, then n_done finished requests, each one JSON array of its 15 stream
+--       values as strings, in schema.COMPLETED_FIELDS order (strings, so that Lua never turns
+--       a number into text: its tostring keeps 14 digits, and start_time needs 16)
 local marker = redis.call('HGET', KEYS[1], ARGV[1])
 if not marker then return -1 end
 local sep = string.find(marker, ':', 1, true)
@@ -32,10 +34,11 @@ local names = {'request_id', 'worker_id', 'model', 'method', 'path', 'status', '
                'start_time', 'duration_ms', 'input_tokens', 'output_tokens', 'bytes_out',
                'ttft_ms', 'ttfb_ms', 'labels'}
 for _ = 1, n_done do
+  local values = cjson.decode(ARGV[i]); i = i + 1
   local args = {KEYS[3], 'MAXLEN', '~', ARGV[5], '*'}
   for f = 1, #names do
     args[#args + 1] = names[f]
-    args[#args + 1] = ARGV[i]; i = i + 1
+    args[#args + 1] = values[f]
   end
   redis.call('XADD', unpack(args))
 end

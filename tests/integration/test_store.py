@@ -261,3 +261,37 @@ async def test_register_and_heartbeat_measure_the_offset_to_redis_s_clock(
     # This process and Redis share the host's clock: within the measurement's own error.
     assert scripts.clock.offset == 0.0
     assert not await scripts.heartbeat("w7", "other-epoch", ttl_ms=TTL)
+
+
+async def test_a_finished_request_is_written_exactly_as_its_values_read(
+    redis: aioredis.Redis, keys: Keys
+) -> None:
+    """A finished request travels to the script as one JSON array of strings; every field
+    lands as exactly the text ``completed_values`` gives: nothing re-encoded, no number
+    through Lua (its tostring keeps 14 digits, a start_time needs 16)."""
+    scripts = WireScripts(redis, keys)
+    await scripts.register(_record("w1", "e1"), [], ttl_ms=TTL)
+    done = schema.CompletedEntry(
+        request_id="r-\u00e9",
+        worker_id="w1",
+        model='a "quoted" model \\ with \u2603 and \U0001f600',
+        method="POST",
+        path="/v1/\x01control\x7f\ttab",
+        status=200,
+        outcome="ok",
+        start_time=1796616346.1234567,
+        duration_ms=0.1 + 0.2,
+        input_tokens=None,
+        output_tokens=2**53 - 1,
+        bytes_out=0,
+        ttft_ms=None,
+        ttfb_ms=1e-7,
+        labels={"team": "\u00e9quipe", "k": ""},
+    )
+    prefix = schema.envelope_prefix("w1", "e1")
+    assert await scripts.apply("w1", "e1", prefix, b"[]", [], [], [done], 100, TTL) == 2
+    ((entry_id, fields),) = await redis.xrange(keys.completed)
+    written = [(name.decode(), value.decode()) for name, value in fields.items()]
+    assert written == list(zip(schema.COMPLETED_FIELDS, schema.completed_values(done), strict=True))
+    assert dict(written)["start_time"] == "1796616346.1234567"
+    assert schema.decode_completed(entry_id, fields) == {**done, "id": entry_id.decode()}

@@ -63,8 +63,12 @@ async def test_apply_command_matches_wire_scripts(monkeypatch: pytest.MonkeyPatc
     maxlen = settings.completed_maxlen
     ttl = pub._ttl_ms()
     await pub.scripts.apply("w1", "e1", prefix, b"[]", sets, ["r3"], done, maxlen, ttl)
-    ours = pub._apply_command(prefix, b"[]", sets, ["r3"], done)
-    assert pack(ours) == pack(captured["cmd"])
+    assert pub._packed_apply(b"[]", sets, ["r3"], done) == pack(captured["cmd"])
+    # Packed again for a new epoch (the head is kept per worker id and epoch).
+    pub.epoch = "e2"
+    await pub.scripts.apply("w1", "e2", schema.envelope_prefix("w1", "e2"), b"[1]", [], [], [],
+                            maxlen, ttl)  # fmt: skip
+    assert pub._packed_apply(b"[1]", [], [], []) == pack(captured["cmd"])
     await pub.redis.aclose()
 
 

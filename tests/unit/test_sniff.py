@@ -367,3 +367,31 @@ def test_the_demo_upstream_streams_have_their_first_output_in_the_first_content_
         scanner = sniff.SSEScanner()
         assert [scanner.feed(f) for f in stream.opening] == [False] * len(stream.opening)
         assert [scanner.feed(f) for f in stream.content] == [True, False], make.__name__
+
+
+def test_usage_null_in_every_chunk_is_not_decoded_and_the_real_usage_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Proxies built on the OpenAI SDK (vandamme-proxy, LiteLLM) re-serialize each chunk with
+    `"usage": null`; once the first output is seen, such a chunk costs no JSON decode."""
+    sdk = {"usage": None, "service_tier": None}
+    frames = [
+        *_sse(_chat({"role": "assistant", "content": ""}, **sdk)),
+        *_sse(*(_chat({"content": f"t{i} "}, **sdk) for i in range(8))),
+        *_sse({**_chat({}), "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 8}}),
+        b"data: [DONE]\n\n",
+    ]
+    decoded: list[bytes] = []
+    real_loads = sniff.orjson.loads
+
+    def counting_loads(data: bytes) -> object:
+        decoded.append(data)
+        return real_loads(data)
+
+    monkeypatch.setattr(sniff.orjson, "loads", counting_loads)
+    scanner = sniff.SSEScanner()
+    assert [scanner.feed(f) for f in frames].index(True) == 1
+    assert scanner.usage == {"input_tokens": 5, "output_tokens": 8}
+    # The role-only preamble and the first token (looking for the first output), the usage.
+    assert len(decoded) == 3
+    assert scanner.data_events == len(frames)
