@@ -120,6 +120,8 @@ def create_app(settings: Settings, stream_port: int | None = None) -> Dash:
         title="vdm-hub · live fleet metrics",
         update_title="",  # no "Updating..." flicker in the tab title
         serve_locally=True,  # works offline and behind strict egress
+        # Served, but not loaded with the page: 04_vdm_charts.js loads plotly.js when it can.
+        assets_path_ignore=["^vendor$"],
     )
     config = client_config(settings, stream_port)
     app.index_string = _INDEX.replace("__CONFIG__", _script_json(config))

@@ -46,43 +46,14 @@ def _card(title: Any, *children: Any, extra: Any = None, class_name: str = "") -
     )
 
 
-def _empty_figure() -> dict[str, Any]:
-    # Same size and colours as the figures the client draws (VdmCore.statsFigures).
-    axis = {"gridcolor": "#212a35", "zeroline": False, "showticklabels": False}
-    return {
-        "data": [],
-        "layout": {
-            "height": CHART_HEIGHT,
-            "margin": {"l": 48, "r": 12, "t": 8, "b": 28},
-            "paper_bgcolor": "rgba(0,0,0,0)",
-            "plot_bgcolor": "rgba(0,0,0,0)",
-            "font": {"color": "#9aa7b4"},
-            "xaxis": axis,
-            "yaxis": axis,
-            "annotations": [
-                {
-                    "text": "waiting for data",
-                    "showarrow": False,
-                    "xref": "paper",
-                    "yref": "paper",
-                    "x": 0.5,
-                    "y": 0.5,
-                    "font": {"color": "#5c6b7a", "size": 14},
-                }
-            ],
-        },
-    }
-
-
 def _chart(title: str, graph_id: str) -> Any:
+    # An empty box of the chart's height ("waiting for data" until then, from vdm.css):
+    # assets/04_vdm_charts.js draws the figure into it with plotly.js once there is data.
     return html.Div(
         [
             html.Div(title, className="vdm-chart-title"),
-            dcc.Graph(
-                id=graph_id,
-                figure=_empty_figure(),
-                config={"displayModeBar": False, "responsive": True},
-                style={"height": f"{CHART_HEIGHT}px"},
+            html.Div(
+                id=graph_id, className="vdm-chart-plot", style={"height": f"{CHART_HEIGHT}px"}
             ),
         ],
         className="vdm-chart",
