@@ -137,6 +137,22 @@
     return tx;
   }
 
+  /**
+   * Render into element `id` the component tree the layout deferred under `name`
+   * (window.__vdmPages, from dashboard/layout.py's deferred_pages), once: set_props takes
+   * Dash components as children like a callback's output. False while `id` is not there.
+   */
+  function renderDeferred(name, id) {
+    const deferred = window.__vdmPages || {};
+    if (!(name in deferred) || !document.getElementById(id)) return false;
+    const ds = window.dash_clientside;
+    if (!ds || typeof ds.set_props !== "function") return false;
+    const children = deferred[name];
+    delete deferred[name];
+    ds.set_props(id, { children: children });
+    return true;
+  }
+
   /** The grid's API now, or null while it is not mounted (no waiting: callers retry). */
   function gridApi(gridId) {
     const dag = window.dash_ag_grid;
@@ -172,13 +188,14 @@
    * time budget from what this one cost (VdmCore.nextSliceSize). While it runs, a delta's
    * changes are queued with `touch(tx)` rather than sent to the grid: a slice reads the map
    * as it is then, so whatever a delta did, the grid ends on the map. Waits for the grid to
-   * be mounted; `onDone` runs when the grid holds the map.
+   * be mounted; `onDone(slices)` runs when the grid holds the map.
    */
   function slicedSync(gridId, key, rows, onDone) {
     let queue = null; // ids still to reconcile, in order; null while idle
     let fresh = false; // start() asked for a new pass: (re)build the queue first
     let scheduled = false;
     let size = core.SLICE_FIRST_ROWS;
+    let slices = 0; // transactions of this pass
 
     function schedule(delayMs) {
       if (scheduled) return;
@@ -201,6 +218,7 @@
       queue = ids;
       fresh = false;
       size = core.SLICE_FIRST_ROWS;
+      slices = 0;
     }
 
     function step() {
@@ -223,14 +241,17 @@
         return node ? node.data : undefined;
       };
       const tx = core.reconcileRows(ids, rows(), held, key);
-      if (!core.isEmptyTransaction(tx)) api.applyTransaction(tx);
+      if (!core.isEmptyTransaction(tx)) {
+        api.applyTransaction(tx);
+        slices += 1;
+      }
       size = core.nextSliceSize(ids.length, performance.now() - t0, core.SLICE_BUDGET_MS);
       if (queue.size > 0) {
         schedule(0);
         return;
       }
       queue = null;
-      if (onDone) onDone(tx);
+      if (onDone) onDone(slices);
     }
 
     return {
@@ -311,6 +332,7 @@
     applyRows,
     gridApi,
     slicedSync,
+    renderDeferred,
     queueTransaction,
     refreshClockColumns,
     observeServerTime,

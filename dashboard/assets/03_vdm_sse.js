@@ -60,6 +60,7 @@
     gaps: 0,
     syncChanges: 0,
     gridLoads: 0, // sliced passes that brought the grid in line with a snapshot
+    gridSlices: 0, // transactions the last of them took
   };
 
   // What the client holds: the rows by id, the version they stand for, the worker list.
@@ -69,9 +70,10 @@
   let haveData = false;
   let sync = core.SYNC_OK; // the hub's word on its view (update/delta/snapshot `sync` fields)
   // The grid follows `rows`: after a snapshot in slices (a task each), then delta by delta.
-  const loadedListeners = [];
-  const gridSync = dom.slicedSync(GRID_ID, KEY, () => rows, function () {
+  const loadedListeners = [renderRecentGrid];
+  const gridSync = dom.slicedSync(GRID_ID, KEY, () => rows, function (slices) {
     debug.gridLoads += 1;
+    debug.gridSlices = slices;
     for (const fn of loadedListeners) {
       try {
         fn();
@@ -332,6 +334,21 @@
     }
   }
 
+  // The Recently finished grid is below the fold: it is mounted (an AG Grid costs ~0.1 s of
+  // main thread) once the live grid holds its first snapshot, or after RECENT_LATEST_MS
+  // whatever happens, so that it never waits on a stream that does not answer.
+  const RECENT_LATEST_MS = 5000;
+
+  function renderRecentGrid() {
+    dom.renderDeferred("recent", "vdm-recent-box");
+  }
+  window.setTimeout(function latest() {
+    // The layout may not be rendered yet on a slow machine: then again shortly.
+    if (!dom.renderDeferred("recent", "vdm-recent-box") && "recent" in (window.__vdmPages || {})) {
+      window.setTimeout(latest, 500);
+    }
+  }, RECENT_LATEST_MS);
+
   function onStats(ev) {
     const stats = parse(ev);
     if (!stats || typeof stats !== "object") return;
@@ -485,6 +502,7 @@
         sync: Object.assign({}, sync),
         syncChanges: debug.syncChanges,
         gridLoads: debug.gridLoads,
+        gridSlices: debug.gridSlices,
         gridLoading: gridSync.running(),
         version: version,
         rows: rows.size,
