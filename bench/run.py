@@ -36,6 +36,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "soak": soak,
     "shards": cluster_shards,
     "vandamme": instrumenting_vandamme,
+    "browser": scenarios.dashboard_paint,
 }
 
 
@@ -76,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         metavar="REF",
-        help="overhead: also run the worker of git commit REF side by side (bench/baseline.py)",
+        help="overhead, browser: also run git commit REF's worker (overhead) or stream service"
+        " and dashboard (browser) side by side (bench/baseline.py)",
     )
     args = parser.parse_args(argv)
     if args.baseline:
