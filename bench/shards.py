@@ -233,7 +233,7 @@ async def measure(
 async def cluster_shards(quick: bool) -> Result:
     from tests.system.redis_topology import redis_cluster  # dev tree only (pytest helpers)
 
-    result = Result("shards", "9. One fleet over a Redis Cluster's shards (prototype)")
+    result = Result("shards", "10. One fleet over a Redis Cluster's shards (prototype)")
     workers, seconds, batch = (24, 3.0, 4) if quick else (96, 10.0, 4)
     layouts = [Layout("one slot (today, {vdm})", 0), Layout("24 event shards", 24)]
     table = Table(

@@ -147,25 +147,9 @@ class HubCollector(Collector):
         hub = self.hub
         bad = self.requests.completed_malformed[0]
         if hub is not None:
-            now = time.time()
-            stuck_before = now - self.stuck_after
-            silent_since = now - self.stall_after
-            by_status = {"up": 0, "stale": 0}
-            for wid, view in hub.workers.items():
-                by_status[view.status] = by_status.get(view.status, 0) + 1
-                first = now
-                n_stuck = n_stalled = 0
-                for row in view.rows.values():
-                    start = row["start_time"]
-                    first = min(first, start)
-                    n_stuck += start < stuck_before
-                    n_stalled += is_stalled(row, silent_since)
-                oldest.add_metric([wid], max(0.0, now - first))
-                stuck.add_metric([wid], n_stuck)
-                stalled.add_metric([wid], n_stalled)
-                record: Mapping[str, Any] = view.record or {}
-                dropped.add_metric([wid], int(record.get("events_dropped", 0)))
-                completed_dropped.add_metric([wid], int(record.get("completed_dropped", 0)))
+            by_status = self._add_worker_series(
+                hub, oldest, stuck, stalled, dropped, completed_dropped
+            )
             for (wid, model), n in _capped_in_flight(hub.in_flight()).items():
                 in_flight.add_metric([wid, model], n)
             for status, n in by_status.items():
@@ -189,6 +173,37 @@ class HubCollector(Collector):
         yield oldest
         yield stuck
         yield stalled
+
+    def _add_worker_series(
+        self,
+        hub: Hub,
+        oldest: GaugeMetricFamily,
+        stuck: GaugeMetricFamily,
+        stalled: GaugeMetricFamily,
+        dropped: CounterMetricFamily,
+        completed_dropped: CounterMetricFamily,
+    ) -> dict[str, int]:
+        """One series per worker in each family; returns how many workers have each status."""
+        now = time.time()
+        stuck_before = now - self.stuck_after
+        silent_since = now - self.stall_after
+        by_status = {"up": 0, "stale": 0}
+        for wid, view in hub.workers.items():
+            by_status[view.status] = by_status.get(view.status, 0) + 1
+            first = now
+            n_stuck = n_stalled = 0
+            for row in view.rows.values():
+                start = row["start_time"]
+                first = min(first, start)
+                n_stuck += start < stuck_before
+                n_stalled += is_stalled(row, silent_since)
+            oldest.add_metric([wid], max(0.0, now - first))
+            stuck.add_metric([wid], n_stuck)
+            stalled.add_metric([wid], n_stalled)
+            record: Mapping[str, Any] = view.record or {}
+            dropped.add_metric([wid], int(record.get("events_dropped", 0)))
+            completed_dropped.add_metric([wid], int(record.get("completed_dropped", 0)))
+        return by_status
 
 
 class _Pruner(Collector):

@@ -88,6 +88,12 @@ def _summary(system: System) -> dict[str, Any]:
     return dict(httpx.get(f"{system.stream_url}/metrics/summary", timeout=10).json())
 
 
+def _fleet_once(system: System, ready: Any) -> dict[str, Any] | None:
+    """The summary's fleet totals once ``ready`` holds for them, else None (to poll with)."""
+    fleet_stats: dict[str, Any] = _summary(system)["fleet"]
+    return fleet_stats if ready(fleet_stats) else None
+
+
 def _rate(text: str) -> float:
     return float(text.split("/s")[0].replace(",", ""))
 
@@ -150,17 +156,27 @@ def test_a_cancelled_request_does_not_move_the_error_rate(
     aborted = page.page.locator("#vdm-m-kpi-aborted")
     expect(aborted).to_have_text("2 · 1", timeout=15000)
     expect(errors).to_have_text("0.0%")
-    fleet_stats = _summary(system)["fleet"]
+    # The summary is rebuilt at most once a second: wait for it to count the aborts too.
+    fleet_stats = wait_for(
+        lambda: _fleet_once(system, lambda f: (f["cancelled"], f["client_closed"]) == (2, 1)),
+        10,
+        0.1,
+        "the summary to count 2 cancelled and 1 client closed",
+    )
     assert (fleet_stats["errors"], fleet_stats["error_rate"]) == (0, 0.0)
-    assert (fleet_stats["cancelled"], fleet_stats["client_closed"]) == (2, 1)
 
     # An upstream error does move it: the split, not a rate that ignores everything.
     fleet.end_rows("nx", ids[6], outcome="upstream_error")
     expect(errors).not_to_have_text("0.0%", timeout=15000)
-    fleet_stats = _summary(system)["fleet"]
+    fleet_stats = wait_for(
+        lambda: _fleet_once(system, lambda f: f["errors"] > 0),
+        10,
+        0.1,
+        "the summary to count the upstream error",
+    )
     assert fleet_stats["errors"] == 1
     assert fleet_stats["error_rate"] == round(1 / fleet_stats["completed"], 4)
-    assert errors.inner_text() == f"{fleet_stats['error_rate'] * 100:.1f}%"
+    expect(errors).to_have_text(f"{fleet_stats['error_rate'] * 100:.1f}%")
     expect(aborted).to_have_text("2 · 1")
 
 
