@@ -800,7 +800,7 @@ PAINT_HEADERS = [
 
 
 async def dashboard_paint(quick: bool) -> Result:
-    result = Result("browser", "10. The dashboard in Chromium: first paint and churn")
+    result = Result("browser", "11. The dashboard in Chromium: first paint and churn")
     commit = baseline.ref()
     churn_rate = 100.0 if quick else 300.0
     r = await paint(

@@ -29,7 +29,7 @@
     errors: "vdm-chart-errors",
   };
   const CONFIG = { displayModeBar: false, responsive: true };
-  // Next to this file, in the assets folder, but not loaded by Dash itself (assets_ignore in
+  // Next to this file, in the assets folder, but not loaded by Dash itself (assets_path_ignore in
   // dashboard/app.py): this file loads it, asynchronously.
   const PLOTLY_SRC = new URL("vendor/plotly-basic.min.js", document.currentScript.src).href;
 
