@@ -45,6 +45,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisClusterException, RedisError
 
+from vdm_hub.services.stream.supervise import stop_if_cancelled
 from vdm_hub.services.stream.sync import (
     NOT_ANSWERING,
     READER_CRASHED,
@@ -347,6 +348,7 @@ class Hub:
         """
         backoff = 0.0
         while True:
+            stop_if_cancelled()
             try:
                 await ensure_topology(self.redis)
                 async with self.redis.pubsub() as pubsub:
@@ -386,6 +388,7 @@ class Hub:
         unanswered: float | None = None  # loop time of the first PING since the last reply
         silent = False
         while True:
+            stop_if_cancelled()
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PING_EVERY)
             now = loop.time()
             if msg is not None:
@@ -506,6 +509,7 @@ class Hub:
 
     async def reap_loop(self) -> None:
         while True:
+            stop_if_cancelled()
             with contextlib.suppress(RedisError, OSError, TimeoutError):
                 await self.reap_once()
             await asyncio.sleep(self.reap_every)

@@ -52,6 +52,7 @@ from typing import Any, NamedTuple
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from vdm_hub.services.stream.supervise import stop_if_cancelled
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 
@@ -313,6 +314,7 @@ class RollingStats:
     async def run(self) -> None:
         backoff = 0.05
         while True:
+            stop_if_cancelled()
             try:
                 if not self.rebuilt:
                     await self.rebuild()

@@ -24,6 +24,19 @@ BACKOFF_START = 0.1
 BACKOFF_MAX = 10.0
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if the current task has been asked to stop.
+
+    A loop that catches a lost Redis link and goes round again calls this each time round. On
+    Python 3.11, ``asyncio.wait_for`` (which redis-py uses) can lose a cancellation that races
+    the completion of what it waits for (fixed in 3.12); the loop would then never see it and
+    never stop. The task's cancel count keeps the request, so it is checked here.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 @dataclass
 class Job:
     name: str

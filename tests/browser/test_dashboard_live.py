@@ -173,7 +173,8 @@ def test_navigation_away_closes_and_coming_back_reopens(system: System, new_page
 @pytest.mark.timeout(60)
 def test_hidden_tab_does_not_connect_until_shown(system: System, new_page: Any) -> None:
     page: DashboardPage = new_page(system.dashboard_url, hidden=True).open("/dashboard/metrics")
-    expect(page.page.locator("#vdm-active-grid .ag-header-cell").first).to_be_visible()
+    # The page's first load (Dash's bundles, the grid) can take seconds on a loaded machine.
+    expect(page.page.locator("#vdm-active-grid .ag-header-cell").first).to_be_visible(timeout=20000)
     # A bounded look for something that must not happen: no connection while hidden.
     with pytest.raises(TimeoutError):
         wait_for(lambda: page.eventsources(), 1.5, 0.1, "an EventSource while hidden")

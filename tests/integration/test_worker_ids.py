@@ -79,8 +79,10 @@ async def test_two_live_publishers_with_one_fixed_id_settle_on_two_ids(
     caplog.set_level(logging.INFO, logger="vdm.publisher")
     async with publishing(s) as first, publishing(s) as second:
         # The second took the id over; the first finds out at its next heartbeat and moves.
+        # Its record is in Redis a moment before the first counts its registration (the Lua
+        # call returns first): wait for both, or the count taken below may be the old one.
         async with asyncio.timeout(10):
-            while set(await registered(redis, keys)) != {"dup", "dup-2"}:
+            while set(await registered(redis, keys)) != {"dup", "dup-2"} or first.registrations < 2:
                 await asyncio.sleep(0.02)
         assert (second.worker_id, first.worker_id) == ("dup", "dup-2")
         # Settled: no more re-registrations over several heartbeats, and the rows in flight

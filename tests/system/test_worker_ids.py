@@ -66,21 +66,23 @@ async def test_two_live_processes_never_share_an_id(
         "REDIS_URL": redis_url,
         "VDM_KEY_PREFIX": key_prefix,
         "VDM_WORKER_HEARTBEAT_INTERVAL": "0.2",
-        "VDM_WORKER_TTL": "2",
+        # Long enough that a heartbeat delayed by a loaded machine does not let the second
+        # process take the first one's id while it still lives (the claim trusts the TTL).
+        "VDM_WORKER_TTL": "5",
         **({"VDM_WORKER_ID": worker_id} if worker_id else {}),
     }
     procs = workers(command, upstream, env)
     held: list[asyncio.Task[httpx.Response]] = []
     try:
         urls = [p.wait_ready(30) for p in procs]
-        async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
             for n, url in enumerate(urls):
                 held.append(
                     asyncio.create_task(
                         client.post(
                             f"{url}/v1/chat/completions",
                             json={"model": "m", "messages": []},
-                            headers={"x-request-id": f"held-{n}", "x-demo-delay-ms": "30000"},
+                            headers={"x-request-id": f"held-{n}", "x-demo-delay-ms": "90000"},
                         )
                     )
                 )
@@ -89,7 +91,7 @@ async def test_two_live_processes_never_share_an_id(
                 ids = {k.decode() for k in await redis.hkeys(keys.workers)}
                 return {w: {r.decode() for r in await redis.hkeys(keys.active(w))} for w in ids}
 
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(45):
                 while set(await sample()) != wanted or sum(map(len, (await sample()).values())) < 2:
                     await asyncio.sleep(0.05)
             # Every sample over many heartbeats: both processes, both requests, two ids.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import redis.asyncio as aioredis
@@ -76,3 +77,28 @@ async def test_reader_rules(fake_redis: aioredis.Redis) -> None:
     await hub.handle_message(_batch("e2", 3, {"type": "nope"}))
     assert hub.counters.malformed == 2
     assert len(changes) == hub.version
+
+
+async def test_the_reaper_stops_even_when_a_library_loses_its_cancellation(
+    fake_redis: aioredis.Redis,
+) -> None:
+    """Python 3.11's ``asyncio.wait_for`` can turn a cancellation into a normal return when it
+    races the awaited call's completion. The loop then goes round again: it must still stop,
+    since the task's cancel count still holds the request."""
+    hub = Hub(fake_redis, Keys("lost"), on_change=lambda: None)
+    hub.reap_every = 0.01
+    inside = asyncio.Event()
+
+    async def reap_once_that_swallows_a_cancel() -> None:
+        inside.set()
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            raise TimeoutError from None  # what the race looks like to the loop
+
+    hub.reap_once = reap_once_that_swallows_a_cancel  # type: ignore[method-assign]
+    task = asyncio.create_task(hub.reap_loop())
+    await asyncio.wait_for(inside.wait(), 5)
+    task.cancel()  # lands inside reap_once, which swallows it
+    done, _ = await asyncio.wait([task], timeout=5)
+    assert done == {task} and task.cancelled()
