@@ -28,11 +28,12 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.browserload import LongTasks, long_tasks
 from bench.fanout import end_request, make_row, pinned_self
-from bench.procs import CPUS, CpuMeter, fleet, rss_kb
+from bench.procs import CPUS, ROOT, CpuMeter, fleet, rss_kb
 from bench.report import percentile
 from bench.sseload import SSEPool
 from vdm_hub.services.proxy.publisher import Publisher
@@ -67,6 +68,10 @@ class ModeResult:
     rss_per_client_kb: float
     client_cores: float
     wall: float
+
+
+# Each (row count, mode) phase, and the dashboard's long tasks when it was measured.
+RowsResult = tuple[list[ModeResult], LongTasks | None]
 
 
 class Churn:
@@ -176,9 +181,11 @@ async def rows_scenario(
     snapshot_clients: int,
     window_s: float,
     browser_s: float = 0.0,
-) -> tuple[list[ModeResult], LongTasks | None]:
+    root: Path = ROOT,
+) -> RowsResult:
     """Both modes at each row count; then, with ``browser_s``, the dashboard in Chromium at the
-    largest count under the same churn (its long tasks over ``browser_s`` seconds)."""
+    largest count under the same churn (its long tasks over ``browser_s`` seconds). ``root``
+    runs another commit's stream service (``bench/baseline.py``)."""
     import redis.asyncio as aioredis
 
     run = f"r{int(time.time() * 1000) % 10**8}"
@@ -189,7 +196,9 @@ async def rows_scenario(
     cors = {"VDM_CORS_ORIGINS": f"http://127.0.0.1:{dash_port}"}
     with fleet(f"bench-{run}") as f, pinned_self(LOAD_CORE if pinning else list(range(CPUS))):
         f.start_redis(cpus=LOAD_CORE if pinning else None)
-        stream = f.start("stream", env=f.env(**cors), cpus=STREAM_CORE if pinning else None)
+        stream = f.start(
+            "stream", env=f.env(**cors), cpus=STREAM_CORE if pinning else None, root=root
+        )
         churn = Churn(f.env()["REDIS_URL"], f.prefix, run)
         redis = aioredis.Redis.from_url(f.env()["REDIS_URL"])
         keys = Keys(f.prefix)

@@ -77,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         metavar="REF",
-        help="overhead, browser: also run git commit REF's worker (overhead) or stream service"
-        " and dashboard (browser) side by side (bench/baseline.py)",
+        help="overhead, events, rows, browser: also run the worker / stream service (and, for"
+        " browser, the dashboard) of git commit REF side by side (bench/baseline.py)",
     )
     args = parser.parse_args(argv)
     if args.baseline:

@@ -190,6 +190,27 @@ async def ensure_topology(client: aioredis.Redis) -> None:
         await client.initialize()
 
 
+def unparsed_twin(client: aioredis.Redis, *commands: str) -> aioredis.Redis | None:
+    """A client on ``client``'s connections whose ``commands`` answer Redis's reply as it
+    comes (nested lists, or a map in RESP3), without redis-py's Python-level reshaping of it;
+    None for a cluster client, which has no single pool (callers keep ``client`` then).
+
+    For a reader of every entry of a busy stream: redis-py turns each XREAD entry into a dict,
+    a Python loop per entry that cost as much as the rest of reading it.
+    """
+    if isinstance(client, RedisCluster):
+        return None
+    cls = FailoverAwareRedis if isinstance(client, FailoverAwareRedis) else aioredis.Redis
+    twin = cls(connection_pool=client.connection_pool)  # shares the pool, never closes it
+    for command in commands:
+        twin.set_response_callback(command, _as_is)
+    return twin
+
+
+def _as_is(response: Any, **_options: Any) -> Any:
+    return response
+
+
 async def drop_connections(client: aioredis.Redis) -> None:
     """Close every idle pooled connection of ``client`` (they may be stale after a fault), so
     the next command opens a fresh one instead of failing on a dead socket first."""

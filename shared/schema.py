@@ -1,8 +1,12 @@
 """Wire schema v1: the one place that encodes and decodes what crosses Redis.
 
-Writers (the worker) use the ``encode_*``/``make_*`` helpers; readers (the stream service, tests,
-third-party tools) use the ``decode_*`` functions, which treat their input as untrusted: any
-bytes in, either a valid value out or :class:`MalformedMessage`. Nothing else escapes.
+Writers (the worker) build the ``TypedDict`` shapes (:class:`Row`, ...) and use the
+``encode_*`` helpers; readers (the stream service, tests, third-party tools) use the
+``decode_*`` functions, which treat their input as untrusted: any bytes in, either a valid
+value out or :class:`MalformedMessage`. Nothing else escapes. The readers' rules are msgspec
+structs (:class:`WireRow`, :class:`Batch` and its events), one line per field with its limits:
+a new row field is a line in :class:`Row` and one in :class:`WireRow` (a test holds the two
+to the same fields), plus one in :class:`Progress` when progress events may carry it.
 See ``docs/protocol.md`` for the prose version of this module.
 """
 
@@ -10,9 +14,12 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Any, Final, NotRequired, TypedDict
+from typing import Annotated, Any, ClassVar, Final, Literal, NotRequired, TypedDict, TypeVar
 
+import msgspec
 import orjson
+from msgspec import UNSET, Meta, Struct, UnsetType, to_builtins
+from msgspec.structs import asdict
 
 from vdm_hub.shared.keys import PROTOCOL_VERSION
 
@@ -39,6 +46,8 @@ MAX_LABELS: Final = 8
 MAX_LABEL_KEY_CHARS: Final = 32
 MAX_LABEL_VALUE_CHARS: Final = 128
 MAX_LABELS_JSON_BYTES: Final = 1024
+
+_T = TypeVar("_T")
 
 
 class MalformedMessage(ValueError):
@@ -156,14 +165,6 @@ class EndEvent(TypedDict):
 RequestEvent = StartEvent | ProgressEvent | EndEvent
 
 
-class Batch(TypedDict):
-    v: int
-    worker_id: str
-    epoch: str
-    seq: int
-    events: list[dict[str, Any]]
-
-
 class CompletedEntry(TypedDict):
     request_id: str
     worker_id: str
@@ -186,24 +187,9 @@ class CompletedEntry(TypedDict):
 
 
 ROW_FIELDS: Final = tuple(Row.__annotations__)
-PROGRESS_FIELDS: Final = frozenset(
-    {
-        "phase",
-        "bytes_out",
-        "input_tokens",
-        "output_tokens",
-        "model",
-        "is_streaming",
-        "ttft_ms",
-        "chunks_out",
-        "ttfb_ms",
-        "last_output_at",
-        "labels",
-    }
-)
 # Order of the fields of a completed entry as passed to the apply script (shared/lua/apply.lua).
-# `ttft_ms`, `ttfb_ms` and `labels` are read when an entry has them (see decode_completed); the
-# script writes these.
+# `ttft_ms`, `ttfb_ms` and `labels` came later within v1: they are read when an entry has them
+# (see decode_completed); the script writes them all.
 COMPLETED_FIELDS: Final = (
     "request_id",
     "worker_id",
@@ -221,9 +207,6 @@ COMPLETED_FIELDS: Final = (
     "ttfb_ms",
     "labels",
 )
-# The progress fields that are a duration or a time (the other numbers are counts).
-_TIME_FIELDS: Final = frozenset({"ttft_ms", "ttfb_ms", "last_output_at"})
-_PHASES: Final = frozenset(p.value for p in Phase)
 _OUTCOMES: Final = frozenset(o.value for o in Outcome)
 
 
@@ -273,340 +256,199 @@ def completed_values(entry: CompletedEntry) -> list[str]:
 
 
 # --------------------------------------------------------------------------- reading
+#
+# Readers decode with msgspec: each message is parsed and checked against the typed structs
+# below in one C pass (types, lengths, ranges, allowed values), instead of being parsed into
+# dicts and checked field by field in Python. The structs ARE the reader's rules: a field and
+# its limits are one line. JSON has no NaN or infinity and msgspec refuses numbers that
+# overflow a double, so every decoded number is finite. Unknown fields are ignored (new optional
+# fields may be added within v1); a float field also takes an integer, an integer field never
+# takes a float or a bool.
+
+Id = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+Count = Annotated[int, Meta(ge=0, lt=1 << 53)]
+NonNegative = Annotated[float, Meta(ge=0)]  # a duration in ms, or a time in epoch s
+Model = Annotated[str, Meta(max_length=MAX_MODEL_CHARS)]
+Text = Annotated[str, Meta(max_length=MAX_TEXT_CHARS)]
+Labels = Annotated[
+    dict[
+        Annotated[str, Meta(min_length=1, max_length=MAX_LABEL_KEY_CHARS)],
+        Annotated[str, Meta(max_length=MAX_LABEL_VALUE_CHARS)],
+    ],
+    Meta(max_length=MAX_LABELS),
+]
+# The values of Phase and Outcome, as plain strings (a decoded row holds text, as it always has;
+# a test holds these to the enums).
+PhaseName = Literal["upstream", "streaming"]
+OutcomeName = Literal["ok", "error", "client_closed", "upstream_error", "cancelled"]
 
 
-def _load(raw: bytes | str, limit: int) -> Any:
+class WireRow(Struct, kw_only=True, gc=False):
+    """A row as readers accept it (:class:`Row`); ``as_row`` is the dict the reader keeps.
+
+    Fields that may be null may also be absent (null): ``ttft_ms``, ``chunks_out``,
+    ``ttfb_ms``, ``last_output_at`` and ``labels`` came later within v1, and readers have
+    always taken a missing nullable field as null.
+    """
+
+    request_id: Id
+    worker_id: Id
+    method: Annotated[str, Meta(min_length=1, max_length=MAX_METHOD_CHARS)]
+    path: Annotated[str, Meta(min_length=1, max_length=MAX_PATH_CHARS)]
+    model: Model | None = None
+    provider: Annotated[str, Meta(max_length=MAX_PROVIDER_CHARS)] | None = None
+    is_streaming: bool
+    start_time: float
+    phase: PhaseName
+    bytes_out: Count
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+    ttft_ms: NonNegative | None = None
+    chunks_out: Count | None = None
+    ttfb_ms: NonNegative | None = None
+    last_output_at: NonNegative | None = None
+    labels: Labels | None = None
+
+    def as_row(self) -> Row:
+        return asdict(self)  # type: ignore[return-value]
+
+
+class WireRecord(Struct, gc=False):
+    worker_id: Id
+    host: Annotated[str, Meta(min_length=1, max_length=MAX_TEXT_CHARS)]
+    pid: Count
+    started_at: float
+    epoch: Id
+    upstream: Text | None = None
+    version: Text | None = None
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL_S
+    ttl: float = DEFAULT_WORKER_TTL_S
+    events_dropped: Count | UnsetType = UNSET
+    instance: Id | UnsetType = UNSET
+    cancellable: bool | UnsetType = UNSET
+    completed_dropped: Count | UnsetType = UNSET
+
+    def as_record(self) -> WorkerRecord:
+        record = WorkerRecord(
+            worker_id=self.worker_id,
+            host=self.host,
+            pid=self.pid,
+            started_at=self.started_at,
+            upstream=self.upstream or "",
+            version=self.version or "",
+            epoch=self.epoch,
+            heartbeat_interval=self.heartbeat_interval,
+            ttl=self.ttl,
+        )
+        if self.events_dropped is not UNSET:
+            record["events_dropped"] = self.events_dropped
+        if self.instance is not UNSET:
+            record["instance"] = self.instance
+        if self.cancellable is not UNSET:
+            record["cancellable"] = self.cancellable
+        if self.completed_dropped is not UNSET:
+            record["completed_dropped"] = self.completed_dropped
+        return record
+
+
+# The events of a batch, told apart by their "type". ``type`` is also a class attribute, so
+# ``event.type`` reads as it does in the JSON.
+
+
+class Start(Struct, tag=EventType.START.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.START.value
+    row: WireRow
+
+
+class Progress(Struct, tag=EventType.PROGRESS.value, tag_field="type", gc=False):
+    """The fields a progress event may change; those it does not carry stay UNSET."""
+
+    type: ClassVar[str] = EventType.PROGRESS.value
+    request_id: Id
+    phase: PhaseName | UnsetType = UNSET
+    bytes_out: Count | UnsetType = UNSET
+    input_tokens: Count | UnsetType | None = UNSET
+    output_tokens: Count | UnsetType | None = UNSET
+    model: Model | UnsetType | None = UNSET
+    is_streaming: bool | UnsetType = UNSET
+    ttft_ms: NonNegative | UnsetType | None = UNSET
+    chunks_out: Count | UnsetType | None = UNSET
+    ttfb_ms: NonNegative | UnsetType | None = UNSET
+    last_output_at: NonNegative | UnsetType | None = UNSET
+    labels: Labels | UnsetType | None = UNSET
+
+    def changes(self) -> dict[str, Any]:
+        """The row fields this event carries, by name."""
+        fields: dict[str, Any] = to_builtins(self)
+        del fields["type"], fields["request_id"]
+        return fields
+
+
+class End(Struct, tag=EventType.END.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.END.value
+    request_id: Id
+    status: Count
+    outcome: OutcomeName
+    duration_ms: float
+    input_tokens: Count | None = None
+    output_tokens: Count | None = None
+
+
+class WorkerUp(Struct, tag=EventType.WORKER_UP.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.WORKER_UP.value
+    worker: WireRecord
+
+
+class WorkerDown(Struct, tag=EventType.WORKER_DOWN.value, tag_field="type", gc=False):
+    type: ClassVar[str] = EventType.WORKER_DOWN.value
+    worker_id: Id
+    reason: Text | None = None
+
+
+Event = Start | Progress | End | WorkerUp | WorkerDown
+
+
+class Batch(Struct, gc=False):
+    """A ``P:events`` message as readers accept it."""
+
+    v: Literal[1]  # PROTOCOL_VERSION
+    worker_id: Id
+    epoch: Id
+    seq: Count
+    events: Annotated[list[Event], Meta(max_length=MAX_EVENTS_PER_BATCH)]
+
+
+PROGRESS_FIELDS: Final = frozenset(Progress.__struct_fields__) - {"request_id"}
+
+_batch_decoder: Final = msgspec.json.Decoder(Batch)
+_row_decoder: Final = msgspec.json.Decoder(WireRow)
+_record_decoder: Final = msgspec.json.Decoder(WireRecord)
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], raw: bytes | str, limit: int) -> _T:
     if len(raw) > limit:
         raise MalformedMessage(f"message of {len(raw)} bytes is over the {limit}-byte limit")
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedMessage(f"not JSON: {exc}") from None
-
-
-def _text(obj: dict[str, Any], name: str, limit: int, *, nullable: bool = False) -> str | None:
-    value = obj.get(name)
-    if value is None and nullable:
-        return None
-    if not isinstance(value, str) or len(value) > limit or (not nullable and not value):
-        raise MalformedMessage(f"{name!r} must be a string of at most {limit} characters")
-    return value
-
-
-def _number(obj: dict[str, Any], name: str) -> float:
-    value = obj.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise MalformedMessage(f"{name!r} must be a finite number")
-    return float(value)
-
-
-def _nonnegative(obj: dict[str, Any], name: str) -> float | None:
-    """A duration or a time that may be null (or absent: a field added later within v1)."""
-    value = obj.get(name)
-    if value is None:
-        return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise MalformedMessage(f"{name!r} must be a non-negative number or null")
-    return float(value)
-
-
-def _count(obj: dict[str, Any], name: str, *, nullable: bool = False) -> int | None:
-    value = obj.get(name)
-    if value is None and nullable:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 53:
-        raise MalformedMessage(f"{name!r} must be a non-negative integer")
-    return value
-
-
-def _bool(obj: dict[str, Any], name: str) -> bool:
-    value = obj.get(name)
-    if not isinstance(value, bool):
-        raise MalformedMessage(f"{name!r} must be true or false")
-    return value
-
-
-def _labels_ok(value: Any) -> bool:
-    if type(value) is not dict or len(value) > MAX_LABELS:
-        return False
-    for key, text in value.items():
-        if type(key) is not str or not 0 < len(key) <= MAX_LABEL_KEY_CHARS:
-            return False
-        if type(text) is not str:
-            return False
-        if len(text) > MAX_LABEL_VALUE_CHARS:
-            return False
-    return True
-
-
-def _labels(obj: dict[str, Any]) -> dict[str, str] | None:
-    """``labels``: null, absent (a field added later within v1) or a valid object."""
-    value = obj.get("labels")
-    if value is None:
-        return None
-    if not _labels_ok(value):
-        raise MalformedMessage(
-            f"'labels' must be null or an object of at most {MAX_LABELS} string pairs "
-            f"(keys of 1-{MAX_LABEL_KEY_CHARS}, values of at most {MAX_LABEL_VALUE_CHARS} "
-            "characters)"
-        )
-    return value  # type: ignore[no-any-return]
-
-
-def _phase(obj: dict[str, Any]) -> str:
-    value = obj.get("phase")
-    # isinstance first: `[] in frozenset` raises TypeError (unhashable), which must not escape.
-    if not isinstance(value, str) or value not in _PHASES:
-        raise MalformedMessage(f"'phase' must be one of {sorted(_PHASES)}")
-    return str(value)
-
-
-_ROW_KEYS: Final = frozenset(Row.__annotations__)
-
-
-def _fast_row(obj: dict[str, Any]) -> Row | None:
-    """The row when every field is well-formed, checked in one pass of exact type checks (the
-    hub validates every start event it ingests: tens of thousands a second); None sends
-    anything unusual (ints where floats are expected, bad values) down the field-by-field
-    path below, which decides and names what is wrong."""
-    get = obj.get
-    rid, wid, method, path = get("request_id"), get("worker_id"), get("method"), get("path")
-    model, provider, streaming = get("model"), get("provider"), get("is_streaming")
-    start, phase, sent = get("start_time"), get("phase"), get("bytes_out")
-    tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
-    ttft, chunks, labels = get("ttft_ms"), get("chunks_out"), get("labels")
-    ttfb, last_output = get("ttfb_ms"), get("last_output_at")
-    if (
-        type(rid) is str
-        and 0 < len(rid) <= MAX_ID_CHARS
-        and type(wid) is str
-        and 0 < len(wid) <= MAX_ID_CHARS
-        and type(method) is str
-        and 0 < len(method) <= MAX_METHOD_CHARS
-        and type(path) is str
-        and 0 < len(path) <= MAX_PATH_CHARS
-        and (model is None or (type(model) is str and len(model) <= MAX_MODEL_CHARS))
-        and (provider is None or (type(provider) is str and len(provider) <= MAX_PROVIDER_CHARS))
-        and type(streaming) is bool
-        and type(start) is float
-        and math.isfinite(start)
-        and type(phase) is str
-        and phase in _PHASES
-        and type(sent) is int
-        and 0 <= sent < 1 << 53
-        and (tokens_in is None or (type(tokens_in) is int and 0 <= tokens_in < 1 << 53))
-        and (tokens_out is None or (type(tokens_out) is int and 0 <= tokens_out < 1 << 53))
-        and (ttft is None or (type(ttft) is float and 0 <= ttft < math.inf))
-        and (chunks is None or (type(chunks) is int and 0 <= chunks < 1 << 53))
-        and (ttfb is None or (type(ttfb) is float and 0 <= ttfb < math.inf))
-        and (last_output is None or (type(last_output) is float and 0 <= last_output < math.inf))
-        and (labels is None or _labels_ok(labels))
-    ):
-        if obj.keys() == _ROW_KEYS:  # exactly the fields checked: the dict itself will do
-            return obj  # type: ignore[return-value]
-        # Fields a later protocol version added are dropped; ones an earlier writer did not
-        # send yet are null.
-        return Row(
-            request_id=rid,
-            worker_id=wid,
-            method=method,
-            path=path,
-            model=model,
-            provider=provider,
-            is_streaming=streaming,
-            start_time=start,
-            phase=phase,
-            bytes_out=sent,
-            input_tokens=tokens_in,
-            output_tokens=tokens_out,
-            ttft_ms=ttft,
-            chunks_out=chunks,
-            ttfb_ms=ttfb,
-            last_output_at=last_output,
-            labels=labels,
-        )
-    return None
-
-
-def validate_row(obj: Any) -> Row:
-    if not isinstance(obj, dict):
-        raise MalformedMessage("a row must be a JSON object")
-    fast = _fast_row(obj)
-    return fast if fast is not None else _checked_row(obj)
-
-
-def _checked_row(obj: dict[str, Any]) -> Row:
-    """Field by field: slower than :func:`_fast_row`, and names the first bad field."""
-    return Row(
-        request_id=_text(obj, "request_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        method=_text(obj, "method", MAX_METHOD_CHARS),  # type: ignore[typeddict-item]
-        path=_text(obj, "path", MAX_PATH_CHARS),  # type: ignore[typeddict-item]
-        model=_text(obj, "model", MAX_MODEL_CHARS, nullable=True),
-        provider=_text(obj, "provider", MAX_PROVIDER_CHARS, nullable=True),
-        is_streaming=_bool(obj, "is_streaming"),
-        start_time=_number(obj, "start_time"),
-        phase=_phase(obj),
-        bytes_out=_count(obj, "bytes_out"),  # type: ignore[typeddict-item]
-        input_tokens=_count(obj, "input_tokens", nullable=True),
-        output_tokens=_count(obj, "output_tokens", nullable=True),
-        ttft_ms=_nonnegative(obj, "ttft_ms"),
-        chunks_out=_count(obj, "chunks_out", nullable=True),
-        ttfb_ms=_nonnegative(obj, "ttfb_ms"),
-        last_output_at=_nonnegative(obj, "last_output_at"),
-        labels=_labels(obj),
-    )
-
-
-def decode_row(raw: bytes | str) -> Row:
-    return validate_row(_load(raw, MAX_ROW_BYTES))
-
-
-def decode_worker_record(raw: bytes | str) -> WorkerRecord:
-    obj = _load(raw, MAX_RECORD_BYTES)
-    if not isinstance(obj, dict):
-        raise MalformedMessage("a worker record must be a JSON object")
-    return _validate_record(obj)
-
-
-def _validate_record(obj: dict[str, Any]) -> WorkerRecord:
-    pid = _count(obj, "pid")
-    record = WorkerRecord(
-        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        host=_text(obj, "host", MAX_TEXT_CHARS),  # type: ignore[typeddict-item]
-        pid=pid,  # type: ignore[typeddict-item]
-        started_at=_number(obj, "started_at"),
-        upstream=_text(obj, "upstream", MAX_TEXT_CHARS, nullable=True) or "",
-        version=_text(obj, "version", MAX_TEXT_CHARS, nullable=True) or "",
-        epoch=_text(obj, "epoch", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        heartbeat_interval=_number(obj, "heartbeat_interval")
-        if "heartbeat_interval" in obj
-        else DEFAULT_HEARTBEAT_INTERVAL_S,
-        ttl=_number(obj, "ttl") if "ttl" in obj else DEFAULT_WORKER_TTL_S,
-    )
-    if "events_dropped" in obj:
-        record["events_dropped"] = _count(obj, "events_dropped")  # type: ignore[typeddict-item]
-    if "instance" in obj:
-        record["instance"] = _text(obj, "instance", MAX_ID_CHARS)  # type: ignore[typeddict-item]
-    if "cancellable" in obj:
-        record["cancellable"] = _bool(obj, "cancellable")
-    if "completed_dropped" in obj:
-        record["completed_dropped"] = _count(obj, "completed_dropped")  # type: ignore[typeddict-item]
-    return record
-
-
-def _fast_end(obj: dict[str, Any]) -> dict[str, Any] | None:
-    """An `end` event in one pass of exact type checks (see :func:`_fast_row`)."""
-    get = obj.get
-    rid, status, outcome = get("request_id"), get("status"), get("outcome")
-    took = get("duration_ms")
-    tokens_in, tokens_out = get("input_tokens"), get("output_tokens")
-    if (
-        type(rid) is str
-        and 0 < len(rid) <= MAX_ID_CHARS
-        and type(status) is int
-        and 0 <= status < 1 << 53
-        and type(outcome) is str
-        and outcome in _OUTCOMES
-        and type(took) is float
-        and math.isfinite(took)
-        and (tokens_in is None or (type(tokens_in) is int and 0 <= tokens_in < 1 << 53))
-        and (tokens_out is None or (type(tokens_out) is int and 0 <= tokens_out < 1 << 53))
-    ):
-        return {
-            "type": EventType.END.value,
-            "request_id": rid,
-            "status": status,
-            "outcome": outcome,
-            "duration_ms": took,
-            "input_tokens": tokens_in,
-            "output_tokens": tokens_out,
-        }
-    return None
-
-
-def _checked_end(obj: dict[str, Any]) -> dict[str, Any]:
-    """Field by field: slower than :func:`_fast_end`, and names the first bad field."""
-    outcome = obj.get("outcome")
-    if not isinstance(outcome, str) or outcome not in _OUTCOMES:
-        raise MalformedMessage(f"'outcome' must be one of {sorted(_OUTCOMES)}")
-    return {
-        "type": EventType.END.value,
-        "request_id": _text(obj, "request_id", MAX_ID_CHARS),
-        "status": _count(obj, "status"),
-        "outcome": outcome,
-        "duration_ms": _number(obj, "duration_ms"),
-        "input_tokens": _count(obj, "input_tokens", nullable=True),
-        "output_tokens": _count(obj, "output_tokens", nullable=True),
-    }
-
-
-def _validate_event(obj: Any) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise MalformedMessage("an event must be a JSON object")
-    kind = obj.get("type")
-    if kind == EventType.START:
-        return {"type": kind, "row": validate_row(obj.get("row"))}
-    if kind == EventType.PROGRESS:
-        out: dict[str, Any] = {
-            "type": kind,
-            "request_id": _text(obj, "request_id", MAX_ID_CHARS),
-        }
-        for name in PROGRESS_FIELDS.intersection(obj):
-            if name == "phase":
-                out[name] = _phase(obj)
-            elif name == "bytes_out":
-                out[name] = _count(obj, name)
-            elif name == "is_streaming":
-                out[name] = _bool(obj, name)
-            elif name == "model":
-                out[name] = _text(obj, name, MAX_MODEL_CHARS, nullable=True)
-            elif name in _TIME_FIELDS:
-                out[name] = _nonnegative(obj, name)
-            elif name == "labels":
-                out[name] = _labels(obj)
-            else:
-                out[name] = _count(obj, name, nullable=True)
-        return out
-    if kind == EventType.END:
-        fast = _fast_end(obj)
-        return fast if fast is not None else _checked_end(obj)
-    if kind == EventType.WORKER_UP:
-        worker = obj.get("worker")
-        if not isinstance(worker, dict):
-            raise MalformedMessage("'worker' must be a JSON object")
-        return {"type": kind, "worker": _validate_record(worker)}
-    if kind == EventType.WORKER_DOWN:
-        return {
-            "type": kind,
-            "worker_id": _text(obj, "worker_id", MAX_ID_CHARS),
-            "reason": _text(obj, "reason", MAX_TEXT_CHARS, nullable=True),
-        }
-    raise MalformedMessage(f"unknown event type {str(kind)[:32]!r}")
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeEncodeError) as exc:
+        # DecodeError includes ValidationError; a ``str`` holding a lone surrogate cannot be
+        # encoded to the UTF-8 the decoder reads. The message may quote the offending value:
+        # keep log lines short.
+        raise MalformedMessage(str(exc)[:200]) from None
 
 
 def decode_batch(raw: bytes | str) -> Batch:
-    obj = _load(raw, MAX_MESSAGE_BYTES)
-    if not isinstance(obj, dict):
-        raise MalformedMessage("a batch must be a JSON object")
-    if obj.get("v") != PROTOCOL_VERSION:
-        raise MalformedMessage(f"unsupported protocol version {str(obj.get('v'))[:16]!r}")
-    events = obj.get("events")
-    if not isinstance(events, list) or len(events) > MAX_EVENTS_PER_BATCH:
-        raise MalformedMessage(f"'events' must be a list of at most {MAX_EVENTS_PER_BATCH}")
-    seq = _count(obj, "seq")
-    return Batch(
-        v=PROTOCOL_VERSION,
-        worker_id=_text(obj, "worker_id", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        epoch=_text(obj, "epoch", MAX_ID_CHARS),  # type: ignore[typeddict-item]
-        seq=seq,  # type: ignore[typeddict-item]
-        events=[_validate_event(e) for e in events],
-    )
+    """One ``P:events`` message. A bad event makes the whole batch malformed: the reader
+    skips it, counts it once, and the next batch's sequence gap resyncs that worker."""
+    return _decode(_batch_decoder, raw, MAX_MESSAGE_BYTES)
+
+
+def decode_row(raw: bytes | str) -> Row:
+    return _decode(_row_decoder, raw, MAX_ROW_BYTES).as_row()
+
+
+def decode_worker_record(raw: bytes | str) -> WorkerRecord:
+    return _decode(_record_decoder, raw, MAX_RECORD_BYTES).as_record()
 
 
 def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
@@ -624,95 +466,168 @@ def parse_seq(raw: bytes | str | None) -> tuple[str, int] | None:
     return epoch, int(seq)
 
 
-_BYTES_NAMES: Final = {name: name.encode() for name in CompletedEntry.__annotations__}
+# The fields every completed entry has, as redis-py hands back their names, and those that came
+# later within v1 (an older writer's entry lacks them), in the order shared/lua/apply.lua
+# writes them all.
+_LATER: Final = ("ttft_ms", "ttfb_ms", "labels")
+_REQUIRED: Final = tuple(name.encode() for name in COMPLETED_FIELDS if name not in _LATER)
+_OPTIONAL: Final = tuple(name.encode() for name in _LATER)
+_WRITTEN: Final = [name.encode() for name in COMPLETED_FIELDS]
+# A completed entry's labels are JSON text; the writer keeps them under MAX_LABELS_JSON_BYTES.
+MAX_COMPLETED_LABELS_BYTES: Final = 2 * MAX_LABELS_JSON_BYTES
+_labels_decoder: Final = msgspec.json.Decoder(Labels | None)
 
 
-def _optional_millis(fields: dict[Any, Any], name: str) -> float | None:
-    """A completed entry's duration field that entries written before it existed lack (or
-    hold empty): None then."""
-    raw = fields.get(_BYTES_NAMES[name])
-    if raw is None:
-        raw = fields.get(name)
-    if raw is None:
-        return None
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-    if not text:
-        return None
+class Finished(Struct, gc=False):
+    """What rolling statistics and metrics take of a finished request (a completed entry)."""
+
+    worker_id: str
+    model: str | None
+    outcome: str
+    start_time: float
+    duration_ms: float
+    ttft_ms: float | None
+    ttfb_ms: float | None = None
+
+
+def finished_of(fields: Any) -> Finished:
+    """Check a whole ``P:completed`` entry (see :func:`decode_completed`) and return what
+    statistics need of it. The stream service does this for every finished request of the
+    fleet, and builds the full entry only for the few it keeps (:func:`decode_completed`)."""
+    return _checked_completed(*_completed_values(fields))[0]
+
+
+def decode_completed(entry_id: bytes | str, fields: Any) -> CompletedEntry:
+    """One ``P:completed`` stream entry: names and values as redis-py gives them (bytes; a dict,
+    or Redis's flat list), or as text (test doubles, other clients). Every value is at most
+    ``MAX_PATH_CHARS`` characters (``labels``: JSON of at most ``MAX_COMPLETED_LABELS_BYTES``
+    bytes, held to the row's rules); counts are ASCII digits or empty (null), times finite
+    numbers, ``duration_ms``, ``ttft_ms`` and ``ttfb_ms`` not negative; ``ttft_ms``,
+    ``ttfb_ms`` and ``labels`` may be missing or empty (they came later within v1)."""
+    values, later = _completed_values(fields)
+    done, counts, labels = _checked_completed(values, later)
+    rid, _, _, method, path = values[:5]
+    status, tokens_in, tokens_out, sent = (int(c) if c else None for c in counts)
+    # A dict literal: calling the TypedDict with keywords costs more.
+    return {
+        "id": entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
+        "request_id": rid.decode(errors="replace"),
+        "worker_id": done.worker_id,
+        "model": done.model,
+        "method": method.decode(errors="replace"),
+        "path": path.decode(errors="replace"),
+        "status": status or 0,
+        "outcome": done.outcome,
+        "start_time": done.start_time,
+        "duration_ms": done.duration_ms,
+        "input_tokens": tokens_in,
+        "output_tokens": tokens_out,
+        "bytes_out": sent or 0,
+        "ttft_ms": done.ttft_ms,
+        "ttfb_ms": done.ttfb_ms,
+        "labels": labels,
+    }
+
+
+def _completed_values(fields: Any) -> tuple[list[bytes], list[bytes]]:
+    """The required values in ``_REQUIRED`` order and the later ones in ``_OPTIONAL`` order
+    (b"" when absent), as bytes.
+
+    ``fields`` is a mapping, or Redis's flat ``[name, value, ...]`` list: in the order the
+    apply script writes (every current writer, and the older ones that wrote fewer of the
+    later fields) the values are taken by position.
+    """
+    values: list[Any]
+    if isinstance(fields, list):
+        names = fields[0::2]
+        if len(names) >= len(_REQUIRED) and names == _WRITTEN[: len(names)]:
+            values = fields[1::2]
+            try:
+                b"".join(values)  # all bytes (a TypeError otherwise)
+            except TypeError:
+                pass
+            else:
+                later = values[len(_REQUIRED) :]
+                return values[: len(_REQUIRED)], later + [b""] * (len(_OPTIONAL) - len(later))
+        fields = dict(zip(names, fields[1::2], strict=False))
+    values = list(map(fields.get, _REQUIRED))
     try:
-        value = float(text)
-    except ValueError:
-        raise MalformedMessage(f"completed entry {name} is not a number") from None
-    if not math.isfinite(value) or value < 0:
-        raise MalformedMessage(f"completed entry {name} is out of range")
-    return value
+        b"".join(values)  # a TypeError unless every value is there and bytes: the cheap check
+    except TypeError:
+        fields = {_as_bytes(k): _as_bytes(v) for k, v in fields.items() if v is not None}
+        values = list(map(fields.get, _REQUIRED))
+        if None in values:
+            missing = _REQUIRED[values.index(None)].decode()
+            raise MalformedMessage(f"completed entry lacks {missing!r}") from None
+    later = [fields.get(name) for name in _OPTIONAL]
+    return values, [b"" if v is None else _as_bytes(v) for v in later]
 
 
-_LABELS_NAMES: Final = (b"labels", "labels")
+def _checked_completed(
+    values: list[bytes], later: list[bytes]
+) -> tuple[Finished, list[bytes], dict[str, str] | None]:
+    """Every rule of a completed entry; its :class:`Finished`, its four counts' bytes and its
+    labels.
 
-
-def _completed_labels(fields: dict[Any, Any]) -> dict[str, str] | None:
-    """A completed entry's ``labels`` (JSON text; absent or empty: none)."""
-    for key in _LABELS_NAMES:
-        raw = fields.get(key)
-        if raw is not None:
-            if not raw:
-                return None
-            obj = _load(raw, 2 * MAX_LABELS_JSON_BYTES)
-            return _labels({"labels": obj})
-    return None
-
-
-def decode_completed(entry_id: bytes | str, fields: dict[Any, Any]) -> CompletedEntry:
-    """One ``P:completed`` stream entry (field names and values as bytes or str)."""
-
-    def get(name: str) -> str:
-        # Field names come as bytes from redis-py (as text from test doubles). The hub decodes
-        # every finished request, so the bytes names are made once (_BYTES_NAMES).
-        value = fields.get(_BYTES_NAMES[name])
-        if value is None:
-            value = fields.get(name)
-        if value is None:
-            raise MalformedMessage(f"completed entry lacks {name!r}")
-        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-        if len(text) > MAX_PATH_CHARS:
-            raise MalformedMessage(f"completed entry field {name!r} is too long")
-        return text
-
-    def opt_int(name: str) -> int | None:
-        text = get(name)
-        if text == "":
-            return None
-        if not (text.isascii() and text.isdigit()):
-            raise MalformedMessage(f"completed entry field {name!r} is not a count")
-        return int(text)
-
+    Text is decoded only where it is needed (worker, model, outcome) or where its bytes exceed
+    the limit (UTF-8 never has more characters than bytes): ``errors="replace"`` makes any
+    bytes valid text, so the rest need no decoding to be checked.
+    """
+    rid, wid, model, method, path, status, outcome, start, took, tokens_in, tokens_out, sent = (
+        values
+    )
+    ttft, ttfb, labels_json = later
+    if max(map(len, values)) > MAX_PATH_CHARS or max(len(ttft), len(ttfb)) > MAX_PATH_CHARS:
+        for text in (rid, wid, model, method, path, outcome):
+            if len(text.decode(errors="replace")) > MAX_PATH_CHARS:
+                raise MalformedMessage("completed entry field is too long")
+        if max(len(v) for v in (status, start, took, tokens_in, tokens_out, sent, ttft, ttfb)) > (
+            MAX_PATH_CHARS
+        ):
+            raise MalformedMessage("completed entry field is too long")
+    counts = [status, tokens_in, tokens_out, sent]
+    digits = b"".join(counts)
+    if digits and not digits.isdigit():  # each one empty (null) or ASCII digits
+        raise MalformedMessage("completed entry count is not a count")
     try:
-        start_time = float(get("start_time"))
-        duration_ms = float(get("duration_ms"))
+        start_time, duration_ms = float(start), float(took)
     except ValueError:
         raise MalformedMessage("completed entry times are not numbers") from None
     if not (math.isfinite(start_time) and math.isfinite(duration_ms)) or duration_ms < 0:
         raise MalformedMessage("completed entry times are out of range")
-    outcome = get("outcome")
-    if outcome not in _OUTCOMES:
+    ttft_ms = _first_ms(ttft, "ttft_ms") if ttft else None
+    ttfb_ms = _first_ms(ttfb, "ttfb_ms") if ttfb else None
+    outcome_text = outcome.decode(errors="replace")
+    if outcome_text not in _OUTCOMES:
         raise MalformedMessage("completed entry has an unknown outcome")
-    status = opt_int("status")
-    model = get("model")
-    return CompletedEntry(
-        id=entry_id.decode(errors="replace") if isinstance(entry_id, bytes) else entry_id,
-        request_id=get("request_id"),
-        worker_id=get("worker_id"),
-        model=model or None,
-        method=get("method"),
-        path=get("path"),
-        status=status or 0,
-        outcome=outcome,
-        start_time=start_time,
-        duration_ms=duration_ms,
-        input_tokens=opt_int("input_tokens"),
-        output_tokens=opt_int("output_tokens"),
-        bytes_out=opt_int("bytes_out") or 0,
-        ttft_ms=_optional_millis(fields, "ttft_ms"),
-        ttfb_ms=_optional_millis(fields, "ttfb_ms"),
-        labels=_completed_labels(fields),
+    labels = (
+        _decode(_labels_decoder, labels_json, MAX_COMPLETED_LABELS_BYTES) if labels_json else None
     )
+    model_text = model.decode(errors="replace")
+    done = Finished(
+        wid.decode(errors="replace"),
+        model_text or None,
+        outcome_text,
+        start_time,
+        duration_ms,
+        ttft_ms,
+        ttfb_ms,
+    )
+    return done, counts, labels
+
+
+def _first_ms(raw: bytes, name: str) -> float:
+    """A completed entry's time to its first token or byte: a finite number, not negative."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise MalformedMessage(f"completed entry {name} is not a number") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise MalformedMessage(f"completed entry {name} is out of range")
+    return value
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode(errors="surrogatepass")

@@ -284,19 +284,16 @@ class Hub:
         except schema.MalformedMessage as exc:
             self.malformed("message", exc)
             return
-        wid = batch["worker_id"]
+        wid = batch.worker_id
         view = self.workers.get(wid)
-        events = batch["events"]
-        if (
-            view is None
-            or view.epoch != batch["epoch"]
-            or any(e["type"] == schema.EventType.WORKER_UP for e in events)
-        ):
-            if view is None and any(e["type"] == schema.EventType.WORKER_DOWN for e in events):
+        events = batch.events
+        kinds = set(map(type, events))
+        if view is None or view.epoch != batch.epoch or schema.WorkerUp in kinds:
+            if view is None and schema.WorkerDown in kinds:
                 return  # the end of a worker we do not know: nothing to do
             await self.resync_worker(wid)
             return
-        seq = batch["seq"]
+        seq = batch.seq
         if seq <= view.seq:
             return  # duplicate (or already covered by a resync)
         if seq > view.seq + 1:
@@ -308,31 +305,32 @@ class Hub:
         self._apply(view, events)
         self._changed()
 
-    def _apply(self, view: WorkerView, events: list[dict[str, Any]]) -> None:
+    def _apply(self, view: WorkerView, events: list[schema.Event]) -> None:
         rows = view.rows
+        changed = view.changed
+        newest_start: float | None = None
         for event in events:
-            kind = event["type"]
-            if kind == schema.EventType.START:
-                row = event["row"]
-                if row["worker_id"] != view.worker_id:
-                    self.malformed("event", f"row of {row['worker_id']!r} in another's batch")
+            if isinstance(event, schema.Start):
+                row = event.row
+                if row.worker_id != view.worker_id:
+                    self.malformed("event", f"row of {row.worker_id!r} in another's batch")
                     continue
-                rows[row["request_id"]] = row
-                view.changed.add(row["request_id"])
-                self.counters.last_lag_s = max(0.0, time.time() - row["start_time"])
-            elif kind == schema.EventType.PROGRESS:
-                current = rows.get(event["request_id"])
+                rows[row.request_id] = row.as_row()
+                changed.add(row.request_id)
+                newest_start = row.start_time
+            elif isinstance(event, schema.Progress):
+                current = rows.get(event.request_id)
                 if current is not None:
-                    view.changed.add(event["request_id"])
-                    for name, value in event.items():
-                        if name != "type" and name != "request_id":
-                            current[name] = value  # type: ignore[literal-required]
-            elif kind == schema.EventType.END:
-                if rows.pop(event["request_id"], None) is not None:
-                    view.changed.add(event["request_id"])
-            elif kind == schema.EventType.WORKER_DOWN:
+                    changed.add(event.request_id)
+                    current.update(event.changes())  # type: ignore[typeddict-item]
+            elif isinstance(event, schema.End):
+                if rows.pop(event.request_id, None) is not None:
+                    changed.add(event.request_id)
+            elif isinstance(event, schema.WorkerDown):
                 self.workers.pop(view.worker_id, None)
-                return
+                break
+        if newest_start is not None:
+            self.counters.last_lag_s = max(0.0, time.time() - newest_start)
 
     # ----------------------------------------------------------------- loops
 

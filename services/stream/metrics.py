@@ -32,16 +32,17 @@ every restart does not grow the exposition forever.
 
 from __future__ import annotations
 
-import contextlib
+import bisect
+import math
 import time
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from vdm_hub.services.stream.stats import ttft_of
 from vdm_hub.shared import schema
 
 if TYPE_CHECKING:
@@ -108,34 +109,9 @@ class HubCollector(Collector):
             "vdm_requests_in_flight", "Requests in flight", labels=["worker", "model"]
         )
         workers = GaugeMetricFamily("vdm_workers", "Known workers by status", labels=["status"])
-        dropped = CounterMetricFamily(
-            "vdm_worker_events_dropped",
-            "Notices a worker could not publish (its own count, from its worker record)",
-            labels=["worker"],
-        )
-        completed_dropped = CounterMetricFamily(
-            "vdm_completed_dropped",
-            "Finished requests a worker dropped past its backlog bound (from its worker record)",
-            labels=["worker"],
-        )
         missed = CounterMetricFamily(
             "vdm_batches_missed",
             "Batches a worker published that this hub missed (sequence gaps, healed by resync)",
-            labels=["worker"],
-        )
-        oldest = GaugeMetricFamily(
-            "vdm_oldest_request_age_seconds",
-            "Age of the oldest request in flight (0 when none)",
-            labels=["worker"],
-        )
-        stuck = GaugeMetricFamily(
-            "vdm_requests_stuck",
-            "Requests in flight for longer than VDM_STUCK_AFTER",
-            labels=["worker"],
-        )
-        stalled = GaugeMetricFamily(
-            "vdm_requests_stalled",
-            "Streams silent for longer than VDM_STALL_AFTER after their first token",
             labels=["worker"],
         )
         lag = GaugeMetricFamily("vdm_hub_lag_seconds", "Now minus the newest applied start")
@@ -147,9 +123,9 @@ class HubCollector(Collector):
         hub = self.hub
         bad = self.requests.completed_malformed[0]
         if hub is not None:
-            by_status = self._add_worker_series(
-                hub, oldest, stuck, stalled, dropped, completed_dropped
-            )
+            by_status = {"up": 0, "stale": 0}
+            for view in hub.workers.values():
+                by_status[view.status] = by_status.get(view.status, 0) + 1
             for (wid, model), n in _capped_in_flight(hub.in_flight()).items():
                 in_flight.add_metric([wid, model], n)
             for status, n in by_status.items():
@@ -167,29 +143,40 @@ class HubCollector(Collector):
         yield clients
         yield lag
         yield malformed
-        yield dropped
-        yield completed_dropped
         yield missed
-        yield oldest
-        yield stuck
-        yield stalled
+        yield from self._per_worker(hub)
 
-    def _add_worker_series(
-        self,
-        hub: Hub,
-        oldest: GaugeMetricFamily,
-        stuck: GaugeMetricFamily,
-        stalled: GaugeMetricFamily,
-        dropped: CounterMetricFamily,
-        completed_dropped: CounterMetricFamily,
-    ) -> dict[str, int]:
-        """One series per worker in each family; returns how many workers have each status."""
+    def _per_worker(self, hub: Hub | None) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """What each worker in view reports (its record's counts) and how its requests fare."""
+        dropped = CounterMetricFamily(
+            "vdm_worker_events_dropped",
+            "Notices a worker could not publish (its own count, from its worker record)",
+            labels=["worker"],
+        )
+        completed_dropped = CounterMetricFamily(
+            "vdm_completed_dropped",
+            "Finished requests a worker dropped past its backlog bound (from its worker record)",
+            labels=["worker"],
+        )
+        oldest = GaugeMetricFamily(
+            "vdm_oldest_request_age_seconds",
+            "Age of the oldest request in flight (0 when none)",
+            labels=["worker"],
+        )
+        stuck = GaugeMetricFamily(
+            "vdm_requests_stuck",
+            "Requests in flight for longer than VDM_STUCK_AFTER",
+            labels=["worker"],
+        )
+        stalled = GaugeMetricFamily(
+            "vdm_requests_stalled",
+            "Streams silent for longer than VDM_STALL_AFTER after their first token",
+            labels=["worker"],
+        )
         now = time.time()
         stuck_before = now - self.stuck_after
         silent_since = now - self.stall_after
-        by_status = {"up": 0, "stale": 0}
-        for wid, view in hub.workers.items():
-            by_status[view.status] = by_status.get(view.status, 0) + 1
+        for wid, view in hub.workers.items() if hub is not None else ():
             first = now
             n_stuck = n_stalled = 0
             for row in view.rows.values():
@@ -203,7 +190,11 @@ class HubCollector(Collector):
             record: Mapping[str, Any] = view.record or {}
             dropped.add_metric([wid], int(record.get("events_dropped", 0)))
             completed_dropped.add_metric([wid], int(record.get("completed_dropped", 0)))
-        return by_status
+        yield dropped
+        yield completed_dropped
+        yield oldest
+        yield stuck
+        yield stalled
 
 
 class _Pruner(Collector):
@@ -234,89 +225,135 @@ class StreamMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         if hub is not None:
             self.registry.register(_Pruner(hub, requests))
-        for series in requests.series():
-            self.registry.register(series)
+        self.registry.register(requests)
         self.registry.register(HubCollector(hub, bc, requests, stuck_after, stall_after))
 
 
-class RequestMetrics:
-    """Counter and histograms of finished requests, fed by the completed-stream reader."""
+class _Finished:
+    """The finished requests of one (worker, model) label set, as plain numbers."""
+
+    __slots__ = ("duration_sum", "durations", "outcomes", "ttfb_sum", "ttfbs", "ttft_sum", "ttfts")
 
     def __init__(self) -> None:
-        self.requests = Counter(
-            "vdm_requests",
-            "Finished requests",
-            ["worker", "model", "outcome"],
-            registry=None,
+        self.outcomes: dict[str, int] = {}
+        # Histogram bucket counts (not cumulative; the last one is +Inf) and sums, seconds.
+        self.durations = [0] * (len(DURATION_BUCKETS) + 1)
+        self.duration_sum = 0.0
+        self.ttfbs = [0] * (len(FIRST_RESPONSE_BUCKETS) + 1)
+        self.ttfb_sum = 0.0
+        self.ttfts = [0] * (len(FIRST_RESPONSE_BUCKETS) + 1)
+        self.ttft_sum = 0.0
+
+
+def _le(bounds: tuple[float, ...]) -> tuple[str, ...]:
+    """Bucket bounds as the exposition spells them ("0.05", "1.0", "+Inf")."""
+    return tuple(floatToGoString(b) for b in (*bounds, math.inf))  # type: ignore[no-untyped-call]
+
+
+DURATION_LE = _le(DURATION_BUCKETS)
+FIRST_RESPONSE_LE = _le(FIRST_RESPONSE_BUCKETS)
+
+
+def _cumulative(le: tuple[str, ...], counts: list[int]) -> list[tuple[str, float]]:
+    out = []
+    total = 0
+    for bound, n in zip(le, counts, strict=True):
+        total += n
+        out.append((bound, float(total)))
+    return out
+
+
+class RequestMetrics(Collector):
+    """Counter and histograms of finished requests, fed by the completed-stream reader.
+
+    ``observe`` runs once per finished request of the whole fleet, so it only adds to plain
+    numbers (a histogram bucket is one ``bisect``); the Prometheus families are built from them
+    at scrape time, like the hub's gauges (``prometheus_client``'s custom-collector way, in
+    place of its ``Counter``/``Histogram`` objects, whose every update takes a lock and walks
+    the buckets in Python).
+    """
+
+    def __init__(self) -> None:
+        # Malformed completed-stream entries (the hub counts its own).
+        self.completed_malformed = [0]
+        self._series: dict[tuple[str, str], _Finished] = {}
+        self._cancelled: dict[str, int] = {}
+        self._last_seen: dict[str, float] = {}  # worker label -> monotonic time of life
+
+    def observe(self, done: schema.Finished) -> None:
+        worker, model = done.worker_id, done.model or schema.UNKNOWN_MODEL
+        series = self._series.get((worker, model))
+        if series is None:
+            if len(self._series) >= MAX_LABEL_SETS:
+                worker, model = OTHER, OTHER
+            series = self._series.get((worker, model))
+            if series is None:
+                series = self._series[(worker, model)] = _Finished()
+        self._last_seen[worker] = time.monotonic()
+        outcome = done.outcome
+        outcomes = series.outcomes
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        seconds = done.duration_ms / 1000.0
+        series.durations[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        series.duration_sum += seconds
+        # Entries of workers older than these timings carry none (nor do requests that never
+        # got a response byte or an output): not observed.
+        if done.ttfb_ms is not None:
+            seconds = done.ttfb_ms / 1000.0
+            series.ttfbs[bisect.bisect_left(FIRST_RESPONSE_BUCKETS, seconds)] += 1
+            series.ttfb_sum += seconds
+        if done.ttft_ms is not None:
+            seconds = done.ttft_ms / 1000.0
+            series.ttfts[bisect.bisect_left(FIRST_RESPONSE_BUCKETS, seconds)] += 1
+            series.ttft_sum += seconds
+        if outcome == "cancelled":
+            self._cancelled[worker] = self._cancelled.get(worker, 0) + 1
+
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
+        labels = ["worker", "model"]
+        requests = CounterMetricFamily(
+            "vdm_requests", "Finished requests", labels=[*labels, "outcome"]
         )
-        self.duration = Histogram(
-            "vdm_request_duration_seconds",
-            "Duration of finished requests",
-            ["worker", "model"],
-            buckets=DURATION_BUCKETS,
-            registry=None,
+        duration = HistogramMetricFamily(
+            "vdm_request_duration_seconds", "Duration of finished requests", labels=labels
         )
-        self.ttfb = Histogram(
+        ttfb = HistogramMetricFamily(
             "vdm_time_to_first_byte_seconds",
             "Start of a finished request to the first response body byte",
-            ["worker", "model"],
-            buckets=FIRST_RESPONSE_BUCKETS,
-            registry=None,
+            labels=labels,
         )
-        self.ttft = Histogram(
+        ttft = HistogramMetricFamily(
             "vdm_time_to_first_token_seconds",
             "Start of a finished request to its first generated output (first SSE event that"
             " carries output; first body byte of any other response)",
-            ["worker", "model"],
-            buckets=FIRST_RESPONSE_BUCKETS,
-            registry=None,
+            labels=labels,
         )
-        self.cancelled = Counter(
+        cancelled = CounterMetricFamily(
             "vdm_requests_cancelled",
             "Requests cancelled by an operator (outcome cancelled)",
-            ["worker"],
-            registry=None,
+            labels=["worker"],
         )
-        # Malformed completed-stream entries (the hub counts its own).
-        self.completed_malformed = [0]
-        self._label_sets: set[tuple[str, str]] = set()
-        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any, Any]] = {}
-        self._last_seen: dict[str, float] = {}  # worker label -> monotonic time of life
-
-    def series(self) -> list[Collector]:
-        return [self.requests, self.duration, self.ttfb, self.ttft, self.cancelled]
-
-    def observe(self, entry: schema.CompletedEntry) -> None:
-        worker, model = entry["worker_id"], entry["model"] or schema.UNKNOWN_MODEL
-        if (worker, model) not in self._label_sets:
-            if len(self._label_sets) >= MAX_LABEL_SETS:
-                worker, model = OTHER, OTHER
-            else:
-                self._label_sets.add((worker, model))
-        self._last_seen[worker] = time.monotonic()
-        # `labels()` validates and looks up its arguments on every call; the hub observes every
-        # finished request, so the children are kept (bounded like the label sets themselves).
-        outcome = entry["outcome"]
-        key = (worker, model, outcome)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.requests.labels(worker, model, outcome),
-                self.duration.labels(worker, model),
-                self.ttfb.labels(worker, model),
-                self.ttft.labels(worker, model),
+        for (worker, model), series in sorted(self._series.items()):
+            for outcome, n in sorted(series.outcomes.items()):
+                requests.add_metric([worker, model, outcome], n)
+            duration.add_metric(
+                [worker, model],
+                _cumulative(DURATION_LE, series.durations),
+                series.duration_sum,
             )
-        children[0].inc()
-        children[1].observe(entry["duration_ms"] / 1000.0)
-        # Decoded entries hold a finite number >= 0 or None (absent in older workers' entries).
-        ttfb = entry.get("ttfb_ms")
-        if ttfb is not None:
-            children[2].observe(ttfb / 1000.0)
-        ttft = ttft_of(entry)
-        if ttft is not None:
-            children[3].observe(ttft / 1000.0)
-        if outcome == "cancelled":
-            self.cancelled.labels(worker).inc()
+            ttfb.add_metric(
+                [worker, model], _cumulative(FIRST_RESPONSE_LE, series.ttfbs), series.ttfb_sum
+            )
+            ttft.add_metric(
+                [worker, model], _cumulative(FIRST_RESPONSE_LE, series.ttfts), series.ttft_sum
+            )
+        for worker, n in sorted(self._cancelled.items()):
+            cancelled.add_metric([worker], n)
+        yield requests
+        yield duration
+        yield ttfb
+        yield ttft
+        yield cancelled
 
     def prune(self, present: set[str], now: float | None = None) -> None:
         """Forget the series of workers absent from the view for ``PRUNE_AFTER`` seconds."""
@@ -328,18 +365,9 @@ class RequestMetrics:
             return
         for wid in gone:
             del self._last_seen[wid]
-        for key in [k for k in self._children if k[0] in gone]:
-            worker, model, outcome = key
-            del self._children[key]
-            with contextlib.suppress(KeyError):
-                self.requests.remove(worker, model, outcome)
-            for metric in (self.duration, self.ttfb, self.ttft):
-                with contextlib.suppress(KeyError):
-                    metric.remove(worker, model)
-        for wid in gone:
-            with contextlib.suppress(KeyError):
-                self.cancelled.remove(wid)
-        self._label_sets = {k for k in self._label_sets if k[0] not in gone}
+            self._cancelled.pop(wid, None)
+        for key in [k for k in self._series if k[0] in gone]:
+            del self._series[key]
 
     def malformed_completed(self, _detail: object) -> None:
         self.completed_malformed[0] += 1

@@ -74,7 +74,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
         await pubsub.subscribe(keys.events)
         await scripts.register(_record("w1", "e1"), [], ttl_ms=10_000)
         up = await _next_batch(pubsub)
-        assert (up["epoch"], up["seq"], up["events"][0]["type"]) == ("e1", 1, "worker_up")
+        assert (up.epoch, up.seq, up.events[0].type) == ("e1", 1, "worker_up")
 
         prefix = schema.envelope_prefix("w1", "e1")
         row = _row("w1", "r1")
@@ -84,7 +84,9 @@ async def test_register_apply_remove_publish_contiguous_batches(
         )
         assert seq == 2
         batch = await _next_batch(pubsub)
-        assert batch["seq"] == 2 and batch["events"][0]["row"] == row
+        (started,) = batch.events
+        assert batch.seq == 2 and isinstance(started, schema.Start)
+        assert started.row.as_row() == row
         state = await read_worker_state(redis, keys, "w1")
         assert (state.epoch, state.seq, list(state.rows)) == ("e1", 2, ["r1"])
 
@@ -119,7 +121,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
             ]
         )
         assert await scripts.apply("w1", "e1", prefix, end, [], ["r1"], [done], 100, TTL) == 3
-        assert (await _next_batch(pubsub))["seq"] == 3
+        assert (await _next_batch(pubsub)).seq == 3
         assert (await read_worker_state(redis, keys, "w1")).rows == {}
         ((entry_id, fields),) = await redis.xrange(keys.completed)
         assert schema.decode_completed(entry_id, fields) == {**done, "id": entry_id.decode()}
@@ -128,7 +130,7 @@ async def test_register_apply_remove_publish_contiguous_batches(
         assert await scripts.remove("w1", reason="reaped", expired_only=True) == 0
         assert await scripts.remove("w1", reason="shutdown", epoch="e1") == 4
         down = await _next_batch(pubsub)
-        assert (down["seq"], down["events"][0]["type"]) == (4, "worker_down")
+        assert (down.seq, down.events[0].type) == (4, "worker_down")
         assert await scripts.remove("w1", reason="shutdown", epoch="e1") == 0  # idempotent
         with pytest.raises(NotRegistered):
             await scripts.apply("w1", "e1", prefix, start, [], [], [], 100, TTL)

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
+import msgspec
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -42,7 +43,7 @@ async def _batches(pubsub: aioredis.client.PubSub, until_type: str) -> list[sche
                 continue
             batch = schema.decode_batch(msg["data"])
             out.append(batch)
-            if any(e["type"] == until_type for e in batch["events"]):
+            if any(e.type == until_type for e in batch.events):
                 return out
 
 
@@ -92,13 +93,13 @@ async def test_request_start_and_end_write_hash_batches_and_completed_entry(
 
             await _until(row_gone)
 
-    seqs = [b["seq"] for b in batches]
+    seqs = [b.seq for b in batches]
     assert seqs == list(range(1, len(seqs) + 1)), "sequence numbers are contiguous from 1"
-    assert len({b["epoch"] for b in batches}) == 1
-    types = [e["type"] for b in batches for e in b["events"]]
+    assert len({b.epoch for b in batches}) == 1
+    types = [e.type for b in batches for e in b.events]
     assert types[0] == "worker_up" and types[-1] == "end" and "start" in types
-    end = next(e for b in batches for e in b["events"] if e["type"] == "end")
-    assert (end["status"], end["outcome"], end["input_tokens"], end["output_tokens"]) == (
+    end = next(e for b in batches for e in b.events if isinstance(e, schema.End))
+    assert (end.status, end.outcome, end.input_tokens, end.output_tokens) == (
         200,
         "ok",
         11,
@@ -296,7 +297,7 @@ async def test_secrets_never_reach_redis(
             up.gate("sec").set()
             assert (await call).status_code == 200
             batches = await _batches(pubsub, "end")
-            published = [orjson.dumps(b) for b in batches]
+            published = [msgspec.json.encode(b) for b in batches]
         snapshot_after = await _dump(redis, key_prefix)
     assert up.seen[-1]["headers"]["authorization"] == f"Bearer {secrets[0]}"  # it was proxied
     everything = snapshot_during + snapshot_after + b"".join(published)

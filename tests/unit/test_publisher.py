@@ -136,7 +136,7 @@ async def test_close_deregisters_and_publishes_worker_down(fake_redis: aioredis.
                 msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.2)
                 if msg is not None:
                     batch = schema.decode_batch(msg["data"])
-                    if batch["events"][0]["type"] == "worker_down":
+                    if batch.events[0].type == "worker_down":
                         break
     assert await fake_redis.keys("u:*") == []
 
@@ -174,7 +174,7 @@ async def test_every_batch_fits_the_readers_size_limit(fake_redis: aioredis.Redi
                 if msg is None:
                     continue
                 assert len(msg["data"]) <= schema.MAX_MESSAGE_BYTES
-                events += len(schema.decode_batch(msg["data"])["events"])
+                events += len(schema.decode_batch(msg["data"]).events)
     assert events == 1000 and pub.events_sent == 1000
     assert len((await read_worker_state(fake_redis, Keys("u"), "w1")).rows) == 1000
 

@@ -1,18 +1,21 @@
 """Property-based tests of the wire decoder (protocol invariant 5: anything read from Redis is
 untrusted). Any bytes or text in: a valid value out or :class:`MalformedMessage`, never another
-exception; and every valid batch a writer can produce decodes back to itself."""
+exception; every valid batch a writer can produce decodes back to itself; and the decoder
+accepts exactly what the protocol's field rules accept (``tests/wire_rules.py``)."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
+import msgspec
 import orjson
 import pytest
 import redis.asyncio as aioredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import wire_rules
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 from vdm_hub.shared.schema import MalformedMessage
@@ -90,6 +93,10 @@ def records(draw: st.DrawFn, worker_id: str) -> schema.WorkerRecord:
         record["events_dropped"] = draw(counts)
     if draw(st.booleans()):
         record["instance"] = draw(ids)
+    if draw(st.booleans()):
+        record["cancellable"] = draw(st.booleans())
+    if draw(st.booleans()):
+        record["completed_dropped"] = draw(counts)
     return record
 
 
@@ -138,15 +145,15 @@ def events(draw: st.DrawFn, worker_id: str) -> dict[str, Any]:
 
 
 @st.composite
-def batches(draw: st.DrawFn) -> schema.Batch:
+def batches(draw: st.DrawFn) -> dict[str, Any]:
     wid = draw(ids)
-    return schema.Batch(
-        v=1,
-        worker_id=wid,
-        epoch=draw(ids),
-        seq=draw(st.integers(1, (1 << 53) - 1)),
-        events=draw(st.lists(events(wid), max_size=6)),
-    )
+    return {
+        "v": 1,
+        "worker_id": wid,
+        "epoch": draw(ids),
+        "seq": draw(st.integers(1, (1 << 53) - 1)),
+        "events": draw(st.lists(events(wid), max_size=6)),
+    }
 
 
 def _set_path(obj: Any, path: list[Any], value: Any) -> Any:
@@ -204,18 +211,20 @@ def _is_valid_row(row: Any) -> bool:
             row[name] is None or (math.isfinite(row[name]) and row[name] >= 0)
             for name in ("ttfb_ms", "last_output_at")
         )
-        and (row["labels"] is None or schema._labels_ok(row["labels"]))
+        and (row["labels"] is None or wire_rules.labels_ok(row["labels"]))
     )
 
 
-def _check_batch(batch: Any) -> None:
-    assert batch["v"] == 1
-    assert isinstance(batch["seq"], int) and batch["seq"] >= 0
-    assert len(batch["events"]) <= schema.MAX_EVENTS_PER_BATCH
-    for event in batch["events"]:
-        assert event["type"] in {t.value for t in schema.EventType}
-        if event["type"] == "start":
-            assert _is_valid_row(event["row"])
+def _check_batch(batch: schema.Batch) -> None:
+    assert batch.v == 1
+    assert isinstance(batch.seq, int) and batch.seq >= 0
+    assert len(batch.events) <= schema.MAX_EVENTS_PER_BATCH
+    for event in batch.events:
+        assert event.type in {t.value for t in schema.EventType}
+        if isinstance(event, schema.Start):
+            row = event.row.as_row()
+            assert _is_valid_row(row)
+            orjson.dumps(row)  # what the stream service does with it next
 
 
 def _decode_or_reject(decoder: Any, raw: Any) -> Any:
@@ -327,6 +336,81 @@ def test_any_completed_entry_decodes_or_is_a_malformed_message(
         assert isinstance(entry["status"], int)
 
 
+COMPLETED = {
+    "request_id": "r1", "worker_id": "w1", "model": "m", "method": "POST", "path": "/v1/x",
+    "status": "200", "outcome": "ok", "start_time": "1764036000.5", "duration_ms": "12.5",
+    "input_tokens": "3", "output_tokens": "", "bytes_out": "10", "ttft_ms": "4.25",
+    "ttfb_ms": "3.5", "labels": '{"team":"a"}',
+}  # fmt: skip
+completed_values = (
+    st.sampled_from(["", "0", "12", "-1", "1.5", "-0.5", "1e3", "nan", "inf", " 7", "x" * 513])
+    | st.sampled_from(["null", "{}", "[]", '{"k":1}', '{"":"v"}', '{"k":"v"', "x" * 2049])
+    | labels.map(lambda value: orjson.dumps(value).decode())
+    | st.sampled_from([o.value for o in schema.Outcome])
+    | st.text(alphabet=st.characters(codec="ascii"), max_size=12)
+    | json_scalars
+)
+
+
+@st.composite
+def completed_entries(draw: st.DrawFn) -> dict[Any, Any]:
+    """A valid entry with some values replaced or dropped, as bytes (redis-py) or text."""
+    fields: dict[str, Any] = dict(COMPLETED)
+    for name in draw(st.lists(st.sampled_from(sorted(COMPLETED)), max_size=3)):
+        if draw(st.booleans()):
+            fields[name] = draw(completed_values)
+        else:
+            fields.pop(name, None)
+    form = draw(st.sampled_from(["text", "bytes", "list"]))
+    if form == "text":
+        return fields
+    as_bytes = {k.encode(): v.encode() if isinstance(v, str) else v for k, v in fields.items()}
+    if form == "bytes":
+        return as_bytes
+    # As Redis sends an entry: names and values in one list, in the order they were written
+    # (the apply script's, unless a field was dropped or replaced above).
+    return [x for kv in as_bytes.items() for x in kv]  # type: ignore[return-value]
+
+
+FINISHED_FIELDS = (
+    "worker_id",
+    "model",
+    "outcome",
+    "start_time",
+    "duration_ms",
+    "ttft_ms",
+    "ttfb_ms",
+)
+
+
+@FUZZ
+@given(completed_entries())
+def test_the_completed_decoder_accepts_exactly_what_the_field_rules_do(
+    fields: dict[Any, Any],
+) -> None:
+    try:
+        got: Any = schema.decode_completed(b"1-0", fields)
+    except MalformedMessage:
+        got = wire_rules.Reject
+    by_name = (
+        dict(zip(fields[0::2], fields[1::2], strict=True)) if isinstance(fields, list) else fields
+    )
+    try:
+        expected: Any = wire_rules.completed(b"1-0", by_name)
+    except wire_rules.Reject:
+        expected = wire_rules.Reject
+    assert got == expected
+    # What the stream service reads of every entry: the same verdict, the same values.
+    try:
+        done: Any = schema.finished_of(fields)
+    except MalformedMessage:
+        done = wire_rules.Reject
+    if got is wire_rules.Reject:
+        assert done is wire_rules.Reject
+    else:
+        assert msgspec.structs.asdict(done) == {name: got[name] for name in FINISHED_FIELDS}
+
+
 def test_completed_entries_with_non_ascii_digits_are_malformed() -> None:
     fields = dict.fromkeys(schema.COMPLETED_FIELDS, "1")
     fields.update(outcome="ok", status="\u00b2", labels="")
@@ -341,7 +425,7 @@ def test_completed_entries_with_non_ascii_digits_are_malformed() -> None:
 
 @ROUND_TRIP
 @given(batches())
-def test_every_valid_batch_round_trips(batch: schema.Batch) -> None:
+def test_every_valid_batch_round_trips(batch: dict[str, Any]) -> None:
     # The way the worker's Lua script builds it: envelope prefix, seq, then the events.
     raw = (
         schema.envelope_prefix(batch["worker_id"], batch["epoch"])
@@ -350,7 +434,7 @@ def test_every_valid_batch_round_trips(batch: schema.Batch) -> None:
         + schema.encode(batch["events"])
         + b"}"
     )
-    assert schema.decode_batch(raw) == batch
+    assert msgspec.to_builtins(schema.decode_batch(raw)) == batch
 
 
 @ROUND_TRIP
@@ -450,7 +534,7 @@ def test_a_row_from_a_writer_without_the_later_fields_decodes_with_nulls() -> No
         "labels": None,
     }
     assert row == {**old, **later}
-    assert schema._checked_row(old) == row
+    assert wire_rules.row(old) == row
     for bad in (
         {"ttft_ms": -1.0},
         {"ttft_ms": "1"},
@@ -503,90 +587,220 @@ async def test_garbage_in_a_workers_hashes_is_counted_not_fatal(
     assert state.malformed == 3
 
 
-# --------------------------------------------------------------------------- fast paths
-
-ROW_FIELDS = sorted(schema.Row.__annotations__)
-END_FIELDS = ["request_id", "status", "outcome", "duration_ms", "input_tokens", "output_tokens"]
+# --------------------------------------------------------------------------- the field rules
 
 
-def _checked(check: Any, obj: dict[str, Any]) -> Any:
+def _by_rules(check: Any, raw: bytes) -> Any:
     try:
-        return check(obj)
+        return check(raw)
+    except wire_rules.Reject:
+        return wire_rules.Reject
+
+
+def _by_decoder(decode: Any, raw: bytes) -> Any:
+    try:
+        value = decode(raw)
     except MalformedMessage:
-        return MalformedMessage
+        return wire_rules.Reject
+    if isinstance(value, schema.Batch):
+        # A worker_up's record as readers keep it (null upstream and version become "").
+        return {
+            **msgspec.to_builtins(value),
+            "events": [
+                {"type": e.type, "worker": e.worker.as_record()}
+                if isinstance(e, schema.WorkerUp)
+                else msgspec.to_builtins(e)
+                for e in value.events
+            ],
+        }
+    return msgspec.to_builtins(value)
+
+
+# Values at and just past every limit, and each allowed word: where a rule could be off by one.
+EDGES: list[Any] = [
+    *("x" * n for n in (0, 1, 16, 17, 32, 33, 128, 129, 256, 257, 512, 513)),
+    *("\u00e9" * n for n in (128, 129)),  # characters, not bytes
+    *(p.value for p in schema.Phase),
+    *(o.value for o in schema.Outcome),
+    -1,
+    0,
+    (1 << 53) - 1,
+    1 << 53,
+    -0.5,
+    0.5,
+    -0.0,
+    True,
+    False,
+    None,
+    [],
+    {},
+    # labels at and just past their limits
+    {"k" * schema.MAX_LABEL_KEY_CHARS: "v" * schema.MAX_LABEL_VALUE_CHARS},
+    {"k" * (schema.MAX_LABEL_KEY_CHARS + 1): "v"},
+    {"k": "v" * (schema.MAX_LABEL_VALUE_CHARS + 1)},
+    {"": "v"},
+    {"k": 1},
+    {f"k{i}": "v" for i in range(schema.MAX_LABELS)},
+    {f"k{i}": "v" for i in range(schema.MAX_LABELS + 1)},
+]
+edges = st.sampled_from(EDGES)
 
 
 @st.composite
-def mangled(draw: st.DrawFn, base: dict[str, Any], fields: list[str]) -> dict[str, Any]:
-    """``base`` with some fields replaced by any JSON value, dropped, or joined by extras."""
+def mangled(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with one field (sometimes more) replaced by an edge value or any JSON value,
+    or dropped, and sometimes an unknown field added."""
     obj = dict(base)
-    for name in draw(st.lists(st.sampled_from(fields), max_size=3)):
-        if draw(st.booleans()):
-            obj[name] = draw(json_scalars)
-        else:
+    names = sorted(base)
+    for name in [draw(st.sampled_from(names)), *draw(st.lists(st.sampled_from(names), max_size=2))]:
+        action = draw(st.sampled_from(["edge", "any", "drop"]))
+        if action == "drop":
             obj.pop(name, None)
+        else:
+            obj[name] = draw(edges if action == "edge" else json_scalars)
     if draw(st.booleans()):
         obj[draw(st.text(max_size=8))] = draw(json_scalars)
     return obj
 
 
-@FUZZ
-@given(st.data())
-def test_the_fast_row_check_declines_or_agrees_with_the_field_by_field_one(
-    data: st.DataObject,
-) -> None:
-    obj = data.draw(mangled(dict(data.draw(rows())), ROW_FIELDS))
-    fast = schema._fast_row(obj)
-    if fast is not None:
-        assert fast == _checked(schema._checked_row, obj)
-        assert set(fast) == set(ROW_FIELDS)
+@st.composite
+def mangled_batches(draw: st.DrawFn) -> bytes:
+    """A batch whose envelope or one of its events (or the row in it) was mangled."""
+    batch = draw(batches())
+    events = batch["events"]
+    if events and draw(st.booleans()):
+        i = draw(st.integers(0, len(events) - 1))
+        event = events[i]
+        if "row" in event and draw(st.booleans()):
+            event = {**event, "row": draw(mangled(event["row"]))}
+        elif "worker" in event and draw(st.booleans()):
+            event = {**event, "worker": draw(mangled(event["worker"]))}
+        else:
+            event = draw(mangled(event))
+        events = [*events[:i], event, *events[i + 1 :]]
+        return orjson.dumps({**batch, "events": events})
+    return orjson.dumps(draw(mangled(batch)))
 
 
 @FUZZ
-@given(st.data())
-def test_the_fast_end_check_declines_or_agrees_with_the_field_by_field_one(
-    data: st.DataObject,
+@given(mangled_batches())
+def test_the_decoder_accepts_a_batch_exactly_when_the_field_rules_do(raw: bytes) -> None:
+    assert _by_decoder(schema.decode_batch, raw) == _by_rules(wire_rules.batch, raw)
+
+
+@FUZZ
+@given(rows().flatmap(lambda row: mangled(dict(row))))
+def test_the_decoder_accepts_a_row_exactly_when_the_field_rules_do(obj: dict[str, Any]) -> None:
+    raw = orjson.dumps(obj)
+    expected = _by_rules(lambda r: wire_rules.row(wire_rules.load(r, schema.MAX_ROW_BYTES)), raw)
+    assert _by_decoder(schema.decode_row, raw) == expected
+
+
+@FUZZ
+@given(ids.flatmap(records).flatmap(lambda record: mangled(dict(record))))
+def test_the_decoder_accepts_a_record_exactly_when_the_field_rules_do(
+    obj: dict[str, Any],
 ) -> None:
-    end = {
-        "request_id": data.draw(ids),
-        "status": data.draw(counts),
-        "outcome": data.draw(outcomes),
-        "duration_ms": data.draw(finite),
-        "input_tokens": data.draw(st.none() | counts),
-        "output_tokens": data.draw(st.none() | counts),
-        "bytes_out": data.draw(counts),
-    }
-    obj = data.draw(mangled(end, END_FIELDS))
-    fast = schema._fast_end(obj)
-    if fast is not None:
-        assert fast == _checked(schema._checked_end, obj)
-
-
-def test_the_fast_paths_take_what_a_worker_sends() -> None:
-    row = schema.Row(
-        request_id="r1",
-        worker_id="w1",
-        method="POST",
-        path="/v1/chat/completions",
-        model="gpt-4o-mini",
-        provider="openai",
-        is_streaming=True,
-        start_time=1.5,
-        phase="upstream",
-        bytes_out=0,
-        input_tokens=None,
-        output_tokens=None,
-        ttft_ms=12.5,
-        chunks_out=3,
-        ttfb_ms=7.25,
-        last_output_at=1764036000.125,
-        labels={"team": "a"},
+    raw = orjson.dumps(obj)
+    expected = _by_rules(
+        lambda r: wire_rules.record(wire_rules.load(r, schema.MAX_RECORD_BYTES)), raw
     )
-    decoded = orjson.loads(schema.encode_row(row))
-    fast = schema._fast_row(decoded)
-    assert fast is decoded and fast == row  # no copy for what the worker writes
-    end = {"request_id": "r1", "status": 200, "outcome": "ok", "duration_ms": 5.0}
-    assert schema._fast_end({**end, "input_tokens": 3, "output_tokens": None}) is not None
+    assert _by_decoder(schema.decode_worker_record, raw) == expected
+
+
+def _every_edge(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """``obj`` with each of its fields in turn dropped, and set to each edge value."""
+    out = []
+    for name in obj:
+        out.append({k: v for k, v in obj.items() if k != name})
+        out += [{**obj, name: value} for value in EDGES]
+    return out
+
+
+ROW = {
+    "request_id": "r1", "worker_id": "w1", "method": "POST", "path": "/v1/chat/completions",
+    "model": "m", "provider": "openai", "is_streaming": True, "start_time": 1.5,
+    "phase": "streaming", "bytes_out": 3, "input_tokens": 4, "output_tokens": 5, "ttft_ms": 1.5,
+    "chunks_out": 2, "ttfb_ms": 1.25, "last_output_at": 1764036000.5, "labels": {"team": "a"},
+}  # fmt: skip
+RECORD = {
+    "worker_id": "w1", "host": "h", "pid": 1, "started_at": 1.5, "upstream": "u", "version": "v",
+    "epoch": "e", "heartbeat_interval": 2.0, "ttl": 10.0, "events_dropped": 0,
+    "instance": "i", "cancellable": True, "completed_dropped": 0,
+}  # fmt: skip
+EVENTS = [
+    {"type": "start", "row": ROW},
+    {"type": "progress", "request_id": "r1", **{k: ROW[k] for k in schema.PROGRESS_FIELDS}},
+    {"type": "end", "request_id": "r1", "status": 200, "outcome": "ok", "duration_ms": 1.5,
+     "input_tokens": 1, "output_tokens": 2},
+    {"type": "worker_up", "worker": RECORD},
+    {"type": "worker_down", "worker_id": "w1", "reason": "shutdown"},
+]  # fmt: skip
+
+
+def _batch_of(*events: Any, **envelope: Any) -> bytes:
+    return orjson.dumps({"v": 1, "worker_id": "w1", "epoch": "e", "seq": 1, **envelope,
+                         "events": list(events)})  # fmt: skip
+
+
+def test_every_field_at_every_edge_is_decided_as_the_field_rules_decide() -> None:
+    """Each field of each event, row, record and envelope: dropped, and set to each edge value
+    (exhaustive, where the random tests above could miss one field's boundary)."""
+    cases = [orjson.dumps(row) for row in _every_edge(ROW)]
+    for raw in cases:
+        expected = _by_rules(lambda r: wire_rules.row(wire_rules.load(r, 4096)), raw)
+        assert _by_decoder(schema.decode_row, raw) == expected, raw
+    for record in _every_edge(RECORD):
+        raw = orjson.dumps(record)
+        expected = _by_rules(lambda r: wire_rules.record(wire_rules.load(r, 4096)), raw)
+        assert _by_decoder(schema.decode_worker_record, raw) == expected, raw
+    envelope = {"v": 1, "worker_id": "w1", "epoch": "e", "seq": 1}
+    batches = [_batch_of(**e) for e in _every_edge(envelope)]
+    batches += [_batch_of(e) for event in EVENTS for e in _every_edge(event)]
+    batches += [_batch_of({**EVENTS[0], "row": r}) for r in _every_edge(ROW)]
+    batches += [_batch_of({**EVENTS[3], "worker": r}) for r in _every_edge(RECORD)]
+    for raw in batches:
+        assert _by_decoder(schema.decode_batch, raw) == _by_rules(wire_rules.batch, raw), raw
+
+
+def test_a_batch_holding_one_bad_event_is_malformed_as_a_whole() -> None:
+    good = {"type": "progress", "request_id": "r1", "bytes_out": 5}
+    bad = {"type": "progress", "request_id": "r2", "bytes_out": -1}
+    raw = orjson.dumps({"v": 1, "worker_id": "w", "epoch": "e", "seq": 2, "events": [good, bad]})
+    with pytest.raises(MalformedMessage, match=r"events\[1\]"):
+        schema.decode_batch(raw)
+
+
+def test_text_that_is_not_utf8_encodable_is_malformed() -> None:
+    # A str holding a lone surrogate cannot be encoded to the UTF-8 the decoder reads; the
+    # UnicodeEncodeError it raised would have ended the hub's reader task.
+    envelope = '{"v":1,"worker_id":"\ud800","epoch":"e","seq":1,"events":[]}'
+    for decode in (schema.decode_batch, schema.decode_row, schema.decode_worker_record):
+        with pytest.raises(MalformedMessage):
+            decode(envelope)
+
+
+def test_the_decoder_knows_every_row_field_and_progress_changes_only_row_fields() -> None:
+    # A field added to Row (what writers build) must be added to WireRow (what readers take).
+    assert schema.WireRow.__struct_fields__ == schema.ROW_FIELDS
+    assert set(schema.ROW_FIELDS) >= schema.PROGRESS_FIELDS
+    assert set(get_args(schema.PhaseName)) == {p.value for p in schema.Phase}
+    assert set(get_args(schema.OutcomeName)) == {o.value for o in schema.Outcome}
+
+
+def test_a_progress_event_changes_exactly_the_fields_it_carries() -> None:
+    raw = orjson.dumps(
+        {
+            "v": 1,
+            "worker_id": "w",
+            "epoch": "e",
+            "seq": 2,
+            "events": [{"type": "progress", "request_id": "r", "model": None, "bytes_out": 7}],
+        }
+    )
+    (event,) = schema.decode_batch(raw).events
+    assert isinstance(event, schema.Progress)
+    assert event.changes() == {"model": None, "bytes_out": 7}
 
 
 def test_labels_are_checked_like_every_field() -> None:

@@ -50,18 +50,11 @@ def _entry(
     ms: float,
     outcome: str = "ok",
     ttft: float | None = None,
+    start: float | None = None,
     ttfb: float | None = None,
-) -> schema.CompletedEntry:
-    entry = schema.CompletedEntry(
-        request_id="r", worker_id=wid, model=model, method="POST", path="/v1/x",
-        status=200, outcome=outcome, start_time=time.time() - ms / 1000, duration_ms=ms,
-        input_tokens=None, output_tokens=None, bytes_out=0,
-    )  # fmt: skip
-    if ttft is not None:
-        entry["ttft_ms"] = ttft
-    if ttfb is not None:
-        entry["ttfb_ms"] = ttfb
-    return entry
+) -> schema.Finished:
+    start = time.time() - ms / 1000 if start is None else start
+    return schema.Finished(wid, model, outcome, start, ms, ttft, ttfb)
 
 
 # ----------------------------------------------------------------- reaper
@@ -339,9 +332,7 @@ async def test_stats_carry_ttft_percentiles(fake_redis: aioredis.Redis) -> None:
     stats = RollingStats(fake_redis, Keys("s"), step=1.0)
     now = time.time()
     for i, ttft in enumerate([100.0, 200.0, 300.0, None]):
-        entry = _entry("w1", "m1", 1000.0, ttft=ttft)
-        entry["start_time"] = now - 5 - i
-        stats.add(entry, now)
+        stats.add(_entry("w1", "m1", 1000.0, ttft=ttft, start=now - 5 - i), now)
     s = stats.tick(now)
     assert (s["fleet"]["ttft_p50_ms"], s["fleet"]["ttft_p95_ms"]) == (200.0, 300.0)
     assert s["fleet"]["completed"] == 4

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import redis.asyncio as aioredis
 
-from vdm_hub.services.stream.stats import RollingStats, percentile
+from vdm_hub.services.stream import stats as stats_module
+from vdm_hub.services.stream.stats import OTHER, RollingStats, percentile
 from vdm_hub.shared import schema
 from vdm_hub.shared.keys import Keys
 
@@ -19,6 +21,16 @@ def _entry(
     )  # fmt: skip
 
 
+def _fields(entry: schema.CompletedEntry) -> dict[bytes, bytes]:
+    """As the reader gets it from redis-py."""
+    values = schema.completed_values(entry)
+    return {k.encode(): v.encode() for k, v in zip(schema.COMPLETED_FIELDS, values, strict=True)}
+
+
+def _add(stats: RollingStats, now: float, *entries: schema.CompletedEntry) -> None:
+    stats.ingest([(f"{i}-0".encode(), _fields(e)) for i, e in enumerate(entries)], now)
+
+
 def test_percentile_is_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 0.50) == 50.0
@@ -31,10 +43,14 @@ async def test_summary_groups_by_worker_and_model(fake_redis: aioredis.Redis) ->
     flight = {"fleet": 2, "by_worker": {"w1": 2}, "by_model": {"m1": 2}}
     stats = RollingStats(fake_redis, Keys("u"), step=1.0, in_flight=lambda: flight, started=0.0)
     now = 10_000.0
-    stats.add(_entry("a", "w1", "m1", 100, "ok", now - 5), now)
-    stats.add(_entry("b", "w1", "m1", 200, "error", now - 4), now)
-    stats.add(_entry("c", "w2", None, 300, "client_closed", now - 3), now)
-    stats.add(_entry("old", "w2", "m1", 999, "ok", now - 120), now)  # outside the window
+    _add(
+        stats,
+        now,
+        _entry("a", "w1", "m1", 100, "ok", now - 5),
+        _entry("b", "w1", "m1", 200, "error", now - 4),
+        _entry("c", "w2", None, 300, "client_closed", now - 3),
+        _entry("old", "w2", "m1", 999, "ok", now - 120),  # outside the window
+    )
     s = stats.tick(now)
     assert s["window_s"] == 60 and s["timestamp"] == now
     fleet = s["fleet"]
@@ -81,18 +97,59 @@ async def test_rebuild_from_the_stream_and_bad_entries_are_counted(
     assert [e["request_id"] for e in s["recent"]] == ["r2", "r1", "r0"]
 
 
+def test_a_busy_step_weighs_by_its_requests_not_by_its_reservoir(
+    fake_redis: aioredis.Redis,
+) -> None:
+    # 10,000 requests of 100 ms in one step and 200 of 900 ms in the next: 2% are slow, so
+    # p95 is 100 ms. Reservoirs merged as they are (2,048 + 200 values) would make it 900.
+    stats = RollingStats(fake_redis, Keys("u3"), step=1.0)
+    now = 10_000.0
+    _add(stats, now, *(_entry(f"a{i}", "w1", "m", 100.0, "ok", now - 10.5) for i in range(10_000)))
+    _add(stats, now, *(_entry(f"b{i}", "w1", "m", 900.0, "ok", now - 9.5) for i in range(200)))
+    s = stats.summary(now, {"fleet": 0, "by_worker": {}, "by_model": {}})
+    for group in (s["fleet"], s["by_worker"]["w1"], s["by_model"]["m"]):
+        assert group["completed"] == 10_200
+        assert (group["p50_ms"], group["p95_ms"], group["p99_ms"]) == (100.0, 100.0, 900.0)
+
+
+def test_ingest_keeps_aggregates_per_step_and_group_not_per_request(
+    fake_redis: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stats_module, "MAX_WINDOW_GROUPS", 3)
+    stats = RollingStats(fake_redis, Keys("u4"), step=1.0)
+    now = 10_000.0
+    _add(
+        stats,
+        now,
+        *(_entry(f"r{i}", f"w{i % 2}", f"m{i % 4}", float(i % 100), "ok", now - 2.5)
+          for i in range(5_000)),
+    )  # fmt: skip
+    (step,) = stats.steps.values()
+    assert len(step.fleet.durations) == stats_module.STEP_SAMPLES
+    # w0, w1 and m0 fill the bound: every later group counts under "other".
+    assert sorted(step.workers) == ["w0", "w1"] and sorted(step.models) == ["m0", OTHER]
+    assert all(len(a.durations) <= stats_module.GROUP_SAMPLES for a in step.models.values())
+    s = stats.summary(now, {"fleet": 0, "by_worker": {}, "by_model": {}})
+    assert sum(g["completed"] for g in s["by_model"].values()) == 5_000
+    assert s["by_model"][OTHER]["completed"] == 3_750
+
+
 def test_cancelled_and_client_closed_are_counted_but_never_errors(
     fake_redis: aioredis.Redis,
 ) -> None:
     stats = RollingStats(fake_redis, Keys("u"), step=1.0, started=0.0)
     now = 10_000.0
     for i, outcome in enumerate(["ok", "ok", "cancelled", "cancelled", "client_closed"]):
-        stats.add(_entry(f"r{i}", "w1", "m1", 100, outcome, now - 5), now)
+        _add(stats, now, _entry(f"r{i}", "w1", "m1", 100, outcome, now - 5))
     before = stats.summary(now)["fleet"]
     assert before["error_rate"] == 0.0
     assert (before["cancelled"], before["client_closed"], before["completed"]) == (2, 1, 5)
-    stats.add(_entry("e", "w1", "m1", 100, "upstream_error", now - 4), now)
-    stats.add(_entry("f", "w1", "m1", 100, "error", now - 4), now)
+    _add(
+        stats,
+        now,
+        _entry("e", "w1", "m1", 100, "upstream_error", now - 4),
+        _entry("f", "w1", "m1", 100, "error", now - 4),
+    )
     after = stats.summary(now)
     assert after["fleet"]["errors"] == 2 and after["fleet"]["error_rate"] == round(2 / 7, 4)
     assert after["by_model"]["m1"]["cancelled"] == 2
@@ -108,8 +165,8 @@ async def test_rates_are_over_the_time_observed_while_younger_than_the_window(
     stats = RollingStats(
         fake_redis, Keys("u"), step=1.0, started=now - 30, fleet_since=lambda: workers_since[0]
     )
-    for i in range(90):  # 3/s for the 30 s this service has been up
-        stats.add(_entry(f"r{i}", "w1", "m1", 10, "ok", now - 30 + i / 3), now)
+    # 3/s for the 30 s this service has been up
+    _add(stats, now, *(_entry(f"r{i}", "w1", "m1", 10, "ok", now - 30 + i / 3) for i in range(90)))
     young = stats.summary(now)
     assert young["window_s"] == 30.0 and young["step_s"] == 1.0
     assert young["fleet"]["requests_per_s"] == 3.0
