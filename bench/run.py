@@ -36,6 +36,7 @@ SCENARIOS: dict[str, Callable[[bool], Awaitable[Result]]] = {
     "soak": soak,
     "shards": cluster_shards,
     "vandamme": instrumenting_vandamme,
+    "browser": scenarios.dashboard_paint,
 }
 
 
@@ -76,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--baseline",
         metavar="REF",
-        help="overhead, events, rows, vandamme: also run git commit REF's worker, stream"
-        " service or vdm_hub (instrumenting vandamme-proxy) side by side (bench/baseline.py)",
+        help="overhead, events, rows, browser, vandamme: also run git commit REF's worker,"
+        " stream service, dashboard or vdm_hub (instrumenting vandamme-proxy) side by side"
+        " (bench/baseline.py)",
     )
     args = parser.parse_args(argv)
     if args.baseline:

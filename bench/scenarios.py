@@ -16,6 +16,7 @@ from bench.fidelity import fidelity
 from bench.instrument_cost import instrumentation_cost
 from bench.latency import E2EResult, e2e
 from bench.overhead import BASELINE_SIDES, against_baseline, overhead
+from bench.paint import paint
 from bench.procs import ROOT
 from bench.report import Result, Table, Verdict, percentile
 from bench.rows import ModeResult, RowsResult, rows_scenario
@@ -858,4 +859,99 @@ async def rows_in_flight(quick: bool) -> Result:
             "the stream service sent no delta frames: this build has no delta mode, so the"
             " 'delta' rows are snapshot streams"
         )
+    return result
+
+
+PAINT_HEADERS = [
+    "rows",
+    "page",
+    "loads",
+    "grid complete ms (median / worst)",
+    "first rows ms",
+    "longest task ms (median / worst)",
+    "tasks > 50 ms",
+    "settling: longest ms (worst), tasks > 50 ms",
+    "churn: long-task ms per 10 s",
+    "churn: longest ms",
+    "churn: tasks > 50 ms",
+    "grid rows after",
+]
+
+
+async def dashboard_paint(quick: bool) -> Result:
+    result = Result("browser", "11. The dashboard in Chromium: first paint and churn")
+    commit = baseline.ref()
+    churn_rate = 100.0 if quick else 300.0
+    r = await paint(
+        levels=[1000] if quick else [5000, 10_000],
+        churn_rate=churn_rate,
+        loads=1 if quick else 3,
+        settle_s=3.0,
+        churn_s=3.0 if quick else 10.0,
+        baseline_ref=commit,
+    )
+    table = Table(
+        f"/dashboard/metrics opened in a fresh headless Chromium context (services on core 0),"
+        f" {churn_rate:g} requests/s churn throughout; first paint = navigation -> every row in"
+        f" the grid, the rows in view drawn with their model; then {r.settle_s:g} s settling"
+        f" (what the page puts off until then); then {r.churn_s:g} s of churn"
+        + (f"; side by side with {r.baseline}, turn about" if r.baseline else ""),
+        PAINT_HEADERS,
+    )
+    for side in r.sides:
+        ok = side.ok
+        table.add(
+            f"{side.rows:,}",
+            side.label,
+            f"{len(ok)}/{len(side.loads)}",
+            f"{side.median('complete_ms'):,.0f} / {side.worst('complete_ms'):,.0f}",
+            f"{side.median('first_rows_ms'):,.0f}",
+            f"{side.median('load_max_ms'):.0f} / {side.worst('load_max_ms'):.0f}",
+            f"{side.median('load_count'):.0f}",
+            f"{side.worst('settle_max_ms'):.0f}, {sum(load.settle_count for load in ok)}",
+            f"{side.per_10s():,.0f}",
+            f"{side.worst('churn_max_ms'):.0f}",
+            sum(load.churn_count for load in ok),
+            min((load.grid_rows for load in ok), default=-1),
+        )
+    result.tables.append(table)
+    for side in r.sides:
+        if side.errors:
+            result.notes.append(f"{side.label} at {side.rows:,} rows: {side.errors[0]}")
+    today = [s for s in r.sides if s.label == "today" and s.ok]
+    for side in today:
+        n = f"{side.rows:,} rows"
+        result.verdicts += [
+            Verdict(
+                f"{n}, first paint: no main-thread task over 200 ms",
+                f"longest {side.worst('load_max_ms'):.0f} ms (worst of {len(side.ok)} loads)",
+                side.worst("load_max_ms") <= 200,
+            ),
+            Verdict(
+                f"{n}: the grid complete within 1.5 s of navigation",
+                f"{side.worst('complete_ms'):,.0f} ms (worst), median"
+                f" {side.median('complete_ms'):,.0f} ms",
+                side.worst("complete_ms") <= 1500,
+            ),
+            Verdict(
+                f"{n}, {churn_rate:g} changes/s: no long task",
+                f"{sum(load.churn_count for load in side.ok)} tasks over 50 ms in"
+                f" {sum(load.churn_s for load in side.ok):.0f} s, longest"
+                f" {side.worst('churn_max_ms'):.0f} ms",
+                all(load.churn_count == 0 for load in side.ok),
+            ),
+        ]
+        then = next((s for s in r.sides if s.rows == side.rows and s.label != "today"), None)
+        if then is not None and then.ok:
+            result.verdicts.append(
+                Verdict(
+                    f"{n}: today / {r.baseline} (medians)",
+                    f"grid complete {side.median('complete_ms'):,.0f} vs"
+                    f" {then.median('complete_ms'):,.0f} ms, longest task"
+                    f" {side.median('load_max_ms'):.0f} vs {then.median('load_max_ms'):.0f} ms,"
+                    f" tasks > 50 ms {side.median('load_count'):.0f} vs"
+                    f" {then.median('load_count'):.0f}",
+                    None,
+                )
+            )
     return result

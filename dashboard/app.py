@@ -18,6 +18,7 @@ from typing import Any
 
 from dash import ClientsideFunction, Dash, Input, Output
 from flask import Flask, Response, redirect
+from plotly.utils import PlotlyJSONEncoder
 
 from vdm_hub.dashboard import layout
 from vdm_hub.shared.settings import Settings
@@ -34,6 +35,7 @@ _INDEX = """<!DOCTYPE html>
     {%favicon%}
     {%css%}
     <script id="vdm-config">window.__vdmConfig = __CONFIG__;</script>
+    <script id="vdm-pages">window.__vdmPages = __PAGES__;</script>
   </head>
   <body>
     {%app_entry%}
@@ -46,10 +48,17 @@ _INDEX = """<!DOCTYPE html>
 </html>
 """
 
-# Shows the page the URL names; both are in the layout (see dashboard/layout.py).
+# Shows the page the URL names, rendering it the first time (see dashboard/layout.py).
 _ROUTE_JS = """
 function (pathname) {
     const page = window.VdmViewCore.pageOf(pathname);
+    const deferred = window.__vdmPages || {};
+    const render = (name) => {
+        if (page !== name || !(name in deferred)) return window.dash_clientside.no_update;
+        const children = deferred[name];
+        delete deferred[name];  // rendered once; it stays while hidden
+        return children;
+    };
     const on = "vdm-nav-link vdm-nav-active", off = "vdm-nav-link";
     // Charts drawn while their page was hidden have no width to fit: re-measure once shown.
     window.setTimeout(function () {
@@ -63,6 +72,8 @@ function (pathname) {
         page === "overview" ? on : off,
         page === "metrics" ? on : off,
         page === "finished" ? on : off,
+        render("overview"),
+        render("finished"),
     ];
 }
 """
@@ -88,8 +99,9 @@ def client_config(settings: Settings, stream_port: int | None = None) -> dict[st
 
 
 def _script_json(value: object) -> str:
-    # Safe inside <script>: no "</script>" or HTML comment can be formed by the data.
-    text = json.dumps(value, separators=(",", ":"))
+    # Safe inside <script>: no "</script>" or HTML comment can be formed by the data. Dash
+    # components encode as the layout endpoint encodes them (plotly's encoder).
+    text = json.dumps(value, separators=(",", ":"), cls=PlotlyJSONEncoder)
     return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
@@ -120,9 +132,13 @@ def create_app(settings: Settings, stream_port: int | None = None) -> Dash:
         title="vdm-hub · live fleet metrics",
         update_title="",  # no "Updating..." flicker in the tab title
         serve_locally=True,  # works offline and behind strict egress
+        # Served, but not loaded with the page: 04_vdm_charts.js loads plotly.js when it can.
+        assets_path_ignore=["^vendor$"],
     )
     config = client_config(settings, stream_port)
-    app.index_string = _INDEX.replace("__CONFIG__", _script_json(config))
+    app.index_string = _INDEX.replace("__CONFIG__", _script_json(config)).replace(
+        "__PAGES__", _script_json(layout.deferred_pages())
+    )
     app.layout = layout.build(stream_label(settings, stream_port))
 
     app.clientside_callback(  # type: ignore[no-untyped-call]
@@ -133,6 +149,8 @@ def create_app(settings: Settings, stream_port: int | None = None) -> Dash:
         Output("vdm-nav-overview", "className"),
         Output("vdm-nav-metrics", "className"),
         Output("vdm-nav-finished", "className"),
+        Output("vdm-page-overview", "children"),
+        Output("vdm-page-finished", "children"),
         Input("vdm-url", "pathname"),
     )
     # `● Live` / `○ Reconnecting...` and the header emoji, kept in sync with the client.

@@ -364,9 +364,14 @@ def workers_grid() -> Any:
     )
 
 
+RECENT_HEIGHT = 330
+
+
 def recent_grid() -> Any:
     # `key` is added by the page (VdmCore.recentRows): worker, request id and start time.
-    return _grid("vdm-recent-grid", RECENT_COLUMNS, "key", "No finished requests yet", 330)
+    return _grid(
+        "vdm-recent-grid", RECENT_COLUMNS, "key", "No finished requests yet", RECENT_HEIGHT
+    )
 
 
 def finished_grid() -> Any:

@@ -1,9 +1,12 @@
 """The page skeleton: header, fleet overview, the Active Requests page and the Finished view.
 
-All pages are in the layout at once and a clientside callback on the URL shows one, so moving
-between them costs no server round trip and the grids keep their state. Every value that
-changes is a placeholder here ("—", empty grids, empty charts) filled in the browser; sizes are
-fixed up front so nothing jumps when data arrives.
+A clientside callback on the URL shows one page, so moving between them costs no server round
+trip and the grids keep their state. The Active Requests page is in the layout; the overview
+and the Finished view are rendered the first time they are shown, from their component trees
+handed to the page with it (`deferred_pages`, in dashboard/app.py's index): every AG Grid
+mounted costs the page's first render ~0.1 s of main thread, so a page not shown costs
+nothing until it is. Every value that changes is a placeholder here ("—", empty grids, empty
+charts) filled in the browser; sizes are fixed up front so nothing jumps when data arrives.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dash import dcc, html
 from vdm_hub.dashboard import grids
 
 CHART_HEIGHT = 210
+RECENT_BOX = "vdm-recent-box"
 OVERVIEW_HREF = "/dashboard/"
 METRICS_HREF = "/dashboard/metrics"
 FINISHED_HREF = "/dashboard/finished"
@@ -46,43 +50,14 @@ def _card(title: Any, *children: Any, extra: Any = None, class_name: str = "") -
     )
 
 
-def _empty_figure() -> dict[str, Any]:
-    # Same size and colours as the figures the client draws (VdmCore.statsFigures).
-    axis = {"gridcolor": "#212a35", "zeroline": False, "showticklabels": False}
-    return {
-        "data": [],
-        "layout": {
-            "height": CHART_HEIGHT,
-            "margin": {"l": 48, "r": 12, "t": 8, "b": 28},
-            "paper_bgcolor": "rgba(0,0,0,0)",
-            "plot_bgcolor": "rgba(0,0,0,0)",
-            "font": {"color": "#9aa7b4"},
-            "xaxis": axis,
-            "yaxis": axis,
-            "annotations": [
-                {
-                    "text": "waiting for data",
-                    "showarrow": False,
-                    "xref": "paper",
-                    "yref": "paper",
-                    "x": 0.5,
-                    "y": 0.5,
-                    "font": {"color": "#5c6b7a", "size": 14},
-                }
-            ],
-        },
-    }
-
-
 def _chart(title: str, graph_id: str) -> Any:
+    # An empty box of the chart's height ("waiting for data" until then, from vdm.css):
+    # assets/04_vdm_charts.js draws the figure into it with plotly.js once there is data.
     return html.Div(
         [
             html.Div(title, className="vdm-chart-title"),
-            dcc.Graph(
-                id=graph_id,
-                figure=_empty_figure(),
-                config={"displayModeBar": False, "responsive": True},
-                style={"height": f"{CHART_HEIGHT}px"},
+            html.Div(
+                id=graph_id, className="vdm-chart-plot", style={"height": f"{CHART_HEIGHT}px"}
             ),
         ],
         className="vdm-chart",
@@ -213,7 +188,11 @@ def metrics_page() -> Any:
                 ],
                 className="vdm-charts",
             ),
-            _card("Recently finished", grids.recent_grid()),
+            # Below the fold: its grid is mounted once the live grid has its rows (RECENT).
+            _card(
+                "Recently finished",
+                html.Div(id=RECENT_BOX, style={"minHeight": f"{grids.RECENT_HEIGHT}px"}),
+            ),
         ],
         id="vdm-page-metrics",
         className="vdm-page",
@@ -251,7 +230,25 @@ def build(stream_label: str) -> Any:
             # Drives the indicator's clientside callback; never reaches the server.
             dcc.Interval(id="vdm-indicator-tick", interval=500),
             header(stream_label),
-            html.Main([overview_page(), metrics_page(), finished_page()], className="vdm-main"),
+            html.Main(
+                [
+                    html.Div(id="vdm-page-overview", className="vdm-page"),
+                    metrics_page(),
+                    html.Div(id="vdm-page-finished", className="vdm-page"),
+                ],
+                className="vdm-main",
+            ),
         ],
         className="vdm-app",
     )
+
+
+def deferred_pages() -> dict[str, Any]:
+    """What the layout leaves empty, rendered later in the browser: the children of the pages
+    not in it (on their first showing), and the Recently finished grid (``recent``, into
+    RECENT_BOX, by assets/03_vdm_sse.js once the live grid holds its first snapshot)."""
+    return {
+        "overview": overview_page().children,
+        "finished": finished_page().children,
+        "recent": grids.recent_grid(),
+    }

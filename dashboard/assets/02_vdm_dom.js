@@ -3,9 +3,9 @@
  * overview poller — AG Grid value functions, grid transactions, and Dash prop updates.
  *
  * Everything on the data path stays in the browser: rows go into AG Grid as transactions
- * by their `key` (a snapshot as one diff, deltas through AG Grid's async batching), text and
- * figures go through
- * `dash_clientside.set_props`; no Python callback runs per update.
+ * by their `key` (a snapshot in slices, a task each; deltas through AG Grid's async
+ * batching), text goes through `dash_clientside.set_props`; no Python callback runs per
+ * update.
  */
 (function () {
   "use strict";
@@ -137,6 +137,22 @@
     return tx;
   }
 
+  /**
+   * Render into element `id` the component tree the layout deferred under `name`
+   * (window.__vdmPages, from dashboard/layout.py's deferred_pages), once: set_props takes
+   * Dash components as children like a callback's output. False while `id` is not there.
+   */
+  function renderDeferred(name, id) {
+    const deferred = window.__vdmPages || {};
+    if (!(name in deferred) || !document.getElementById(id)) return false;
+    const ds = window.dash_clientside;
+    if (!ds || typeof ds.set_props !== "function") return false;
+    const children = deferred[name];
+    delete deferred[name];
+    ds.set_props(id, { children: children });
+    return true;
+  }
+
   /** The grid's API now, or null while it is not mounted (no waiting: callers retry). */
   function gridApi(gridId) {
     const dag = window.dash_ag_grid;
@@ -149,20 +165,112 @@
     }
   }
 
+  // A macrotask without setTimeout's 4 ms clamp (it applies from the fifth nested timer on):
+  // the page may paint, and SSE frames and clicks run, between two slices.
+  const yieldChannel = new MessageChannel();
+  const yielded = [];
+  yieldChannel.port1.onmessage = function () {
+    const fn = yielded.shift();
+    if (fn) fn();
+  };
+  function nextTask(fn) {
+    yielded.push(fn);
+    yieldChannel.port2.postMessage(null);
+  }
+
   /**
-   * Make the grid hold exactly the rows of `rows` (a Map id -> row), synchronously: pending
-   * async transactions are flushed first so the diff is taken against what the grid will
-   * really hold. Used after a full snapshot; deltas go through `queueTransaction`.
+   * Make grid `gridId` hold exactly the rows of `rows()` (a Map id -> row) in slices, one
+   * main-thread task each, instead of one transaction of every row: 10,000 rows in one
+   * transaction froze the page for most of a second on every load. `start()` after a snapshot
+   * queues every id the map or the grid holds (the map's first: the newest rows, those in
+   * view under the default sort, are in the first slice); each slice reconciles the next ids
+   * (VdmCore.reconcileRows) in one synchronous transaction and sizes the next slice to the
+   * time budget from what this one cost (VdmCore.nextSliceSize). While it runs, a delta's
+   * changes are queued with `touch(tx)` rather than sent to the grid: a slice reads the map
+   * as it is then, so whatever a delta did, the grid ends on the map. Waits for the grid to
+   * be mounted; `onDone(slices)` runs when the grid holds the map.
    */
-  function syncGrid(api, rows, key) {
-    api.flushAsyncTransactions();
-    const current = new Map();
-    api.forEachNode((node) => {
-      if (node.data) current.set(String(node.data[key]), node.data);
-    });
-    const tx = core.diffRows(current, Array.from(rows.values()), key);
-    if (!core.isEmptyTransaction(tx)) api.applyTransaction(tx);
-    return tx;
+  function slicedSync(gridId, key, rows, onDone) {
+    let queue = null; // ids still to reconcile, in order; null while idle
+    let fresh = false; // start() asked for a new pass: (re)build the queue first
+    let scheduled = false;
+    let size = core.SLICE_FIRST_ROWS;
+    let slices = 0; // transactions of this pass
+
+    function schedule(delayMs) {
+      if (scheduled) return;
+      scheduled = true;
+      const run = function () {
+        scheduled = false;
+        step();
+      };
+      if (delayMs) window.setTimeout(run, delayMs);
+      else nextTask(run);
+    }
+
+    function build(api) {
+      api.flushAsyncTransactions(); // deltas queued before this pass are in the grid first
+      const map = rows();
+      const ids = new Set(map.keys());
+      api.forEachNode((node) => {
+        if (node.data) ids.add(String(node.data[key]));
+      });
+      queue = ids;
+      fresh = false;
+      size = core.SLICE_FIRST_ROWS;
+      slices = 0;
+    }
+
+    function step() {
+      const api = gridApi(gridId);
+      if (!api) {
+        schedule(100); // not mounted yet
+        return;
+      }
+      if (fresh) build(api);
+      if (queue === null) return;
+      const t0 = performance.now();
+      const ids = [];
+      for (const id of queue) {
+        queue.delete(id);
+        ids.push(id);
+        if (ids.length >= size) break;
+      }
+      const held = (id) => {
+        const node = api.getRowNode(id);
+        return node ? node.data : undefined;
+      };
+      const tx = core.reconcileRows(ids, rows(), held, key);
+      if (!core.isEmptyTransaction(tx)) {
+        api.applyTransaction(tx);
+        slices += 1;
+      }
+      size = core.nextSliceSize(ids.length, performance.now() - t0, core.SLICE_BUDGET_MS);
+      if (queue.size > 0) {
+        schedule(0);
+        return;
+      }
+      queue = null;
+      if (onDone) onDone(slices);
+    }
+
+    return {
+      start() {
+        fresh = true;
+        schedule(0);
+      },
+      /** While a pass runs: queue the ids a delta's transaction touched; false when idle. */
+      touch(tx) {
+        if (queue === null && !fresh) return false;
+        if (queue !== null) {
+          for (const r of tx.add) queue.add(String(r[key]));
+          for (const r of tx.update) queue.add(String(r[key]));
+          for (const r of tx.remove) queue.add(String(r[key]));
+        }
+        return true; // a pass that has not built its queue yet reads the map anyway
+      },
+      running: () => queue !== null || fresh,
+    };
   }
 
   /**
@@ -223,7 +331,8 @@
     setProps,
     applyRows,
     gridApi,
-    syncGrid,
+    slicedSync,
+    renderDeferred,
     queueTransaction,
     refreshClockColumns,
     observeServerTime,

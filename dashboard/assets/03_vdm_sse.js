@@ -4,7 +4,8 @@
  * One EventSource to `<stream base>/metrics/active-requests/stream?delta=1`, open only while
  * the tab is visible and the path contains `/dashboard/metrics`. The client keeps the rows in
  * a Map by `key` and the version they stand for: an `update` (full snapshot) replaces
- * the map and the grid is diffed against it once; a `delta` whose `base` is the held version
+ * the map and the grid is brought in line with it in slices, a main-thread task each (10,000
+ * rows in one transaction froze the page on every load); a `delta` whose `base` is the held version
  * is applied to the map and its upserts/removes go to AG Grid as async transactions, so what
  * the page does grows with the changes, not with the rows (docs/protocol.md, SSE v2). A delta
  * that does not follow on (a gap, which the server never sends) closes the stream and the
@@ -58,6 +59,8 @@
     deltas: 0,
     gaps: 0,
     syncChanges: 0,
+    gridLoads: 0, // sliced passes that brought the grid in line with a snapshot
+    gridSlices: 0, // transactions the last of them took
   };
 
   // What the client holds: the rows by id, the version they stand for, the worker list.
@@ -66,7 +69,19 @@
   let workers = [];
   let haveData = false;
   let sync = core.SYNC_OK; // the hub's word on its view (update/delta/snapshot `sync` fields)
-  let fullSync = false; // the grid must be diffed against `rows` (after a snapshot)
+  // The grid follows `rows`: after a snapshot in slices (a task each), then delta by delta.
+  const loadedListeners = [renderRecentGrid];
+  const gridSync = dom.slicedSync(GRID_ID, KEY, () => rows, function (slices) {
+    debug.gridLoads += 1;
+    debug.gridSlices = slices;
+    for (const fn of loadedListeners) {
+      try {
+        fn();
+      } catch (err) {
+        console.debug("[vdm] grid-loaded listener failed:", err);
+      }
+    }
+  });
   let paintPending = false;
   let paintedAt = 0;
   let paintTimer = null;
@@ -222,8 +237,8 @@
     dom.noteChunks(rows.values());
     dom.forgetChunks(null, rows);
     haveData = true;
-    // Latest wins: a burst of snapshots between two frames becomes one diff.
-    fullSync = true;
+    // Latest wins: a burst of snapshots becomes one pass, which reads the map as it goes.
+    gridSync.start();
     schedulePaint();
   }
 
@@ -251,10 +266,10 @@
     dom.noteChunks(tx.add);
     dom.noteChunks(tx.update);
     dom.forgetChunks(tx.remove);
-    if (!fullSync && !core.isEmptyTransaction(tx)) {
+    if (!core.isEmptyTransaction(tx) && !gridSync.touch(tx)) {
       const api = dom.gridApi(GRID_ID);
       if (api) dom.queueTransaction(api, tx, rows.size);
-      else fullSync = true; // grid not mounted yet: it gets the whole map once it is
+      else gridSync.start(); // grid not mounted yet: it gets the whole map once it is
     }
     schedulePaint();
   }
@@ -293,15 +308,6 @@
   }
 
   function paint() {
-    if (fullSync) {
-      const api = dom.gridApi(GRID_ID);
-      if (api) {
-        fullSync = false;
-        dom.syncGrid(api, rows, KEY);
-      } else {
-        window.setTimeout(schedulePaint, 100); // grid not mounted yet
-      }
-    }
     const wait = paintedAt + PAINT_MS - Date.now();
     if (wait > 0) {
       if (!paintTimer) {
@@ -327,6 +333,21 @@
       }
     }
   }
+
+  // The Recently finished grid is below the fold: it is mounted (an AG Grid costs ~0.1 s of
+  // main thread) once the live grid holds its first snapshot, or after RECENT_LATEST_MS
+  // whatever happens, so that it never waits on a stream that does not answer.
+  const RECENT_LATEST_MS = 5000;
+
+  function renderRecentGrid() {
+    dom.renderDeferred("recent", "vdm-recent-box");
+  }
+  window.setTimeout(function latest() {
+    // The layout may not be rendered yet on a slow machine: then again shortly.
+    if (!dom.renderDeferred("recent", "vdm-recent-box") && "recent" in (window.__vdmPages || {})) {
+      window.setTimeout(latest, 500);
+    }
+  }, RECENT_LATEST_MS);
 
   function onStats(ev) {
     const stats = parse(ev);
@@ -449,6 +470,10 @@
     worker: (id) => workers.find((w) => w && w.worker_id === id) || null,
     size: () => rows.size,
     onPaint: (fn) => paintListeners.push(fn),
+    // Whether the grid is taking a snapshot in (other work waits: the charts), and a
+    // listener for when it is done.
+    loading: () => gridSync.running(),
+    onLoaded: (fn) => loadedListeners.push(fn),
   };
 
   window.__vdmActiveRequestsSSE = {
@@ -476,6 +501,9 @@
         gaps: debug.gaps,
         sync: Object.assign({}, sync),
         syncChanges: debug.syncChanges,
+        gridLoads: debug.gridLoads,
+        gridSlices: debug.gridSlices,
+        gridLoading: gridSync.running(),
         version: version,
         rows: rows.size,
         connecting: !!source && source.readyState === 0,

@@ -63,9 +63,8 @@
         });
         if (stats) {
           const figures = core.statsFigures(stats);
-          dom.setProps("vdm-ov-chart-inflight", { figure: figures.inflight });
-          dom.setProps("vdm-ov-chart-rate", { figure: figures.rate });
-          if (window.VdmCharts) window.setTimeout(window.VdmCharts.fitAll, 0);
+          window.VdmCharts.show("vdm-ov-chart-inflight", figures.inflight);
+          window.VdmCharts.show("vdm-ov-chart-rate", figures.rate);
         }
         status("Updated " + core.formatClock(snap.timestamp), true);
         answeredAt = Date.now();

@@ -291,6 +291,11 @@
   }
 
   let viewApi = null;
+  // The filter the page's URL asked for, held until someone touches the grid. dash-ag-grid
+  // re-applies its own `filterModel` prop, and a copy of it older than our restore (its first
+  // render's empty one) can land after the restore and clear it, seen under load: until the
+  // user has acted on the grid, no filter change can be theirs, so such a change is undone.
+  let urlFilter = null;
 
   function writeUrl() {
     if (!viewApi || !onMetricsPage()) return;
@@ -309,6 +314,7 @@
       // filterChanged events through Dash's store) would undo part of the restored view.
       dom.setProps(GRID_ID, { filterModel: view.filterModel });
       api.setFilterModel(view.filterModel);
+      urlFilter = view.filterModel;
     }
     if (view.sort !== null) {
       api.applyColumnState({
@@ -316,6 +322,30 @@
         defaultState: { sort: null },
       });
     }
+  }
+
+  /** Keep the URL's filter against changes nobody asked for, until the user acts on the grid. */
+  function holdUrlFilter(api) {
+    const grid = document.getElementById(GRID_ID);
+    const release = function () {
+      urlFilter = null;
+    };
+    if (grid) {
+      for (const type of ["pointerdown", "keydown", "input"]) {
+        grid.addEventListener(type, release, { capture: true, once: true });
+      }
+    }
+    // Compared as the URL writes them (key order and defaults aside); a few times at most, so
+    // that a model the grid cannot hold as given can never make this loop.
+    let undone = 0;
+    api.addEventListener("filterChanged", function () {
+      if (urlFilter === null || undone >= 5) return;
+      const wanted = op.viewToSearch("", urlFilter, []);
+      if (op.viewToSearch("", api.getFilterModel(), []) !== wanted) {
+        undone += 1;
+        api.setFilterModel(urlFilter);
+      }
+    });
   }
 
   // ---- wiring -----------------------------------------------------------------------------
@@ -329,6 +359,7 @@
     dag.getApiAsync(GRID_ID).then(function (api) {
       restoreView(api);
       viewApi = api;
+      holdUrlFilter(api);
       api.addEventListener("filterChanged", writeUrl);
       api.addEventListener("sortChanged", writeUrl);
       api.addEventListener("rowClicked", function (ev) {

@@ -488,3 +488,43 @@ test("the stream's base: the public URL, else this page's host on the stream por
   assert.equal(core.streamBase({ streamPort: 70000 }, page), "");
   assert.equal(core.streamBase({}, page), "");
 });
+
+test("reconcileRows: adds what only the map holds, removes what only the grid holds", () => {
+  const map = new Map([["a", row("a")], ["b", row("b")]]);
+  const grid = new Map([["b", map.get("b")], ["gone", row("gone")]]);
+  const tx = core.reconcileRows(["a", "b", "gone", "never"], map, (id) => grid.get(id));
+  assert.deepEqual(tx.add.map((r) => r.key), ["a"]);
+  assert.deepEqual(tx.update, []); // the grid holds b's very row
+  assert.deepEqual(tx.remove, [{ key: "gone" }]);
+});
+
+test("reconcileRows updates a changed row, not one whose volatile fields alone moved", () => {
+  const map = new Map([
+    ["a", row("a", { phase: "streaming" })],
+    ["b", row("b", { duration_ms: 999 })],
+  ]);
+  const grid = new Map([["a", row("a")], ["b", row("b")]]);
+  const tx = core.reconcileRows(["a", "b"], map, (id) => grid.get(id));
+  assert.deepEqual(tx.update.map((r) => r.key), ["a"]);
+  assert.deepEqual(tx.add, []);
+  assert.deepEqual(tx.remove, []);
+});
+
+test("reconcileRows reads the map as it is now: an id queued twice is one change", () => {
+  const map = new Map([["a", row("a")]]);
+  const grid = new Map();
+  const tx = core.reconcileRows(["a"], map, (id) => grid.get(id));
+  grid.set("a", tx.add[0]);
+  map.delete("a"); // a delta removed it while the load went on, and queued it again
+  const later = core.reconcileRows(["a"], map, (id) => grid.get(id));
+  assert.deepEqual(later, { add: [], update: [], remove: [{ key: "a" }] });
+});
+
+test("nextSliceSize scales the slice to the budget, within bounds", () => {
+  assert.equal(core.nextSliceSize(1000, 50, 25), 500); // too slow: halve
+  assert.equal(core.nextSliceSize(1000, 12.5, 25), 2000); // fast: double
+  assert.equal(core.nextSliceSize(200, 0, 25), 800); // grows at most fourfold at a time
+  assert.equal(core.nextSliceSize(4000, 1, 25), 5000); // never over the maximum
+  assert.equal(core.nextSliceSize(100, 1000, 25), 100); // never under the minimum
+  assert.equal(core.nextSliceSize(undefined, undefined), 800); // defaults: first size, budget
+});

@@ -5,14 +5,17 @@ check that the machinery works (docs/performance.md)."""
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import orjson
 import pytest
 
 from bench import peer
+from bench.browserload import CHROMIUM
 from bench.fanout import fanout
 from bench.fidelity import fidelity
+from bench.paint import paint
 from bench.report import Result, Table, Verdict
 from bench.rows import rows_scenario
 from bench.rowwatch import Pool, Watcher
@@ -58,6 +61,23 @@ async def test_tiny_rows_run_takes_both_modes_and_every_view_ends_on_the_truth()
         assert r.seen > 0
     delta, snapshot = runs
     assert delta.deltas > 0 and snapshot.deltas == 0
+
+
+@pytest.mark.system
+@pytest.mark.browser
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"no Chromium at {CHROMIUM}")
+async def test_tiny_first_paint_run_measures_both_sides_of_a_baseline() -> None:
+    r = await paint(
+        levels=[60], churn_rate=20, loads=1, settle_s=0.2, churn_s=0.5, baseline_ref="HEAD"
+    )
+    assert [s.label for s in r.sides] == ["today", f"baseline {r.baseline}"]
+    for side in r.sides:
+        assert side.errors == [] and len(side.ok) == 1
+        load = side.ok[0]
+        assert 0 < load.first_rows_ms <= load.complete_ms
+        assert load.grid_rows >= 55  # every row, up to what the churn moved
+        assert load.churn_s > 0.4
 
 
 @pytest.mark.system

@@ -100,20 +100,40 @@ def test_config_cannot_break_out_of_its_script_tag() -> None:
     assert _config_in(html)["streamUrl"] == "http://x.example/</script><b>"
 
 
+def _pages_in(html: str) -> dict[str, Any]:
+    match = re.search(r"window\.__vdmPages = (\{.*?\});</script>", html)
+    assert match, html[:2000]
+    return dict(json.loads(match.group(1)))
+
+
 def test_layout_has_the_contract_elements(client: Any) -> None:
     layout = json.dumps(client.get("/dashboard/_dash-layout").get_json())
+    # The overview and the Finished view come with the page, rendered when first shown.
+    pages = _pages_in(client.get("/dashboard/metrics").get_data(as_text=True))
+    assert set(pages) == {"overview", "finished", "recent"}
+    deferred = json.dumps(pages)
     for element_id in (
         "vdm-active-grid",
         "vdm-sse-indicator",
         "vdm-header-emoji",
-        "vdm-workers-grid",
-        "vdm-recent-grid",
+        "vdm-recent-box",
         "vdm-chart-inflight",
         "vdm-chart-latency",
+        "vdm-page-overview",
+        "vdm-page-finished",
     ):
         assert f'"{element_id}"' in layout
+    for element_id in (
+        "vdm-workers-grid",
+        "vdm-ov-chart-rate",
+        "vdm-finished-grid",
+        "vdm-recent-grid",
+    ):
+        assert f'"{element_id}"' in deferred
+        assert f'"{element_id}"' not in layout
     assert "No requests in flight" in layout
-    assert "No workers registered" in layout
+    assert "No workers registered" in deferred
+    assert '"rowData"' not in deferred
     assert "params.data.key" in layout  # getRowId: the row key, not the per-worker request id
     # No data at layout time, and no rowData prop at all: the browser fills the grids with
     # transactions (with a rowData prop dash-ag-grid copies every row back after each batch).
@@ -151,7 +171,10 @@ def test_active_grid_takes_batched_deltas_and_marks_stuck_rows(client: Any) -> N
     assert {"duration", "ttft_ms", "chunk_rate", "request_id", "labels"} <= set(columns)
     # The key columns first: on a phone they are what shows, the rest scrolls in the grid.
     assert columns[:4] == ["duration", "model", "worker_id", "phase"]
-    recent = find(layout, "vdm-recent-grid")
+    # Recently finished is rendered by the page once the live grid has its rows.
+    recent = find(
+        _pages_in(client.get("/dashboard/metrics").get_data(as_text=True)), "vdm-recent-grid"
+    )
     assert recent is not None
     assert {"ttft_ms", "tokens_per_s"} <= {
         c.get("colId") or c.get("field") for c in recent["columnDefs"]
@@ -173,4 +196,6 @@ def test_the_layout_has_the_three_pages_and_their_nav_links(client: Any) -> None
     layout = client.get("/dashboard/_dash-layout").get_data(as_text=True)
     for name in ("overview", "metrics", "finished"):
         assert f"vdm-page-{name}" in layout and f"vdm-nav-{name}" in layout
-    assert "vdm-finished-grid" in layout and "vdm-m-kpi-aborted" in layout
+    assert "vdm-m-kpi-aborted" in layout
+    page = client.get("/dashboard/finished").get_data(as_text=True)
+    assert "vdm-finished-grid" in json.dumps(_pages_in(page)["finished"])
